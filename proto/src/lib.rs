@@ -1,1 +1,24 @@
-pub const PLACEHOLDER: u8 = 0;
+//! The spoke wire protocol: versioned, checksummed frames ([`frame`]) and record batches
+//! ([`batch`]), as pure encode/decode functions.
+//!
+//! Sans-IO: nothing here touches a socket, a clock or a runtime. Callers pass bytes in and get
+//! frames out (or typed [`error`]s; decoding never panics, whatever the peer sends).
+
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod error;
+pub mod frame;
+
+pub use batch::*;
+pub use error::*;
+pub use frame::*;
+
+/// TLS ALPN protocol id negotiated on the QUIC connection.
+pub const ALPN: &[u8] = b"spoke/1";
+
+/// The protocol version written in every frame header; the only version so far.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Default UDP port of the relay.
+pub const DEFAULT_PORT: u16 = 7000;

@@ -1,1 +1,154 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spoke_relay::{config, pki, server, tls};
+use tokio_util::sync::CancellationToken;
+
+/// spoke relay: receives sites' Kafka records over QUIC and produces them into the hub.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay.
+    Run {
+        #[arg(long, default_value = "/etc/spoke/relay.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and its certificates, then exit (1 on error).
+    Check {
+        #[arg(long, default_value = "/etc/spoke/relay.toml")]
+        config: PathBuf,
+    },
+    /// Certificates for a demo or a small install.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a CA and a relay certificate: ca.pem, ca.key, relay.pem, relay.key.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS name or IP address the relay certificate is valid for (repeatable).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// Validity of the relay certificate (the CA gets ten times as long), e.g. "365d".
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+    /// Issue a site's client certificate NAME.pem / NAME.key, signed by the CA.
+    Issue {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Directory holding ca.pem and ca.key (default: --out).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Validity, e.g. "90d" or "12h" for short-lived certificates.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("spoke-relay: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let loaded = config::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                server::run(loaded, shutdown).await
+            })?;
+            Ok(())
+        }
+        Command::Check { config } => {
+            let loaded = config::load(&config)?;
+            tls::server_config(&loaded.config.tls)
+                .with_context(|| format!("{}: [tls]", config.display()))?;
+            println!(
+                "{}: ok (listen {}, hub {}, {} site table(s))",
+                config.display(),
+                loaded.config.listen,
+                loaded.config.hub.bootstrap,
+                loaded.config.sites.len()
+            );
+            Ok(())
+        }
+        Command::Pki { command } => match command {
+            PkiCommand::Init {
+                out,
+                names,
+                valid_for,
+            } => {
+                pki::init(&out, &names, valid_for)?;
+                println!(
+                    "wrote ca.pem, ca.key, relay.pem, relay.key to {}",
+                    out.display()
+                );
+                Ok(())
+            }
+            PkiCommand::Issue {
+                site,
+                out,
+                ca_dir,
+                valid_for,
+            } => {
+                let ca_dir = ca_dir.unwrap_or_else(|| out.clone());
+                pki::issue(&ca_dir, &out, &site, valid_for)?;
+                println!("wrote {site}.pem, {site}.key to {}", out.display());
+                Ok(())
+            }
+        },
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("signal received, shutting down");
+    shutdown.cancel();
+}

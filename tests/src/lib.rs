@@ -1,1 +1,47 @@
+//! End-to-end harness: real tansu brokers, real `spoke-relay` and `spoke-agent` processes.
+//!
+//! Everything a test starts is owned by a guard that kills it on drop, and lives in a
+//! temporary directory that disappears with the test, so a failing test leaves nothing behind.
+//! On failure, the child processes' logs are printed (see [`process::Spoke`]).
 
+pub mod broker;
+pub mod kafka;
+pub mod process;
+pub mod site;
+
+use std::time::{Duration, Instant};
+
+/// Polls `check` until it returns `Ok(true)` or `timeout` passes; the error names `what`
+/// and the last check error, so a failing test says what it was waiting for.
+pub fn eventually<F>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> anyhow::Result<bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(error) => {
+                    anyhow::bail!("timed out after {timeout:?} waiting for {what}: {error:#}")
+                }
+                None => anyhow::bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A free TCP/UDP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    // Also make sure UDP (QUIC) can take it.
+    std::net::UdpSocket::bind(("127.0.0.1", port))?;
+    Ok(port)
+}

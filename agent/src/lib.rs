@@ -1,0 +1,115 @@
+//! spoke-agent: runs beside an edge Kafka cluster and moves the selected topics to a relay.
+//!
+//! Data path, one module each: [`tail`] reads local partitions with `assign()` → [`spool`]
+//! keeps compressed chunks and source positions durable in sled → [`ship`] sends them over
+//! QUIC ([`tls`], [`wire`]) and frees them when the relay acknowledged them in the hub.
+//! [`config`] is the agent.toml contract, [`select`] the include/exclude rules.
+
+pub mod config;
+pub mod progress;
+pub mod select;
+pub mod ship;
+pub mod spool;
+pub mod tail;
+pub mod tls;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::Loaded;
+use crate::progress::Progress;
+use crate::spool::{SledSpool, Spool};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("spool at {path}: {source}")]
+    Spool {
+        path: std::path::PathBuf,
+        source: spool::SpoolError,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("tailer: {0}")]
+    Tail(#[from] tail::TailError),
+    #[error("shipper: {0}")]
+    Ship(#[from] ship::ShipError),
+    #[error("tailer thread panicked")]
+    TailPanicked,
+}
+
+/// Runs the agent until `shutdown` is cancelled, then stops in drain order: stop reading and
+/// spool what was read, finish in-flight batches, close the QUIC session, flush the spool.
+pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let loaded = Arc::new(loaded);
+    let spool_path = loaded.config.spool.path.clone();
+    let spool_err = |source| AgentError::Spool {
+        path: spool_path.clone(),
+        source,
+    };
+    let client_config = tls::client_config(&loaded.config.relay)?;
+    let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(&spool_path).map_err(spool_err)?);
+    let progress = Arc::new(Progress::default());
+    let stats = spool.stats();
+    info!(site = %loaded.config.site, spooled_bytes = stats.bytes, spooled_records = stats.records, "agent starting");
+
+    let tailer = tail::Tailer::new(&loaded, spool.clone(), progress.clone())?;
+    let tail_stop = CancellationToken::new();
+    let tail_thread = {
+        let stop = tail_stop.clone();
+        let failed = shutdown.clone();
+        std::thread::Builder::new()
+            .name("spoke-tail".into())
+            .spawn(move || {
+                let result = tailer.run(&stop);
+                if let Err(error) = &result {
+                    error!(%error, "tailer failed; stopping the agent");
+                    failed.cancel();
+                }
+                result
+            })
+            .map_err(|_| AgentError::TailPanicked)?
+    };
+
+    let ship_stop = CancellationToken::new();
+    let mut shipper = tokio::spawn(ship::run(
+        loaded.clone(),
+        client_config,
+        spool.clone(),
+        progress.clone(),
+        ship_stop.clone(),
+    ));
+
+    let ship_result = tokio::select! {
+        () = shutdown.cancelled() => None,
+        result = &mut shipper => Some(result),
+    };
+    info!("agent stopping");
+    tail_stop.cancel();
+    let tail_result = tokio::task::spawn_blocking(move || tail_thread.join())
+        .await
+        .map_err(|_| AgentError::TailPanicked)?
+        .map_err(|_| AgentError::TailPanicked)?;
+    ship_stop.cancel();
+    let ship_result = match ship_result {
+        Some(result) => result,
+        None => shipper.await,
+    };
+    spool.flush().map_err(spool_err)?;
+    tail_result?;
+    ship_result.map_err(|_| AgentError::TailPanicked)??;
+    info!("agent stopped");
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long `check` waits for the local broker.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,510 @@
+//! The shipper: sends spooled chunks to a relay as `Batch` frames, keeps up to `window` of
+//! them unacknowledged, and deletes a chunk from the spool only when the relay's `Ack` says
+//! the hub holds it. Connection failures rotate through `relay.endpoints` with capped
+//! exponential backoff; nothing is lost meanwhile because the spool still holds every chunk.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spoke_proto::{
+    Batch, Codec, Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, TopicPartition,
+    PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::{Endpoint, Loaded};
+use crate::progress::Progress;
+use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
+use crate::wire::{read_frame, write_frame, WireError};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relay scans the hub to compute resume points before it answers.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How long a graceful stop waits for in-flight batches to be acknowledged.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Frames read ahead of the session loop.
+const INBOUND_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("resolving {address}: {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("connecting to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("relay refused the session: {0}")]
+    Refused(String),
+    #[error("relay sent {got} where {expected} was expected")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("relay acknowledged batch {got} but batch {expected} was the oldest in flight")]
+    AckOrder { expected: u64, got: u64 },
+    #[error("relay rejected batch {seq}: {message}")]
+    Nacked { seq: u64, message: String },
+    #[error("relay did not answer in time ({0})")]
+    Timeout(&'static str),
+    #[error("relay closed the session: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("spooled chunk of {partition} has unknown codec {codec}")]
+    Codec { partition: String, codec: u8 },
+}
+
+/// How a session ended.
+enum Ended {
+    /// Shutdown was requested and in-flight batches were drained (or the grace ran out).
+    Stopped,
+}
+
+/// Runs until `stop` is cancelled.
+pub async fn run(
+    loaded: Arc<Loaded>,
+    client_config: quinn::ClientConfig,
+    spool: Arc<dyn Spool>,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+) -> Result<(), ShipError> {
+    let mut endpoint_v4: Option<quinn::Endpoint> = None;
+    let mut endpoint_v6: Option<quinn::Endpoint> = None;
+    let mut backoff = BACKOFF_START;
+    let mut index = 0usize;
+    // (endpoint index, when the last batch went to it): fencing without broker transactions.
+    let mut last_sent: Option<(usize, Instant)> = None;
+    let fence_delay = loaded.config.relay.fence_delay;
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let relay = &loaded.endpoints[index];
+        if let Some((previous, at)) = last_sent {
+            if previous != index {
+                let wait = (at + fence_delay).saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    info!(relay = %relay.address, ?wait, "fence delay before switching relays");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        }
+        let mut session = Session {
+            loaded: &loaded,
+            spool: spool.as_ref(),
+            progress: &progress,
+            stop: &stop,
+            last_batch_at: None,
+            welcomed: false,
+        };
+        let span = tracing::info_span!("relay", address = %relay.address);
+        let result = async {
+            let connection =
+                connect(relay, &client_config, &mut endpoint_v4, &mut endpoint_v6).await?;
+            let result = session.run(&connection).await;
+            let (code, reason): (u32, &[u8]) = match &result {
+                Ok(_) => (0, b"agent stopping"),
+                Err(_) => (2, b"agent session error"),
+            };
+            connection.close(code.into(), reason);
+            result
+        }
+        .instrument(span)
+        .await;
+        progress.relay_connected.store(false, Ordering::Relaxed);
+        if let Some(at) = session.last_batch_at {
+            last_sent = Some((index, at));
+        }
+        match result {
+            Ok(Ended::Stopped) => {
+                for endpoint in [endpoint_v4, endpoint_v6].into_iter().flatten() {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                }
+                return Ok(());
+            }
+            Err(ShipError::Spool(error)) => return Err(ShipError::Spool(error)),
+            Err(error) => {
+                if session.welcomed {
+                    backoff = BACKOFF_START;
+                }
+                warn!(relay = %relay.address, %error, retry_in = ?backoff, "relay session ended");
+                index = (index + 1) % loaded.endpoints.len();
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}
+
+async fn connect(
+    relay: &Endpoint,
+    client_config: &quinn::ClientConfig,
+    endpoint_v4: &mut Option<quinn::Endpoint>,
+    endpoint_v6: &mut Option<quinn::Endpoint>,
+) -> Result<quinn::Connection, ShipError> {
+    let resolve_err = |reason: String| ShipError::Resolve {
+        address: relay.address.clone(),
+        reason,
+    };
+    let address: SocketAddr = tokio::net::lookup_host(&relay.address)
+        .await
+        .map_err(|e| resolve_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_err("no address".into()))?;
+    // One UDP socket per address family, reused across reconnects.
+    let (slot, bind) = if address.is_ipv4() {
+        (endpoint_v4, SocketAddr::from(([0, 0, 0, 0], 0)))
+    } else {
+        (endpoint_v6, SocketAddr::from(([0u16; 8], 0)))
+    };
+    let endpoint = match slot {
+        Some(endpoint) => endpoint,
+        None => slot.insert(quinn::Endpoint::client(bind).map_err(ShipError::Socket)?),
+    };
+    let connect_err = |reason: String| ShipError::Connect {
+        address: relay.address.clone(),
+        reason,
+    };
+    let connecting = endpoint
+        .connect_with(client_config.clone(), address, &relay.server_name)
+        .map_err(|e| connect_err(e.to_string()))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| connect_err("handshake timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))
+}
+
+/// A batch sent and not yet acknowledged.
+struct InFlight {
+    seq: u64,
+    partition: SourcePartition,
+    next_offset: i64,
+    records: u32,
+}
+
+struct Session<'a> {
+    loaded: &'a Loaded,
+    spool: &'a dyn Spool,
+    progress: &'a Progress,
+    stop: &'a CancellationToken,
+    last_batch_at: Option<Instant>,
+    welcomed: bool,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, connection: &quinn::Connection) -> Result<Ended, ShipError> {
+        let limits = Limits::default();
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let wanted: Vec<TopicPartition> = self
+            .spool
+            .pending_partitions()?
+            .into_iter()
+            .map(|p| TopicPartition {
+                topic: p.topic,
+                partition: p.partition,
+            })
+            .collect();
+        let hello = Hello {
+            site: self.loaded.config.site.clone(),
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: format!("spoke-agent/{}", env!("CARGO_PKG_VERSION")),
+            partitions: wanted,
+        };
+        write_frame(&mut send, &Frame::Hello(hello)).await?;
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_frame(&mut recv, &limits))
+            .await
+            .map_err(|_| ShipError::Timeout("Welcome"))??
+        {
+            Some(Frame::Welcome(welcome)) => welcome,
+            Some(Frame::Goodbye(goodbye)) => return Err(ShipError::Refused(goodbye.reason)),
+            Some(other) => {
+                return Err(ShipError::Unexpected {
+                    expected: "Welcome",
+                    got: other.name(),
+                })
+            }
+            None => return Err(ShipError::Closed("before Welcome".into())),
+        };
+        // Chunks wholly below the resume point are already in the hub (an Ack that was lost
+        // with the previous connection): drop them instead of sending them again.
+        for point in &welcome.resume {
+            let partition = SourcePartition {
+                topic: point.topic.clone(),
+                partition: point.partition,
+            };
+            let freed = self.spool.remove_acked(&partition, point.next_offset)?;
+            if freed.records > 0 {
+                Progress::add(&self.progress.records_acked, freed.records);
+                info!(topic = %point.topic, partition = point.partition, records = freed.records, "already in the hub");
+            }
+        }
+        self.welcomed = true;
+        self.progress.relay_connected.store(true, Ordering::Relaxed);
+        info!(relay = %welcome.relay, "connected");
+
+        let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
+        let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                let frame = read_frame(&mut recv, &limits).await;
+                let done = !matches!(frame, Ok(Some(_)));
+                if inbound_tx.send(frame).await.is_err() || done {
+                    return;
+                }
+            }
+        }));
+
+        let window = usize::try_from(self.loaded.config.ship.window).unwrap_or(usize::MAX);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        // Per partition, the offset the next chunk to send starts at or after.
+        let mut cursors: HashMap<SourcePartition, i64> = HashMap::new();
+        // Partitions whose topic the relay refused: not sent again in this session.
+        let mut refused: HashSet<SourcePartition> = HashSet::new();
+        let mut round_robin = 0usize;
+        let mut seq = 0u64;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut pacer = Pacer::new(self.loaded.config.ship.max_bandwidth.as_u64());
+        loop {
+            while in_flight.len() < window {
+                let Some(chunk) = self.next_chunk(&cursors, &refused, &mut round_robin)? else {
+                    break;
+                };
+                let Some(partition_count) = self.progress.partition_count(&chunk.partition.topic)
+                else {
+                    break;
+                };
+                seq += 1;
+                let batch = batch_frame(seq, partition_count, &chunk)?;
+                pacer.wait(chunk.payload.len()).await;
+                let bytes = frame_bytes(&batch)?;
+                send.write_all(&bytes).await.map_err(WireError::from)?;
+                Progress::add(&self.progress.wire_bytes, bytes.len() as u64);
+                self.last_batch_at = Some(Instant::now());
+                cursors.insert(chunk.partition.clone(), chunk.next_offset);
+                in_flight.push_back(InFlight {
+                    seq,
+                    partition: chunk.partition,
+                    next_offset: chunk.next_offset,
+                    records: chunk.record_count,
+                });
+            }
+            tokio::select! {
+                frame = inbound.recv() => {
+                    let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
+                    self.handle(frame?, &mut in_flight, &mut refused)?;
+                }
+                () = self.progress.spooled.notified() => {}
+                _ = heartbeat.tick() => {
+                    write_frame(&mut send, &Frame::Heartbeat(self.heartbeat())).await?;
+                }
+                () = self.stop.cancelled() => {
+                    self.drain(&mut inbound, &mut in_flight, &mut refused).await;
+                    let goodbye = Goodbye { code: GoodbyeCode::Shutdown, reason: "agent stopping".into() };
+                    let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
+                    let _ = send.finish();
+                    return Ok(Ended::Stopped);
+                }
+            }
+        }
+    }
+
+    /// The next chunk to send, taking partitions in turn so one busy partition cannot starve
+    /// the others.
+    fn next_chunk(
+        &self,
+        cursors: &HashMap<SourcePartition, i64>,
+        refused: &HashSet<SourcePartition>,
+        round_robin: &mut usize,
+    ) -> Result<Option<Chunk>, ShipError> {
+        let partitions = self.spool.pending_partitions()?;
+        let n = partitions.len();
+        for i in 0..n {
+            let partition = &partitions[(*round_robin + i) % n];
+            if refused.contains(partition) {
+                continue;
+            }
+            let from = cursors.get(partition).copied().unwrap_or(i64::MIN);
+            if let Some(chunk) = self
+                .spool
+                .chunks_from(partition, from, 1)?
+                .into_iter()
+                .next()
+            {
+                *round_robin = (*round_robin + i + 1) % n;
+                return Ok(Some(chunk));
+            }
+        }
+        Ok(None)
+    }
+
+    fn handle(
+        &self,
+        frame: Option<Frame>,
+        in_flight: &mut VecDeque<InFlight>,
+        refused: &mut HashSet<SourcePartition>,
+    ) -> Result<(), ShipError> {
+        match frame {
+            Some(Frame::Ack(ack)) => {
+                let oldest = in_flight.pop_front().ok_or(ShipError::AckOrder {
+                    expected: 0,
+                    got: ack.seq,
+                })?;
+                if oldest.seq != ack.seq {
+                    return Err(ShipError::AckOrder {
+                        expected: oldest.seq,
+                        got: ack.seq,
+                    });
+                }
+                self.spool
+                    .remove_acked(&oldest.partition, oldest.next_offset)?;
+                Progress::add(&self.progress.records_acked, u64::from(oldest.records));
+                Ok(())
+            }
+            Some(Frame::Nack(nack)) => {
+                let oldest = in_flight.pop_front().ok_or(ShipError::AckOrder {
+                    expected: 0,
+                    got: nack.seq,
+                })?;
+                if nack.code == NackCode::NotAllowed {
+                    error!(topic = %oldest.partition.topic, partition = oldest.partition.partition, message = %nack.message,
+                        "relay refuses this topic; it stays spooled until the relay's ACL allows it");
+                    refused.insert(oldest.partition);
+                    return Ok(());
+                }
+                Err(ShipError::Nacked {
+                    seq: nack.seq,
+                    message: nack.message,
+                })
+            }
+            Some(Frame::Goodbye(goodbye)) => Err(ShipError::Closed(goodbye.reason)),
+            Some(other) => Err(ShipError::Unexpected {
+                expected: "Ack, Nack or Goodbye",
+                got: other.name(),
+            }),
+            None => Err(ShipError::Closed("relay finished the stream".into())),
+        }
+    }
+
+    /// On shutdown: wait (bounded) for the acknowledgements of batches already sent, so a
+    /// restart does not resend them.
+    async fn drain(
+        &self,
+        inbound: &mut mpsc::Receiver<Result<Option<Frame>, WireError>>,
+        in_flight: &mut VecDeque<InFlight>,
+        refused: &mut HashSet<SourcePartition>,
+    ) {
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        while !in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, inbound.recv()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Err(error) = self.handle(frame, in_flight, refused) {
+                        debug!(%error, "while draining");
+                        return;
+                    }
+                }
+                _ => {
+                    warn!(
+                        batches = in_flight.len(),
+                        "stopping with unacknowledged batches; they stay spooled"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let stats = self.spool.stats();
+        let oldest = self.spool.oldest_spooled_at_ms().ok().flatten();
+        let now = crate::now_ms();
+        Heartbeat {
+            sent_at_ms: now,
+            spool_bytes: stats.bytes,
+            spool_max_bytes: self.loaded.config.spool.max_bytes.as_u64(),
+            oldest_unacked_ms: oldest.map_or(0, |t| now.saturating_sub(t)),
+            lost_records: Progress::get(&self.progress.records_lost),
+            records_per_s: 0,
+            lag: Vec::new(),
+        }
+    }
+}
+
+fn batch_frame(seq: u64, partition_count: i32, chunk: &Chunk) -> Result<Frame, ShipError> {
+    let codec = match chunk.codec {
+        0 => Codec::None,
+        1 => Codec::Zstd,
+        other => {
+            return Err(ShipError::Codec {
+                partition: format!("{}/{}", chunk.partition.topic, chunk.partition.partition),
+                codec: other,
+            })
+        }
+    };
+    Ok(Frame::Batch(Batch {
+        seq,
+        topic: chunk.partition.topic.clone(),
+        partition: chunk.partition.partition,
+        partition_count,
+        first_offset: chunk.first_offset,
+        last_offset: chunk.last_offset,
+        next_offset: chunk.next_offset,
+        record_count: chunk.record_count,
+        codec,
+        uncompressed_len: chunk.uncompressed_len,
+        // Shipped exactly as spooled: compressed once, at the edge.
+        payload: chunk.payload.clone(),
+    }))
+}
+
+fn frame_bytes(frame: &Frame) -> Result<bytes::Bytes, ShipError> {
+    frame
+        .to_bytes()
+        .map_err(|e| ShipError::Wire(WireError::Encode(e)))
+}
+
+/// `ship.max_bandwidth`: spaces sends so the average stays under the cap.
+struct Pacer {
+    bytes_per_s: u64,
+    next_send: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new(bytes_per_s: u64) -> Self {
+        Self {
+            bytes_per_s,
+            next_send: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn wait(&mut self, bytes: usize) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if self.next_send > now {
+            tokio::time::sleep_until(self.next_send).await;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+        self.next_send = self.next_send.max(now) + cost;
+    }
+}

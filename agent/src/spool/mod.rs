@@ -1,0 +1,656 @@
+//! The agent's durable spool: compressed chunks of source records plus, per source partition, the
+//! position where reading resumes.
+//!
+//! The [`Spool`] trait is small on purpose. [`SledSpool`] is the real store (sled 0.34, which
+//! calls itself beta); [`MemorySpool`] is the reference model it is checked against by a
+//! model-based property test (see the tests at the bottom of this file).
+//!
+//! # Durability
+//!
+//! No write is durable when it returns. [`Spool::append`], [`Spool::advance`],
+//! [`Spool::remove_acked`] and [`Spool::pop_oldest`] are visible to readers at once but only
+//! survive a crash (process kill, power loss) once a later [`Spool::flush`] has returned `Ok`:
+//! `flush` makes every write that returned before it durable (sled: `Db::flush`, which writes and
+//! fsyncs the log). So the tailer must not treat a chunk as spooled, nor the source offset as safe,
+//! before `flush`; the shipper may only rely on a removal after `flush` too, but a removal lost in a
+//! crash only means the chunk is sent again, which the relay deduplicates.
+//!
+//! A chunk and the source position after it are written in **one** atomic sled batch, so after a
+//! crash either both are there or neither is: reading resumes exactly where the spool ends.
+//!
+//! # On-disk format (sled, default tree, format version 1)
+//!
+//! All integers are big-endian. Signed integers used in keys are stored with the sign bit flipped
+//! (`x ^ i64::MIN`), so that byte order equals numeric order. A Kafka topic name never contains a
+//! `0x00` byte, so `topic 0x00` ends the name unambiguously and byte order of keys equals
+//! [`SourcePartition`] order.
+//!
+//! * Position: key `b'p' ++ topic ++ 0x00 ++ partition (i32, flipped)`; value: the next source
+//!   offset (`i64`, 8 bytes, not flipped).
+//! * Chunk: key `b'c' ++ topic ++ 0x00 ++ partition (i32, flipped) ++ first_offset (i64,
+//!   flipped)`; value, a 46-byte header then the payload exactly as it will be shipped:
+//!
+//!   | bytes  | field                                                     |
+//!   |--------|-----------------------------------------------------------|
+//!   | 0      | format version, `1`                                       |
+//!   | 1..9   | `last_offset` (i64)                                       |
+//!   | 9..17  | `next_offset` (i64)                                       |
+//!   | 17..21 | `record_count` (u32)                                      |
+//!   | 21     | `codec` (u8, opaque to the spool)                         |
+//!   | 22..26 | `uncompressed_len` (u32)                                  |
+//!   | 26..34 | `spooled_at_ms` (u64, wall clock)                         |
+//!   | 34..42 | append sequence number (u64)                              |
+//!   | 42..46 | CRC32 (IEEE) over the key, value bytes 0..42 and payload  |
+//!   | 46..   | payload                                                   |
+//!
+//!   The checksum covers the key too, so a value found under the wrong key is detected. It is
+//!   verified on every read and on open; a mismatch is [`SpoolError::Corrupt`].
+//!
+//! The append sequence number orders chunks globally for [`Spool::pop_oldest`]; on open it
+//! continues after the largest one stored.
+//!
+//! # Accounting
+//!
+//! [`SpoolStats::bytes`] counts each chunk as its payload length plus
+//! [`CHUNK_OVERHEAD_BYTES`] (key, header and sled's per-entry overhead, roughly). Positions are not
+//! counted. The counters live in memory and are rebuilt by a scan on open.
+
+use std::fmt;
+
+mod model;
+mod sled;
+
+pub use self::model::MemorySpool;
+pub use self::sled::SledSpool;
+
+/// Bytes counted per chunk on top of its payload in [`SpoolStats::bytes`] and [`Freed::bytes`]:
+/// roughly the key, the 46-byte value header and sled's per-entry overhead.
+pub const CHUNK_OVERHEAD_BYTES: u64 = 64;
+
+/// Source partition identity
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl fmt::Display for SourcePartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// One spooled chunk: zstd-compressed records of one partition, stored exactly as it will be shipped.
+///
+/// A well-formed chunk has `first_offset <= last_offset < next_offset`; [`Spool::append`] rejects
+/// any other as [`SpoolError::Corrupt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub partition: SourcePartition,
+    /// offset of the first record in the chunk
+    pub first_offset: i64,
+    /// offset of the last record
+    pub last_offset: i64,
+    /// the source position after this chunk (> last_offset)
+    pub next_offset: i64,
+    pub record_count: u32,
+    /// wire codec id, opaque to the spool
+    pub codec: u8,
+    pub uncompressed_len: u32,
+    /// wall clock when spooled, for "oldest unacked" age
+    pub spooled_at_ms: u64,
+    pub payload: bytes::Bytes,
+}
+
+impl Chunk {
+    /// What this chunk counts for in [`SpoolStats::bytes`] / [`Freed::bytes`].
+    pub fn accounted_bytes(&self) -> u64 {
+        self.payload.len() as u64 + CHUNK_OVERHEAD_BYTES
+    }
+
+    /// `Err(Corrupt)` unless `first_offset <= last_offset < next_offset`.
+    fn check_well_formed(&self) -> Result<(), SpoolError> {
+        if self.first_offset <= self.last_offset && self.last_offset < self.next_offset {
+            Ok(())
+        } else {
+            Err(SpoolError::Corrupt(format!(
+                "chunk for {} has offsets first {}, last {}, next {} (want first <= last < next)",
+                self.partition, self.first_offset, self.last_offset, self.next_offset
+            )))
+        }
+    }
+}
+
+/// What the spool holds: chunks only (positions are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpoolStats {
+    /// payload bytes + [`CHUNK_OVERHEAD_BYTES`] per chunk
+    pub bytes: u64,
+    pub chunks: u64,
+    pub records: u64,
+}
+
+/// what a removal freed
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Freed {
+    /// payload bytes + [`CHUNK_OVERHEAD_BYTES`] per chunk
+    pub bytes: u64,
+    pub chunks: u64,
+    pub records: u64,
+}
+
+impl Freed {
+    fn add(&mut self, chunk_bytes: u64, records: u32) {
+        self.bytes += chunk_bytes;
+        self.chunks += 1;
+        self.records += u64::from(records);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The storage engine failed (I/O error, ...). `MemorySpool` never returns it.
+    #[error("spool storage error: {0}")]
+    Storage(#[from] ::sled::Error),
+    /// A stored entry failed its checksum or does not parse, or a chunk handed to `append` is
+    /// not well-formed.
+    #[error("spool entry is corrupt: {0}")]
+    Corrupt(String),
+    /// `append` of a chunk that starts before the partition's spooled position.
+    #[error("chunk for {partition}:{first} does not follow the spooled position {position}")]
+    OutOfOrder {
+        partition: String,
+        first: i64,
+        position: i64,
+    },
+}
+
+/// Durable store of chunks and source positions. See the module doc for when writes are durable.
+pub trait Spool: Send + Sync + 'static {
+    /// Stores the chunk and moves the partition's source position to `chunk.next_offset` in ONE
+    /// atomic write (sled: a single `apply_batch`), so after a crash either both or neither are
+    /// there. Rejects (`OutOfOrder`) a chunk whose `first_offset` < the current position, and
+    /// (`Corrupt`) one that is not well-formed (see [`Chunk`]). NOT durable until `flush`.
+    fn append(&self, chunk: &Chunk) -> Result<(), SpoolError>;
+    /// Moves the source position forward without data (records skipped/filtered, or a gap).
+    /// Never moves it backward (no-op then). Not durable until flush.
+    fn advance(&self, partition: &SourcePartition, next_offset: i64) -> Result<(), SpoolError>;
+    /// Where reading of this partition resumes, if the spool has ever seen it.
+    fn position(&self, partition: &SourcePartition) -> Result<Option<i64>, SpoolError>;
+    /// Every known partition with its position, sorted by partition.
+    fn positions(&self) -> Result<Vec<(SourcePartition, i64)>, SpoolError>;
+    /// Up to `limit` chunks of the partition with first_offset >= from, in offset order.
+    fn chunks_from(
+        &self,
+        partition: &SourcePartition,
+        from: i64,
+        limit: usize,
+    ) -> Result<Vec<Chunk>, SpoolError>;
+    /// Partitions that currently hold at least one chunk, sorted.
+    fn pending_partitions(&self) -> Result<Vec<SourcePartition>, SpoolError>;
+    /// Deletes every chunk of the partition whose last_offset < next_offset (the relay
+    /// acknowledged them in the hub). Does not touch the position. Not durable until flush (a
+    /// lost delete only means a resend, which the relay dedups).
+    fn remove_acked(
+        &self,
+        partition: &SourcePartition,
+        next_offset: i64,
+    ) -> Result<Freed, SpoolError>;
+    /// Deletes the globally oldest chunk (smallest append sequence) and returns it — for
+    /// when_full = "drop-oldest". None when empty. Not durable until flush.
+    fn pop_oldest(&self) -> Result<Option<Chunk>, SpoolError>;
+    /// Oldest spooled_at_ms over all chunks (None when empty).
+    fn oldest_spooled_at_ms(&self) -> Result<Option<u64>, SpoolError>;
+    /// Byte accounting (see [`SpoolStats`]); kept in memory, rebuilt by scanning on open.
+    fn stats(&self) -> SpoolStats;
+    /// Makes every earlier write durable (sled: `Db::flush`). Only after this returns may the
+    /// caller treat appended data as safely spooled / source positions as safe.
+    fn flush(&self) -> Result<(), SpoolError>;
+}
+
+fn out_of_order(chunk: &Chunk, position: i64) -> SpoolError {
+    SpoolError::OutOfOrder {
+        partition: chunk.partition.to_string(),
+        first: chunk.first_offset,
+        position,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    pub(crate) fn sp(topic: &str, partition: i32) -> SourcePartition {
+        SourcePartition {
+            topic: topic.to_owned(),
+            partition,
+        }
+    }
+
+    pub(crate) fn chunk(p: &SourcePartition, first: i64, last: i64, next: i64, at: u64) -> Chunk {
+        let payload = format!("{}-{first}-{last}", p.topic).into_bytes();
+        Chunk {
+            partition: p.clone(),
+            first_offset: first,
+            last_offset: last,
+            next_offset: next,
+            record_count: u32::try_from(last - first + 1).unwrap_or(u32::MAX),
+            codec: 4,
+            uncompressed_len: 1000,
+            spooled_at_ms: at,
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// Runs a test body against both implementations.
+    macro_rules! both {
+        ($name:ident, $body:expr) => {
+            mod $name {
+                use super::*;
+                #[test]
+                fn memory() {
+                    let s = MemorySpool::new();
+                    ($body)(&s);
+                }
+                #[test]
+                fn sled() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let s = SledSpool::open(dir.path()).expect("spool op");
+                    ($body)(&s);
+                }
+            }
+        };
+    }
+
+    fn append_sets_position_and_stores(s: &dyn Spool) {
+        let a = sp("a", 0);
+        assert_eq!(s.position(&a).expect("spool op"), None);
+        let c = chunk(&a, 10, 14, 15, 100);
+        s.append(&c).expect("spool op");
+        assert_eq!(s.position(&a).expect("spool op"), Some(15));
+        assert_eq!(s.chunks_from(&a, 0, 10).expect("spool op"), vec![c.clone()]);
+        // starting exactly at the position, or after it (a gap), is fine
+        let c2 = chunk(&a, 15, 15, 16, 101);
+        s.append(&c2).expect("spool op");
+        let c3 = chunk(&a, 20, 29, 31, 102);
+        s.append(&c3).expect("spool op");
+        assert_eq!(s.position(&a).expect("spool op"), Some(31));
+        assert_eq!(s.chunks_from(&a, 0, 10).expect("spool op"), vec![c, c2, c3]);
+        s.flush().expect("spool op");
+    }
+    both!(append_basic, append_sets_position_and_stores);
+
+    fn append_rejects(s: &dyn Spool) {
+        let a = sp("a", 0);
+        s.append(&chunk(&a, 10, 14, 15, 100)).expect("spool op");
+        let before = s.stats();
+        let err = s
+            .append(&chunk(&a, 14, 20, 21, 100))
+            .expect_err("must fail");
+        assert!(
+            matches!(&err, SpoolError::OutOfOrder { partition, first: 14, position: 15 } if partition == "a/0"),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "chunk for a/0:14 does not follow the spooled position 15"
+        );
+        // malformed chunks
+        for bad in [
+            chunk(&a, 20, 19, 21, 0),
+            chunk(&a, 20, 21, 21, 0),
+            chunk(&a, 20, 21, 20, 0),
+        ] {
+            assert!(matches!(s.append(&bad), Err(SpoolError::Corrupt(_))));
+        }
+        assert_eq!(s.position(&a).expect("spool op"), Some(15));
+        assert_eq!(s.stats(), before);
+        assert_eq!(s.chunks_from(&a, 0, 10).expect("spool op").len(), 1);
+    }
+    both!(append_rejects_out_of_order_and_malformed, append_rejects);
+
+    fn advance_forward_only(s: &dyn Spool) {
+        let a = sp("a", 0);
+        let b = sp("b", 3);
+        s.advance(&a, 5).expect("spool op");
+        assert_eq!(s.position(&a).expect("spool op"), Some(5));
+        s.advance(&a, 3).expect("spool op");
+        assert_eq!(s.position(&a).expect("spool op"), Some(5));
+        s.advance(&a, 9).expect("spool op");
+        assert_eq!(s.position(&a).expect("spool op"), Some(9));
+        // an append must now start at 9 or later
+        assert!(matches!(
+            s.append(&chunk(&a, 8, 9, 10, 0)),
+            Err(SpoolError::OutOfOrder { position: 9, .. })
+        ));
+        s.append(&chunk(&a, 9, 9, 10, 0)).expect("spool op");
+        s.advance(&b, -7).expect("spool op");
+        assert_eq!(s.position(&b).expect("spool op"), Some(-7));
+        assert_eq!(s.stats().chunks, 1);
+        assert_eq!(s.pending_partitions().expect("spool op"), vec![a]);
+    }
+    both!(advance, advance_forward_only);
+
+    fn positions_sorted(s: &dyn Spool) {
+        let parts = [
+            sp("b", 0),
+            sp("a", 10),
+            sp("a", -1),
+            sp("ab", 0),
+            sp("a", 2),
+        ];
+        for (i, p) in parts.iter().enumerate() {
+            s.advance(p, i as i64 * 100 - 150).expect("spool op");
+        }
+        let mut want: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i as i64 * 100 - 150))
+            .collect();
+        want.sort();
+        assert_eq!(s.positions().expect("spool op"), want);
+        assert_eq!(s.pending_partitions().expect("spool op"), vec![]);
+    }
+    both!(positions, positions_sorted);
+
+    fn chunks_from_ranges(s: &dyn Spool) {
+        let a = sp("a", 1);
+        let b = sp("a", 2);
+        let cs: Vec<_> = (0..5)
+            .map(|i| chunk(&a, -20 + i * 10, -20 + i * 10 + 4, -20 + i * 10 + 10, 0))
+            .collect();
+        for c in &cs {
+            s.append(c).expect("spool op");
+            s.append(&chunk(&b, c.first_offset, c.last_offset, c.next_offset, 0))
+                .expect("spool op");
+        }
+        assert_eq!(s.chunks_from(&a, i64::MIN, 100).expect("spool op"), cs);
+        assert_eq!(
+            s.chunks_from(&a, -20, 2).expect("spool op"),
+            cs[..2].to_vec()
+        );
+        // a chunk straddling `from` is not included
+        assert_eq!(
+            s.chunks_from(&a, -19, 2).expect("spool op"),
+            cs[1..3].to_vec()
+        );
+        assert_eq!(
+            s.chunks_from(&a, 0, 100).expect("spool op"),
+            cs[2..].to_vec()
+        );
+        assert_eq!(s.chunks_from(&a, 21, 100).expect("spool op"), vec![]);
+        assert_eq!(s.chunks_from(&a, 0, 0).expect("spool op"), vec![]);
+        assert_eq!(s.chunks_from(&sp("a", 3), 0, 10).expect("spool op"), vec![]);
+        assert_eq!(
+            s.chunks_from(&sp("", 1), i64::MIN, 10).expect("spool op"),
+            vec![]
+        );
+    }
+    both!(chunks_from, chunks_from_ranges);
+
+    fn remove_acked_frees(s: &dyn Spool) {
+        let a = sp("a", 0);
+        let b = sp("b", 0);
+        let c1 = chunk(&a, 0, 4, 5, 10);
+        let c2 = chunk(&a, 5, 9, 10, 11);
+        let c3 = chunk(&a, 10, 14, 15, 12);
+        let cb = chunk(&b, 0, 4, 5, 9);
+        for c in [&c1, &c2, &cb, &c3] {
+            s.append(c).expect("spool op");
+        }
+        assert_eq!(s.remove_acked(&a, 0).expect("spool op"), Freed::default());
+        // 9 is the last offset of c2: not yet acked
+        let freed = s.remove_acked(&a, 9).expect("spool op");
+        assert_eq!(
+            freed,
+            Freed {
+                bytes: c1.accounted_bytes(),
+                chunks: 1,
+                records: 5
+            }
+        );
+        let freed = s.remove_acked(&a, 10).expect("spool op");
+        assert_eq!(freed.chunks, 1);
+        assert_eq!(
+            s.chunks_from(&a, 0, 10).expect("spool op"),
+            vec![c3.clone()]
+        );
+        assert_eq!(s.position(&a).expect("spool op"), Some(15));
+        assert_eq!(
+            s.stats(),
+            SpoolStats {
+                bytes: c3.accounted_bytes() + cb.accounted_bytes(),
+                chunks: 2,
+                records: 10
+            }
+        );
+        assert_eq!(
+            s.pending_partitions().expect("spool op"),
+            vec![a.clone(), b.clone()]
+        );
+        assert_eq!(s.remove_acked(&a, 1000).expect("spool op").chunks, 1);
+        assert_eq!(s.pending_partitions().expect("spool op"), vec![b.clone()]);
+        assert_eq!(
+            s.remove_acked(&sp("zz", 0), 1000).expect("spool op"),
+            Freed::default()
+        );
+        s.flush().expect("spool op");
+    }
+    both!(remove_acked, remove_acked_frees);
+
+    fn pop_oldest_in_append_order(s: &dyn Spool) {
+        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), None);
+        let a = sp("a", 0);
+        let b = sp("b", 0);
+        // append order is b, a, b, a; the clock goes backward once
+        let cs = [
+            chunk(&b, 100, 100, 101, 50),
+            chunk(&a, 0, 1, 2, 40),
+            chunk(&b, 101, 105, 106, 60),
+            chunk(&a, 2, 3, 4, 70),
+        ];
+        for c in &cs {
+            s.append(c).expect("spool op");
+        }
+        assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(40));
+        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[0]));
+        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[1]));
+        assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(60));
+        assert_eq!(s.stats().chunks, 2);
+        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[2]));
+        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[3]));
+        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.stats(), SpoolStats::default());
+        // positions are untouched
+        assert_eq!(s.position(&b).expect("spool op"), Some(106));
+    }
+    both!(pop_oldest, pop_oldest_in_append_order);
+
+    fn stats_count(s: &dyn Spool) {
+        assert_eq!(s.stats(), SpoolStats::default());
+        let a = sp("a", 0);
+        let mut c = chunk(&a, 0, 9, 10, 0);
+        c.payload = Bytes::from(vec![7u8; 1000]);
+        c.record_count = 10;
+        s.append(&c).expect("spool op");
+        let mut e = chunk(&a, 10, 10, 11, 0);
+        e.payload = Bytes::new();
+        e.record_count = 1;
+        s.append(&e).expect("spool op");
+        assert_eq!(
+            s.stats(),
+            SpoolStats {
+                bytes: 1000 + 2 * CHUNK_OVERHEAD_BYTES,
+                chunks: 2,
+                records: 11
+            }
+        );
+        assert_eq!(s.chunks_from(&a, 10, 1).expect("spool op"), vec![e]);
+    }
+    both!(stats, stats_count);
+
+    // ---- model-based property test: SledSpool against MemorySpool ----
+
+    const PARTS: [(&str, i32); 3] = [("a", 0), ("a", 1), ("b", -1)];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// first = position (or 0) + delta; negative delta is out of order
+        Append {
+            part: usize,
+            delta: i64,
+            span: i64,
+            gap: i64,
+            bad: bool,
+            at: u64,
+            payload: Vec<u8>,
+        },
+        Advance {
+            part: usize,
+            delta: i64,
+        },
+        /// next = position (or 0) + delta
+        RemoveAcked {
+            part: usize,
+            delta: i64,
+        },
+        PopOldest,
+        /// from = position (or 0) + delta
+        ChunksFrom {
+            part: usize,
+            delta: i64,
+            limit: usize,
+        },
+        Position {
+            part: usize,
+        },
+        Positions,
+        Pending,
+        Oldest,
+        Flush,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let part = 0..PARTS.len();
+        prop_oneof![
+            6 => (part.clone(), -3i64..4, 0i64..4, 1i64..3, prop::bool::weighted(0.05), 0u64..100,
+                  prop::collection::vec(any::<u8>(), 0..12))
+                .prop_map(|(part, delta, span, gap, bad, at, payload)| Op::Append {
+                    part, delta, span, gap, bad, at, payload
+                }),
+            2 => (part.clone(), -3i64..6).prop_map(|(part, delta)| Op::Advance { part, delta }),
+            3 => (part.clone(), -25i64..3).prop_map(|(part, delta)| Op::RemoveAcked { part, delta }),
+            2 => Just(Op::PopOldest),
+            2 => (part.clone(), -30i64..2, 0usize..5)
+                .prop_map(|(part, delta, limit)| Op::ChunksFrom { part, delta, limit }),
+            1 => part.prop_map(|part| Op::Position { part }),
+            1 => Just(Op::Positions),
+            1 => Just(Op::Pending),
+            1 => Just(Op::Oldest),
+            1 => Just(Op::Flush),
+            2 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Observable result of an op, errors compared by their message.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Unit,
+        Position(Option<i64>),
+        Positions(Vec<(SourcePartition, i64)>),
+        Chunks(Vec<Chunk>),
+        Chunk(Option<Chunk>),
+        Parts(Vec<SourcePartition>),
+        Freed(Freed),
+        Oldest(Option<u64>),
+    }
+
+    fn apply(s: &dyn Spool, op: &Op, model_pos: &dyn Fn(usize) -> i64) -> Result<Seen, String> {
+        let p = |i: usize| sp(PARTS[i].0, PARTS[i].1);
+        let r = match op {
+            Op::Append {
+                part,
+                delta,
+                span,
+                gap,
+                bad,
+                at,
+                payload,
+            } => {
+                let first = model_pos(*part) + delta;
+                let last = first + span;
+                let next = if *bad { last } else { last + gap };
+                let mut c = chunk(&p(*part), first, last, next, *at);
+                c.payload = Bytes::from(payload.clone());
+                s.append(&c).map(|()| Seen::Unit)
+            }
+            Op::Advance { part, delta } => s
+                .advance(&p(*part), model_pos(*part) + delta)
+                .map(|()| Seen::Unit),
+            Op::RemoveAcked { part, delta } => s
+                .remove_acked(&p(*part), model_pos(*part) + delta)
+                .map(Seen::Freed),
+            Op::PopOldest => s.pop_oldest().map(Seen::Chunk),
+            Op::ChunksFrom { part, delta, limit } => s
+                .chunks_from(&p(*part), model_pos(*part) + delta, *limit)
+                .map(Seen::Chunks),
+            Op::Position { part } => s.position(&p(*part)).map(Seen::Position),
+            Op::Positions => s.positions().map(Seen::Positions),
+            Op::Pending => s.pending_partitions().map(Seen::Parts),
+            Op::Oldest => s.oldest_spooled_at_ms().map(Seen::Oldest),
+            Op::Flush | Op::Reopen => s.flush().map(|()| Seen::Unit),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    fn check_against_model(dir: &Path, ops: &[Op]) {
+        let model = MemorySpool::new();
+        let mut real = Some(SledSpool::open(dir).expect("spool op"));
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Reopen = op {
+                drop(real.take());
+                real = Some(SledSpool::open(dir).expect("spool op"));
+            }
+            let Some(r) = real.as_ref() else {
+                unreachable!()
+            };
+            // offsets are relative to the positions before the op
+            let before: Vec<i64> = PARTS
+                .iter()
+                .map(|&(t, p)| model.position(&sp(t, p)).expect("spool op").unwrap_or(0))
+                .collect();
+            let pos = |part: usize| before[part];
+            let want = apply(&model, op, &pos);
+            let got = apply(r, op, &pos);
+            assert_eq!(got, want, "op #{i} {op:?}");
+            assert_eq!(r.stats(), model.stats(), "stats after op #{i} {op:?}");
+        }
+        let r = real.as_ref().expect("spool op");
+        assert_eq!(
+            r.positions().expect("spool op"),
+            model.positions().expect("spool op")
+        );
+        for (p, _) in model.positions().expect("spool op") {
+            assert_eq!(
+                r.chunks_from(&p, i64::MIN, usize::MAX).expect("spool op"),
+                model
+                    .chunks_from(&p, i64::MIN, usize::MAX)
+                    .expect("spool op")
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn sled_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            check_against_model(dir.path(), &ops);
+        }
+    }
+}

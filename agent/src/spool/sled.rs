@@ -1,0 +1,667 @@
+//! [`SledSpool`]: the spool on sled 0.34. The on-disk format and when writes are durable are
+//! described in the module doc of [`super`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use ::sled::{Batch, Db, IVec};
+use bytes::Bytes;
+
+use super::{out_of_order, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats};
+
+/// sled's page cache; the spool is written once and read about once, so it need not be big.
+const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+
+const CHUNK_TAG: u8 = b'c';
+const POSITION_TAG: u8 = b'p';
+const FORMAT_VERSION: u8 = 1;
+/// version, last, next, record_count, codec, uncompressed_len, spooled_at_ms, seq, crc
+const HEADER_LEN: usize = 1 + 8 + 8 + 4 + 1 + 4 + 8 + 8 + 4;
+/// the CRC is stored at `CRC_AT..HEADER_LEN` and covers the key, `0..CRC_AT` and the payload
+const CRC_AT: usize = HEADER_LEN - 4;
+
+/// The spool on sled (one database, its default tree). See the module doc of [`super`].
+///
+/// Keeps an index of the chunks' metadata (not payloads) and the positions in memory, rebuilt
+/// by a scan on open, so that only `chunks_from` and `pop_oldest` read from sled. Writes are
+/// serialised by one mutex (there is one tailer); reads of chunks take no lock.
+pub struct SledSpool {
+    db: Db,
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    positions: BTreeMap<SourcePartition, i64>,
+    chunks: BTreeMap<(SourcePartition, i64), Meta>,
+    /// append sequence → chunk, for `pop_oldest`
+    by_seq: BTreeMap<u64, (SourcePartition, i64)>,
+    /// (spooled_at_ms, seq), for `oldest_spooled_at_ms`
+    by_age: BTreeSet<(u64, u64)>,
+    stats: SpoolStats,
+    next_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    seq: u64,
+    last_offset: i64,
+    record_count: u32,
+    spooled_at_ms: u64,
+    bytes: u64,
+}
+
+impl State {
+    fn insert(&mut self, partition: SourcePartition, first_offset: i64, meta: Meta) {
+        self.stats.bytes += meta.bytes;
+        self.stats.chunks += 1;
+        self.stats.records += u64::from(meta.record_count);
+        self.by_seq
+            .insert(meta.seq, (partition.clone(), first_offset));
+        self.by_age.insert((meta.spooled_at_ms, meta.seq));
+        self.next_seq = self.next_seq.max(meta.seq + 1);
+        self.chunks.insert((partition, first_offset), meta);
+    }
+
+    fn remove(&mut self, key: &(SourcePartition, i64)) -> Option<Meta> {
+        let meta = self.chunks.remove(key)?;
+        self.stats.bytes -= meta.bytes;
+        self.stats.chunks -= 1;
+        self.stats.records -= u64::from(meta.record_count);
+        self.by_seq.remove(&meta.seq);
+        self.by_age.remove(&(meta.spooled_at_ms, meta.seq));
+        Some(meta)
+    }
+}
+
+impl fmt::Debug for SledSpool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledSpool")
+            .field("path", &self.path)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledSpool {
+    /// Opens (or creates) the spool in directory `path` and rebuilds the in-memory index and
+    /// counters by scanning it, verifying every chunk's checksum: a corrupt entry fails the open
+    /// with [`SpoolError::Corrupt`].
+    pub fn open(path: &Path) -> Result<SledSpool, SpoolError> {
+        let db = ::sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_CAPACITY)
+            .open()?;
+        let mut state = State::default();
+        for entry in db.iter() {
+            let (key, value) = entry?;
+            match key.first() {
+                Some(&CHUNK_TAG) => {
+                    let (partition, first_offset) = decode_chunk_key(&key)?;
+                    let (chunk, seq) = decode_chunk(&key, partition, first_offset, &value)?;
+                    state.insert(chunk.partition.clone(), first_offset, meta(&chunk, seq));
+                }
+                Some(&POSITION_TAG) => {
+                    let partition = decode_position_key(&key)?;
+                    let offset = decode_position(&partition, &value)?;
+                    state.positions.insert(partition, offset);
+                }
+                _ => {
+                    return Err(SpoolError::Corrupt(format!(
+                        "unknown key {key:?} in spool {}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        tracing::debug!(
+            path = %path.display(),
+            partitions = state.positions.len(),
+            chunks = state.stats.chunks,
+            bytes = state.stats.bytes,
+            "opened spool"
+        );
+        Ok(SledSpool {
+            db,
+            path: path.to_owned(),
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // the state is only changed after the sled write succeeded, by code that does not panic
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Spool for SledSpool {
+    fn append(&self, chunk: &Chunk) -> Result<(), SpoolError> {
+        chunk.check_well_formed()?;
+        let mut state = self.lock();
+        if let Some(&position) = state.positions.get(&chunk.partition) {
+            if chunk.first_offset < position {
+                return Err(out_of_order(chunk, position));
+            }
+        }
+        let seq = state.next_seq;
+        let key = chunk_key(&chunk.partition, chunk.first_offset);
+        let value = encode_chunk(&key, chunk, seq);
+        let mut batch = Batch::default();
+        batch.insert(key, value);
+        batch.insert(
+            position_key(&chunk.partition),
+            &chunk.next_offset.to_be_bytes(),
+        );
+        self.db.apply_batch(batch)?;
+        state.insert(
+            chunk.partition.clone(),
+            chunk.first_offset,
+            meta(chunk, seq),
+        );
+        state
+            .positions
+            .insert(chunk.partition.clone(), chunk.next_offset);
+        Ok(())
+    }
+
+    fn advance(&self, partition: &SourcePartition, next_offset: i64) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        if state
+            .positions
+            .get(partition)
+            .is_some_and(|&position| position >= next_offset)
+        {
+            return Ok(());
+        }
+        self.db
+            .insert(position_key(partition), &next_offset.to_be_bytes())?;
+        state.positions.insert(partition.clone(), next_offset);
+        Ok(())
+    }
+
+    fn position(&self, partition: &SourcePartition) -> Result<Option<i64>, SpoolError> {
+        Ok(self.lock().positions.get(partition).copied())
+    }
+
+    fn positions(&self) -> Result<Vec<(SourcePartition, i64)>, SpoolError> {
+        Ok(self
+            .lock()
+            .positions
+            .iter()
+            .map(|(p, &o)| (p.clone(), o))
+            .collect())
+    }
+
+    fn chunks_from(
+        &self,
+        partition: &SourcePartition,
+        from: i64,
+        limit: usize,
+    ) -> Result<Vec<Chunk>, SpoolError> {
+        let mut chunks = Vec::new();
+        if limit == 0 {
+            return Ok(chunks);
+        }
+        let start = chunk_key(partition, from);
+        let end = chunk_key(partition, i64::MAX);
+        for entry in self.db.range(start..=end) {
+            let (key, value) = entry?;
+            let (_, first_offset) = decode_chunk_key(&key)?;
+            let (chunk, _) = decode_chunk(&key, partition.clone(), first_offset, &value)?;
+            chunks.push(chunk);
+            if chunks.len() == limit {
+                break;
+            }
+        }
+        Ok(chunks)
+    }
+
+    fn pending_partitions(&self) -> Result<Vec<SourcePartition>, SpoolError> {
+        let state = self.lock();
+        let mut parts: Vec<SourcePartition> = Vec::new();
+        for (p, _) in state.chunks.keys() {
+            if parts.last() != Some(p) {
+                parts.push(p.clone());
+            }
+        }
+        Ok(parts)
+    }
+
+    fn remove_acked(
+        &self,
+        partition: &SourcePartition,
+        next_offset: i64,
+    ) -> Result<Freed, SpoolError> {
+        let mut state = self.lock();
+        // a chunk with first_offset >= next_offset has last_offset >= next_offset too
+        let acked: Vec<(SourcePartition, i64)> = state
+            .chunks
+            .range((partition.clone(), i64::MIN)..(partition.clone(), next_offset))
+            .filter(|(_, meta)| meta.last_offset < next_offset)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut freed = Freed::default();
+        if acked.is_empty() {
+            return Ok(freed);
+        }
+        let mut batch = Batch::default();
+        for (p, first) in &acked {
+            batch.remove(chunk_key(p, *first));
+        }
+        self.db.apply_batch(batch)?;
+        for key in &acked {
+            if let Some(meta) = state.remove(key) {
+                freed.add(meta.bytes, meta.record_count);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Also deletes a corrupt oldest entry (and then returns [`SpoolError::Corrupt`]), so that
+    /// "drop-oldest" cannot get stuck on it.
+    fn pop_oldest(&self) -> Result<Option<Chunk>, SpoolError> {
+        let mut state = self.lock();
+        let Some((_, (partition, first_offset))) = state.by_seq.first_key_value() else {
+            return Ok(None);
+        };
+        let (partition, first_offset) = (partition.clone(), *first_offset);
+        let key = chunk_key(&partition, first_offset);
+        let value = self.db.remove(&key)?;
+        let meta = state.remove(&(partition.clone(), first_offset));
+        let value = value.ok_or_else(|| {
+            SpoolError::Corrupt(format!(
+                "chunk {partition}:{first_offset} is indexed but not stored"
+            ))
+        })?;
+        let (chunk, seq) = decode_chunk(&key, partition, first_offset, &value)?;
+        if meta.map(|m| m.seq) != Some(seq) {
+            return Err(SpoolError::Corrupt(format!(
+                "chunk {}:{first_offset} has sequence {seq}, not the indexed one",
+                chunk.partition
+            )));
+        }
+        Ok(Some(chunk))
+    }
+
+    fn oldest_spooled_at_ms(&self) -> Result<Option<u64>, SpoolError> {
+        Ok(self.lock().by_age.first().map(|&(at, _)| at))
+    }
+
+    fn stats(&self) -> SpoolStats {
+        self.lock().stats
+    }
+
+    fn flush(&self) -> Result<(), SpoolError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn meta(chunk: &Chunk, seq: u64) -> Meta {
+    Meta {
+        seq,
+        last_offset: chunk.last_offset,
+        record_count: chunk.record_count,
+        spooled_at_ms: chunk.spooled_at_ms,
+        bytes: chunk.accounted_bytes(),
+    }
+}
+
+// ---- keys ----
+
+fn flip32(v: i32) -> [u8; 4] {
+    ((v as u32) ^ (1 << 31)).to_be_bytes()
+}
+
+fn unflip32(b: [u8; 4]) -> i32 {
+    (u32::from_be_bytes(b) ^ (1 << 31)) as i32
+}
+
+fn flip64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn unflip64(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
+/// `tag ++ topic ++ 0x00 ++ partition (flipped)`
+fn partition_key(tag: u8, partition: &SourcePartition, extra: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + partition.topic.len() + 1 + 4 + extra);
+    key.push(tag);
+    key.extend_from_slice(partition.topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&flip32(partition.partition));
+    key
+}
+
+fn position_key(partition: &SourcePartition) -> Vec<u8> {
+    partition_key(POSITION_TAG, partition, 0)
+}
+
+fn chunk_key(partition: &SourcePartition, first_offset: i64) -> Vec<u8> {
+    let mut key = partition_key(CHUNK_TAG, partition, 8);
+    key.extend_from_slice(&flip64(first_offset));
+    key
+}
+
+/// Parses `tag ++ topic ++ 0x00 ++ partition` (`key` without any suffix).
+fn decode_partition(key: &[u8]) -> Result<SourcePartition, SpoolError> {
+    let corrupt = || SpoolError::Corrupt(format!("malformed key {key:?}"));
+    let body = key.get(1..).ok_or_else(corrupt)?;
+    let split = body.len().checked_sub(5).ok_or_else(corrupt)?;
+    let (topic, rest) = body.split_at(split);
+    let (&zero, partition) = rest.split_first().ok_or_else(corrupt)?;
+    let partition: [u8; 4] = partition.try_into().map_err(|_| corrupt())?;
+    if zero != 0 {
+        return Err(corrupt());
+    }
+    let topic = std::str::from_utf8(topic).map_err(|_| corrupt())?;
+    Ok(SourcePartition {
+        topic: topic.to_owned(),
+        partition: unflip32(partition),
+    })
+}
+
+fn decode_position_key(key: &[u8]) -> Result<SourcePartition, SpoolError> {
+    decode_partition(key)
+}
+
+fn decode_chunk_key(key: &[u8]) -> Result<(SourcePartition, i64), SpoolError> {
+    let corrupt = || SpoolError::Corrupt(format!("malformed chunk key {key:?}"));
+    let split = key.len().checked_sub(8).ok_or_else(corrupt)?;
+    let (head, first) = key.split_at(split);
+    let first: [u8; 8] = first.try_into().map_err(|_| corrupt())?;
+    Ok((decode_partition(head)?, unflip64(first)))
+}
+
+fn decode_position(partition: &SourcePartition, value: &[u8]) -> Result<i64, SpoolError> {
+    let bytes: [u8; 8] = value.try_into().map_err(|_| {
+        SpoolError::Corrupt(format!(
+            "position of {partition} has {} bytes, not 8",
+            value.len()
+        ))
+    })?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
+// ---- chunk values ----
+
+fn checksum(key: &[u8], header: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(key);
+    h.update(header);
+    h.update(payload);
+    h.finalize()
+}
+
+fn encode_chunk(key: &[u8], chunk: &Chunk, seq: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + chunk.payload.len());
+    v.push(FORMAT_VERSION);
+    v.extend_from_slice(&chunk.last_offset.to_be_bytes());
+    v.extend_from_slice(&chunk.next_offset.to_be_bytes());
+    v.extend_from_slice(&chunk.record_count.to_be_bytes());
+    v.push(chunk.codec);
+    v.extend_from_slice(&chunk.uncompressed_len.to_be_bytes());
+    v.extend_from_slice(&chunk.spooled_at_ms.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    debug_assert_eq!(v.len(), CRC_AT);
+    let crc = checksum(key, &v, &chunk.payload);
+    v.extend_from_slice(&crc.to_be_bytes());
+    v.extend_from_slice(&chunk.payload);
+    v
+}
+
+/// Reads fixed-size big-endian fields off the front of a header.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0; N];
+        let (head, rest) = self.0.split_at(N.min(self.0.len()));
+        out[..head.len()].copy_from_slice(head);
+        self.0 = rest;
+        out
+    }
+}
+
+/// Decodes and verifies a chunk value; returns the chunk and its append sequence.
+fn decode_chunk(
+    key: &[u8],
+    partition: SourcePartition,
+    first_offset: i64,
+    value: &IVec,
+) -> Result<(Chunk, u64), SpoolError> {
+    let corrupt =
+        |why: &str| SpoolError::Corrupt(format!("chunk {partition}:{first_offset}: {why}"));
+    if value.len() < HEADER_LEN {
+        return Err(corrupt("shorter than its header"));
+    }
+    let (header, payload) = value.split_at(HEADER_LEN);
+    if header[0] != FORMAT_VERSION {
+        return Err(corrupt(&format!("unknown format version {}", header[0])));
+    }
+    let mut f = Fields(&header[..CRC_AT]);
+    let stored_crc = Fields(&header[CRC_AT..]).take::<4>();
+    if checksum(key, &header[..CRC_AT], payload) != u32::from_be_bytes(stored_crc) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let _version = f.take::<1>();
+    let last_offset = i64::from_be_bytes(f.take());
+    let next_offset = i64::from_be_bytes(f.take());
+    let record_count = u32::from_be_bytes(f.take());
+    let [codec] = f.take::<1>();
+    let uncompressed_len = u32::from_be_bytes(f.take());
+    let spooled_at_ms = u64::from_be_bytes(f.take());
+    let seq = u64::from_be_bytes(f.take());
+    let chunk = Chunk {
+        partition,
+        first_offset,
+        last_offset,
+        next_offset,
+        record_count,
+        codec,
+        uncompressed_len,
+        spooled_at_ms,
+        payload: Bytes::copy_from_slice(payload),
+    };
+    Ok((chunk, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{chunk, sp};
+    use super::*;
+
+    #[test]
+    fn keys_sort_like_partitions_and_offsets() {
+        let parts = [
+            sp("a", i32::MIN),
+            sp("a", -1),
+            sp("a", 0),
+            sp("a", 7),
+            sp("ab", 0),
+            sp("b", i32::MIN),
+        ];
+        let offsets = [i64::MIN, -1, 0, 1, 255, 256, i64::MAX];
+        let mut keys = Vec::new();
+        for p in &parts {
+            for &o in &offsets {
+                keys.push(chunk_key(p, o));
+                assert_eq!(
+                    decode_chunk_key(&chunk_key(p, o)).expect("spool op"),
+                    (p.clone(), o)
+                );
+            }
+            assert_eq!(decode_position_key(&position_key(p)).expect("spool op"), *p);
+        }
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert!(decode_chunk_key(b"c").is_err());
+        assert!(decode_chunk_key(b"ca\x01\0\0\0\0\0\0\0\0\0\0\0\0").is_err());
+        assert!(decode_position_key(b"p\xff\0\0\0\0\0").is_err());
+        assert_eq!(
+            decode_position_key(b"p\0\x80\0\0\x01").expect("spool op"),
+            sp("", 1)
+        );
+    }
+
+    #[test]
+    fn value_layout_is_as_documented() {
+        let p = sp("t", 2);
+        let mut c = chunk(&p, 5, 6, 7, 0x0102);
+        c.codec = 9;
+        let key = chunk_key(&p, 5);
+        let v = encode_chunk(&key, &c, 3);
+        assert_eq!(HEADER_LEN, 46);
+        assert_eq!(v.len(), 46 + c.payload.len());
+        assert_eq!(v[0], 1);
+        assert_eq!(v[1..9], 6i64.to_be_bytes());
+        assert_eq!(v[9..17], 7i64.to_be_bytes());
+        assert_eq!(v[17..21], 2u32.to_be_bytes());
+        assert_eq!(v[21], 9);
+        assert_eq!(v[22..26], 1000u32.to_be_bytes());
+        assert_eq!(v[26..34], 0x0102u64.to_be_bytes());
+        assert_eq!(v[34..42], 3u64.to_be_bytes());
+        assert_eq!(v[46..], c.payload[..]);
+        let (back, seq) = decode_chunk(&key, p.clone(), 5, &IVec::from(v)).expect("spool op");
+        assert_eq!((back, seq), (c, 3));
+    }
+
+    #[test]
+    fn reopen_restores_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b, idle) = (sp("a", 0), sp("b", 1), sp("c", 5));
+        let cs = [
+            chunk(&a, 0, 4, 5, 30),
+            chunk(&b, 10, 19, 20, 10),
+            chunk(&a, 5, 9, 12, 20),
+            chunk(&b, 20, 20, 21, 40),
+            chunk(&a, 12, 13, 14, 50),
+        ];
+        {
+            let s = SledSpool::open(dir.path()).expect("spool op");
+            for c in &cs {
+                s.append(c).expect("spool op");
+            }
+            s.advance(&idle, 77).expect("spool op");
+            s.advance(&b, 30).expect("spool op");
+            assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[0]));
+            s.flush().expect("spool op");
+        }
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(
+            s.positions().expect("spool op"),
+            vec![(a.clone(), 14), (b.clone(), 30), (idle.clone(), 77)]
+        );
+        assert_eq!(
+            s.chunks_from(&a, 0, 10).expect("spool op"),
+            vec![cs[2].clone(), cs[4].clone()]
+        );
+        assert_eq!(
+            s.chunks_from(&b, 0, 10).expect("spool op"),
+            vec![cs[1].clone(), cs[3].clone()]
+        );
+        let bytes: u64 = cs[1..].iter().map(Chunk::accounted_bytes).sum();
+        assert_eq!(
+            s.stats(),
+            SpoolStats {
+                bytes,
+                chunks: 4,
+                records: 10 + 5 + 1 + 2
+            }
+        );
+        assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(10));
+        assert_eq!(
+            s.pending_partitions().expect("spool op"),
+            vec![a.clone(), b.clone()]
+        );
+        // new appends sort after the restored ones
+        let late = chunk(&idle, 77, 77, 78, 1);
+        s.append(&late).expect("spool op");
+        assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(1));
+        for want in cs[1..].iter().chain([&late]) {
+            assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(want));
+        }
+        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.stats(), SpoolStats::default());
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = sp("a", 0);
+        let c0 = chunk(&a, 0, 0, 1, 0);
+        let c1 = chunk(&a, 1, 1, 2, 0);
+        {
+            let s = SledSpool::open(dir.path()).expect("spool op");
+            s.append(&c0).expect("spool op");
+            s.append(&c1).expect("spool op");
+            // flip one payload bit of the first chunk behind the spool's back
+            let key = chunk_key(&a, 0);
+            let mut v = s.db.get(&key).expect("read").expect("present").to_vec();
+            *v.last_mut().expect("non-empty") ^= 1;
+            s.db.insert(&key, v).expect("spool op");
+            let err = s.chunks_from(&a, 0, 10).expect_err("must fail");
+            assert!(
+                matches!(&err, SpoolError::Corrupt(m) if m.contains("checksum")),
+                "{err}"
+            );
+            // later chunks are still readable
+            assert_eq!(
+                s.chunks_from(&a, 1, 10).expect("spool op"),
+                vec![c1.clone()]
+            );
+            s.flush().expect("spool op");
+        }
+        // a corrupt entry fails the open
+        assert!(matches!(
+            SledSpool::open(dir.path()),
+            Err(SpoolError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn pop_oldest_drops_a_corrupt_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = sp("a", 0);
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        s.append(&chunk(&a, 0, 0, 1, 0)).expect("spool op");
+        let c1 = chunk(&a, 1, 1, 2, 0);
+        s.append(&c1).expect("spool op");
+        // the value of chunk 0 moved under another key: the checksum covers the key
+        let moved = s.db.get(chunk_key(&a, 1)).expect("read").expect("present");
+        s.db.insert(chunk_key(&a, 0), moved).expect("spool op");
+        assert!(matches!(s.pop_oldest(), Err(SpoolError::Corrupt(_))));
+        assert_eq!(s.stats().chunks, 1);
+        assert_eq!(s.pop_oldest().expect("spool op"), Some(c1));
+        assert_eq!(s.pop_oldest().expect("spool op"), None);
+    }
+
+    #[test]
+    fn is_usable_across_threads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = std::sync::Arc::new(SledSpool::open(dir.path()).expect("spool op"));
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let p = sp("t", t);
+                    for i in 0..50 {
+                        s.append(&chunk(&p, i, i, i + 1, 0)).expect("spool op");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread");
+        }
+        assert_eq!(s.stats().chunks, 200);
+        assert_eq!(s.pending_partitions().expect("spool op").len(), 4);
+        assert!(format!("{s:?}").contains("chunks: 200"));
+    }
+}

@@ -1,0 +1,374 @@
+//! The tailer: reads the selected local topics with `assign()` from the positions the spool
+//! holds, gathers each partition's records into a chunk, and writes chunk + next source
+//! position to the spool in one atomic write.
+//!
+//! It runs on its own thread because librdkafka's poll blocks; it stops on `stop`, closing
+//! open chunks into the spool and flushing it first, so nothing it read is read twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use spoke_proto::{ChunkBuilder, Codec};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Loaded, WhenFull};
+use crate::progress::Progress;
+use crate::select::TopicSelector;
+use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
+
+const METADATA_REFRESH: Duration = Duration::from_secs(5);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL_SLICE: Duration = Duration::from_millis(50);
+/// Messages taken per poll burst before chunk deadlines are checked again, so one fsync
+/// covers many records.
+const BURST: usize = 2048;
+/// The header a replicated record carries; see `source.forward_replicated`.
+const HEADER_ORIGIN: &str = "spoke-origin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("local Kafka client: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("chunk encoding: {0}")]
+    Chunk(#[from] spoke_proto::BatchError),
+}
+
+/// Local broker consumer settings; `isolation.level` and the offset policy are not
+/// overridable because the spool, not a group, owns positions.
+pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
+    let source = &loaded.config.source;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &source.bootstrap)
+        .set("group.id", format!("spoke-agent-{}", loaded.config.site))
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "65536");
+    for (key, value) in &source.kafka {
+        config.set(key, value);
+    }
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest");
+    config
+}
+
+/// Topics of the local cluster that `selector` picks, with their partition counts.
+pub fn selected_topics(
+    consumer: &BaseConsumer,
+    selector: &TopicSelector,
+) -> Result<Vec<(String, i32)>, KafkaError> {
+    let metadata = consumer.fetch_metadata(None, METADATA_TIMEOUT)?;
+    let mut topics: Vec<(String, i32)> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && selector.selects(t.name()))
+        .map(|t| {
+            let count = i32::try_from(t.partitions().len()).unwrap_or(i32::MAX);
+            (t.name().to_owned(), count)
+        })
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    topics.sort();
+    Ok(topics)
+}
+
+/// A partition being read: the chunk being filled and the source position after it.
+struct Open {
+    builder: ChunkBuilder,
+    opened_at: Option<Instant>,
+    next_offset: i64,
+    /// Position already recorded in the spool; `next_offset` moves past it as records arrive.
+    spooled_offset: i64,
+}
+
+pub struct Tailer {
+    consumer: BaseConsumer,
+    selector: TopicSelector,
+    spool: Arc<dyn Spool>,
+    progress: Arc<Progress>,
+    partitions: HashMap<SourcePartition, Open>,
+    batch_max_bytes: usize,
+    linger: Duration,
+    zstd_level: i32,
+    max_spool_bytes: u64,
+    when_full: WhenFull,
+    forward_replicated: bool,
+    next_refresh: Instant,
+    paused: bool,
+}
+
+impl std::fmt::Debug for Tailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tailer")
+            .field("partitions", &self.partitions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tailer {
+    pub fn new(
+        loaded: &Loaded,
+        spool: Arc<dyn Spool>,
+        progress: Arc<Progress>,
+    ) -> Result<Self, TailError> {
+        let config = &loaded.config;
+        Ok(Self {
+            consumer: consumer_config(loaded).create()?,
+            selector: loaded.selector.clone(),
+            spool,
+            progress,
+            partitions: HashMap::new(),
+            batch_max_bytes: usize::try_from(config.ship.batch_max_bytes.as_u64())
+                .unwrap_or(usize::MAX),
+            linger: config.ship.linger,
+            zstd_level: config.ship.zstd_level,
+            max_spool_bytes: config.spool.max_bytes.as_u64(),
+            when_full: config.spool.when_full,
+            forward_replicated: config.source.forward_replicated,
+            next_refresh: Instant::now(),
+            paused: false,
+        })
+    }
+
+    /// Reads until `stop` is cancelled; then closes every open chunk into the spool.
+    pub fn run(mut self, stop: &CancellationToken) -> Result<(), TailError> {
+        while !stop.is_cancelled() {
+            if Instant::now() >= self.next_refresh {
+                if let Err(error) = self.refresh_assignment() {
+                    warn!(%error, "metadata refresh failed; retrying");
+                }
+                self.next_refresh = Instant::now() + METADATA_REFRESH;
+            }
+            if self.spool_full()? {
+                // Records already read stay in their open chunks; nothing more is read until
+                // the shipper frees space (local Kafka retention is the next buffer).
+                std::thread::sleep(POLL_SLICE);
+                continue;
+            }
+            self.poll_burst()?;
+            self.close_chunks(false)?;
+        }
+        self.close_chunks(true)?;
+        self.consumer.unassign()?;
+        info!("tailer stopped; spool flushed");
+        Ok(())
+    }
+
+    fn refresh_assignment(&mut self) -> Result<(), TailError> {
+        let topics = selected_topics(&self.consumer, &self.selector)?;
+        let mut added = TopicPartitionList::new();
+        for (topic, count) in &topics {
+            self.progress.set_partition_count(topic, *count);
+            for partition in 0..*count {
+                let key = SourcePartition {
+                    topic: topic.clone(),
+                    partition,
+                };
+                if self.partitions.contains_key(&key) {
+                    continue;
+                }
+                let position = self.spool.position(&key)?;
+                let offset = position.map_or(Offset::Beginning, Offset::Offset);
+                added.add_partition_offset(topic, partition, offset)?;
+                info!(%topic, partition, ?position, "tailing partition");
+                self.partitions.insert(
+                    key,
+                    Open {
+                        builder: ChunkBuilder::new(),
+                        opened_at: None,
+                        next_offset: position.unwrap_or(-1),
+                        spooled_offset: position.unwrap_or(-1),
+                    },
+                );
+            }
+        }
+        if added.count() > 0 {
+            self.consumer.incremental_assign(&added)?;
+        }
+        Ok(())
+    }
+
+    fn spool_full(&mut self) -> Result<bool, TailError> {
+        let over = |spool: &dyn Spool, max: u64| spool.stats().bytes >= max;
+        if !over(self.spool.as_ref(), self.max_spool_bytes) {
+            if self.paused {
+                info!("spool has room again; reading resumes");
+                self.paused = false;
+            }
+            return Ok(false);
+        }
+        match self.when_full {
+            WhenFull::Pause => {
+                if !self.paused {
+                    warn!(
+                        max_bytes = self.max_spool_bytes,
+                        "spool full; pausing reads"
+                    );
+                    self.paused = true;
+                }
+                Ok(true)
+            }
+            WhenFull::DropOldest => {
+                while over(self.spool.as_ref(), self.max_spool_bytes) {
+                    let Some(dropped) = self.spool.pop_oldest()? else {
+                        break;
+                    };
+                    Progress::add(&self.progress.records_lost, u64::from(dropped.record_count));
+                    error!(
+                        topic = %dropped.partition.topic,
+                        partition = dropped.partition.partition,
+                        first = dropped.first_offset,
+                        last = dropped.last_offset,
+                        records = dropped.record_count,
+                        "spool full: dropped oldest chunk (records lost)"
+                    );
+                }
+                self.spool.flush()?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn poll_burst(&mut self) -> Result<(), TailError> {
+        let mut timeout = self.poll_timeout();
+        for _ in 0..BURST {
+            match self.consumer.poll(timeout) {
+                None => break,
+                Some(Ok(message)) => {
+                    let key = SourcePartition {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                    };
+                    let Some(open) = self.partitions.get_mut(&key) else {
+                        continue;
+                    };
+                    add_message(open, &message, self.forward_replicated)?;
+                    if open.builder.uncompressed_len() >= self.batch_max_bytes {
+                        break;
+                    }
+                }
+                Some(Err(error)) => {
+                    warn!(%error, "local broker error");
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        Ok(())
+    }
+
+    /// Waits no longer than the earliest chunk deadline.
+    fn poll_timeout(&self) -> Duration {
+        let now = Instant::now();
+        self.partitions
+            .values()
+            .filter_map(|open| open.opened_at)
+            .map(|opened| (opened + self.linger).saturating_duration_since(now))
+            .min()
+            .unwrap_or(POLL_SLICE)
+            .min(POLL_SLICE)
+    }
+
+    /// Writes every chunk that is full or past its linger (all of them when `all`), then makes
+    /// them durable with one flush before the shipper hears of them.
+    fn close_chunks(&mut self, all: bool) -> Result<(), TailError> {
+        let now = Instant::now();
+        let mut spooled_records = 0u64;
+        let mut wrote = false;
+        for (key, open) in &mut self.partitions {
+            let due = open.opened_at.is_some_and(|t| now >= t + self.linger)
+                || open.builder.uncompressed_len() >= self.batch_max_bytes;
+            if open.builder.is_empty() {
+                // Only filtered records arrived: move the position past them.
+                if open.next_offset > open.spooled_offset
+                    && (all || due || open.opened_at.is_none())
+                {
+                    self.spool.advance(key, open.next_offset)?;
+                    open.spooled_offset = open.next_offset;
+                    wrote = true;
+                }
+                open.opened_at = None;
+                continue;
+            }
+            if !(all || due) {
+                continue;
+            }
+            let encoded = open.builder.finish(Codec::Zstd, self.zstd_level)?;
+            let chunk = Chunk {
+                partition: key.clone(),
+                first_offset: encoded.first_offset,
+                last_offset: encoded.last_offset,
+                next_offset: open.next_offset,
+                record_count: encoded.record_count,
+                codec: codec_id(encoded.codec),
+                uncompressed_len: encoded.uncompressed_len,
+                spooled_at_ms: crate::now_ms(),
+                payload: encoded.payload,
+            };
+            self.spool.append(&chunk)?;
+            open.spooled_offset = open.next_offset;
+            open.opened_at = None;
+            spooled_records += u64::from(chunk.record_count);
+            wrote = true;
+            debug!(topic = %key.topic, partition = key.partition, records = chunk.record_count, bytes = chunk.payload.len(), "spooled chunk");
+        }
+        if wrote {
+            // Durable before reported: only now do the records count as spooled.
+            self.spool.flush()?;
+            Progress::add(&self.progress.records_spooled, spooled_records);
+            self.progress.spooled.notify_one();
+        }
+        Ok(())
+    }
+}
+
+fn add_message(
+    open: &mut Open,
+    message: &BorrowedMessage<'_>,
+    forward_replicated: bool,
+) -> Result<(), TailError> {
+    let offset = message.offset();
+    if offset < open.next_offset {
+        // librdkafka may redeliver after a reassignment; the spool already has it.
+        return Ok(());
+    }
+    open.next_offset = offset + 1;
+    let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::new();
+    if let Some(borrowed) = message.headers() {
+        for header in borrowed.iter() {
+            if header.key == HEADER_ORIGIN && !forward_replicated {
+                // Replicated into this cluster by spoke: shipping it back would loop.
+                return Ok(());
+            }
+            headers.push((header.key, header.value));
+        }
+    }
+    open.builder.push(
+        offset,
+        message.timestamp().to_millis(),
+        message.key(),
+        message.payload(),
+        &headers,
+    )?;
+    open.opened_at.get_or_insert_with(Instant::now);
+    Ok(())
+}
+
+/// The codec byte stored in the spool and sent in `Batch` frames.
+pub fn codec_id(codec: Codec) -> u8 {
+    match codec {
+        Codec::None => 0,
+        Codec::Zstd => 1,
+    }
+}

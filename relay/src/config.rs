@@ -1,0 +1,310 @@
+//! relay.toml: parsed with unknown keys rejected, then validated once, so `check` and `run`
+//! refuse exactly the same files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::Deserialize;
+
+/// Everything that can be wrong with a relay configuration, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// The relay's configuration file as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address the QUIC server binds.
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub hub: HubConfig,
+    /// Per-site access: `[sites.NAME]`, or `[sites."*"]` for any site the CA vouches for.
+    pub sites: BTreeMap<String, SiteConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain presented to agents.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA bundle that site certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub bootstrap: String,
+    /// Target topic template; `{site}` and `{topic}` are substituted.
+    #[serde(default = "default_topic_template")]
+    pub topic: String,
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub transactions: Transactions,
+    /// librdkafka properties passed through to the hub producer (and resume-scan consumer).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transactions {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Source topics this site may write: exact names or regexes, anchored at both ends.
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_topic_template() -> String {
+    "{site}.{topic}".to_owned()
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9465))
+}
+
+/// A validated configuration plus what validation compiled from it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub config: RelayConfig,
+    pub acl: Acl,
+}
+
+/// Which site may write which source topics.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    sites: BTreeMap<String, Vec<Regex>>,
+}
+
+impl Acl {
+    /// The allow-list that governs `site`: its own table, else the `"*"` table, else none
+    /// (the site is refused).
+    pub fn site(&self, site: &str) -> Option<&[Regex]> {
+        self.sites
+            .get(site)
+            .or_else(|| self.sites.get("*"))
+            .map(Vec::as_slice)
+    }
+
+    pub fn allows(patterns: &[Regex], topic: &str) -> bool {
+        patterns.iter().any(|p| p.is_match(topic))
+    }
+}
+
+/// Compiles an include/allow pattern: an exact topic name is a regex that matches only itself,
+/// so both forms are one anchored regex.
+pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// Reads, parses and validates `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let config: RelayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })?;
+    let acl = validate(path, &config)?;
+    Ok(Loaded {
+        path: path.to_owned(),
+        config,
+        acl,
+    })
+}
+
+fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    if config.sites.is_empty() {
+        return Err(invalid(
+            "sites",
+            "at least one [sites.NAME] (or [sites.\"*\"]) table is required".into(),
+        ));
+    }
+    validate_template(&config.hub.topic).map_err(|reason| invalid("hub.topic", reason))?;
+    if config.hub.bootstrap.trim().is_empty() {
+        return Err(invalid("hub.bootstrap", "must not be empty".into()));
+    }
+    let mut sites = BTreeMap::new();
+    for (site, table) in &config.sites {
+        let key = format!("sites.{site}.allow");
+        if site != "*" {
+            crate::pki::validate_site_name(site).map_err(|reason| invalid(&key, reason))?;
+        }
+        let mut patterns = Vec::with_capacity(table.allow.len());
+        for pattern in &table.allow {
+            patterns.push(
+                anchored(pattern)
+                    .map_err(|e| invalid(&key, format!("pattern {pattern:?}: {e}")))?,
+            );
+        }
+        sites.insert(site.clone(), patterns);
+    }
+    Ok(Acl { sites })
+}
+
+/// The template must name the source topic: the resume scan tells sources apart by hub topic
+/// plus the `spoke-partition` header, and the provenance headers carry no topic.
+fn validate_template(template: &str) -> Result<(), String> {
+    if !template.contains("{topic}") {
+        return Err(format!("template {template:?} must contain {{topic}}"));
+    }
+    let rest = template.replace("{site}", "").replace("{topic}", "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "template {template:?}: only {{site}} and {{topic}} may be substituted"
+        ));
+    }
+    if !rest
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "template {template:?} contains characters Kafka does not allow in topic names"
+        ));
+    }
+    Ok(())
+}
+
+/// The hub topic a site's source topic lands in.
+pub fn hub_topic(template: &str, site: &str, topic: &str) -> String {
+    template.replace("{site}", site).replace("{topic}", topic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Loaded, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).expect("write");
+        load(&path)
+    }
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:7000"
+[tls]
+cert = "/r.pem"
+key = "/r.key"
+client_ca = "/ca.pem"
+[hub]
+bootstrap = "127.0.0.1:9092"
+[sites.branch-042]
+allow = ["orders", "telemetry\\..*"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let loaded = parse(MINIMAL).expect("valid");
+        assert_eq!(loaded.config.hub.topic, "{site}.{topic}");
+        assert_eq!(loaded.config.hub.delivery, Delivery::ExactlyOnce);
+        assert_eq!(loaded.config.hub.transactions, Transactions::Auto);
+        assert_eq!(loaded.config.admin.listen.port(), 9465);
+        let allow = loaded.acl.site("branch-042").expect("site");
+        assert!(Acl::allows(allow, "orders"));
+        assert!(Acl::allows(allow, "telemetry.cpu"));
+        assert!(!Acl::allows(allow, "orders2"), "patterns are anchored");
+        assert!(loaded.acl.site("other").is_none());
+    }
+
+    #[test]
+    fn wildcard_site_covers_unknown_sites() {
+        let text = MINIMAL.replace("[sites.branch-042]", "[sites.\"*\"]");
+        let loaded = parse(&text).expect("valid");
+        assert!(loaded.acl.site("anyone").is_some());
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let text = MINIMAL.replace("[hub]", "[hub]\nbootstrapp = \"x\"");
+        let err = parse(&text).expect_err("unknown key").to_string();
+        assert!(err.contains("relay.toml"), "{err}");
+        assert!(err.contains("bootstrapp"), "{err}");
+    }
+
+    #[test]
+    fn template_without_topic_is_refused() {
+        let text = MINIMAL.replace("[hub]", "[hub]\ntopic = \"{site}\"");
+        let err = parse(&text).expect_err("bad template").to_string();
+        assert!(err.contains("hub.topic"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_names_site_key() {
+        let text = MINIMAL.replace("\"orders\",", "\"(orders\",");
+        let err = parse(&text).expect_err("bad regex").to_string();
+        assert!(err.contains("sites.branch-042.allow"), "{err}");
+    }
+
+    #[test]
+    fn no_sites_is_refused() {
+        let text = MINIMAL.replace(
+            "[sites.branch-042]\nallow = [\"orders\", \"telemetry\\\\..*\"]",
+            "",
+        );
+        let err = parse(&text).expect_err("no sites").to_string();
+        assert!(err.contains("sites"), "{err}");
+    }
+}

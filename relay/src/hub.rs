@@ -1,0 +1,322 @@
+//! The hub Kafka cluster: producers for sessions, hub topic creation, and the resume scan that
+//! finds how far a site's source partition already is in the hub.
+//!
+//! Everything the relay knows about progress is read back from the hub itself (the provenance
+//! headers), so a relay has no local state and any relay can serve any site.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::config::HubConfig;
+
+/// Header naming the site a hub record came from.
+pub const HEADER_ORIGIN: &str = "spoke-origin";
+/// Header with the record's source partition (decimal ASCII).
+pub const HEADER_PARTITION: &str = "spoke-partition";
+/// Header with the record's source offset (decimal ASCII).
+pub const HEADER_OFFSET: &str = "spoke-offset";
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+const SCAN_POLL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("hub client setup: {0}")]
+    Client(KafkaError),
+    #[error("hub metadata for {topic}: {source}")]
+    Metadata { topic: String, source: KafkaError },
+    #[error("creating hub topic {topic}: {source}")]
+    CreateTopic { topic: String, source: KafkaError },
+    #[error("hub topic {topic} still has no partitions after creation")]
+    TopicNotReady { topic: String },
+    #[error("resume scan of {topic}/{partition}: {source}")]
+    Scan {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("resume scan of {topic}/{partition} timed out before reaching offset {target}")]
+    ScanTimeout {
+        topic: String,
+        partition: i32,
+        target: i64,
+    },
+    #[error("blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Shared by all sessions of one relay.
+pub struct Hub {
+    bootstrap: String,
+    passthrough: BTreeMap<String, String>,
+    admin: AdminClient<DefaultClientContext>,
+    /// Hub topic → partition count, learned once per relay process.
+    partitions: Mutex<HashMap<String, i32>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("bootstrap", &self.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(config: &HubConfig) -> Result<Arc<Self>, HubError> {
+        let hub = Hub {
+            bootstrap: config.bootstrap.clone(),
+            passthrough: config.kafka.clone(),
+            admin: ClientConfig::new()
+                .set("bootstrap.servers", &config.bootstrap)
+                .create()
+                .map_err(HubError::Client)?,
+            partitions: Mutex::new(HashMap::new()),
+        };
+        Ok(Arc::new(hub))
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        for (key, value) in &self.passthrough {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// A producer for one site session: idempotent and acks=all, so a record the hub confirmed
+    /// is durable and retries never duplicate or reorder within a partition.
+    pub fn producer(&self) -> Result<FutureProducer, HubError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("linger.ms", "5")
+            // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default.
+            .set("message.max.bytes", "16777216");
+        for (key, value) in &self.passthrough {
+            config.set(key, value);
+        }
+        // Not overridable: exactly-once depends on them.
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(HubError::Client)
+    }
+
+    /// Makes sure `topic` exists (created with `source_partitions` when missing) and returns
+    /// its partition count.
+    pub async fn ensure_topic(&self, topic: &str, source_partitions: i32) -> Result<i32, HubError> {
+        if let Some(count) = self.cached_partitions(topic) {
+            return Ok(count);
+        }
+        let mut count = self.fetch_partition_count(topic).await?;
+        if count == 0 {
+            let new_topic =
+                NewTopic::new(topic, source_partitions.max(1), TopicReplication::Fixed(-1));
+            let results = self
+                .admin
+                .create_topics([&new_topic], &AdminOptions::new())
+                .await
+                .map_err(|source| HubError::CreateTopic {
+                    topic: topic.to_owned(),
+                    source,
+                })?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(HubError::CreateTopic {
+                            topic: topic.to_owned(),
+                            source: KafkaError::AdminOp(code),
+                        })
+                    }
+                }
+            }
+            tracing::info!(topic, partitions = source_partitions, "created hub topic");
+            // Creation is asynchronous in Kafka: wait until metadata shows the partitions.
+            for _ in 0..50 {
+                count = self.fetch_partition_count(topic).await?;
+                if count > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if count == 0 {
+                return Err(HubError::TopicNotReady {
+                    topic: topic.to_owned(),
+                });
+            }
+        }
+        self.lock_partitions().insert(topic.to_owned(), count);
+        Ok(count)
+    }
+
+    fn cached_partitions(&self, topic: &str) -> Option<i32> {
+        self.lock_partitions().get(topic).copied()
+    }
+
+    fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        // The map is a cache: a panic elsewhere cannot leave it inconsistent.
+        self.partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Partition count of `topic`, 0 when it does not exist.
+    async fn fetch_partition_count(&self, topic: &str) -> Result<i32, HubError> {
+        let config = self.client_config();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = scan_consumer(config)?;
+            let metadata = consumer
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                .map_err(|source| HubError::Metadata {
+                    topic: name.clone(),
+                    source,
+                })?;
+            let count = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map_or(0, |t| t.partitions().len());
+            Ok(i32::try_from(count).unwrap_or(i32::MAX))
+        })
+        .await?
+    }
+
+    /// The first source offset of (`site`, source partition) that `hub_topic` does not hold
+    /// yet: one past the newest record carrying this site's provenance, 0 if there is none.
+    ///
+    /// Source partition p lands in hub partition p when that exists, so normally only the tail
+    /// of one hub partition is read; otherwise records were spread by key and every hub
+    /// partition is scanned.
+    pub async fn resume_point(
+        &self,
+        site: &str,
+        hub_topic: &str,
+        source_partition: i32,
+    ) -> Result<i64, HubError> {
+        let count = self.fetch_partition_count(hub_topic).await?;
+        if count == 0 {
+            return Ok(0);
+        }
+        let config = self.client_config();
+        let site = site.to_owned();
+        let topic = hub_topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer = scan_consumer(config)?;
+            let hub_partitions: Vec<i32> = if source_partition < count {
+                vec![source_partition]
+            } else {
+                (0..count).collect()
+            };
+            let mut newest: Option<i64> = None;
+            for hub_partition in hub_partitions {
+                let found =
+                    scan_partition(&consumer, &topic, hub_partition, &site, source_partition)?;
+                newest = newest.max(found);
+            }
+            Ok(newest.map_or(0, |offset| offset + 1))
+        })
+        .await?
+    }
+}
+
+fn scan_consumer(mut config: ClientConfig) -> Result<BaseConsumer, HubError> {
+    config
+        .set("group.id", "spoke-relay-resume-scan")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(HubError::Client)
+}
+
+/// Reads one hub partition backwards in growing windows until it finds the newest record
+/// of (`site`, `source_partition`), and returns its source offset.
+fn scan_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    site: &str,
+    source_partition: i32,
+) -> Result<Option<i64>, HubError> {
+    let scan_err = |source| HubError::Scan {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+        .map_err(scan_err)?;
+    let mut end = high;
+    let mut window: i64 = 16;
+    while end > low {
+        let start = (end - window).max(low);
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(start))
+            .map_err(scan_err)?;
+        consumer.assign(&assignment).map_err(scan_err)?;
+        let mut newest = None;
+        let deadline = std::time::Instant::now() + SCAN_POLL_TIMEOUT;
+        let mut reached = start;
+        while reached < end {
+            if std::time::Instant::now() > deadline {
+                return Err(HubError::ScanTimeout {
+                    topic: topic.to_owned(),
+                    partition,
+                    target: end,
+                });
+            }
+            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = result.map_err(scan_err)?;
+            reached = message.offset() + 1;
+            if message.offset() >= end {
+                break;
+            }
+            if let Some(offset) = provenance_offset(&message, site, source_partition) {
+                newest = Some(offset);
+            }
+        }
+        if newest.is_some() {
+            return Ok(newest);
+        }
+        end = start;
+        window = window.saturating_mul(4);
+    }
+    Ok(None)
+}
+
+/// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).
+fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32) -> Option<i64> {
+    let headers = message.headers()?;
+    let mut origin = None;
+    let mut partition = None;
+    let mut offset = None;
+    for header in headers.iter() {
+        match header.key {
+            HEADER_ORIGIN if origin.is_none() => origin = header.value,
+            HEADER_PARTITION => partition = header.value,
+            HEADER_OFFSET => offset = header.value,
+            _ => {}
+        }
+    }
+    let parse = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<i64>().ok();
+    (origin == Some(site.as_bytes()) && parse(partition) == Some(i64::from(source_partition)))
+        .then(|| parse(offset))
+        .flatten()
+}

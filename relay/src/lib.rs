@@ -1,0 +1,14 @@
+//! spoke-relay: terminates agents' QUIC sessions in the central region and produces their
+//! records into the hub Kafka cluster, keeping all progress in the hub itself.
+//!
+//! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
+//! batches → [`hub`] produces them and finds resume points. [`tls`] and [`pki`] handle
+//! identities, [`config`] the relay.toml contract.
+
+pub mod config;
+pub mod hub;
+pub mod pki;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,421 @@
+//! One agent connection: authenticate the site, answer `Hello` with resume points, then turn
+//! `Batch` frames into hub records and answer each with `Ack` once the hub confirmed all of it.
+//!
+//! Two tasks share a session: the reader decodes batches and hands them to the producer in
+//! order; the acker awaits the hub's confirmations in the same order and writes `Ack`/`Nack`.
+//! A bounded queue between them limits how much unconfirmed data one site can hold in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use regex::Regex;
+use spoke_proto::{
+    Ack, Batch, BatchLimits, Frame, Goodbye, GoodbyeCode, Hello, Limits, Nack, NackCode,
+    ResumePoint, Welcome, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{hub_topic, Acl, Delivery};
+use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
+use crate::wire::{read_frame, write_frame, WireError};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches decoded and handed to the producer but not yet confirmed by the hub.
+const UNCONFIRMED_BATCHES: usize = 32;
+
+/// QUIC application close codes.
+pub mod close_code {
+    pub const SHUTDOWN: u32 = 0;
+    pub const NOT_AUTHORIZED: u32 = 1;
+    pub const PROTOCOL_ERROR: u32 = 2;
+    pub const HUB_ERROR: u32 = 3;
+}
+
+/// What every session of one relay shares.
+#[derive(Debug)]
+pub struct SessionContext {
+    pub hub: Arc<Hub>,
+    pub acl: Acl,
+    pub topic_template: String,
+    pub delivery: Delivery,
+    pub frame_limits: Limits,
+    pub batch_limits: BatchLimits,
+    pub relay_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("certificate: {0}")]
+    Identity(#[from] crate::tls::IdentityError),
+    #[error("site {0} is not configured on this relay")]
+    UnknownSite(String),
+    #[error("Hello claims site {claimed} but the certificate is for {certified}")]
+    SiteMismatch { claimed: String, certified: String },
+    #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION})")]
+    Version { min: u8, max: u8 },
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("batch {seq} for {topic}/{partition}: {reason}")]
+    BadBatch {
+        seq: u64,
+        topic: String,
+        partition: i32,
+        reason: String,
+    },
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error("hub delivery failed: {0}")]
+    Delivery(KafkaError),
+}
+
+impl SessionError {
+    fn close_code(&self) -> u32 {
+        match self {
+            Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
+                close_code::NOT_AUTHORIZED
+            }
+            Self::Hub(_) | Self::Delivery(_) => close_code::HUB_ERROR,
+            _ => close_code::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// Serves one connection until the agent leaves, an error ends it, or the relay shuts down.
+pub async fn serve(
+    connection: quinn::Connection,
+    context: Arc<SessionContext>,
+    shutdown: CancellationToken,
+) {
+    let remote = connection.remote_address();
+    let span = tracing::info_span!("session", %remote, site = tracing::field::Empty);
+    let result = tokio::select! {
+        result = run(&connection, &context).instrument(span) => result,
+        () = shutdown.cancelled() => Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            connection.close(close_code::SHUTDOWN.into(), b"bye");
+            debug!(%remote, "session closed");
+        }
+        Err(error) => {
+            warn!(%remote, %error, "session ended");
+            connection.close(error.close_code().into(), error.to_string().as_bytes());
+        }
+    }
+}
+
+async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result<(), SessionError> {
+    let site = crate::tls::site_identity(connection)?;
+    let allow = context
+        .acl
+        .site(&site)
+        .ok_or_else(|| SessionError::UnknownSite(site.clone()))?
+        .to_vec();
+    tracing::Span::current().record("site", site.as_str());
+
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let hello = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame(&mut recv, &context.frame_limits),
+    )
+    .await
+    .map_err(|_| SessionError::HandshakeTimeout)??
+    {
+        Some(Frame::Hello(hello)) => hello,
+        Some(other) => {
+            return Err(SessionError::Unexpected {
+                expected: "Hello",
+                got: other.name(),
+            })
+        }
+        None => {
+            return Err(SessionError::Unexpected {
+                expected: "Hello",
+                got: "end of stream",
+            })
+        }
+    };
+    if let Err(error) = check_hello(&hello, &site) {
+        let goodbye = Goodbye {
+            code: GoodbyeCode::NotAuthorized,
+            reason: error.to_string(),
+        };
+        // Best effort: the agent learns why before the connection closes.
+        let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
+        let _ = send.finish();
+        return Err(error);
+    }
+
+    let mut resume = HashMap::new();
+    let mut resume_points = Vec::new();
+    for tp in &hello.partitions {
+        if !Acl::allows(&allow, &tp.topic) {
+            continue;
+        }
+        let next_offset = match context.delivery {
+            Delivery::ExactlyOnce => {
+                let target = hub_topic(&context.topic_template, &site, &tp.topic);
+                context
+                    .hub
+                    .resume_point(&site, &target, tp.partition)
+                    .await?
+            }
+            Delivery::AtLeastOnce => 0,
+        };
+        resume.insert((tp.topic.clone(), tp.partition), next_offset);
+        resume_points.push(ResumePoint {
+            topic: tp.topic.clone(),
+            partition: tp.partition,
+            next_offset,
+        });
+    }
+    info!(partitions = resume_points.len(), "site connected");
+    let welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        relay: context.relay_name.clone(),
+        resume: resume_points,
+    };
+    write_frame(&mut send, &Frame::Welcome(welcome)).await?;
+
+    let producer = context.hub.producer()?;
+    let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
+    let acker = acknowledge(send, confirmations);
+    let reader = Reader {
+        site: &site,
+        allow: &allow,
+        context,
+        producer: &producer,
+        resume,
+        queue,
+    };
+    // The reader ending (the agent finished its stream or said Goodbye) drops the queue, and
+    // the acker then drains what is still unconfirmed; the acker failing ends the session.
+    tokio::pin!(acker);
+    tokio::select! {
+        result = reader.run(recv) => {
+            result?;
+            acker.await
+        }
+        result = &mut acker => result,
+    }
+}
+
+fn check_hello(hello: &Hello, site: &str) -> Result<(), SessionError> {
+    if hello.site != site {
+        return Err(SessionError::SiteMismatch {
+            claimed: hello.site.clone(),
+            certified: site.to_owned(),
+        });
+    }
+    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
+        return Err(SessionError::Version {
+            min: hello.min_version,
+            max: hello.max_version,
+        });
+    }
+    Ok(())
+}
+
+/// What the acker answers, in the order batches arrived.
+enum Outcome {
+    Produced {
+        seq: u64,
+        next_offset: i64,
+        deliveries: Vec<DeliveryFuture>,
+    },
+    Refused(Nack),
+}
+
+struct Reader<'a> {
+    site: &'a str,
+    allow: &'a [Regex],
+    context: &'a SessionContext,
+    producer: &'a FutureProducer,
+    /// Per source partition, the first offset not yet handed to the producer in this session;
+    /// records below it are already in the hub (a chunk may straddle the resume point).
+    resume: HashMap<(String, i32), i64>,
+    queue: mpsc::Sender<Outcome>,
+}
+
+impl Reader<'_> {
+    async fn run(mut self, mut recv: quinn::RecvStream) -> Result<(), SessionError> {
+        loop {
+            let frame = read_frame(&mut recv, &self.context.frame_limits).await?;
+            let outcome = match frame {
+                None => return Ok(()),
+                Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
+                Some(Frame::Heartbeat(heartbeat)) => {
+                    debug!(lag = ?heartbeat.lag, spool_bytes = heartbeat.spool_bytes, "heartbeat");
+                    continue;
+                }
+                Some(Frame::Goodbye(goodbye)) => {
+                    info!(reason = %goodbye.reason, "agent said goodbye");
+                    return Ok(());
+                }
+                Some(other) => {
+                    return Err(SessionError::Unexpected {
+                        expected: "Batch, Heartbeat or Goodbye",
+                        got: other.name(),
+                    })
+                }
+            };
+            if self.queue.send(outcome).await.is_err() {
+                // The acker ended; its result is what the session reports.
+                return Ok(());
+            }
+        }
+    }
+
+    async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
+        if !Acl::allows(self.allow, &batch.topic) {
+            warn!(topic = %batch.topic, "batch for a topic this site may not write");
+            return Ok(Outcome::Refused(Nack {
+                seq: batch.seq,
+                code: NackCode::NotAllowed,
+                message: format!("site {} may not write topic {}", self.site, batch.topic),
+            }));
+        }
+        let bad_batch = |reason: String| SessionError::BadBatch {
+            seq: batch.seq,
+            topic: batch.topic.clone(),
+            partition: batch.partition,
+            reason,
+        };
+        if batch.partition < 0 || batch.partition >= batch.partition_count {
+            return Err(bad_batch(format!(
+                "partition outside the declared count {}",
+                batch.partition_count
+            )));
+        }
+        if batch.next_offset <= batch.last_offset {
+            return Err(bad_batch("next offset not past the last record".into()));
+        }
+        let records = batch
+            .records(&self.context.batch_limits)
+            .map_err(|e| bad_batch(e.to_string()))?;
+        let target = hub_topic(&self.context.topic_template, self.site, &batch.topic);
+        let hub_partitions = self
+            .context
+            .hub
+            .ensure_topic(&target, batch.partition_count)
+            .await?;
+        let hub_partition = (batch.partition < hub_partitions).then_some(batch.partition);
+        let key = (batch.topic.clone(), batch.partition);
+        let resume_from = self.resume.get(&key).copied().unwrap_or(0);
+
+        let partition_text = batch.partition.to_string();
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records.iter().filter(|r| r.offset >= resume_from) {
+            let offset_text = record.offset.to_string();
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
+            for header in &record.headers {
+                headers = headers.insert(KafkaHeader {
+                    key: &header.key,
+                    value: header.value.as_deref(),
+                });
+            }
+            headers = headers
+                .insert(KafkaHeader {
+                    key: HEADER_ORIGIN,
+                    value: Some(self.site.as_bytes()),
+                })
+                .insert(KafkaHeader {
+                    key: HEADER_PARTITION,
+                    value: Some(partition_text.as_bytes()),
+                })
+                .insert(KafkaHeader {
+                    key: HEADER_OFFSET,
+                    value: Some(offset_text.as_bytes()),
+                });
+            let mut hub_record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&target).headers(headers);
+            if let Some(partition) = hub_partition {
+                hub_record = hub_record.partition(partition);
+            }
+            if let Some(key) = &record.key {
+                hub_record = hub_record.key(key.as_ref());
+            }
+            if let Some(value) = &record.value {
+                hub_record = hub_record.payload(value.as_ref());
+            }
+            if let Some(timestamp) = record.timestamp {
+                hub_record = hub_record.timestamp(timestamp);
+            }
+            deliveries.push(enqueue(self.producer, hub_record).await?);
+        }
+        self.resume.insert(key, batch.next_offset);
+        Ok(Outcome::Produced {
+            seq: batch.seq,
+            next_offset: batch.next_offset,
+            deliveries,
+        })
+    }
+}
+
+/// Hands one record to librdkafka, waiting while its local queue is full.
+async fn enqueue<'a>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, [u8], [u8]>,
+) -> Result<DeliveryFuture, SessionError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => return Err(SessionError::Delivery(error)),
+        }
+    }
+}
+
+/// Awaits the hub's confirmations in arrival order and answers the agent.
+async fn acknowledge(
+    mut send: quinn::SendStream,
+    mut confirmations: mpsc::Receiver<Outcome>,
+) -> Result<(), SessionError> {
+    while let Some(outcome) = confirmations.recv().await {
+        let frame = match outcome {
+            Outcome::Produced {
+                seq,
+                next_offset,
+                deliveries,
+            } => {
+                for delivery in deliveries {
+                    match delivery.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
+                        Err(_canceled) => return Err(SessionError::Delivery(KafkaError::Canceled)),
+                    }
+                }
+                Frame::Ack(Ack { seq, next_offset })
+            }
+            Outcome::Refused(nack) => Frame::Nack(nack),
+        };
+        write_frame(&mut send, &frame).await?;
+    }
+    let goodbye = Goodbye {
+        code: GoodbyeCode::Shutdown,
+        reason: "all batches confirmed".into(),
+    };
+    write_frame(&mut send, &Frame::Goodbye(goodbye)).await?;
+    let _ = send.finish();
+    Ok(())
+}

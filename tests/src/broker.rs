@@ -1,0 +1,141 @@
+//! tansu brokers with sqlite storage (the memory engine skips records: shared/KAFKA.md).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Finds the tansu binary, installing it with cargo (once, under a lock) when missing.
+/// If it cannot be had the error says why: a test never skips silently.
+pub fn tansu_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = find_tansu() {
+        return Ok(path);
+    }
+    let status = Command::new("flock")
+        .args([
+            "/tmp/spoke-tansu-install.lock",
+            "sh",
+            "-c",
+            "command -v tansu >/dev/null || [ -x \"$HOME/.cargo/bin/tansu\" ] || \
+             cargo install tansu --locked --features dynostore,libsql",
+        ])
+        .status()
+        .context("running cargo install tansu")?;
+    if !status.success() {
+        bail!("tansu broker is not installed and `cargo install tansu --locked --features dynostore,libsql` failed ({status}); run scripts/install-tansu to see why");
+    }
+    find_tansu().context(
+        "cargo install tansu succeeded but no tansu binary was found in PATH or ~/.cargo/bin",
+    )
+}
+
+fn find_tansu() -> Option<PathBuf> {
+    if let Ok(explicit) = std::env::var("TANSU") {
+        return Some(PathBuf::from(explicit));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cargo/bin/tansu"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// One tansu broker process on a free loopback port.
+#[derive(Debug)]
+pub struct Broker {
+    pub name: String,
+    pub port: u16,
+    db: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path, name: &str) -> anyhow::Result<Broker> {
+        let mut broker = Broker {
+            name: name.to_owned(),
+            port: crate::free_port()?,
+            db: dir.join(format!("{name}.db")),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        broker.launch()?;
+        Ok(broker)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let tansu = tansu_binary()?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&tansu)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .arg("--storage-engine")
+            .arg(format!("sqlite:///{}", self.db.display()))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", tansu.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "broker {} exited at start ({status}); log: {}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "broker {} did not listen on {} in time",
+                    self.name,
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait: sqlite keeps records and offsets across restarts.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            crate::process::terminate(&mut child, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.launch()
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::process::tail_of(&self.log, 4000)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Producing test records at the edge and reading them back, with the real rdkafka client.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A record as Kafka stores it: what the tests compare between edge and hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub timestamp: Option<i64>,
+}
+
+/// A record read back, with where it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub offset: i64,
+    pub rec: Rec,
+}
+
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(admin.create_topics(
+        [&NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(-1),
+        )],
+        &AdminOptions::new(),
+    ))?;
+    for result in results {
+        result.map_err(|(name, code)| anyhow::anyhow!("creating {name}: {code}"))?;
+    }
+    Ok(())
+}
+
+pub fn producer(bootstrap: &str) -> anyhow::Result<BaseProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("message.max.bytes", "16777216")
+        .create()?)
+}
+
+/// Produces `records` to `topic`/`partition` in order and waits until all are acknowledged.
+pub fn produce(
+    producer: &BaseProducer,
+    topic: &str,
+    partition: i32,
+    records: &[Rec],
+) -> anyhow::Result<()> {
+    for rec in records {
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (key, value) in &rec.headers {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).partition(partition).headers(headers);
+        if let Some(key) = &rec.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &rec.value {
+            record = record.payload(value.as_slice());
+        }
+        if let Some(ts) = rec.timestamp {
+            record = record.timestamp(ts);
+        }
+        let mut pending = record;
+        loop {
+            match producer.send(pending) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    producer.poll(Duration::from_millis(10));
+                    pending = back;
+                }
+                Err((error, _)) => bail!("producing to {topic}/{partition}: {error}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("flushing the test producer")?;
+    Ok(())
+}
+
+fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "spoke-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?)
+}
+
+/// (low, high) watermarks; (0, 0) when the topic does not exist yet.
+pub fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<(i64, i64)> {
+    let consumer = consumer(bootstrap)?;
+    if !topic_exists(&consumer, topic)? {
+        return Ok((0, 0));
+    }
+    Ok(consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?)
+}
+
+pub fn topic_names(bootstrap: &str) -> anyhow::Result<Vec<String>> {
+    let consumer = consumer(bootstrap)?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name().to_owned())
+        .collect())
+}
+
+fn topic_exists(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<bool> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+}
+
+/// Every record of `topic`/`partition`, from the start up to the high watermark.
+pub fn read_partition(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<Vec<Stored>> {
+    let consumer = consumer(bootstrap)?;
+    if !topic_exists(&consumer, topic)? {
+        return Ok(Vec::new());
+    }
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut next = low;
+    while next < high {
+        if Instant::now() > deadline {
+            bail!("reading {topic}/{partition}: stuck at offset {next} of {high}");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message?;
+        next = message.offset() + 1;
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Stored {
+            offset: message.offset(),
+            rec: Rec {
+                key: message.key().map(<[u8]>::to_vec),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers,
+                timestamp: message.timestamp().to_millis(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Asserts that the hub partition holds exactly the edge partition's records, in order, each
+/// with its provenance headers appended: no more, no fewer, byte for byte.
+pub fn assert_replicated(
+    edge: &str,
+    hub: &str,
+    site: &str,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<usize> {
+    let source = read_partition(edge, topic, partition)?;
+    let hub_topic = format!("{site}.{topic}");
+    let replica = read_partition(hub, &hub_topic, partition)?;
+    if source.len() != replica.len() {
+        let hub_offsets: BTreeMap<i64, usize> =
+            replica
+                .iter()
+                .filter_map(source_offset)
+                .fold(BTreeMap::new(), |mut m, o| {
+                    *m.entry(o).or_default() += 1;
+                    m
+                });
+        let duplicated = hub_offsets.values().filter(|n| **n > 1).count();
+        let missing = source
+            .iter()
+            .filter(|s| !hub_offsets.contains_key(&s.offset))
+            .count();
+        bail!(
+            "{topic}/{partition}: edge has {} records, hub {hub_topic} has {} ({missing} missing, {duplicated} duplicated)",
+            source.len(),
+            replica.len()
+        );
+    }
+    for (s, r) in source.iter().zip(&replica) {
+        let mut expected = s.rec.clone();
+        expected
+            .headers
+            .push(("spoke-origin".into(), Some(site.as_bytes().to_vec())));
+        expected.headers.push((
+            "spoke-partition".into(),
+            Some(partition.to_string().into_bytes()),
+        ));
+        expected.headers.push((
+            "spoke-offset".into(),
+            Some(s.offset.to_string().into_bytes()),
+        ));
+        if expected != r.rec {
+            bail!(
+                "{topic}/{partition}: edge offset {} differs from hub offset {}:\n edge+provenance {:?}\n hub {:?}",
+                s.offset,
+                r.offset,
+                abbreviate(&expected),
+                abbreviate(&r.rec)
+            );
+        }
+    }
+    Ok(source.len())
+}
+
+fn source_offset(stored: &Stored) -> Option<i64> {
+    stored
+        .rec
+        .headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "spoke-offset")
+        .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse().ok())
+}
+
+fn abbreviate(rec: &Rec) -> String {
+    let short = |b: &Option<Vec<u8>>| {
+        b.as_ref().map(|v| {
+            if v.len() > 32 {
+                format!("{} bytes", v.len())
+            } else {
+                format!("{v:?}")
+            }
+        })
+    };
+    format!(
+        "key={:?} value={:?} ts={:?} headers={:?}",
+        short(&rec.key),
+        short(&rec.value),
+        rec.timestamp,
+        rec.headers
+            .iter()
+            .map(|(k, v)| (k, short(v)))
+            .collect::<Vec<_>>()
+    )
+}

@@ -1,0 +1,151 @@
+//! spoke binaries as child processes, with their logs kept for failure reports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where the workspace's binaries are: `SPOKE_BIN_DIR`, else the profile directory this test
+/// binary was built into (`target/<profile>/deps/..`). `scripts/test` builds them first.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("SPOKE_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe()?;
+            let deps = exe.parent().context("test binary has no directory")?;
+            deps.parent()
+                .context("test binary directory has no parent")?
+                .to_owned()
+        }
+    };
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it first with `cargo build --bins` (or set SPOKE_BIN_DIR)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Runs a spoke binary to completion (pki, check).
+pub fn run(name: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let output = Command::new(binary(name)?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {name}"))?;
+    Ok(output)
+}
+
+/// A long-running spoke process. Its stderr goes to a log file that [`Spoke::log`] returns
+/// and that is printed when the guard is dropped during a panic (a failing test).
+#[derive(Debug)]
+pub struct Spoke {
+    name: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Spoke {
+    pub fn start(name: &str, args: &[&str], log: PathBuf) -> anyhow::Result<Spoke> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(binary(name)?)
+            .args(args)
+            .env(
+                "SPOKE_LOG",
+                std::env::var("SPOKE_LOG")
+                    .unwrap_or_else(|_| "info,spoke_agent=debug,librdkafka=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Spoke {
+            name: name.to_owned(),
+            log,
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit; fails if the process needed SIGKILL or exited
+    /// with an error.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = terminate(&mut child, Duration::from_secs(30))?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status}; log:\n{}",
+                self.name,
+                tail_of(&self.log, 6000)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Spoke {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                tail_of(&self.log, 20_000)
+            );
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+pub fn terminate(child: &mut Child, grace: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            let status = child.wait()?;
+            bail!("process {pid} ignored SIGTERM for {grace:?} and was killed ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `max` bytes of a log file, for error messages.
+pub fn tail_of(path: &Path, max: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    text[start..].to_owned()
+}

@@ -1,0 +1,157 @@
+//! One edge site and one hub: two brokers, a PKI, and config files for relay and agent.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use tempfile::TempDir;
+
+use crate::broker::Broker;
+use crate::process::{self, Spoke};
+
+pub const SITE: &str = "branch-042";
+
+/// A test environment. Dropping it stops every process and removes every file.
+#[derive(Debug)]
+pub struct Env {
+    pub edge: Broker,
+    pub hub: Broker,
+    pub relay_port: u16,
+    pki: PathBuf,
+    // Last, so the processes above are gone before their files.
+    pub dir: TempDir,
+}
+
+/// What the agent's config says, beyond the defaults.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub extra: String,
+}
+
+impl AgentOptions {
+    pub fn include(patterns: &[&str]) -> Self {
+        Self {
+            include: patterns.iter().map(|p| (*p).to_owned()).collect(),
+            exclude: Vec::new(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl Env {
+    pub fn new() -> anyhow::Result<Env> {
+        let dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
+        let edge = Broker::start(dir.path(), "edge")?;
+        let hub = Broker::start(dir.path(), "hub")?;
+        let pki = dir.path().join("pki");
+        let pki_str = pki.to_str().context("non-UTF-8 temp path")?;
+        let out = process::run("spoke-relay", &["pki", "init", "--out", pki_str])?;
+        if !out.status.success() {
+            bail!("pki init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = process::run(
+            "spoke-relay",
+            &["pki", "issue", "--site", SITE, "--out", pki_str],
+        )?;
+        if !out.status.success() {
+            bail!("pki issue failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Env {
+            edge,
+            hub,
+            relay_port: crate::free_port()?,
+            pki,
+            dir,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn relay_config(&self, allow: &[&str]) -> anyhow::Result<PathBuf> {
+        let pki = self.pki.display();
+        let allow = toml_list(allow);
+        let text = format!(
+            r#"listen = "127.0.0.1:{port}"
+[tls]
+cert = "{pki}/relay.pem"
+key = "{pki}/relay.key"
+client_ca = "{pki}/ca.pem"
+[hub]
+bootstrap = "{hub}"
+[sites.{SITE}]
+allow = {allow}
+"#,
+            port = self.relay_port,
+            hub = self.hub.bootstrap(),
+        );
+        let path = self.path("relay.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn agent_config(&self, options: &AgentOptions) -> anyhow::Result<PathBuf> {
+        let pki = self.pki.display();
+        let text = format!(
+            r#"site = "{SITE}"
+[source]
+bootstrap = "{edge}"
+include = {include}
+exclude = {exclude}
+[spool]
+path = "{spool}"
+[relay]
+endpoints = ["127.0.0.1:{port}"]
+server_name = "localhost"
+ca = "{pki}/ca.pem"
+cert = "{pki}/{SITE}.pem"
+key = "{pki}/{SITE}.key"
+{extra}
+"#,
+            edge = self.edge.bootstrap(),
+            include = toml_list(&options.include),
+            exclude = toml_list(&options.exclude),
+            spool = self.path("spool").display(),
+            port = self.relay_port,
+            extra = options.extra,
+        );
+        let path = self.path("agent.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    pub fn start_relay(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
+        let config = self.relay_config(allow)?;
+        let config = config.to_str().context("non-UTF-8 temp path")?;
+        Spoke::start(
+            "spoke-relay",
+            &["run", "--config", config],
+            self.path("relay.log"),
+        )
+    }
+
+    pub fn start_agent(&self, options: &AgentOptions) -> anyhow::Result<Spoke> {
+        let config = self.agent_config(options)?;
+        let config = config.to_str().context("non-UTF-8 temp path")?;
+        Spoke::start(
+            "spoke-agent",
+            &["run", "--config", config],
+            self.path("agent.log"),
+        )
+    }
+}
+
+fn toml_list<S: AsRef<str>>(items: &[S]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| {
+            format!(
+                "\"{}\"",
+                s.as_ref().replace('\\', "\\\\").replace('"', "\\\"")
+            )
+        })
+        .collect();
+    format!("[{}]", quoted.join(", "))
+}

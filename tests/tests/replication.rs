@@ -1,0 +1,331 @@
+//! Foundation scenarios: local broker → agent → spool → QUIC → relay → hub broker, with real
+//! tansu brokers and real spoke processes. Each asserts exact per-partition content.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use spoke_tests::kafka::{self, Rec};
+use spoke_tests::site::{AgentOptions, Env, SITE};
+use spoke_tests::{eventually, process};
+
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn hub_topic(topic: &str) -> String {
+    format!("{SITE}.{topic}")
+}
+
+/// Sum of hub high watermarks for `topic` over `partitions`.
+fn hub_count(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for p in 0..partitions {
+        let (low, high) = kafka::watermarks(&env.hub.bootstrap(), &hub_topic(topic), p)?;
+        total += high - low;
+    }
+    Ok(total)
+}
+
+fn wait_replicated(env: &Env, topic: &str, partitions: i32, expected: i64) -> anyhow::Result<()> {
+    eventually(
+        &format!("{expected} records of {topic} in the hub"),
+        REPLICATION_TIMEOUT,
+        || {
+            let n = hub_count(env, topic, partitions)?;
+            anyhow::ensure!(
+                n <= expected,
+                "hub holds {n} records of {topic}, more than the {expected} produced"
+            );
+            Ok(n == expected)
+        },
+    )
+}
+
+fn assert_all_replicated(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for p in 0..partitions {
+        total +=
+            kafka::assert_replicated(&env.edge.bootstrap(), &env.hub.bootstrap(), SITE, topic, p)?;
+    }
+    Ok(total)
+}
+
+/// Records of every shape Kafka allows: null and empty keys and values, binary and repeated
+/// headers, headers with null values, explicit timestamps, and a few 1 MiB values.
+fn varied_record(i: usize) -> Rec {
+    let key = match i % 7 {
+        0 => None,
+        1 => Some(Vec::new()),
+        _ => Some(format!("key-{i}").into_bytes()),
+    };
+    let value = if i % 9_000 == 4_500 {
+        Some(
+            (0..(1 << 20))
+                .map(|b: usize| (b.wrapping_mul(31) ^ i) as u8)
+                .collect(),
+        )
+    } else {
+        match i % 11 {
+            0 => None,
+            1 => Some(Vec::new()),
+            _ => Some(
+                format!(
+                    "{{\"id\":{i},\"reading\":{},\"unit\":\"kPa\",\"ok\":true}}",
+                    i * 37 % 1000
+                )
+                .into_bytes(),
+            ),
+        }
+    };
+    let mut headers = Vec::new();
+    if i % 3 == 0 {
+        headers.push(("bin".to_owned(), Some(vec![0, 255, (i % 256) as u8, 0x80])));
+    }
+    if i % 5 == 0 {
+        headers.push(("trace".to_owned(), None));
+        headers.push(("trace".to_owned(), Some(b"again".to_vec())));
+    }
+    Rec {
+        key,
+        value,
+        headers,
+        timestamp: Some(1_600_000_000_000 + i as i64),
+    }
+}
+
+fn raw_bytes(rec: &Rec) -> usize {
+    rec.key.as_ref().map_or(0, Vec::len)
+        + rec.value.as_ref().map_or(0, Vec::len)
+        + rec
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+}
+
+/// Peak resident memory of a process, from /proc (kernel's high-water mark).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The agent logs its totals when it stops; the figures for the closing note come from there.
+fn logged_figure(log: &str, field: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("agent stopped"))?;
+    let start = line.find(&format!("{field}="))? + field.len() + 1;
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn three_topics_by_three_partitions_replicate_exactly() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let topics = ["orders", "payments", "telemetry.cpu"];
+    for topic in topics {
+        kafka::create_topic(&env.edge.bootstrap(), topic, 3)?;
+    }
+    let mut relay = env.start_relay(&[".*"])?;
+    let mut agent = env.start_agent(&AgentOptions::include(&[
+        "orders",
+        "payments",
+        "telemetry\\..*",
+    ]))?;
+
+    const TOTAL: usize = 100_000;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let started = Instant::now();
+    let mut raw = 0usize;
+    let mut per_topic = [0i64; 3];
+    // 9 partitions; records of one partition are produced in order.
+    for (slot, (topic_index, partition)) in
+        (0..3).flat_map(|t| (0..3).map(move |p| (t, p))).enumerate()
+    {
+        let records: Vec<Rec> = (slot..TOTAL).step_by(9).map(varied_record).collect();
+        raw += records.iter().map(raw_bytes).sum::<usize>();
+        per_topic[topic_index] += records.len() as i64;
+        kafka::produce(&producer, topics[topic_index], partition, &records)?;
+    }
+    let produced_at = started.elapsed();
+    for (topic, expected) in topics.iter().zip(per_topic) {
+        wait_replicated(&env, topic, 3, expected)?;
+    }
+    let replicated_at = started.elapsed();
+    let agent_pid = agent.pid().context("agent pid")?;
+    let rss = peak_rss_kib(agent_pid);
+
+    let mut checked = 0;
+    for topic in topics {
+        checked += assert_all_replicated(&env, topic, 3)?;
+    }
+    assert_eq!(checked, TOTAL, "every produced record compared");
+
+    agent.stop()?;
+    relay.stop()?;
+    let log = agent.log();
+    let wire = logged_figure(&log, "wire_bytes");
+    println!(
+        "figures: records={TOTAL} raw_bytes={raw} produce_s={:.1} end_to_end_s={:.1} records_per_s={:.0} agent_peak_rss_mib={:.1} wire_bytes={} wire_to_raw={:.3}",
+        produced_at.as_secs_f64(),
+        replicated_at.as_secs_f64(),
+        TOTAL as f64 / replicated_at.as_secs_f64(),
+        rss.unwrap_or(0) as f64 / 1024.0,
+        wire.unwrap_or(0),
+        wire.unwrap_or(0) as f64 / raw as f64,
+    );
+    Ok(())
+}
+
+#[test]
+fn topics_created_later_follow_include_and_exclude() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let _relay = env.start_relay(&[".*"])?;
+    let mut options = AgentOptions::include(&["orders", "telemetry\\..*"]);
+    options.exclude = vec!["telemetry\\.debug".into()];
+    let _agent = env.start_agent(&options)?;
+
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..100).map(varied_record).collect();
+    kafka::produce(&producer, "orders", 0, &records)?;
+    wait_replicated(&env, "orders", 1, 100)?;
+
+    // Created while the agent runs: the excluded one first, so by the time the included one
+    // is replicated the agent has certainly seen both.
+    kafka::create_topic(&env.edge.bootstrap(), "telemetry.debug", 1)?;
+    kafka::produce(&producer, "telemetry.debug", 0, &records)?;
+    kafka::create_topic(&env.edge.bootstrap(), "telemetry.cpu", 2)?;
+    kafka::produce(&producer, "telemetry.cpu", 0, &records[..60])?;
+    kafka::produce(&producer, "telemetry.cpu", 1, &records[60..])?;
+    wait_replicated(&env, "telemetry.cpu", 2, 100)?;
+    assert_eq!(assert_all_replicated(&env, "telemetry.cpu", 2)?, 100);
+    assert_eq!(assert_all_replicated(&env, "orders", 1)?, 100);
+
+    // One more record on the included topic, and once it arrived the excluded one must still
+    // be absent from the hub.
+    kafka::produce(&producer, "telemetry.cpu", 0, &records[..1])?;
+    wait_replicated(&env, "telemetry.cpu", 2, 101)?;
+    let hub_topics = kafka::topic_names(&env.hub.bootstrap())?;
+    assert!(
+        !hub_topics.iter().any(|t| t.contains("telemetry.debug")),
+        "excluded topic reached the hub: {hub_topics:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn check_refuses_an_include_that_matches_nothing() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+
+    let config = env.agent_config(&AgentOptions::include(&["order", "nothing\\..*"]))?;
+    let out = process::run(
+        "spoke-agent",
+        &["check", "--config", config.to_str().context("path")?],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check must fail; stderr: {stderr}");
+    assert!(stderr.contains("matches no topic"), "{stderr}");
+
+    let config = env.agent_config(&AgentOptions::include(&["orders"]))?;
+    let out = process::run(
+        "spoke-agent",
+        &["check", "--config", config.to_str().context("path")?],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("orders (2 partitions)"), "{stdout}");
+
+    let mut options = AgentOptions::include(&["orders"]);
+    options.extra = "[ship]\nwindoww = 4\n".into();
+    let config = env.agent_config(&options)?;
+    let out = process::run(
+        "spoke-agent",
+        &["check", "--config", config.to_str().context("path")?],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&config.display().to_string()),
+        "names the file: {stderr}"
+    );
+    assert!(stderr.contains("windoww"), "names the key: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn agent_spools_while_relay_is_down_then_ships_everything() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..5_000).map(varied_record).collect();
+    kafka::produce(&producer, "orders", 0, &records[..2_500])?;
+    kafka::produce(&producer, "orders", 1, &records[2_500..])?;
+    eventually(
+        "the agent to spool while the relay is unreachable",
+        Duration::from_secs(60),
+        || {
+            let log = agent.log();
+            Ok(log.contains("spooled chunk") && log.contains("relay session ended"))
+        },
+    )?;
+    assert_eq!(
+        hub_count(&env, "orders", 2)?,
+        0,
+        "nothing can reach the hub yet"
+    );
+
+    let _relay = env.start_relay(&["orders"])?;
+    wait_replicated(&env, "orders", 2, 5_000)?;
+    assert_eq!(assert_all_replicated(&env, "orders", 2)?, 5_000);
+    Ok(())
+}
+
+#[test]
+fn agent_restarted_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 3)?;
+    let _relay = env.start_relay(&["orders"])?;
+    let options = AgentOptions::include(&["orders"]);
+    let mut agent = env.start_agent(&options)?;
+
+    const TOTAL: usize = 30_000;
+    let edge = env.edge.bootstrap();
+    let writer = std::thread::spawn(move || -> anyhow::Result<()> {
+        let producer = kafka::producer(&edge)?;
+        for (n, start) in (0..TOTAL).step_by(300).enumerate() {
+            let records: Vec<Rec> = (start..start + 300).map(varied_record).collect();
+            kafka::produce(&producer, "orders", (n % 3) as i32, &records)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    });
+
+    for restart in 0..3 {
+        eventually(
+            "records flowing before the restart",
+            Duration::from_secs(120),
+            || Ok(hub_count(&env, "orders", 3)? > (restart * 6_000) as i64),
+        )?;
+        agent.stop().context("agent must stop cleanly on SIGTERM")?;
+        agent = env.start_agent(&options)?;
+    }
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer thread panicked"))??;
+    wait_replicated(&env, "orders", 3, TOTAL as i64)?;
+    assert_eq!(assert_all_replicated(&env, "orders", 3)?, TOTAL);
+    Ok(())
+}

@@ -383,3 +383,14 @@ key = "/site.key"
         }
     }
 }
+
+#[cfg(test)]
+mod packaged {
+    /// The commented example shipped in packages must stay valid.
+    #[test]
+    fn packaged_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml");
+        let loaded = super::load(&path).expect("packaging/agent.toml must load");
+        assert_eq!(loaded.config.site, "branch-042");
+    }
+}

@@ -101,7 +101,16 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     spool.flush().map_err(spool_err)?;
     tail_result?;
     ship_result.map_err(|_| AgentError::TailPanicked)??;
-    info!("agent stopped");
+    let stats = spool.stats();
+    info!(
+        records_spooled = Progress::get(&progress.records_spooled),
+        records_acked = Progress::get(&progress.records_acked),
+        records_lost = Progress::get(&progress.records_lost),
+        wire_bytes = Progress::get(&progress.wire_bytes),
+        spool_bytes = stats.bytes,
+        spool_records = stats.records,
+        "agent stopped"
+    );
     Ok(())
 }
 

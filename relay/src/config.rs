@@ -308,3 +308,14 @@ allow = ["orders", "telemetry\\..*"]
         assert!(err.contains("sites"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod packaged {
+    /// The commented example shipped in packages must stay valid.
+    #[test]
+    fn packaged_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay.toml");
+        let loaded = super::load(&path).expect("packaging/relay.toml must load");
+        assert!(loaded.acl.site("branch-042").is_some());
+    }
+}

@@ -112,11 +112,21 @@ pub async fn serve(
             connection.close(close_code::SHUTDOWN.into(), b"bye");
             debug!(%remote, "session closed");
         }
+        Err(_) if closed_by_agent(&connection) => debug!(%remote, "agent closed the session"),
         Err(error) => {
             warn!(%remote, %error, "session ended");
             connection.close(error.close_code().into(), error.to_string().as_bytes());
         }
     }
+}
+
+/// An agent that stops gracefully closes with code 0 after its Goodbye; the relay may still be
+/// writing its own Goodbye then, which is no error worth a warning.
+fn closed_by_agent(connection: &quinn::Connection) -> bool {
+    matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == quinn::VarInt::from_u32(0)
+    )
 }
 
 async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result<(), SessionError> {

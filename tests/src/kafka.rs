@@ -111,6 +111,9 @@ fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "spoke-test-reader")
+        // tansu returns nothing (instead of the first batch, as Kafka does) when a record
+        // batch exceeds the partition fetch size; 1 MiB values need room.
+        .set("max.partition.fetch.bytes", "33554432")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()?)
@@ -158,15 +161,17 @@ pub fn read_partition(bootstrap: &str, topic: &str, partition: i32) -> anyhow::R
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
     consumer.assign(&assignment)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Fails only when reading stops making progress, not when a large partition is slow.
+    let mut last_progress = Instant::now();
     let mut next = low;
     while next < high {
-        if Instant::now() > deadline {
+        if last_progress.elapsed() > Duration::from_secs(30) {
             bail!("reading {topic}/{partition}: stuck at offset {next} of {high}");
         }
         let Some(message) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
+        last_progress = Instant::now();
         let message = message?;
         next = message.offset() + 1;
         let headers = message

@@ -41,7 +41,12 @@ impl AgentOptions {
 
 impl Env {
     pub fn new() -> anyhow::Result<Env> {
-        let dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
+        let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
+        // For post-mortems: keep brokers' databases, configs and logs.
+        if std::env::var_os("SPOKE_KEEP_TEST_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("test files kept in {}", dir.path().display());
+        }
         let edge = Broker::start(dir.path(), "edge")?;
         let hub = Broker::start(dir.path(), "hub")?;
         let pki = dir.path().join("pki");

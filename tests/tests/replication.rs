@@ -161,9 +161,14 @@ fn three_topics_by_three_partitions_replicate_exactly() -> anyhow::Result<()> {
     let rss = peak_rss_kib(agent_pid);
 
     let mut checked = 0;
+    let compare_started = Instant::now();
     for topic in topics {
         checked += assert_all_replicated(&env, topic, 3)?;
     }
+    println!(
+        "compared {checked} records in {:.1}s",
+        compare_started.elapsed().as_secs_f64()
+    );
     assert_eq!(checked, TOTAL, "every produced record compared");
 
     agent.stop()?;

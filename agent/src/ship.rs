@@ -117,7 +117,20 @@ pub async fn run(
         let result = async {
             let connection =
                 connect(relay, &client_config, &mut endpoint_v4, &mut endpoint_v6).await?;
-            let result = session.run(&connection).await;
+            let result = session.run(&connection).await.map_err(|error| {
+                // A relay that refuses or ends the session says why in its close frame; that
+                // beats the "connection lost" a pending read reports.
+                match connection.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                        ShipError::Closed(format!(
+                            "{} (code {})",
+                            String::from_utf8_lossy(&close.reason),
+                            close.error_code
+                        ))
+                    }
+                    _ => error,
+                }
+            });
             let (code, reason): (u32, &[u8]) = match &result {
                 Ok(_) => (0, b"agent stopping"),
                 Err(_) => (2, b"agent session error"),

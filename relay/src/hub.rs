@@ -106,10 +106,14 @@ impl Hub {
         for (key, value) in &self.passthrough {
             config.set(key, value);
         }
-        // Not overridable: exactly-once depends on them.
+        // Not overridable: exactly-once depends on them. With the gapless guarantee a record
+        // that finally fails makes the producer fail everything after it, so the hub never
+        // holds a later record of a partition without the earlier ones and the resume scan's
+        // "newest record" is a true high-water mark.
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("enable.gapless.guarantee", "true")
             .create()
             .map_err(HubError::Client)
     }

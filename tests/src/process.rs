@@ -40,7 +40,7 @@ pub fn run(name: &str, args: &[&str]) -> anyhow::Result<Output> {
 }
 
 /// A long-running spoke process. Its stderr goes to a log file that [`Spoke::log`] returns
-/// and that is printed when the guard is dropped during a panic (a failing test).
+/// and whose tail is printed when the guard is dropped (nextest shows it for failed tests).
 #[derive(Debug)]
 pub struct Spoke {
     name: String,
@@ -111,14 +111,13 @@ impl Drop for Spoke {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() {
-            eprintln!(
-                "----- {} log ({}) -----\n{}",
-                self.name,
-                self.log.display(),
-                tail_of(&self.log, 20_000)
-            );
-        }
+        // The test runner shows a test's output only when it fails: that is when this helps.
+        eprintln!(
+            "----- {} log ({}) -----\n{}",
+            self.name,
+            self.log.display(),
+            tail_of(&self.log, 20_000)
+        );
     }
 }
 

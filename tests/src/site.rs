@@ -71,6 +71,22 @@ impl Env {
         })
     }
 
+    /// Issues a client certificate for another site name, signed by the same CA.
+    pub fn issue_cert(&self, site: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let pki = self.pki.to_str().context("non-UTF-8 temp path")?;
+        let out = process::run(
+            "spoke-relay",
+            &["pki", "issue", "--site", site, "--out", pki],
+        )?;
+        if !out.status.success() {
+            bail!("pki issue failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((
+            self.pki.join(format!("{site}.pem")),
+            self.pki.join(format!("{site}.key")),
+        ))
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

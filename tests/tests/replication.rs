@@ -334,3 +334,58 @@ fn agent_restarted_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<(
     assert_eq!(assert_all_replicated(&env, "orders", 3)?, TOTAL);
     Ok(())
 }
+
+#[test]
+fn relay_refuses_a_hello_for_another_site_than_the_certificate() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    // Any site the CA vouches for may connect, so only the identity check can refuse.
+    let relay_config = env.relay_config(&["orders"])?;
+    let text = std::fs::read_to_string(&relay_config)?
+        .replace(&format!("[sites.{SITE}]"), "[sites.\"*\"]");
+    std::fs::write(&relay_config, text)?;
+    let relay_arg = relay_config.to_str().context("path")?;
+    let _relay = process::Spoke::start(
+        "spoke-relay",
+        &["run", "--config", relay_arg],
+        env.path("relay.log"),
+    )?;
+
+    // A valid certificate of the same CA, but for another site than the agent claims.
+    let (cert, key) = env.issue_cert("intruder")?;
+    let config = env.agent_config(&AgentOptions::include(&["orders"]))?;
+    let text = std::fs::read_to_string(&config)?
+        .replace(
+            &format!("{SITE}.pem"),
+            cert.file_name().and_then(|f| f.to_str()).context("name")?,
+        )
+        .replace(
+            &format!("{SITE}.key"),
+            key.file_name().and_then(|f| f.to_str()).context("name")?,
+        );
+    std::fs::write(&config, text)?;
+    let config_arg = config.to_str().context("path")?;
+    let agent = process::Spoke::start(
+        "spoke-agent",
+        &["run", "--config", config_arg],
+        env.path("intruder.log"),
+    )?;
+
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    kafka::produce(&producer, "orders", 0, &[varied_record(1)])?;
+    eventually(
+        "the relay to refuse the session",
+        Duration::from_secs(60),
+        || {
+            Ok(agent
+                .log()
+                .contains("Hello claims site branch-042 but the certificate is for intruder"))
+        },
+    )?;
+    assert_eq!(
+        hub_count(&env, "orders", 1)?,
+        0,
+        "nothing may reach the hub"
+    );
+    Ok(())
+}

@@ -221,11 +221,21 @@ impl Spool for SledSpool {
 
     fn pending_partitions(&self) -> Result<Vec<SourcePartition>, SpoolError> {
         let state = self.lock();
+        // Jump from partition to partition instead of walking every chunk: the shipper asks
+        // often, and a long outage leaves many chunks per partition.
         let mut parts: Vec<SourcePartition> = Vec::new();
-        for (p, _) in state.chunks.keys() {
-            if parts.last() != Some(p) {
-                parts.push(p.clone());
-            }
+        let mut next = state.chunks.keys().next().map(|(p, _)| p.clone());
+        while let Some(partition) = next {
+            let after = (
+                std::ops::Bound::Excluded((partition.clone(), i64::MAX)),
+                std::ops::Bound::Unbounded,
+            );
+            next = state
+                .chunks
+                .range(after)
+                .next()
+                .map(|((p, _), _)| p.clone());
+            parts.push(partition);
         }
         Ok(parts)
     }

@@ -262,6 +262,32 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     })
 }
 
+/// Keys a SIGHUP cannot apply to a running agent (it keeps the old values and says so).
+pub fn restart_required(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    if old.site != new.site {
+        fields.push("site");
+    }
+    if old.source.bootstrap != new.source.bootstrap || old.source.kafka != new.source.kafka {
+        fields.push("source.bootstrap / source.kafka");
+    }
+    if old.spool.path != new.spool.path {
+        fields.push("spool.path");
+    }
+    if old.relay.endpoints != new.relay.endpoints
+        || old.relay.server_name != new.relay.server_name
+        || old.relay.ca != new.relay.ca
+        || old.relay.cert != new.relay.cert
+        || old.relay.key != new.relay.key
+    {
+        fields.push("relay");
+    }
+    if old.admin.listen != new.admin.listen {
+        fields.push("admin.listen");
+    }
+    fields
+}
+
 /// Same rule as the relay's certificate names: a DNS name that is also safe in topic names.
 fn validate_site(site: &str) -> Result<(), String> {
     let ok_chars = site

@@ -5,6 +5,7 @@
 //! QUIC ([`tls`], [`wire`]) and frees them when the relay acknowledged them in the hub.
 //! [`config`] is the agent.toml contract, [`select`] the include/exclude rules.
 
+pub mod admin;
 pub mod config;
 pub mod progress;
 pub mod select;
@@ -17,6 +18,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -37,14 +39,26 @@ pub enum AgentError {
     Tail(#[from] tail::TailError),
     #[error("shipper: {0}")]
     Ship(#[from] ship::ShipError),
+    #[error("admin endpoint cannot listen on {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("tailer thread panicked")]
     TailPanicked,
+    #[error("shipper task panicked")]
+    ShipPanicked,
+    #[error("cannot start the tailer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Runs the agent until `shutdown` is cancelled, then stops in drain order: stop reading and
 /// spool what was read, finish in-flight batches, close the QUIC session, flush the spool.
-pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let loaded = Arc::new(loaded);
+pub async fn run(
+    live: watch::Receiver<Arc<Loaded>>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let loaded = live.borrow().clone();
     let spool_path = loaded.config.spool.path.clone();
     let spool_err = |source| AgentError::Spool {
         path: spool_path.clone(),
@@ -56,7 +70,23 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     let stats = spool.stats();
     info!(site = %loaded.config.site, spooled_bytes = stats.bytes, spooled_records = stats.records, "agent starting");
 
-    let tailer = tail::Tailer::new(&loaded, spool.clone(), progress.clone())?;
+    let admin_listen = loaded.config.admin.listen;
+    let listener = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .map_err(|source| AgentError::Admin {
+            addr: admin_listen,
+            source,
+        })?;
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        live.clone(),
+        spool.clone(),
+        progress.clone(),
+        admin_stop.clone(),
+    ));
+
+    let tailer = tail::Tailer::new(live.clone(), spool.clone(), progress.clone())?;
     let tail_stop = CancellationToken::new();
     let tail_thread = {
         let stop = tail_stop.clone();
@@ -71,12 +101,12 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
                 }
                 result
             })
-            .map_err(|_| AgentError::TailPanicked)?
+            .map_err(AgentError::Thread)?
     };
 
     let ship_stop = CancellationToken::new();
     let mut shipper = tokio::spawn(ship::run(
-        loaded.clone(),
+        live.clone(),
         client_config,
         spool.clone(),
         progress.clone(),
@@ -99,14 +129,18 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         None => shipper.await,
     };
     spool.flush().map_err(spool_err)?;
+    admin_stop.cancel();
+    if let Ok(Err(error)) = admin.await {
+        error!(%error, "admin endpoint failed");
+    }
     tail_result?;
-    ship_result.map_err(|_| AgentError::TailPanicked)??;
+    ship_result.map_err(|_| AgentError::ShipPanicked)??;
     let stats = spool.stats();
     info!(
-        records_spooled = Progress::get(&progress.records_spooled),
-        records_acked = Progress::get(&progress.records_acked),
-        records_lost = Progress::get(&progress.records_lost),
-        wire_bytes = Progress::get(&progress.wire_bytes),
+        records_spooled = progress.records_spooled.get(),
+        records_acked = progress.records_acked.get(),
+        records_lost = progress.lost_total(),
+        wire_bytes = progress.wire_bytes.get(),
         spool_bytes = stats.bytes,
         spool_records = stats.records,
         "agent stopped"

@@ -1,24 +1,37 @@
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use rdkafka::consumer::BaseConsumer;
+use spoke_agent::config::Loaded;
+use spoke_agent::progress::AgentStatus;
 use spoke_agent::{config, tail, tls};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// spoke agent: replicates local Kafka topics to the hub through a durable spool over QUIC.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent. SIGHUP reloads include/exclude and the [ship] and [spool] limits.
     Run {
         #[arg(long, default_value = "/etc/spoke/agent.toml")]
         config: PathBuf,
@@ -30,11 +43,20 @@ enum Command {
         #[arg(long, default_value = "/etc/spoke/agent.toml")]
         config: PathBuf,
     },
+    /// Print a running agent's view: relay session, lag, spool, losses, time to drain.
+    Status {
+        /// The agent's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// Print the raw JSON of /status.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -51,16 +73,18 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
-                spoke_agent::run(loaded, shutdown).await
+                let (live_tx, live) = watch::channel(Arc::new(loaded));
+                tokio::spawn(handle_signals(shutdown.clone(), config, live_tx));
+                spoke_agent::run(live, shutdown).await
             })?;
             Ok(())
         }
         Command::Check { config } => check(&config),
+        Command::Status { admin, json } => status(&admin, json),
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+fn check(path: &Path) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
     tls::client_config(&loaded.config.relay)
         .with_context(|| format!("{}: [relay] certificates", path.display()))?;
@@ -94,28 +118,109 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+fn status(admin: &str, json: bool) -> anyhow::Result<()> {
+    let body = spoke_agent::admin::http_get(admin, "/status")
+        .with_context(|| format!("asking the agent's admin endpoint at {admin}"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let s: AgentStatus = serde_json::from_str(&body).context("parsing /status")?;
+    println!("site              {}", s.site);
+    println!(
+        "relay             {}",
+        if s.relay_connected {
+            "connected"
+        } else {
+            "NOT connected"
+        }
+    );
+    println!(
+        "spool             {} of {} ({:.1}%), {} records, oldest unacked {:.0}s",
+        bytesize::ByteSize::b(s.spool_bytes),
+        bytesize::ByteSize::b(s.spool_max_bytes),
+        100.0 * s.spool_bytes as f64 / s.spool_max_bytes.max(1) as f64,
+        s.spool_records,
+        s.oldest_unacked_seconds
+    );
+    println!(
+        "shipping          {:.0} records/s, {} wire bytes sent",
+        s.records_per_s, s.wire_bytes
+    );
+    let drain = match s.drain_seconds {
+        Some(seconds) => {
+            humantime::format_duration(std::time::Duration::from_secs(seconds.ceil() as u64))
+                .to_string()
+        }
+        None if s.backlog_records == 0 => "0s".to_owned(),
+        None => "unknown (nothing acknowledged recently)".to_owned(),
+    };
+    println!(
+        "backlog           {} records, drains in {drain}",
+        s.backlog_records
+    );
+    println!(
+        "lost              {} {:?}",
+        s.records_lost, s.lost_by_reason
+    );
+    println!();
+    println!(
+        "{:<32} {:>9} {:>14} {:>14} {:>10}",
+        "TOPIC", "PARTITION", "HIGH WATERMARK", "IN HUB UP TO", "LAG"
+    );
+    for p in &s.partitions {
+        println!(
+            "{:<32} {:>9} {:>14} {:>14} {:>10}",
+            p.topic, p.partition, p.high_watermark, p.acked_offset, p.lag
+        );
+    }
+    Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// SIGTERM/SIGINT stop the agent; SIGHUP reloads the configuration file. A file that no longer
+/// validates is refused and the running configuration kept.
+async fn handle_signals(
+    shutdown: CancellationToken,
+    path: PathBuf,
+    live: watch::Sender<Arc<Loaded>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match config::load(&path) {
+                Ok(loaded) => {
+                    let current = live.borrow().clone();
+                    for field in config::restart_required(&current.config, &loaded.config) {
+                        tracing::warn!(field, "changed in the file but needs a restart to take effect");
+                    }
+                    tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
+                    live.send_replace(Arc::new(loaded));
+                }
+                Err(error) => tracing::error!(%error, "SIGHUP: configuration refused; keeping the running one"),
+            },
+        }
     }
     tracing::info!("signal received, shutting down");
     shutdown.cancel();

@@ -1,47 +1,214 @@
-//! State the tailer, the shipper and (later) the admin endpoint share: counters that only
-//! grow, wake-ups between the tasks, and what the tailer learned from the local broker.
+//! State the tailer, the shipper and the admin endpoint share: counters that only grow,
+//! wake-ups between the tasks, and what the tailer learned from the local broker. The
+//! counters are Prometheus metrics themselves, so a scrape reads the same numbers the
+//! heartbeats carry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
 use tokio::sync::Notify;
+
+use crate::spool::{SourcePartition, Spool};
+
+/// Why records were lost (the `reason` label of `spoke_agent_lost_records_total`).
+pub mod loss {
+    /// `when_full = "drop-oldest"` deleted spooled records.
+    pub const SPOOL_FULL: &str = "spool_full";
+    /// Every reason, so each series exists (at 0) before the first loss.
+    pub const REASONS: &[&str] = &[SPOOL_FULL];
+}
+
+pub type LossLabels = Vec<(String, String)>;
 
 #[derive(Debug, Default)]
 pub struct Progress {
-    pub records_spooled: AtomicU64,
-    pub records_acked: AtomicU64,
-    pub records_lost: AtomicU64,
-    pub wire_bytes: AtomicU64,
+    pub records_spooled: Counter,
+    pub records_acked: Counter,
+    pub wire_bytes: Counter,
+    pub lost: Family<LossLabels, Counter>,
     pub relay_connected: AtomicBool,
     /// Signalled by the tailer after chunks became durable in the spool.
     pub spooled: Notify,
+    /// Unix ms of the tailer's last successful metadata refresh (local broker reachable).
+    pub local_broker_seen_ms: AtomicU64,
+    /// Unix ms of the last frame received from a relay.
+    pub relay_seen_ms: AtomicU64,
     /// Source topic → partition count, from the tailer's metadata refreshes. The relay needs
     /// it to create a missing hub topic with the same partitioning.
     partition_counts: Mutex<HashMap<String, i32>>,
+    /// Local (last stable) high watermark per partition, from librdkafka statistics.
+    high_watermarks: Mutex<HashMap<SourcePartition, i64>>,
+    rate: Mutex<Option<RateSample>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Instant,
+    acked: u64,
+    per_second: f64,
 }
 
 impl Progress {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn count_lost(&self, reason: &str, records: u64) {
+        self.lost
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc_by(records);
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn lost_total(&self) -> u64 {
+        lost_by_reason(&self.lost).values().sum()
     }
 
     pub fn set_partition_count(&self, topic: &str, count: i32) {
-        self.counts().insert(topic.to_owned(), count);
+        lock(&self.partition_counts).insert(topic.to_owned(), count);
     }
 
     pub fn partition_count(&self, topic: &str) -> Option<i32> {
-        self.counts().get(topic).copied()
+        lock(&self.partition_counts).get(topic).copied()
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
-        // A plain map of last-seen values: a panic elsewhere cannot leave it inconsistent.
-        self.partition_counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub fn set_high_watermark(&self, partition: SourcePartition, offset: i64) {
+        lock(&self.high_watermarks).insert(partition, offset);
     }
+
+    pub fn touch(stamp: &AtomicU64) {
+        stamp.store(crate::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Acknowledged records per second, smoothed over the calls (at least a second apart).
+    fn acked_rate(&self) -> f64 {
+        let now = Instant::now();
+        let acked = self.records_acked.get();
+        let mut rate = lock(&self.rate);
+        match *rate {
+            None => {
+                *rate = Some(RateSample {
+                    at: now,
+                    acked,
+                    per_second: 0.0,
+                });
+                0.0
+            }
+            Some(sample) if now.duration_since(sample.at).as_secs_f64() >= 1.0 => {
+                let instant =
+                    (acked - sample.acked) as f64 / now.duration_since(sample.at).as_secs_f64();
+                let per_second = if sample.per_second == 0.0 {
+                    instant
+                } else {
+                    0.5 * instant + 0.5 * sample.per_second
+                };
+                *rate = Some(RateSample {
+                    at: now,
+                    acked,
+                    per_second,
+                });
+                per_second
+            }
+            Some(sample) => sample.per_second,
+        }
+    }
+
+    /// Everything an operator asks about, computed from the spool and the counters.
+    pub fn snapshot(&self, site: &str, spool: &dyn Spool, spool_max_bytes: u64) -> AgentStatus {
+        let stats = spool.stats();
+        let now = crate::now_ms();
+        let oldest = spool.oldest_spooled_at_ms().ok().flatten();
+        let mut partitions = Vec::new();
+        let high_watermarks: Vec<(SourcePartition, i64)> = lock(&self.high_watermarks)
+            .iter()
+            .map(|(p, o)| (p.clone(), *o))
+            .collect();
+        for (partition, high_watermark) in high_watermarks {
+            // Not yet in the hub: everything from the oldest spooled chunk on, or (nothing
+            // spooled) everything the tailer has not read yet.
+            let acked = match spool.chunks_from(&partition, i64::MIN, 1) {
+                Ok(chunks) => match chunks.first() {
+                    Some(chunk) => Some(chunk.first_offset),
+                    None => spool.position(&partition).ok().flatten(),
+                },
+                Err(_) => None,
+            };
+            let acked_offset = acked.unwrap_or(0);
+            partitions.push(PartitionStatus {
+                lag: u64::try_from(high_watermark - acked_offset).unwrap_or(0),
+                topic: partition.topic,
+                partition: partition.partition,
+                high_watermark,
+                acked_offset,
+            });
+        }
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let backlog: u64 = partitions.iter().map(|p| p.lag).sum();
+        let records_per_s = self.acked_rate();
+        let lost_by_reason = lost_by_reason(&self.lost);
+        AgentStatus {
+            site: site.to_owned(),
+            relay_connected: self.relay_connected.load(Ordering::Relaxed),
+            spool_bytes: stats.bytes,
+            spool_max_bytes,
+            spool_records: stats.records,
+            oldest_unacked_seconds: oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+            records_spooled: self.records_spooled.get(),
+            records_acked: self.records_acked.get(),
+            wire_bytes: self.wire_bytes.get(),
+            records_lost: lost_by_reason.values().sum(),
+            lost_by_reason,
+            records_per_s,
+            backlog_records: backlog,
+            drain_seconds: (records_per_s > 0.0).then(|| backlog as f64 / records_per_s),
+            partitions,
+        }
+    }
+}
+
+fn lost_by_reason(lost: &Family<LossLabels, Counter>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for reason in loss::REASONS {
+        let labels = vec![("reason".to_owned(), (*reason).to_owned())];
+        out.insert((*reason).to_owned(), lost.get_or_create(&labels).get());
+    }
+    out
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps of last-seen values: a panic elsewhere cannot leave them inconsistent.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The agent's view of itself: `/status`, `spoke-agent status`, and the heartbeats.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AgentStatus {
+    pub site: String,
+    pub relay_connected: bool,
+    pub spool_bytes: u64,
+    pub spool_max_bytes: u64,
+    pub spool_records: u64,
+    pub oldest_unacked_seconds: f64,
+    pub records_spooled: u64,
+    pub records_acked: u64,
+    pub records_lost: u64,
+    pub lost_by_reason: BTreeMap<String, u64>,
+    pub wire_bytes: u64,
+    pub records_per_s: f64,
+    /// Records in the local broker not yet confirmed in the hub.
+    pub backlog_records: u64,
+    /// Time to drain the backlog at the current rate; None while nothing is being acked.
+    pub drain_seconds: Option<f64>,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    pub high_watermark: i64,
+    pub acked_offset: i64,
+    pub lag: u64,
 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spoke_proto::{
-    Batch, Codec, Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, TopicPartition,
-    PROTOCOL_VERSION,
+    Batch, Codec, Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag,
+    TopicPartition, PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn, Instrument};
@@ -75,7 +75,7 @@ enum Ended {
 
 /// Runs until `stop` is cancelled.
 pub async fn run(
-    loaded: Arc<Loaded>,
+    live: watch::Receiver<Arc<Loaded>>,
     client_config: quinn::ClientConfig,
     spool: Arc<dyn Spool>,
     progress: Arc<Progress>,
@@ -87,11 +87,14 @@ pub async fn run(
     let mut index = 0usize;
     // (endpoint index, when the last batch went to it): fencing without broker transactions.
     let mut last_sent: Option<(usize, Instant)> = None;
-    let fence_delay = loaded.config.relay.fence_delay;
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
+        // Ship tunables reloaded by SIGHUP take effect from the next session on.
+        let loaded = live.borrow().clone();
+        let fence_delay = loaded.config.relay.fence_delay;
+        index %= loaded.endpoints.len();
         let relay = &loaded.endpoints[index];
         if let Some((previous, at)) = last_sent {
             if previous != index {
@@ -268,7 +271,7 @@ impl Session<'_> {
             };
             let freed = self.spool.remove_acked(&partition, point.next_offset)?;
             if freed.records > 0 {
-                Progress::add(&self.progress.records_acked, freed.records);
+                self.progress.records_acked.inc_by(freed.records);
                 info!(topic = %point.topic, partition = point.partition, records = freed.records, "already in the hub");
             }
         }
@@ -311,7 +314,7 @@ impl Session<'_> {
                 pacer.wait(chunk.payload.len()).await;
                 let bytes = frame_bytes(&batch)?;
                 send.write_all(&bytes).await.map_err(WireError::from)?;
-                Progress::add(&self.progress.wire_bytes, bytes.len() as u64);
+                self.progress.wire_bytes.inc_by(bytes.len() as u64);
                 self.last_batch_at = Some(Instant::now());
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
                 in_flight.push_back(InFlight {
@@ -324,6 +327,7 @@ impl Session<'_> {
             tokio::select! {
                 frame = inbound.recv() => {
                     let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
+                    Progress::touch(&self.progress.relay_seen_ms);
                     self.handle(frame?, &mut in_flight, &mut refused)?;
                 }
                 () = self.progress.spooled.notified() => {}
@@ -390,7 +394,9 @@ impl Session<'_> {
                 }
                 self.spool
                     .remove_acked(&oldest.partition, oldest.next_offset)?;
-                Progress::add(&self.progress.records_acked, u64::from(oldest.records));
+                self.progress
+                    .records_acked
+                    .inc_by(u64::from(oldest.records));
                 Ok(())
             }
             Some(Frame::Nack(nack)) => {
@@ -447,17 +453,27 @@ impl Session<'_> {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        let stats = self.spool.stats();
-        let oldest = self.spool.oldest_spooled_at_ms().ok().flatten();
-        let now = crate::now_ms();
+        let status = self.progress.snapshot(
+            &self.loaded.config.site,
+            self.spool,
+            self.loaded.config.spool.max_bytes.as_u64(),
+        );
         Heartbeat {
-            sent_at_ms: now,
-            spool_bytes: stats.bytes,
-            spool_max_bytes: self.loaded.config.spool.max_bytes.as_u64(),
-            oldest_unacked_ms: oldest.map_or(0, |t| now.saturating_sub(t)),
-            lost_records: Progress::get(&self.progress.records_lost),
-            records_per_s: 0,
-            lag: Vec::new(),
+            sent_at_ms: crate::now_ms(),
+            spool_bytes: status.spool_bytes,
+            spool_max_bytes: status.spool_max_bytes,
+            oldest_unacked_ms: (status.oldest_unacked_seconds * 1000.0) as u64,
+            lost_records: status.records_lost,
+            records_per_s: status.records_per_s as u64,
+            lag: status
+                .partitions
+                .into_iter()
+                .map(|p| PartitionLag {
+                    topic: p.topic,
+                    partition: p.partition,
+                    lag_records: p.lag,
+                })
+                .collect(),
         }
     }
 }

@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use spoke_proto::{ChunkBuilder, Codec};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -50,6 +52,8 @@ pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
         .set("bootstrap.servers", &source.bootstrap)
         .set("group.id", format!("spoke-agent-{}", loaded.config.site))
         .set("fetch.wait.max.ms", "100")
+        // High watermarks for the lag metric come from librdkafka's statistics.
+        .set("statistics.interval.ms", "1000")
         .set("queued.max.messages.kbytes", "65536");
     for (key, value) in &source.kafka {
         config.set(key, value);
@@ -64,8 +68,8 @@ pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
 }
 
 /// Topics of the local cluster that `selector` picks, with their partition counts.
-pub fn selected_topics(
-    consumer: &BaseConsumer,
+pub fn selected_topics<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     selector: &TopicSelector,
 ) -> Result<Vec<(String, i32)>, KafkaError> {
     let metadata = consumer.fetch_metadata(None, METADATA_TIMEOUT)?;
@@ -83,6 +87,70 @@ pub fn selected_topics(
     Ok(topics)
 }
 
+/// Receives librdkafka's statistics: the per-partition high watermarks behind the lag metric.
+#[derive(Debug)]
+pub struct TailContext {
+    progress: Arc<Progress>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawStats {
+    #[serde(default)]
+    topics: HashMap<String, RawTopic>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawTopic {
+    #[serde(default)]
+    partitions: HashMap<String, RawPartition>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawPartition {
+    partition: i32,
+    #[serde(default = "unknown_offset")]
+    hi_offset: i64,
+    #[serde(default = "unknown_offset")]
+    ls_offset: i64,
+}
+
+fn unknown_offset() -> i64 {
+    -1
+}
+
+impl ClientContext for TailContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<RawStats>(statistics) else {
+            return;
+        };
+        for (topic, raw) in stats.topics {
+            for partition in raw.partitions.into_values() {
+                // -1 is librdkafka's internal "UA" partition and unknown offsets.
+                if partition.partition < 0 {
+                    continue;
+                }
+                // read_committed: the last stable offset is what can be read.
+                let high = if partition.ls_offset >= 0 {
+                    partition.ls_offset
+                } else {
+                    partition.hi_offset
+                };
+                if high >= 0 {
+                    self.progress.set_high_watermark(
+                        SourcePartition {
+                            topic: topic.clone(),
+                            partition: partition.partition,
+                        },
+                        high,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for TailContext {}
+
 /// A partition being read: the chunk being filled and the source position after it.
 struct Open {
     builder: ChunkBuilder,
@@ -93,7 +161,8 @@ struct Open {
 }
 
 pub struct Tailer {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<TailContext>,
+    config: watch::Receiver<Arc<Loaded>>,
     selector: TopicSelector,
     spool: Arc<dyn Spool>,
     progress: Arc<Progress>,
@@ -106,6 +175,39 @@ pub struct Tailer {
     forward_replicated: bool,
     next_refresh: Instant,
     paused: bool,
+    error_log: LogLimiter,
+}
+
+/// Lets one log line through per interval and counts the ones it held back.
+#[derive(Debug)]
+struct LogLimiter {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.interval)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl std::fmt::Debug for Tailer {
@@ -118,13 +220,18 @@ impl std::fmt::Debug for Tailer {
 
 impl Tailer {
     pub fn new(
-        loaded: &Loaded,
+        mut live: watch::Receiver<Arc<Loaded>>,
         spool: Arc<dyn Spool>,
         progress: Arc<Progress>,
     ) -> Result<Self, TailError> {
+        let loaded = live.borrow_and_update().clone();
         let config = &loaded.config;
+        let context = TailContext {
+            progress: progress.clone(),
+        };
         Ok(Self {
-            consumer: consumer_config(loaded).create()?,
+            consumer: consumer_config(&loaded).create_with_context(context)?,
+            config: live,
             selector: loaded.selector.clone(),
             spool,
             progress,
@@ -138,6 +245,7 @@ impl Tailer {
             forward_replicated: config.source.forward_replicated,
             next_refresh: Instant::now(),
             paused: false,
+            error_log: LogLimiter::new(Duration::from_secs(10)),
         })
     }
 
@@ -145,6 +253,9 @@ impl Tailer {
     pub fn run(mut self, stop: &CancellationToken) -> Result<(), TailError> {
         while !stop.is_cancelled() {
             if Instant::now() >= self.next_refresh {
+                if self.config.has_changed().unwrap_or(false) {
+                    self.apply_reload()?;
+                }
                 if let Err(error) = self.refresh_assignment() {
                     warn!(%error, "metadata refresh failed; retrying");
                 }
@@ -165,8 +276,42 @@ impl Tailer {
         Ok(())
     }
 
+    /// SIGHUP: new include/exclude and ship tunables. Partitions no longer selected stop
+    /// being read (what was spooled from them still ships).
+    fn apply_reload(&mut self) -> Result<(), TailError> {
+        let loaded = self.config.borrow_and_update().clone();
+        let config = &loaded.config;
+        self.selector = loaded.selector.clone();
+        self.batch_max_bytes =
+            usize::try_from(config.ship.batch_max_bytes.as_u64()).unwrap_or(usize::MAX);
+        self.linger = config.ship.linger;
+        self.zstd_level = config.ship.zstd_level;
+        self.max_spool_bytes = config.spool.max_bytes.as_u64();
+        self.when_full = config.spool.when_full;
+        self.forward_replicated = config.source.forward_replicated;
+        self.close_chunks(true)?;
+        let mut removed = TopicPartitionList::new();
+        let dropped: Vec<SourcePartition> = self
+            .partitions
+            .keys()
+            .filter(|p| !self.selector.selects(&p.topic))
+            .cloned()
+            .collect();
+        for partition in dropped {
+            removed.add_partition(&partition.topic, partition.partition);
+            self.partitions.remove(&partition);
+            info!(topic = %partition.topic, partition = partition.partition, "no longer selected; stopped tailing");
+        }
+        if removed.count() > 0 {
+            self.consumer.incremental_unassign(&removed)?;
+        }
+        info!("configuration reloaded");
+        Ok(())
+    }
+
     fn refresh_assignment(&mut self) -> Result<(), TailError> {
         let topics = selected_topics(&self.consumer, &self.selector)?;
+        Progress::touch(&self.progress.local_broker_seen_ms);
         let mut added = TopicPartitionList::new();
         for (topic, count) in &topics {
             self.progress.set_partition_count(topic, *count);
@@ -224,7 +369,10 @@ impl Tailer {
                     let Some(dropped) = self.spool.pop_oldest()? else {
                         break;
                     };
-                    Progress::add(&self.progress.records_lost, u64::from(dropped.record_count));
+                    self.progress.count_lost(
+                        crate::progress::loss::SPOOL_FULL,
+                        u64::from(dropped.record_count),
+                    );
                     error!(
                         topic = %dropped.partition.topic,
                         partition = dropped.partition.partition,
@@ -259,7 +407,11 @@ impl Tailer {
                     }
                 }
                 Some(Err(error)) => {
-                    warn!(%error, "local broker error");
+                    // librdkafka repeats a broker-down error on every poll; one line per
+                    // interval says the same with the count.
+                    if let Some(suppressed) = self.error_log.allow() {
+                        warn!(%error, suppressed, "local broker error");
+                    }
                     break;
                 }
             }
@@ -326,7 +478,7 @@ impl Tailer {
         if wrote {
             // Durable before reported: only now do the records count as spooled.
             self.spool.flush()?;
-            Progress::add(&self.progress.records_spooled, spooled_records);
+            self.progress.records_spooled.inc_by(spooled_records);
             self.progress.spooled.notify_one();
         }
         Ok(())
@@ -370,5 +522,20 @@ pub fn codec_id(codec: Codec) -> u8 {
     match codec {
         Codec::None => 0,
         Codec::Zstd => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_lets_one_line_per_interval_through_and_counts_the_rest() {
+        let mut limiter = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        limiter.last = Some(Instant::now() - Duration::from_secs(7200));
+        assert_eq!(limiter.allow(), Some(2));
     }
 }

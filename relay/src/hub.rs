@@ -177,6 +177,22 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Asks the hub for its metadata: succeeds when the hub answers.
+    pub async fn probe(&self) -> Result<(), HubError> {
+        let config = self.client_config();
+        tokio::task::spawn_blocking(move || {
+            let consumer = scan_consumer(config)?;
+            consumer
+                .fetch_metadata(None, METADATA_TIMEOUT)
+                .map(|_| ())
+                .map_err(|source| HubError::Metadata {
+                    topic: "(all)".into(),
+                    source,
+                })
+        })
+        .await?
+    }
+
     /// Partition count of `topic`, 0 when it does not exist.
     async fn fetch_partition_count(&self, topic: &str) -> Result<i32, HubError> {
         let config = self.client_config();

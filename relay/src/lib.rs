@@ -5,7 +5,9 @@
 //! batches → [`hub`] produces them and finds resume points. [`tls`] and [`pki`] handle
 //! identities, [`config`] the relay.toml contract.
 
+pub mod admin;
 pub mod config;
+pub mod fleet;
 pub mod hub;
 pub mod pki;
 pub mod server;

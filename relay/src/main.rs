@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use spoke_relay::{config, pki, server, tls};
 use tokio_util::sync::CancellationToken;
 
@@ -12,8 +12,17 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -27,6 +36,15 @@ enum Command {
     Check {
         #[arg(long, default_value = "/etc/spoke/relay.toml")]
         config: PathBuf,
+    },
+    /// Every site this relay has seen: connected, last seen, records/s, lag, spool, losses.
+    Sites {
+        /// The relay's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        admin: String,
+        /// Print the raw JSON of /status.
+        #[arg(long)]
+        json: bool,
     },
     /// Certificates for a demo or a small install.
     Pki {
@@ -64,8 +82,8 @@ enum PkiCommand {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -100,6 +118,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Sites { admin, json } => sites(&admin, json),
         Command::Pki { command } => match command {
             PkiCommand::Init {
                 out,
@@ -128,14 +147,64 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn sites(admin: &str, json: bool) -> anyhow::Result<()> {
+    let body = spoke_relay::admin::http_get(admin, "/status")
+        .with_context(|| format!("asking the relay's admin endpoint at {admin}"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: spoke_relay::admin::RelayStatus =
+        serde_json::from_str(&body).context("parsing /status")?;
+    println!(
+        "relay {} (hub {})",
+        status.relay,
+        if status.hub_reachable {
+            "reachable"
+        } else {
+            "NOT reachable"
+        }
+    );
+    println!(
+        "{:<24} {:<9} {:>13} {:>10} {:>10} {:>20} {:>8}",
+        "SITE", "CONNECTED", "LAST SEEN", "RECORDS/S", "LAG", "SPOOL", "LOST"
+    );
+    let now = spoke_relay::fleet::now_ms();
+    for site in &status.sites {
+        let ago = Duration::from_secs(now.saturating_sub(site.last_seen_ms) / 1000);
+        let spool = if site.spool_max_bytes > 0 {
+            format!(
+                "{:.1}% of {}",
+                100.0 * site.spool_bytes as f64 / site.spool_max_bytes as f64,
+                bytesize::ByteSize::b(site.spool_max_bytes)
+            )
+        } else {
+            "-".to_owned()
+        };
+        println!(
+            "{:<24} {:<9} {:>13} {:>10} {:>10} {:>20} {:>8}",
+            site.site,
+            if site.connected { "yes" } else { "no" },
+            format!("{} ago", humantime::format_duration(ago)),
+            site.records_per_s,
+            site.lag_records,
+            spool,
+            site.lost_records
+        );
+    }
+    Ok(())
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -8,7 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::admin::Admin;
 use crate::config::Loaded;
+use crate::fleet::Fleet;
 use crate::hub::Hub;
 use crate::session::{self, SessionContext};
 
@@ -39,18 +43,40 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Rela
         }
     })?;
     let hub = Hub::new(&config.hub)?;
+    let fleet = Arc::new(Fleet::new());
+    let relay_name = hostname();
+    let admin_state = Arc::new(Admin {
+        fleet: fleet.clone(),
+        relay_name: relay_name.clone(),
+        hub_seen_ms: AtomicU64::new(0),
+    });
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| RelayError::Listen {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let background = TaskTracker::new();
+    background.spawn(crate::admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        shutdown.clone(),
+    ));
+    background.spawn(probe_hub(hub.clone(), admin_state, shutdown.clone()));
     let context = Arc::new(SessionContext {
+        fleet: fleet.clone(),
         hub,
         acl: loaded.acl.clone(),
         topic_template: config.hub.topic.clone(),
         delivery: config.hub.delivery,
         frame_limits: Limits::default(),
         batch_limits: BatchLimits::default(),
-        relay_name: hostname(),
+        relay_name,
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
     let sessions = TaskTracker::new();
+    let handshake_log = Arc::new(std::sync::Mutex::new(None));
     loop {
         let incoming = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -60,12 +86,28 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Rela
             },
         };
         let context = context.clone();
+        let fleet = fleet.clone();
+        let handshake_log = handshake_log.clone();
         let shutdown = shutdown.child_token();
         sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => session::serve(connection, context, shutdown).await,
-                Err(error) => warn!(%remote, %error, "handshake failed"),
+                Err(error) => {
+                    fleet.rejected(crate::fleet::reject::HANDSHAKE);
+                    // A flood of bad handshakes must not flood the log: the counter has
+                    // them all, the log one line per interval.
+                    let total = fleet.rejected_count(crate::fleet::reject::HANDSHAKE);
+                    if handshake_log.try_lock().is_ok_and(|mut last| {
+                        let due = last.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10));
+                        if due {
+                            *last = Some(std::time::Instant::now());
+                        }
+                        due
+                    }) {
+                        warn!(%remote, %error, handshake_failures_total = total, "handshake failed");
+                    }
+                }
             }
         });
     }
@@ -78,8 +120,26 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Rela
         warn!("sessions still running after the shutdown grace period");
     }
     endpoint.close(session::close_code::SHUTDOWN.into(), b"relay shutting down");
+    background.close();
+    background.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Keeps `/healthz` honest about the hub.
+async fn probe_hub(hub: Arc<Hub>, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        match hub.probe().await {
+            Ok(()) => admin
+                .hub_seen_ms
+                .store(crate::fleet::now_ms(), Ordering::Relaxed),
+            Err(error) => warn!(%error, "hub probe failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn hostname() -> String {

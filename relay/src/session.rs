@@ -47,6 +47,7 @@ pub struct SessionContext {
     pub frame_limits: Limits,
     pub batch_limits: BatchLimits,
     pub relay_name: String,
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,22 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// The `spoke_relay_rejected_total` reason, for errors that are the peer's fault.
+    fn reject_reason(&self) -> Option<&'static str> {
+        use crate::fleet::reject;
+        match self {
+            Self::Identity(_) => Some(reject::IDENTITY),
+            Self::UnknownSite(_) => Some(reject::UNKNOWN_SITE),
+            Self::SiteMismatch { .. } => Some(reject::SITE_MISMATCH),
+            Self::Version { .. }
+            | Self::HandshakeTimeout
+            | Self::Unexpected { .. }
+            | Self::BadBatch { .. }
+            | Self::Wire(WireError::Decode(_)) => Some(reject::PROTOCOL),
+            Self::Connection(_) | Self::Wire(_) | Self::Hub(_) | Self::Delivery(_) => None,
+        }
+    }
+
     fn close_code(&self) -> u32 {
         match self {
             Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
@@ -114,6 +131,9 @@ pub async fn serve(
         }
         Err(_) if closed_by_agent(&connection) => debug!(%remote, "agent closed the session"),
         Err(error) => {
+            if let Some(reason) = error.reject_reason() {
+                context.fleet.rejected(reason);
+            }
             warn!(%remote, %error, "session ended");
             connection.close(error.close_code().into(), error.to_string().as_bytes());
         }
@@ -137,6 +157,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         .ok_or_else(|| SessionError::UnknownSite(site.clone()))?
         .to_vec();
     tracing::Span::current().record("site", site.as_str());
+    let _in_fleet = context.fleet.session(&site);
 
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
         .await
@@ -206,7 +227,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
 
     let producer = context.hub.producer()?;
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    let acker = acknowledge(send, confirmations);
+    let acker = acknowledge(send, confirmations, &context.fleet, &site);
     let reader = Reader {
         site: &site,
         allow: &allow,
@@ -272,7 +293,8 @@ impl Reader<'_> {
                 None => return Ok(()),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
                 Some(Frame::Heartbeat(heartbeat)) => {
-                    debug!(lag = ?heartbeat.lag, spool_bytes = heartbeat.spool_bytes, "heartbeat");
+                    debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
+                    self.context.fleet.heartbeat(self.site, heartbeat);
                     continue;
                 }
                 Some(Frame::Goodbye(goodbye)) => {
@@ -295,6 +317,9 @@ impl Reader<'_> {
 
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
         if !Acl::allows(self.allow, &batch.topic) {
+            self.context
+                .fleet
+                .rejected(crate::fleet::reject::NOT_ALLOWED);
             warn!(topic = %batch.topic, "batch for a topic this site may not write");
             return Ok(Outcome::Refused(Nack {
                 seq: batch.seq,
@@ -400,6 +425,8 @@ async fn enqueue<'a>(
 async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
+    fleet: &crate::fleet::Fleet,
+    site: &str,
 ) -> Result<(), SessionError> {
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
@@ -408,6 +435,7 @@ async fn acknowledge(
                 next_offset,
                 deliveries,
             } => {
+                let records = deliveries.len() as u64;
                 for delivery in deliveries {
                     match delivery.await {
                         Ok(Ok(_)) => {}
@@ -415,6 +443,7 @@ async fn acknowledge(
                         Err(_canceled) => return Err(SessionError::Delivery(KafkaError::Canceled)),
                     }
                 }
+                fleet.records(site, records);
                 Frame::Ack(Ack { seq, next_offset })
             }
             Outcome::Refused(nack) => Frame::Nack(nack),

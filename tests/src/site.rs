@@ -16,6 +16,9 @@ pub struct Env {
     pub edge: Broker,
     pub hub: Broker,
     pub relay_port: u16,
+    /// Admin endpoints, on free ports so tests can run side by side.
+    pub relay_admin: u16,
+    pub agent_admin: u16,
     pki: PathBuf,
     // Last, so the processes above are gone before their files.
     pub dir: TempDir,
@@ -66,9 +69,19 @@ impl Env {
             edge,
             hub,
             relay_port: crate::free_port()?,
+            relay_admin: crate::free_port()?,
+            agent_admin: crate::free_port()?,
             pki,
             dir,
         })
+    }
+
+    pub fn agent_admin(&self) -> String {
+        format!("127.0.0.1:{}", self.agent_admin)
+    }
+
+    pub fn relay_admin(&self) -> String {
+        format!("127.0.0.1:{}", self.relay_admin)
     }
 
     /// Issues a client certificate for another site name, signed by the same CA.
@@ -104,8 +117,11 @@ client_ca = "{pki}/ca.pem"
 bootstrap = "{hub}"
 [sites.{SITE}]
 allow = {allow}
+[admin]
+listen = "127.0.0.1:{admin}"
 "#,
             port = self.relay_port,
+            admin = self.relay_admin,
             hub = self.hub.bootstrap(),
         );
         let path = self.path("relay.toml");
@@ -129,8 +145,11 @@ server_name = "localhost"
 ca = "{pki}/ca.pem"
 cert = "{pki}/{SITE}.pem"
 key = "{pki}/{SITE}.key"
+[admin]
+listen = "127.0.0.1:{admin}"
 {extra}
 "#,
+            admin = self.agent_admin,
             edge = self.edge.bootstrap(),
             include = toml_list(&options.include),
             exclude = toml_list(&options.exclude),

@@ -1,0 +1,264 @@
+//! What the relay knows about every site it has seen: sessions, throughput, and the state
+//! each agent reports in its heartbeats (lag, spool fill, losses). Exported as metrics and as
+//! `/status` for `spoke-relay sites`.
+//!
+//! This is a view, not state the relay depends on: a restarted relay starts empty and fills
+//! in as agents connect and send heartbeats.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use spoke_proto::Heartbeat;
+
+type Labels = Vec<(String, String)>;
+
+/// Reasons for `spoke_relay_rejected_total{reason}`.
+pub mod reject {
+    /// TLS handshake failed: no client certificate, another CA, expired, ...
+    pub const HANDSHAKE: &str = "handshake";
+    /// Certificate without exactly one DNS name.
+    pub const IDENTITY: &str = "identity";
+    /// No `[sites.NAME]` table for the certificate's site.
+    pub const UNKNOWN_SITE: &str = "unknown_site";
+    /// `Hello` names another site than the certificate.
+    pub const SITE_MISMATCH: &str = "site_mismatch";
+    /// Malformed frames, bad batches, unexpected frames, timeouts.
+    pub const PROTOCOL: &str = "protocol";
+    /// A batch for a topic the site's ACL does not allow.
+    pub const NOT_ALLOWED: &str = "not_allowed";
+}
+
+#[derive(Debug, Default)]
+struct SiteState {
+    sessions: u32,
+    last_seen_ms: u64,
+    records: u64,
+    heartbeat: Option<Heartbeat>,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    sites: Mutex<BTreeMap<String, SiteState>>,
+    pub registry: Registry,
+    sites_connected: Gauge,
+    records: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    site_lag: Family<Labels, Gauge>,
+    site_spool_bytes: Family<Labels, Gauge>,
+    site_oldest_unacked: Family<Labels, Gauge<f64, AtomicU64>>,
+    site_lost: Family<Labels, Gauge>,
+}
+
+/// One row of `spoke-relay sites`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: String,
+    pub connected: bool,
+    pub last_seen_ms: u64,
+    pub records: u64,
+    pub records_per_s: u64,
+    pub lag_records: u64,
+    pub spool_bytes: u64,
+    pub spool_max_bytes: u64,
+    pub oldest_unacked_seconds: f64,
+    pub lost_records: u64,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let fleet = Fleet {
+            sites: Mutex::new(BTreeMap::new()),
+            sites_connected: Gauge::default(),
+            records: Family::default(),
+            rejected: Family::default(),
+            site_lag: Family::default(),
+            site_spool_bytes: Family::default(),
+            site_oldest_unacked: Family::default(),
+            site_lost: Family::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "spoke_relay_sites_connected",
+            "Sites with at least one session on this relay",
+            fleet.sites_connected.clone(),
+        );
+        registry.register(
+            "spoke_relay_records",
+            "Records this relay confirmed in the hub, by site",
+            fleet.records.clone(),
+        );
+        registry.register(
+            "spoke_relay_rejected",
+            "Connections, sessions and batches refused, by reason",
+            fleet.rejected.clone(),
+        );
+        registry.register(
+            "spoke_relay_site_lag_records",
+            "Records at the site not yet in the hub (from heartbeats)",
+            fleet.site_lag.clone(),
+        );
+        registry.register(
+            "spoke_relay_site_spool_bytes",
+            "Bytes in the site's spool (from heartbeats)",
+            fleet.site_spool_bytes.clone(),
+        );
+        registry.register(
+            "spoke_relay_site_oldest_unacked_seconds",
+            "Age of the site's oldest unacknowledged chunk (from heartbeats)",
+            fleet.site_oldest_unacked.clone(),
+        );
+        registry.register(
+            "spoke_relay_site_lost_records",
+            "Records the site reports lost (from heartbeats)",
+            fleet.site_lost.clone(),
+        );
+        // Every reason exists from the start at 0, so `increase()` alerts see the first one.
+        for reason in [
+            reject::HANDSHAKE,
+            reject::IDENTITY,
+            reject::UNKNOWN_SITE,
+            reject::SITE_MISMATCH,
+            reject::PROTOCOL,
+            reject::NOT_ALLOWED,
+        ] {
+            drop(
+                fleet
+                    .rejected
+                    .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]),
+            );
+        }
+        Fleet { registry, ..fleet }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SiteState>> {
+        // A view of last-seen values: a panic elsewhere cannot leave it inconsistent.
+        self.sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn site_labels(site: &str) -> Labels {
+        vec![("site".to_owned(), site.to_owned())]
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    pub fn rejected_count(&self, reason: &str) -> u64 {
+        self.rejected
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .get()
+    }
+
+    /// Marks a session of `site` as open until the guard is dropped.
+    pub fn session(self: &Arc<Self>, site: &str) -> SessionGuard {
+        let mut sites = self.lock();
+        let state = sites.entry(site.to_owned()).or_default();
+        state.sessions += 1;
+        state.last_seen_ms = now_ms();
+        self.sites_connected.set(connected(&sites));
+        SessionGuard {
+            fleet: self.clone(),
+            site: site.to_owned(),
+        }
+    }
+
+    pub fn records(&self, site: &str, count: u64) {
+        self.records
+            .get_or_create(&Self::site_labels(site))
+            .inc_by(count);
+        if let Some(state) = self.lock().get_mut(site) {
+            state.records += count;
+            state.last_seen_ms = now_ms();
+        }
+    }
+
+    pub fn heartbeat(&self, site: &str, heartbeat: Heartbeat) {
+        let labels = Self::site_labels(site);
+        let lag: u64 = heartbeat.lag.iter().map(|p| p.lag_records).sum();
+        self.site_lag.get_or_create(&labels).set(clamp(lag));
+        self.site_spool_bytes
+            .get_or_create(&labels)
+            .set(clamp(heartbeat.spool_bytes));
+        self.site_oldest_unacked
+            .get_or_create(&labels)
+            .set(heartbeat.oldest_unacked_ms as f64 / 1000.0);
+        self.site_lost
+            .get_or_create(&labels)
+            .set(clamp(heartbeat.lost_records));
+        if let Some(state) = self.lock().get_mut(site) {
+            state.last_seen_ms = now_ms();
+            state.heartbeat = Some(heartbeat);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<SiteStatus> {
+        self.lock()
+            .iter()
+            .map(|(site, state)| {
+                let hb = state.heartbeat.as_ref();
+                SiteStatus {
+                    site: site.clone(),
+                    connected: state.sessions > 0,
+                    last_seen_ms: state.last_seen_ms,
+                    records: state.records,
+                    records_per_s: hb.map_or(0, |h| h.records_per_s),
+                    lag_records: hb.map_or(0, |h| h.lag.iter().map(|p| p.lag_records).sum()),
+                    spool_bytes: hb.map_or(0, |h| h.spool_bytes),
+                    spool_max_bytes: hb.map_or(0, |h| h.spool_max_bytes),
+                    oldest_unacked_seconds: hb.map_or(0.0, |h| h.oldest_unacked_ms as f64 / 1000.0),
+                    lost_records: hb.map_or(0, |h| h.lost_records),
+                }
+            })
+            .collect()
+    }
+}
+
+fn connected(sites: &BTreeMap<String, SiteState>) -> i64 {
+    clamp(sites.values().filter(|s| s.sessions > 0).count() as u64)
+}
+
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Closes a site's session in the fleet view when the session task ends, however it ends.
+#[derive(Debug)]
+pub struct SessionGuard {
+    fleet: Arc<Fleet>,
+    site: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut sites = self.fleet.lock();
+        if let Some(state) = sites.get_mut(&self.site) {
+            state.sessions = state.sessions.saturating_sub(1);
+            state.last_seen_ms = now_ms();
+        }
+        self.fleet.sites_connected.set(connected(&sites));
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -19,8 +19,10 @@ use crate::spool::{SourcePartition, Spool};
 pub mod loss {
     /// `when_full = "drop-oldest"` deleted spooled records.
     pub const SPOOL_FULL: &str = "spool_full";
+    /// The local broker deleted records before the agent read them (retention).
+    pub const RETENTION: &str = "retention";
     /// Every reason, so each series exists (at 0) before the first loss.
-    pub const REASONS: &[&str] = &[SPOOL_FULL];
+    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION];
 }
 
 pub type LossLabels = Vec<(String, String)>;
@@ -44,7 +46,23 @@ pub struct Progress {
     /// Local (last stable) high watermark per partition, from librdkafka statistics.
     high_watermarks: Mutex<HashMap<SourcePartition, i64>>,
     rate: Mutex<Option<RateSample>>,
+    /// The most recent losses, for `/status` (the counter has them all).
+    recent_losses: Mutex<std::collections::VecDeque<Loss>>,
 }
+
+/// Records that will never reach the hub: which, and why.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Loss {
+    pub reason: String,
+    pub topic: String,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub records: u64,
+    pub at_ms: u64,
+}
+
+const RECENT_LOSSES: usize = 100;
 
 #[derive(Debug, Clone, Copy)]
 struct RateSample {
@@ -58,6 +76,16 @@ impl Progress {
         self.lost
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc_by(records);
+    }
+
+    /// Counts a loss and keeps it for `/status`; the caller logs it.
+    pub fn record_loss(&self, loss: Loss) {
+        self.count_lost(&loss.reason, loss.records);
+        let mut recent = lock(&self.recent_losses);
+        if recent.len() == RECENT_LOSSES {
+            recent.pop_front();
+        }
+        recent.push_back(loss);
     }
 
     pub fn lost_total(&self) -> u64 {
@@ -162,6 +190,7 @@ impl Progress {
             backlog_records: backlog,
             drain_seconds: (records_per_s > 0.0).then(|| backlog as f64 / records_per_s),
             partitions,
+            recent_losses: lock(&self.recent_losses).iter().cloned().collect(),
         }
     }
 }
@@ -202,6 +231,8 @@ pub struct AgentStatus {
     /// Time to drain the backlog at the current rate; None while nothing is being acked.
     pub drain_seconds: Option<f64>,
     pub partitions: Vec<PartitionStatus>,
+    /// The last losses (at most 100), oldest first.
+    pub recent_losses: Vec<Loss>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

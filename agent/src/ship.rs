@@ -5,9 +5,10 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spoke_proto::{
     Batch, Codec, Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag,
@@ -63,6 +64,13 @@ pub enum ShipError {
     Spool(#[from] SpoolError),
     #[error("cannot open a UDP socket: {0}")]
     Socket(std::io::Error),
+    #[error("fenced: batches went to {previous} less than relay.fence_delay ago ({wait:?} to go)")]
+    Fenced { previous: String, wait: Duration },
+    #[error("cannot record the fence at {path}: {source}")]
+    FenceFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("spooled chunk of {partition} has unknown codec {codec}")]
     Codec { partition: String, codec: u8 },
 }
@@ -85,35 +93,23 @@ pub async fn run(
     let mut endpoint_v6: Option<quinn::Endpoint> = None;
     let mut backoff = BACKOFF_START;
     let mut index = 0usize;
-    // (endpoint index, when the last batch went to it): fencing without broker transactions.
-    let mut last_sent: Option<(usize, Instant)> = None;
+    let fence_path = fence_path(&live.borrow().config.spool.path);
+    let mut fence = read_fence(&fence_path);
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
         // Ship tunables reloaded by SIGHUP take effect from the next session on.
         let loaded = live.borrow().clone();
-        let fence_delay = loaded.config.relay.fence_delay;
         index %= loaded.endpoints.len();
         let relay = &loaded.endpoints[index];
-        if let Some((previous, at)) = last_sent {
-            if previous != index {
-                let wait = (at + fence_delay).saturating_duration_since(Instant::now());
-                if !wait.is_zero() {
-                    info!(relay = %relay.address, ?wait, "fence delay before switching relays");
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = stop.cancelled() => return Ok(()),
-                    }
-                }
-            }
-        }
         let mut session = Session {
             loaded: &loaded,
             spool: spool.as_ref(),
             progress: &progress,
             stop: &stop,
-            last_batch_at: None,
+            fence: &mut fence,
+            fence_path: &fence_path,
             welcomed: false,
         };
         let span = tracing::info_span!("relay", address = %relay.address);
@@ -144,9 +140,6 @@ pub async fn run(
         .instrument(span)
         .await;
         progress.relay_connected.store(false, Ordering::Relaxed);
-        if let Some(at) = session.last_batch_at {
-            last_sent = Some((index, at));
-        }
         match result {
             Ok(Ended::Stopped) => {
                 for endpoint in [endpoint_v4, endpoint_v6].into_iter().flatten() {
@@ -156,6 +149,13 @@ pub async fn run(
                 return Ok(());
             }
             Err(ShipError::Spool(error)) => return Err(ShipError::Spool(error)),
+            Err(ShipError::Fenced { previous, wait }) => {
+                info!(%previous, ?wait, "another relay may still be delivering our last batches; waiting out relay.fence_delay");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return Ok(()),
+                }
+            }
             Err(error) => {
                 if session.welcomed {
                     backoff = BACKOFF_START;
@@ -223,7 +223,8 @@ struct Session<'a> {
     spool: &'a dyn Spool,
     progress: &'a Progress,
     stop: &'a CancellationToken,
-    last_batch_at: Option<Instant>,
+    fence: &'a mut Option<Fence>,
+    fence_path: &'a Path,
     welcomed: bool,
 }
 
@@ -262,6 +263,7 @@ impl Session<'_> {
             }
             None => return Err(ShipError::Closed("before Welcome".into())),
         };
+        self.check_fence(&welcome.relay)?;
         // Chunks wholly below the resume point are already in the hub (an Ack that was lost
         // with the previous connection): drop them instead of sending them again.
         for point in &welcome.resume {
@@ -312,10 +314,10 @@ impl Session<'_> {
                 seq += 1;
                 let batch = batch_frame(seq, partition_count, &chunk)?;
                 pacer.wait(chunk.payload.len()).await;
+                self.extend_fence(&welcome.relay)?;
                 let bytes = frame_bytes(&batch)?;
                 send.write_all(&bytes).await.map_err(WireError::from)?;
                 self.progress.wire_bytes.inc_by(bytes.len() as u64);
-                self.last_batch_at = Some(Instant::now());
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
                 in_flight.push_back(InFlight {
                     seq,
@@ -343,6 +345,52 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Without broker transactions a relay that lost us may still have records in flight to
+    /// the hub (DESIGN.md, fencing). A session with a *different* relay process therefore
+    /// starts only `fence_delay` after the last batch that went to the previous one; the
+    /// resume point it computed before that is not trusted, so the session is dropped and
+    /// opened again after the wait.
+    fn check_fence(&self, relay: &str) -> Result<(), ShipError> {
+        let Some(fence) = self.fence.as_ref() else {
+            return Ok(());
+        };
+        if fence.relay == relay {
+            return Ok(());
+        }
+        let fence_delay =
+            u64::try_from(self.loaded.config.relay.fence_delay.as_millis()).unwrap_or(u64::MAX);
+        let open_at = fence.until_ms.saturating_add(fence_delay);
+        let now = crate::now_ms();
+        if now >= open_at {
+            return Ok(());
+        }
+        Err(ShipError::Fenced {
+            previous: fence.relay.clone(),
+            wait: Duration::from_millis(open_at - now),
+        })
+    }
+
+    /// Records, durably and ahead of time, that batches may go to `relay` for the next
+    /// second, so that even a restart after a crash honours the fence.
+    fn extend_fence(&mut self, relay: &str) -> Result<(), ShipError> {
+        let now = crate::now_ms();
+        if let Some(fence) = self.fence.as_ref() {
+            if fence.relay == relay && fence.until_ms > now + FENCE_SLACK_MS / 2 {
+                return Ok(());
+            }
+        }
+        let fence = Fence {
+            relay: relay.to_owned(),
+            until_ms: now + FENCE_SLACK_MS,
+        };
+        write_fence(self.fence_path, &fence).map_err(|source| ShipError::FenceFile {
+            path: self.fence_path.to_owned(),
+            source,
+        })?;
+        *self.fence = Some(fence);
+        Ok(())
     }
 
     /// The next chunk to send, taking partitions in turn so one busy partition cannot starve
@@ -476,6 +524,41 @@ impl Session<'_> {
                 .collect(),
         }
     }
+}
+
+/// How far ahead the fence file claims batches may be sent.
+const FENCE_SLACK_MS: u64 = 1000;
+
+/// The relay process batches last went to, and until when they may have been sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fence {
+    relay: String,
+    until_ms: u64,
+}
+
+/// Beside the spool directory: `spool` → `spool.fence`.
+fn fence_path(spool: &Path) -> PathBuf {
+    spool.with_extension("fence")
+}
+
+/// A missing or unreadable file means no fence: the first session of a fresh install.
+fn read_fence(path: &Path) -> Option<Fence> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (until, relay) = text.trim_end().split_once(' ')?;
+    Some(Fence {
+        relay: relay.to_owned(),
+        until_ms: until.parse().ok()?,
+    })
+}
+
+/// Written to a temporary file, synced, then renamed: a crash leaves the old or the new one.
+fn write_fence(path: &Path, fence: &Fence) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("fence.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    writeln!(file, "{} {}", fence.until_ms, fence.relay)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn batch_frame(seq: u64, partition_count: i32, chunk: &Chunk) -> Result<Frame, ShipError> {

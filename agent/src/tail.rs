@@ -401,6 +401,17 @@ impl Tailer {
                     let Some(open) = self.partitions.get_mut(&key) else {
                         continue;
                     };
+                    // A jump of one is a transaction marker; larger jumps are compaction
+                    // holes or records the broker deleted before we read them.
+                    if open.next_offset >= 0 && message.offset() > open.next_offset + 1 {
+                        check_gap(
+                            &self.consumer,
+                            &self.progress,
+                            &key,
+                            open.next_offset,
+                            message.offset(),
+                        );
+                    }
                     add_message(open, &message, self.forward_replicated)?;
                     if open.builder.uncompressed_len() >= self.batch_max_bytes {
                         break;
@@ -483,6 +494,53 @@ impl Tailer {
         }
         Ok(())
     }
+}
+
+/// Records from `expected` up to the partition's low watermark were deleted by the local
+/// broker before they were read (real Kafka raises OFFSET_OUT_OF_RANGE and librdkafka resets to
+/// the earliest offset; tansu silently serves the next record): count them as lost, exactly.
+/// A hole above the low watermark is compaction or transaction markers, not loss.
+fn check_gap<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    progress: &Progress,
+    partition: &SourcePartition,
+    expected: i64,
+    received: i64,
+) {
+    let low = match consumer.fetch_watermarks(
+        &partition.topic,
+        partition.partition,
+        METADATA_TIMEOUT,
+    ) {
+        Ok((low, _)) => low,
+        Err(error) => {
+            warn!(%error, topic = %partition.topic, partition = partition.partition, expected, received,
+                "offset jump, and the low watermark to tell loss from compaction is unavailable");
+            return;
+        }
+    };
+    let first_kept = low.min(received);
+    if first_kept <= expected {
+        return;
+    }
+    let loss = crate::progress::Loss {
+        reason: crate::progress::loss::RETENTION.to_owned(),
+        topic: partition.topic.clone(),
+        partition: partition.partition,
+        first_offset: expected,
+        last_offset: first_kept - 1,
+        records: u64::try_from(first_kept - expected).unwrap_or(0),
+        at_ms: crate::now_ms(),
+    };
+    error!(
+        topic = %loss.topic,
+        partition = loss.partition,
+        first = loss.first_offset,
+        last = loss.last_offset,
+        records = loss.records,
+        "local broker deleted records before they were read (retention gap): records lost"
+    );
+    progress.record_loss(loss);
 }
 
 fn add_message(

@@ -101,6 +101,10 @@ impl Hub {
         config
             .set("bootstrap.servers", &self.bootstrap)
             .set("linger.ms", "5")
+            // A delivery not confirmed in 10 s fails (and ends the session) rather than
+            // landing late; agents wait `relay.fence_delay` (default 15 s) after their last
+            // batch before starting over with another relay, so keep it above this.
+            .set("message.timeout.ms", "10000")
             // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default.
             .set("message.max.bytes", "16777216");
         for (key, value) in &self.passthrough {
@@ -329,7 +333,9 @@ fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32)
     let mut offset = None;
     for header in headers.iter() {
         match header.key {
-            HEADER_ORIGIN if origin.is_none() => origin = header.value,
+            // The last triple is the one this hop appended; earlier ones (a chained
+            // topology) describe earlier hops.
+            HEADER_ORIGIN => origin = header.value,
             HEADER_PARTITION => partition = header.value,
             HEADER_OFFSET => offset = header.value,
             _ => {}

@@ -100,8 +100,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
-                server::run(loaded, shutdown).await
+                let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
+                tokio::spawn(handle_signals(shutdown.clone(), config, acl_tx));
+                server::run(loaded, acl, shutdown).await
             })?;
             Ok(())
         }
@@ -207,18 +208,35 @@ fn sites(admin: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// SIGTERM/SIGINT stop the relay; SIGHUP re-reads the file and applies its site ACLs to new
+/// batches of every session. Other changes need a restart; a file that no longer validates
+/// is refused and the running ACLs kept.
+async fn handle_signals(
+    shutdown: CancellationToken,
+    path: PathBuf,
+    acl: tokio::sync::watch::Sender<config::Acl>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match config::load(&path) {
+                Ok(loaded) => {
+                    tracing::info!(config = %path.display(), sites = loaded.config.sites.len(), "SIGHUP: site ACLs reloaded");
+                    acl.send_replace(loaded.acl);
+                }
+                Err(error) => tracing::error!(%error, "SIGHUP: configuration refused; keeping the running ACLs"),
+            },
+        }
     }
     tracing::info!("signal received, shutting down");
     shutdown.cancel();

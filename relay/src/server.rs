@@ -33,7 +33,13 @@ pub enum RelayError {
 }
 
 /// Runs the relay until `shutdown` is cancelled.
-pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), RelayError> {
+/// Runs the relay until `shutdown` is cancelled; `acl` carries the site ACLs, replaced on
+/// SIGHUP.
+pub async fn run(
+    loaded: Loaded,
+    acl: tokio::sync::watch::Receiver<crate::config::Acl>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
     let config = &loaded.config;
     let server_config = crate::tls::server_config(&config.tls)?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
@@ -44,7 +50,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Rela
     })?;
     let hub = Hub::new(&config.hub)?;
     let fleet = Arc::new(Fleet::new());
-    let relay_name = hostname();
+    let relay_name = instance_name(config.listen);
     let admin_state = Arc::new(Admin {
         fleet: fleet.clone(),
         relay_name: relay_name.clone(),
@@ -66,12 +72,13 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Rela
     let context = Arc::new(SessionContext {
         fleet: fleet.clone(),
         hub,
-        acl: loaded.acl.clone(),
+        acl,
         topic_template: config.hub.topic.clone(),
         delivery: config.hub.delivery,
         frame_limits: Limits::default(),
         batch_limits: BatchLimits::default(),
-        relay_name,
+        relay_name: relay_name.clone(),
+        handoff: session::Handoff::default(),
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
@@ -142,8 +149,16 @@ async fn probe_hub(hub: Arc<Hub>, admin: Arc<Admin>, shutdown: CancellationToken
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This relay process: unique across relays and restarts, because an agent treats a
+/// session with any other process as a relay change (see `relay.fence_delay`).
+fn instance_name(listen: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "spoke-relay".to_owned())
+        .unwrap_or_else(|_| "spoke-relay".to_owned());
+    format!(
+        "{host}:{}/{}-{}",
+        listen.port(),
+        std::process::id(),
+        crate::fleet::now_ms()
+    )
 }

@@ -41,13 +41,90 @@ pub mod close_code {
 #[derive(Debug)]
 pub struct SessionContext {
     pub hub: Arc<Hub>,
-    pub acl: Acl,
+    /// Replaced on SIGHUP; batches are checked against the current one.
+    pub acl: tokio::sync::watch::Receiver<Acl>,
     pub topic_template: String,
     pub delivery: Delivery,
     pub frame_limits: Limits,
     pub batch_limits: BatchLimits,
     pub relay_name: String,
     pub fleet: Arc<crate::fleet::Fleet>,
+    pub handoff: Handoff,
+}
+
+/// How long a new session waits for the previous session of its site to drain.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closing session waits for its in-flight hub deliveries to resolve.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serialises sessions of one site within this relay.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    sites: std::sync::Mutex<HashMap<String, Slot>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    current: CancellationToken,
+}
+
+impl Handoff {
+    /// Supersedes the site's current session, waits until it has drained, and returns this
+    /// session's turn plus the token that a later session will cancel.
+    async fn take(
+        &self,
+        site: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, CancellationToken), SessionError> {
+        let mine = CancellationToken::new();
+        let turn = {
+            let mut sites = self
+                .sites
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let slot = sites.entry(site.to_owned()).or_insert_with(|| Slot {
+                turn: Arc::new(tokio::sync::Mutex::new(())),
+                current: CancellationToken::new(),
+            });
+            std::mem::replace(&mut slot.current, mine.clone()).cancel();
+            slot.turn.clone()
+        };
+        let guard = tokio::time::timeout(HANDOFF_TIMEOUT, turn.lock_owned())
+            .await
+            .map_err(|_| SessionError::HandoffTimeout)?;
+        Ok((guard, mine))
+    }
+}
+
+/// Ends a session's hub producer however the session ends: queued records are purged, and
+/// records already sent are waited for (landed or failed), and only then is the site's turn
+/// released to a newer session.
+struct Teardown {
+    producer: Option<FutureProducer>,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        let (Some(producer), Some(turn)) = (self.producer.take(), self.turn.take()) else {
+            return;
+        };
+        // Blocking librdkafka calls, off the async runtime; the thread owns what it frees.
+        let spawned = std::thread::Builder::new()
+            .name("spoke-teardown".into())
+            .spawn(move || {
+                use rdkafka::producer::{Producer, PurgeConfig};
+                producer.purge(PurgeConfig::default().queue());
+                if let Err(error) = producer.flush(DRAIN_TIMEOUT) {
+                    warn!(%error, "in-flight hub deliveries did not resolve in time");
+                }
+                drop(producer);
+                drop(turn);
+            });
+        if let Err(error) = spawned {
+            warn!(%error, "cannot start the producer teardown thread");
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +159,10 @@ pub enum SessionError {
     Hub(#[from] HubError),
     #[error("hub delivery failed: {0}")]
     Delivery(KafkaError),
+    #[error("a newer session of this site took over")]
+    Superseded,
+    #[error("the previous session of this site did not finish in time")]
+    HandoffTimeout,
 }
 
 impl SessionError {
@@ -97,7 +178,12 @@ impl SessionError {
             | Self::Unexpected { .. }
             | Self::BadBatch { .. }
             | Self::Wire(WireError::Decode(_)) => Some(reject::PROTOCOL),
-            Self::Connection(_) | Self::Wire(_) | Self::Hub(_) | Self::Delivery(_) => None,
+            Self::Connection(_)
+            | Self::Wire(_)
+            | Self::Hub(_)
+            | Self::Delivery(_)
+            | Self::Superseded
+            | Self::HandoffTimeout => None,
         }
     }
 
@@ -106,7 +192,7 @@ impl SessionError {
             Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
                 close_code::NOT_AUTHORIZED
             }
-            Self::Hub(_) | Self::Delivery(_) => close_code::HUB_ERROR,
+            Self::Hub(_) | Self::Delivery(_) | Self::HandoffTimeout => close_code::HUB_ERROR,
             _ => close_code::PROTOCOL_ERROR,
         }
     }
@@ -153,6 +239,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     let site = crate::tls::site_identity(connection)?;
     let allow = context
         .acl
+        .borrow()
         .site(&site)
         .ok_or_else(|| SessionError::UnknownSite(site.clone()))?
         .to_vec();
@@ -194,18 +281,43 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         return Err(error);
     }
 
+    // One session per site on this relay: the previous one (an agent that crashed and came
+    // back before its old connection timed out) is told to stop, and its producer drained,
+    // before this one reads the hub. Otherwise its late deliveries could land after the
+    // resume scan and be sent again.
+    let (turn, superseded) = context.handoff.take(&site).await?;
+    let producer = context.hub.producer()?;
+    let _teardown = Teardown {
+        producer: Some(producer.clone()),
+        turn: Some(turn),
+    };
+    tokio::select! {
+        result = serve_site(&site, &allow, hello, send, recv, context, &producer) => result,
+        () = superseded.cancelled() => Err(SessionError::Superseded),
+    }
+}
+
+async fn serve_site(
+    site: &str,
+    allow: &[Regex],
+    hello: Hello,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    context: &SessionContext,
+    producer: &FutureProducer,
+) -> Result<(), SessionError> {
     let mut resume = HashMap::new();
     let mut resume_points = Vec::new();
     for tp in &hello.partitions {
-        if !Acl::allows(&allow, &tp.topic) {
+        if !Acl::allows(allow, &tp.topic) {
             continue;
         }
         let next_offset = match context.delivery {
             Delivery::ExactlyOnce => {
-                let target = hub_topic(&context.topic_template, &site, &tp.topic);
+                let target = hub_topic(&context.topic_template, site, &tp.topic);
                 context
                     .hub
-                    .resume_point(&site, &target, tp.partition)
+                    .resume_point(site, &target, tp.partition)
                     .await?
             }
             Delivery::AtLeastOnce => 0,
@@ -225,14 +337,12 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     };
     write_frame(&mut send, &Frame::Welcome(welcome)).await?;
 
-    let producer = context.hub.producer()?;
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    let acker = acknowledge(send, confirmations, &context.fleet, &site);
+    let acker = acknowledge(send, confirmations, &context.fleet, site);
     let reader = Reader {
-        site: &site,
-        allow: &allow,
+        site,
         context,
-        producer: &producer,
+        producer,
         resume,
         queue,
     };
@@ -276,7 +386,6 @@ enum Outcome {
 
 struct Reader<'a> {
     site: &'a str,
-    allow: &'a [Regex],
     context: &'a SessionContext,
     producer: &'a FutureProducer,
     /// Per source partition, the first offset not yet handed to the producer in this session;
@@ -316,7 +425,13 @@ impl Reader<'_> {
     }
 
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
-        if !Acl::allows(self.allow, &batch.topic) {
+        let allowed = self
+            .context
+            .acl
+            .borrow()
+            .site(self.site)
+            .is_some_and(|patterns| Acl::allows(patterns, &batch.topic));
+        if !allowed {
             self.context
                 .fleet
                 .rejected(crate::fleet::reject::NOT_ALLOWED);

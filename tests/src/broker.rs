@@ -152,6 +152,39 @@ impl Broker {
         self.launch()
     }
 
+    /// Deletes the records of `topic`/`partition` below `offset` while the broker is stopped,
+    /// the measured way to make a retention gap on tansu (shared/KAFKA.md: it enforces no
+    /// retention). Restart the broker afterwards.
+    pub fn delete_records_below(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.child.is_none(),
+            "stop the broker before editing its database"
+        );
+        let script = "import sqlite3, sys\n\
+            db, topic, partition, below = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])\n\
+            c = sqlite3.connect(db, timeout=30)\n\
+            tp = c.execute('select tp.id from topition tp join topic t on tp.topic = t.id where t.name = ? and tp.partition = ?', (topic, partition)).fetchone()[0]\n\
+            c.execute('delete from header where topition = ? and offset_id < ?', (tp, below))\n\
+            c.execute('delete from record where topition = ? and offset_id < ?', (tp, below))\n\
+            c.commit()\n";
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .arg(&self.db)
+            .args([topic, &partition.to_string(), &offset.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "deleting records: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     pub fn log_tail(&self) -> String {
         crate::process::tail_of(&self.log, 4000)
     }

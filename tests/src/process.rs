@@ -98,6 +98,15 @@ impl Spoke {
         Ok(())
     }
 
+    /// SIGKILL: no chance to flush, drain or say goodbye.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

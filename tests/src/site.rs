@@ -16,6 +16,9 @@ pub struct Env {
     pub edge: Broker,
     pub hub: Broker,
     pub relay_port: u16,
+    /// A second relay's QUIC and admin ports, for failover scenarios.
+    pub relay_b_port: u16,
+    pub relay_b_admin: u16,
     /// Admin endpoints, on free ports so tests can run side by side.
     pub relay_admin: u16,
     pub agent_admin: u16,
@@ -30,6 +33,10 @@ pub struct AgentOptions {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub extra: String,
+    /// List both relays as endpoints.
+    pub both_relays: bool,
+    /// Lines inside `[relay]`, e.g. `fence_delay = "2s"`.
+    pub relay_extra: String,
 }
 
 impl AgentOptions {
@@ -38,6 +45,8 @@ impl AgentOptions {
             include: patterns.iter().map(|p| (*p).to_owned()).collect(),
             exclude: Vec::new(),
             extra: String::new(),
+            both_relays: false,
+            relay_extra: String::new(),
         }
     }
 }
@@ -70,6 +79,8 @@ impl Env {
             hub,
             relay_port: crate::free_port()?,
             relay_admin: crate::free_port()?,
+            relay_b_port: crate::free_port()?,
+            relay_b_admin: crate::free_port()?,
             agent_admin: crate::free_port()?,
             pki,
             dir,
@@ -140,11 +151,12 @@ exclude = {exclude}
 [spool]
 path = "{spool}"
 [relay]
-endpoints = ["127.0.0.1:{port}"]
+endpoints = {endpoints}
 server_name = "localhost"
 ca = "{pki}/ca.pem"
 cert = "{pki}/{SITE}.pem"
 key = "{pki}/{SITE}.key"
+{relay_extra}
 [admin]
 listen = "127.0.0.1:{admin}"
 {extra}
@@ -154,12 +166,41 @@ listen = "127.0.0.1:{admin}"
             include = toml_list(&options.include),
             exclude = toml_list(&options.exclude),
             spool = self.path("spool").display(),
-            port = self.relay_port,
+            endpoints = if options.both_relays {
+                format!(
+                    "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+                    self.relay_port, self.relay_b_port
+                )
+            } else {
+                format!("[\"127.0.0.1:{}\"]", self.relay_port)
+            },
             extra = options.extra,
+            relay_extra = options.relay_extra,
         );
         let path = self.path("agent.toml");
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// The second relay: same hub, same CA, its own ports.
+    pub fn start_relay_b(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
+        let text = std::fs::read_to_string(self.relay_config(allow)?)?
+            .replace(
+                &format!("127.0.0.1:{}\"", self.relay_port),
+                &format!("127.0.0.1:{}\"", self.relay_b_port),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"", self.relay_admin),
+                &format!("127.0.0.1:{}\"", self.relay_b_admin),
+            );
+        let path = self.path("relay-b.toml");
+        std::fs::write(&path, text)?;
+        let config = path.to_str().context("non-UTF-8 temp path")?;
+        Spoke::start(
+            "spoke-relay",
+            &["run", "--config", config],
+            self.path("relay-b.log"),
+        )
     }
 
     pub fn start_relay(&self, allow: &[&str]) -> anyhow::Result<Spoke> {

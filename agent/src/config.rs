@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -11,25 +12,7 @@ use serde::Deserialize;
 
 use crate::select::TopicSelector;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{path}: key `{key}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        reason: String,
-    },
-}
+pub use spoke_io::config_file::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,19 +171,8 @@ pub struct Endpoint {
 }
 
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let config: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })?;
-    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-        path: path.to_owned(),
-        key,
-        reason,
-    };
+    let config: AgentConfig = spoke_io::config_file::read(path)?;
+    let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
     validate_site(&config.site).map_err(|reason| invalid("site", reason))?;
     if config.source.bootstrap.trim().is_empty() {
         return Err(invalid("source.bootstrap", "must not be empty".into()));

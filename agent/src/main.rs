@@ -1,14 +1,14 @@
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use rdkafka::consumer::BaseConsumer;
 use spoke_agent::config::Loaded;
 use spoke_agent::progress::AgentStatus;
 use spoke_agent::{config, tail, tls};
+use spoke_io::logging::LogFormat;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -21,12 +21,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,7 +50,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    spoke_io::logging::init(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -119,7 +113,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 }
 
 fn status(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = spoke_agent::admin::http_get(admin, "/status")
+    let body = spoke_io::admin_client::http_get(admin, "/status")
         .with_context(|| format!("asking the agent's admin endpoint at {admin}"))?;
     if json {
         println!("{body}");
@@ -175,18 +169,6 @@ fn status(admin: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// SIGTERM/SIGINT stop the agent; SIGHUP reloads the configuration file. A file that no longer

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::config::{Endpoint, Loaded};
 use crate::progress::Progress;
 use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
-use crate::wire::{read_frame, write_frame, WireError};
+use spoke_io::wire::{read_frame, write_frame, WireError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relay scans the hub to compute resume points before it answers.

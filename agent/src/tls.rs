@@ -1,19 +1,21 @@
 //! TLS for the QUIC client: trust only `relay.ca`, present the site certificate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use spoke_io::pem::{load_certs, load_key, PemError};
+use spoke_io::transport::transport_config;
 
 use crate::config::RelayConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {reason}")]
-    Pem { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("CA {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -22,16 +24,13 @@ pub fn client_config(relay: &RelayConfig) -> Result<quinn::ClientConfig, TlsErro
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&relay.ca)? {
-        roots.add(ca).map_err(|e| TlsError::Pem {
+        roots.add(ca).map_err(|e| TlsError::Ca {
             path: relay.ca.clone(),
             reason: e.to_string(),
         })?;
     }
     let chain = load_certs(&relay.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&relay.key).map_err(|e| TlsError::Pem {
-        path: relay.key.clone(),
-        reason: format!("no usable private key: {e}"),
-    })?;
+    let key = load_key(&relay.key)?;
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
@@ -40,33 +39,7 @@ pub fn client_config(relay: &RelayConfig) -> Result<quinn::ClientConfig, TlsErro
     let quic = QuicClientConfig::try_from(crypto)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(Arc::new(transport_config()));
+    // Keep-alives keep NAT bindings open between batches: the agent is the side that dials.
+    client.transport_config(Arc::new(transport_config(Some(Duration::from_secs(5)))));
     Ok(client)
-}
-
-/// Windows sized for a long fat link (quinn's ~1.25 MB stream default would cap throughput
-/// near 100 Mbit/s at 100 ms RTT); keep-alives keep NAT bindings open between batches.
-fn transport_config() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    transport.receive_window(quinn::VarInt::from_u32(64 << 20));
-    transport.send_window(64 << 20);
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    transport
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |reason: String| TlsError::Pem {
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_err("no PEM certificate in file".into()));
-    }
-    Ok(certs)
 }

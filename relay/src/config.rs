@@ -8,26 +8,7 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde::Deserialize;
 
-/// Everything that can be wrong with a relay configuration, naming the file and the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{path}: key `{key}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
-}
+pub use spoke_io::config_file::ConfigError;
 
 /// The relay's configuration file as written by the operator.
 #[derive(Debug, Clone, Deserialize)]
@@ -154,14 +135,7 @@ pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
 
 /// Reads, parses and validates `path`.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let config: RelayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })?;
+    let config: RelayConfig = spoke_io::config_file::read(path)?;
     let acl = validate(path, &config)?;
     Ok(Loaded {
         path: path.to_owned(),
@@ -171,11 +145,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 }
 
 fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        path: path.to_owned(),
-        key: key.to_owned(),
-        reason,
-    };
+    let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
     if config.sites.is_empty() {
         return Err(invalid(
             "sites",

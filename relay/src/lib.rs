@@ -13,4 +13,3 @@ pub mod pki;
 pub mod server;
 pub mod session;
 pub mod tls;
-pub mod wire;

@@ -1,10 +1,10 @@
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use spoke_io::logging::LogFormat;
 use spoke_relay::{config, pki, server, tls};
 use tokio_util::sync::CancellationToken;
 
@@ -17,12 +17,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,7 +77,7 @@ enum PkiCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    spoke_io::logging::init(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -148,20 +142,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn sites(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = spoke_relay::admin::http_get(admin, "/status")
+    let body = spoke_io::admin_client::http_get(admin, "/status")
         .with_context(|| format!("asking the relay's admin endpoint at {admin}"))?;
     if json {
         println!("{body}");

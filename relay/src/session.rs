@@ -23,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{hub_topic, Acl, Delivery};
 use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
-use crate::wire::{read_frame, write_frame, WireError};
+use spoke_io::wire::{read_frame, write_frame, WireError};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches decoded and handed to the producer but not yet confirmed by the hub.

@@ -1,21 +1,23 @@
 //! TLS for the QUIC server: the relay's own certificate, and mandatory client certificates
 //! chained to `tls.client_ca`. The site identity is read from the verified certificate only.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
+use spoke_io::pem::{load_certs, load_key, PemError};
+use spoke_io::transport::transport_config;
 use x509_parser::extensions::GeneralName;
 
 use crate::config::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {reason}")]
-    Pem { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Pem(#[from] PemError),
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client CA {path}: {reason}")]
@@ -64,21 +66,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
     let quic = QuicServerConfig::try_from(crypto)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(transport_config()));
+    server.transport_config(Arc::new(transport_config(None)));
     Ok(server)
-}
-
-/// Windows sized for a long fat link: quinn's defaults (~1.25 MB per stream) would cap one
-/// stream near 100 Mbit/s at 100 ms RTT.
-fn transport_config() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    transport.receive_window(quinn::VarInt::from_u32(64 << 20));
-    transport.send_window(64 << 20);
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
-    transport
 }
 
 /// The site a connection speaks for: the single DNS SAN of its verified client certificate.
@@ -119,26 +108,4 @@ pub fn site_identity_from_der(der: &[u8]) -> Result<String, IdentityError> {
 pub fn site_identity_from_pem(pem: &[u8]) -> Result<String, IdentityError> {
     let der = CertificateDer::from_pem_slice(pem).map_err(|_| IdentityError::Unparseable)?;
     site_identity_from_der(&der)
-}
-
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |reason: String| TlsError::Pem {
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_err("no PEM certificate in file".into()));
-    }
-    Ok(certs)
-}
-
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
-        path: path.to_owned(),
-        reason: format!("no usable private key: {e}"),
-    })
 }

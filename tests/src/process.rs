@@ -107,6 +107,16 @@ impl Spoke {
         Ok(())
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`, `HUP`, ...).
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("process already stopped")?;
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+        Ok(())
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

@@ -13,6 +13,12 @@ use spoke_tests::{admin, eventually};
 
 const PARTITIONS: i32 = 3;
 
+/// `SPOKE_FAULTS_LONG=1` (scripts/faults-long) runs the long mode: 50 agent and 20 relay
+/// kills, a 10 minute outage.
+fn long_mode() -> bool {
+    std::env::var_os("SPOKE_FAULTS_LONG").is_some()
+}
+
 fn record(i: usize) -> Rec {
     Rec {
         key: (i % 5 != 0).then(|| format!("device-{}", i % 113).into_bytes()),
@@ -173,14 +179,17 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
         Duration::from_millis(200 + rng % max_ms)
     };
     let started = Instant::now();
-    for round in 0..10 {
+    let (agent_kills, relay_every) = if long_mode() { (50, 5) } else { (10, 2) };
+    let mut relay_kills = 0;
+    for round in 0..agent_kills {
         std::thread::sleep(jitter(1200));
         agent.kill9()?;
         agent = env.start_agent(&options)?;
-        if round % 2 == 1 {
+        if round % relay_every < 2 {
+            relay_kills += 1;
             std::thread::sleep(jitter(800));
             // Alternate relays; the agent fails over to the other endpoint.
-            if round % 4 == 1 {
+            if relay_kills % 2 == 1 {
                 relay_a.kill9()?;
                 relay_a = env.start_relay(&["orders"])?;
             } else {
@@ -388,7 +397,7 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
     })?;
     relay.stop()?;
     let outage = Instant::now();
-    std::thread::sleep(Duration::from_secs(61));
+    std::thread::sleep(Duration::from_secs(if long_mode() { 601 } else { 61 }));
     let during = hub_count(&env, "orders")?;
     relay = env.start_relay(&["orders"])?;
     println!(
@@ -423,5 +432,108 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
         produced,
     )?;
     drop(relay);
+    Ok(())
+}
+
+#[test]
+fn hung_agent_and_hung_relay_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
+    let relay = env.start_relay(&["orders"])?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    let load = Load::start(
+        env.edge.bootstrap(),
+        "orders",
+        100,
+        Duration::from_millis(40),
+    );
+    eventually("records flowing", Duration::from_secs(60), || {
+        Ok(hub_count(&env, "orders")? > 500)
+    })?;
+
+    // A hung agent: the relay's session idles out; the agent wakes to a dead connection.
+    agent.signal("STOP")?;
+    std::thread::sleep(Duration::from_secs(35));
+    agent.signal("CONT")?;
+    let before = hub_count(&env, "orders")?;
+    eventually(
+        "flow after the agent woke",
+        Duration::from_secs(120),
+        || Ok(hub_count(&env, "orders")? > before + 500),
+    )?;
+
+    // A hung relay, mid-stream: when it wakes, its old session must drain before the
+    // agent's new session computes where to resume.
+    relay.signal("STOP")?;
+    std::thread::sleep(Duration::from_secs(35));
+    relay.signal("CONT")?;
+    let before = hub_count(&env, "orders")?;
+    eventually(
+        "flow after the relay woke",
+        Duration::from_secs(120),
+        || Ok(hub_count(&env, "orders")? > before + 500),
+    )?;
+
+    let produced = load.finish()?;
+    settle_and_compare(&env, "sigstop-agent-35s-relay-35s", "orders", produced)?;
+    Ok(())
+}
+
+#[test]
+fn full_spool_with_pause_loses_nothing_once_the_relay_returns() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
+    let mut options = AgentOptions::include(&["orders"]);
+    options.extra = "[ship]\nbatch_max_bytes = \"8KiB\"\n".into();
+    let config = env.agent_config(&options)?;
+    let spool = format!("path = \"{}\"", env.path("spool").display());
+    let text = std::fs::read_to_string(&config)?.replace(
+        &spool,
+        &format!("{spool}\nmax_bytes = \"64KiB\"\nwhen_full = \"pause\""),
+    );
+    std::fs::write(&config, &text)?;
+    let _agent = spoke_tests::process::Spoke::start(
+        "spoke-agent",
+        &["run", "--config", config.to_str().context("path")?],
+        env.path("agent.log"),
+    )?;
+
+    const TOTAL: usize = 20_000;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    for p in 0..PARTITIONS {
+        let records: Vec<Rec> = (0..TOTAL / 3)
+            .map(|i| {
+                let mut r = record(i);
+                r.value = Some(
+                    (0..64)
+                        .map(|b| ((i * 7919 + b * 104_729) % 251) as u8)
+                        .collect(),
+                );
+                r
+            })
+            .collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    let produced = (TOTAL / 3) * PARTITIONS as usize;
+    eventually(
+        "the spool to fill and reading to pause",
+        Duration::from_secs(60),
+        || {
+            let m = admin::scrape(&env.agent_admin())?;
+            Ok(admin::sum(&m, "spoke_agent_spool_bytes", &[]) >= 64.0 * 1024.0)
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let m = admin::scrape(&env.agent_admin())?;
+    let spooled = admin::sum(&m, "spoke_agent_records_spooled_total", &[]) as usize;
+    assert!(
+        spooled < produced,
+        "paused before reading everything ({spooled} of {produced})"
+    );
+
+    let _relay = env.start_relay(&["orders"])?;
+    settle_and_compare(&env, "spool-full-pause", "orders", produced)?;
+    let m = admin::scrape(&env.agent_admin())?;
+    assert_eq!(admin::sum(&m, "spoke_agent_lost_records_total", &[]), 0.0);
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod kafka;
 pub mod process;
 pub mod site;
+pub mod udp_proxy;
 
 use std::time::{Duration, Instant};
 

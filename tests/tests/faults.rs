@@ -537,3 +537,54 @@ fn full_spool_with_pause_loses_nothing_once_the_relay_returns() -> anyhow::Resul
     assert_eq!(admin::sum(&m, "spoke_agent_lost_records_total", &[]), 0.0);
     Ok(())
 }
+
+/// The stale relay is cut off from the agent by a network partition but keeps running with its
+/// session and whatever it still had to deliver. (A relay *process* frozen mid-delivery and
+/// woken later can still land what librdkafka had queued: only broker-side producer fencing,
+/// Kafka transactions, stops that; tansu has none. See docs/DESIGN.md.)
+#[test]
+fn a_stale_relay_cannot_commit_after_another_relay_took_the_site() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
+    let _relay_a = env.start_relay(&["orders"])?;
+    let _relay_b = env.start_relay_b(&["orders"])?;
+    let link_a = spoke_tests::udp_proxy::UdpProxy::start(([127, 0, 0, 1], env.relay_port).into())?;
+    let options = AgentOptions::include(&["orders"]);
+    let config = env.agent_config(&options)?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        &format!("endpoints = [\"127.0.0.1:{}\"]", env.relay_port),
+        &format!(
+            "endpoints = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nfence_delay = \"12s\"",
+            link_a.port, env.relay_b_port
+        ),
+    );
+    std::fs::write(&config, text)?;
+    let _agent = spoke_tests::process::Spoke::start(
+        "spoke-agent",
+        &["run", "--config", config.to_str().context("path")?],
+        env.path("agent.log"),
+    )?;
+    let load = Load::start(
+        env.edge.bootstrap(),
+        "orders",
+        100,
+        Duration::from_millis(40),
+    );
+    eventually(
+        "records flowing through relay A",
+        Duration::from_secs(60),
+        || Ok(hub_count(&env, "orders")? > 1_000),
+    )?;
+
+    link_a.cut();
+    let cut_at = hub_count(&env, "orders")?;
+    eventually("relay B to take the site", Duration::from_secs(120), || {
+        Ok(hub_count(&env, "orders")? > cut_at + 1_000)
+    })?;
+    // The partition heals; relay A's old session must not write anything more.
+    link_a.heal();
+    std::thread::sleep(Duration::from_secs(5));
+    let produced = load.finish()?;
+    settle_and_compare(&env, "split-brain-partitioned-relay", "orders", produced)?;
+    Ok(())
+}

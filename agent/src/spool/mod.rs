@@ -156,6 +156,9 @@ pub enum SpoolError {
     /// not well-formed.
     #[error("spool entry is corrupt: {0}")]
     Corrupt(String),
+    /// Another process still held the spool's lock after `open` waited for it.
+    #[error("spool {0} is locked by another process (is another spoke-agent running?)")]
+    Locked(String),
     /// `append` of a chunk that starts before the partition's spooled position.
     #[error("chunk for {partition}:{first} does not follow the spooled position {position}")]
     OutOfOrder {

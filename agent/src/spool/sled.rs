@@ -86,15 +86,39 @@ impl fmt::Debug for SledSpool {
     }
 }
 
+/// How long `open` waits for the spool's file lock: a previous agent (or, in tests, a dropped
+/// `SledSpool` whose background flusher is still finishing) releases it shortly after exit.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_db(path: &Path) -> Result<::sled::Db, SpoolError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match ::sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_CAPACITY)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock only as an I/O error with this text.
+            Err(::sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock") =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(SpoolError::Locked(path.display().to_string()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 impl SledSpool {
     /// Opens (or creates) the spool in directory `path` and rebuilds the in-memory index and
     /// counters by scanning it, verifying every chunk's checksum: a corrupt entry fails the open
     /// with [`SpoolError::Corrupt`].
     pub fn open(path: &Path) -> Result<SledSpool, SpoolError> {
-        let db = ::sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_CAPACITY)
-            .open()?;
+        let db = open_db(path)?;
         let mut state = State::default();
         for entry in db.iter() {
             let (key, value) = entry?;

@@ -16,7 +16,9 @@ const PARTITIONS: i32 = 3;
 /// `SPOKE_FAULTS_LONG=1` (scripts/faults-long) runs the long mode: 50 agent and 20 relay
 /// kills, a 10 minute outage.
 fn long_mode() -> bool {
-    std::env::var_os("SPOKE_FAULTS_LONG").is_some()
+    let long = std::env::var_os("SPOKE_FAULTS_LONG").is_some();
+    println!("fault suite mode: {}", if long { "long" } else { "quick" });
+    long
 }
 
 fn record(i: usize) -> Rec {

@@ -181,13 +181,14 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
         Duration::from_millis(200 + rng % max_ms)
     };
     let started = Instant::now();
-    let (agent_kills, relay_every) = if long_mode() { (50, 5) } else { (10, 2) };
+    // Quick: 10 agent and 5 relay kills; long: 50 and 20, the relay kills spread evenly.
+    let (agent_kills, relay_target) = if long_mode() { (50, 20) } else { (10, 5) };
     let mut relay_kills = 0;
     for round in 0..agent_kills {
         std::thread::sleep(jitter(1200));
         agent.kill9()?;
         agent = env.start_agent(&options)?;
-        if round % relay_every < 2 {
+        if (round + 1) * relay_target / agent_kills > round * relay_target / agent_kills {
             relay_kills += 1;
             std::thread::sleep(jitter(800));
             // Alternate relays; the agent fails over to the other endpoint.
@@ -202,10 +203,11 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
     }
     let produced = load.finish()?;
     println!(
-        "faults injected over {:.1}s",
+        "faults injected over {:.1}s: {agent_kills} agent and {relay_kills} relay kill -9s",
         started.elapsed().as_secs_f64()
     );
-    settle_and_compare(&env, "kill9-agent-x10-relay-x5", "orders", produced)?;
+    let scenario = format!("kill9-agent-x{agent_kills}-relay-x{relay_kills}");
+    settle_and_compare(&env, &scenario, "orders", produced)?;
 
     // Liveness after the faults: one more record arrives.
     kafka::produce(
@@ -402,6 +404,7 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
     std::thread::sleep(Duration::from_secs(if long_mode() { 601 } else { 61 }));
     let during = hub_count(&env, "orders")?;
     relay = env.start_relay(&["orders"])?;
+    let outage_seconds = outage.elapsed().as_secs_f64();
     println!(
         "relay outage of {:.0}s; the hub held {during} records meanwhile",
         outage.elapsed().as_secs_f64()
@@ -427,12 +430,8 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
     )?;
 
     let produced = load.finish()?;
-    settle_and_compare(
-        &env,
-        "outage-60s-hub-restart-edge-restart",
-        "orders",
-        produced,
-    )?;
+    let scenario = format!("outage-{outage_seconds:.0}s-hub-restart-edge-restart");
+    settle_and_compare(&env, &scenario, "orders", produced)?;
     drop(relay);
     Ok(())
 }

@@ -87,6 +87,21 @@ fn metrics_follow_an_outage_and_the_fleet_view_shows_the_lag() -> anyhow::Result
         },
     )?;
     assert_eq!(hub_records(&env, "orders")?, 20_000);
+    let raw: usize = records
+        .iter()
+        .map(|r| r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    let wire = admin::sum(
+        &admin::scrape(&env.agent_admin())?,
+        "spoke_agent_wire_bytes_total",
+        &[],
+    );
+    println!(
+        "figures: small JSON records={} raw_bytes={raw} wire_bytes={wire} wire_per_record={:.1} wire_to_raw={:.3} (16 KiB chunks)",
+        records.len(),
+        wire / records.len() as f64,
+        wire / raw as f64
+    );
     let relay_metrics = admin::scrape(&relay_admin)?;
     assert_eq!(
         admin::sum(

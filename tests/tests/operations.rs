@@ -143,16 +143,18 @@ fn every_metric_the_dashboard_queries_exists_in_a_live_scrape() -> anyhow::Resul
     eventually("records in the hub", Duration::from_secs(60), || {
         Ok(hub_records(&env, "orders")? == 10)
     })?;
-    // Per-site series appear with the first heartbeat (every 5 s).
-    eventually("a heartbeat at the relay", Duration::from_secs(30), || {
-        Ok(admin::sum(
-            &admin::scrape(&env.relay_admin())?,
-            "spoke_relay_site_lag_records",
-            &[],
-        ) >= 0.0
-            && admin::names(&admin::scrape(&env.relay_admin())?)
-                .contains(&"spoke_relay_site_lag_records".to_owned()))
-    })?;
+    // Per-site series appear with the first heartbeat (every 5 s), per-partition lag with
+    // librdkafka's first statistics (every second).
+    eventually(
+        "a heartbeat at the relay and lag at the agent",
+        Duration::from_secs(30),
+        || {
+            let relay = admin::names(&admin::scrape(&env.relay_admin())?);
+            let agent = admin::names(&admin::scrape(&env.agent_admin())?);
+            Ok(relay.contains(&"spoke_relay_site_lag_records".to_owned())
+                && agent.contains(&"spoke_agent_lag_records".to_owned()))
+        },
+    )?;
 
     let mut live = admin::names(&admin::scrape(&env.agent_admin())?);
     live.extend(admin::names(&admin::scrape(&env.relay_admin())?));

@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub both_relays: bool,
     /// Lines inside `[relay]`, e.g. `fence_delay = "2s"`.
     pub relay_extra: String,
+    /// Lines inside `[spool]`, e.g. `max_bytes = "64KiB"`.
+    pub spool_extra: String,
 }
 
 impl AgentOptions {
@@ -47,6 +49,7 @@ impl AgentOptions {
             extra: String::new(),
             both_relays: false,
             relay_extra: String::new(),
+            spool_extra: String::new(),
         }
     }
 }
@@ -150,6 +153,7 @@ include = {include}
 exclude = {exclude}
 [spool]
 path = "{spool}"
+{spool_extra}
 [relay]
 endpoints = {endpoints}
 server_name = "localhost"
@@ -176,6 +180,7 @@ listen = "127.0.0.1:{admin}"
             },
             extra = options.extra,
             relay_extra = options.relay_extra,
+            spool_extra = options.spool_extra,
         );
         let path = self.path("agent.toml");
         std::fs::write(&path, text)?;

@@ -41,6 +41,17 @@ fn record(i: usize) -> Rec {
     }
 }
 
+/// A record whose value zstd cannot shrink, so a small spool really fills.
+fn incompressible(i: usize) -> Rec {
+    let mut r = record(i);
+    r.value = Some(
+        (0..64)
+            .map(|b| ((i * 7919 + b * 104_729) % 251) as u8)
+            .collect(),
+    );
+    r
+}
+
 /// Produces continuously in the background until stopped; returns how many it produced.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -230,39 +241,14 @@ fn drop_oldest_reports_exactly_the_records_missing_from_the_hub() -> anyhow::Res
     kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
     let mut options = AgentOptions::include(&["orders"]);
     options.extra = "[ship]\nbatch_max_bytes = \"8KiB\"\nlinger = \"5ms\"\n".into();
-    let config = env.agent_config(&options)?;
-    let text = std::fs::read_to_string(&config)?
-        .replace("[relay]", "[relay]\n")
-        .replace(
-            &format!("path = \"{}\"", env.path("spool").display()),
-            &format!(
-                "path = \"{}\"\nmax_bytes = \"64KiB\"\nwhen_full = \"drop-oldest\"",
-                env.path("spool").display()
-            ),
-        );
-    std::fs::write(&config, &text)?;
-    let agent = spoke_tests::process::Spoke::start(
-        "spoke-agent",
-        &["run", "--config", config.to_str().context("path")?],
-        env.path("agent.log"),
-    )?;
+    options.spool_extra = "max_bytes = \"64KiB\"\nwhen_full = \"drop-oldest\"".into();
+    let agent = env.start_agent(&options)?;
 
     // Relay down, far more than 64 KiB of compressed records: the oldest must go.
     const TOTAL: usize = 30_000;
     let producer = kafka::producer(&env.edge.bootstrap())?;
     for p in 0..PARTITIONS {
-        let records: Vec<Rec> = (0..TOTAL / 3)
-            .map(|i| {
-                // Incompressible values, so the spool really fills.
-                let mut r = record(i);
-                r.value = Some(
-                    (0..64)
-                        .map(|b| ((i * 7919 + b * 104_729) % 251) as u8)
-                        .collect(),
-                );
-                r
-            })
-            .collect();
+        let records: Vec<Rec> = (0..TOTAL / 3).map(incompressible).collect();
         kafka::produce(&producer, "orders", p, &records)?;
     }
     eventually(
@@ -486,33 +472,13 @@ fn full_spool_with_pause_loses_nothing_once_the_relay_returns() -> anyhow::Resul
     kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
     let mut options = AgentOptions::include(&["orders"]);
     options.extra = "[ship]\nbatch_max_bytes = \"8KiB\"\n".into();
-    let config = env.agent_config(&options)?;
-    let spool = format!("path = \"{}\"", env.path("spool").display());
-    let text = std::fs::read_to_string(&config)?.replace(
-        &spool,
-        &format!("{spool}\nmax_bytes = \"64KiB\"\nwhen_full = \"pause\""),
-    );
-    std::fs::write(&config, &text)?;
-    let _agent = spoke_tests::process::Spoke::start(
-        "spoke-agent",
-        &["run", "--config", config.to_str().context("path")?],
-        env.path("agent.log"),
-    )?;
+    options.spool_extra = "max_bytes = \"64KiB\"\nwhen_full = \"pause\"".into();
+    let _agent = env.start_agent(&options)?;
 
     const TOTAL: usize = 20_000;
     let producer = kafka::producer(&env.edge.bootstrap())?;
     for p in 0..PARTITIONS {
-        let records: Vec<Rec> = (0..TOTAL / 3)
-            .map(|i| {
-                let mut r = record(i);
-                r.value = Some(
-                    (0..64)
-                        .map(|b| ((i * 7919 + b * 104_729) % 251) as u8)
-                        .collect(),
-                );
-                r
-            })
-            .collect();
+        let records: Vec<Rec> = (0..TOTAL / 3).map(incompressible).collect();
         kafka::produce(&producer, "orders", p, &records)?;
     }
     let produced = (TOTAL / 3) * PARTITIONS as usize;

@@ -307,10 +307,13 @@ impl Session<'_> {
                 let Some(chunk) = self.next_chunk(&cursors, &refused, &mut round_robin)? else {
                     break;
                 };
-                let Some(partition_count) = self.progress.partition_count(&chunk.partition.topic)
-                else {
-                    break;
-                };
+                // Unknown until the tailer reaches the local broker (e.g. after a restart while
+                // it is down): 0 tells the relay, which needs it only to create a missing hub
+                // topic, so a backlog still ships to existing hub topics.
+                let partition_count = self
+                    .progress
+                    .partition_count(&chunk.partition.topic)
+                    .unwrap_or(0);
                 seq += 1;
                 let batch = batch_frame(seq, partition_count, &chunk)?;
                 pacer.wait(chunk.payload.len()).await;

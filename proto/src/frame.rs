@@ -205,7 +205,8 @@ pub struct Batch {
     pub topic: String,
     /// Source partition.
     pub partition: i32,
-    /// Partition count of the source topic, so the hub can create a matching topic.
+    /// Partition count of the source topic, so the hub can create a matching topic; 0 when the
+    /// agent does not know it yet (its local broker has not answered since it started).
     pub partition_count: i32,
     /// Offset of the first record in the payload.
     pub first_offset: i64,

@@ -36,6 +36,10 @@ pub enum HubError {
     Metadata { topic: String, source: KafkaError },
     #[error("creating hub topic {topic}: {source}")]
     CreateTopic { topic: String, source: KafkaError },
+    #[error(
+        "hub topic {topic} is missing and the agent does not know the source's partition count yet"
+    )]
+    PartitionCountUnknown { topic: String },
     #[error("hub topic {topic} still has no partitions after creation")]
     TopicNotReady { topic: String },
     #[error("resume scan of {topic}/{partition}: {source}")]
@@ -129,6 +133,13 @@ impl Hub {
             return Ok(count);
         }
         let mut count = self.fetch_partition_count(topic).await?;
+        if count == 0 && source_partitions == 0 {
+            // The agent cannot tell the source's partitioning yet; creating the topic with a
+            // guess would fix the wrong layout forever. The session ends and the agent retries.
+            return Err(HubError::PartitionCountUnknown {
+                topic: topic.to_owned(),
+            });
+        }
         if count == 0 {
             let new_topic =
                 NewTopic::new(topic, source_partitions.max(1), TopicReplication::Fixed(-1));

@@ -448,7 +448,11 @@ impl Reader<'_> {
             partition: batch.partition,
             reason,
         };
-        if batch.partition < 0 || batch.partition >= batch.partition_count {
+        // A count of 0 means the agent does not know it (yet); see `Hub::ensure_topic`.
+        if batch.partition < 0
+            || batch.partition_count < 0
+            || (batch.partition_count > 0 && batch.partition >= batch.partition_count)
+        {
             return Err(bad_batch(format!(
                 "partition outside the declared count {}",
                 batch.partition_count

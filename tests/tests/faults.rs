@@ -555,3 +555,58 @@ fn a_stale_relay_cannot_commit_after_another_relay_took_the_site() -> anyhow::Re
     settle_and_compare(&env, "split-brain-partitioned-relay", "orders", produced)?;
     Ok(())
 }
+
+#[test]
+fn spooled_backlog_ships_while_the_edge_broker_is_down() -> anyhow::Result<()> {
+    let mut env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let mut relay = env.start_relay(&["orders"])?;
+    let options = AgentOptions::include(&["orders"]);
+    let mut agent = env.start_agent(&options)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    kafka::produce(
+        &producer,
+        "orders",
+        0,
+        &(0..1_000).map(record).collect::<Vec<_>>(),
+    )?;
+    eventually(
+        "the first records in the hub",
+        Duration::from_secs(60),
+        || Ok(kafka::watermarks(&env.hub.bootstrap(), &format!("{SITE}.orders"), 0)?.1 == 1_000),
+    )?;
+    relay.stop()?;
+    kafka::produce(
+        &producer,
+        "orders",
+        0,
+        &(1_000..1_500).map(record).collect::<Vec<_>>(),
+    )?;
+    drop(producer);
+    eventually("the backlog spooled", Duration::from_secs(60), || {
+        let m = admin::scrape(&env.agent_admin())?;
+        Ok(admin::sum(&m, "spoke_agent_records_spooled_total", &[]) == 1_500.0)
+    })?;
+    agent.stop()?;
+
+    // The edge broker is gone when the agent comes back: the spool alone must ship.
+    env.edge.stop()?;
+    let _agent = env.start_agent(&options)?;
+    relay = env.start_relay(&["orders"])?;
+    eventually(
+        "the backlog in the hub without the edge broker",
+        Duration::from_secs(60),
+        || Ok(kafka::watermarks(&env.hub.bootstrap(), &format!("{SITE}.orders"), 0)?.1 == 1_500),
+    )?;
+    env.edge.restart()?;
+    kafka::assert_replicated(
+        &env.edge.bootstrap(),
+        &env.hub.bootstrap(),
+        SITE,
+        "orders",
+        0,
+    )?;
+    println!("scenario=edge-down-backlog produced=1500 hub=1500 lost=0 dup=0");
+    drop(relay);
+    Ok(())
+}

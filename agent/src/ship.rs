@@ -27,6 +27,8 @@ use spoke_io::wire::{read_frame, write_frame, WireError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relay scans the hub to compute resume points before it answers.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping agent waits for the relay to answer its Goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(5);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// How long a graceful stop waits for in-flight batches to be acknowledged.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -344,6 +346,17 @@ impl Session<'_> {
                     let goodbye = Goodbye { code: GoodbyeCode::Shutdown, reason: "agent stopping".into() };
                     let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
                     let _ = send.finish();
+                    // Closing a QUIC connection discards stream data the peer has not
+                    // received yet: wait for the relay's own Goodbye (sent once it has
+                    // confirmed everything and written its checkpoints) or end of stream.
+                    let goodbye_seen = async {
+                        while let Some(Ok(Some(frame))) = inbound.recv().await {
+                            if matches!(frame, Frame::Goodbye(_)) {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(GOODBYE_WAIT, goodbye_seen).await;
                     return Ok(Ended::Stopped);
                 }
             }

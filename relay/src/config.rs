@@ -46,6 +46,13 @@ pub struct HubConfig {
     pub delivery: Delivery,
     #[serde(default)]
     pub transactions: Transactions,
+    /// Hub topic holding the checkpoints of every site (shared by all relays).
+    #[serde(default = "default_offsets_topic")]
+    pub offsets_topic: String,
+    /// At most one checkpoint per source partition per this interval (and one when a session
+    /// ends); the resume scan covers whatever landed after the last one.
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    pub checkpoint_interval: std::time::Duration,
     /// librdkafka properties passed through to the hub producer (and resume-scan consumer).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -92,6 +99,14 @@ impl Default for AdminConfig {
 
 fn default_topic_template() -> String {
     "{site}.{topic}".to_owned()
+}
+
+fn default_offsets_topic() -> String {
+    "spoke.offsets".to_owned()
+}
+
+fn default_checkpoint_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -153,6 +168,23 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
         ));
     }
     validate_template(&config.hub.topic).map_err(|reason| invalid("hub.topic", reason))?;
+    let offsets = &config.hub.offsets_topic;
+    if offsets.is_empty()
+        || !offsets
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(invalid(
+            "hub.offsets_topic",
+            format!("{offsets:?} is not a valid Kafka topic name"),
+        ));
+    }
+    if config.hub.checkpoint_interval.is_zero() {
+        return Err(invalid(
+            "hub.checkpoint_interval",
+            "must be positive".into(),
+        ));
+    }
     if config.hub.bootstrap.trim().is_empty() {
         return Err(invalid("hub.bootstrap", "must not be empty".into()));
     }
@@ -231,6 +263,11 @@ allow = ["orders", "telemetry\\..*"]
         assert_eq!(loaded.config.hub.topic, "{site}.{topic}");
         assert_eq!(loaded.config.hub.delivery, Delivery::ExactlyOnce);
         assert_eq!(loaded.config.hub.transactions, Transactions::Auto);
+        assert_eq!(loaded.config.hub.offsets_topic, "spoke.offsets");
+        assert_eq!(
+            loaded.config.hub.checkpoint_interval,
+            std::time::Duration::from_secs(1)
+        );
         assert_eq!(loaded.config.admin.listen.port(), 9465);
         let allow = loaded.acl.site("branch-042").expect("site");
         assert!(Acl::allows(allow, "orders"));

@@ -16,6 +16,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::checkpoint::Checkpoint;
 use crate::config::HubConfig;
 
 /// Header naming the site a hub record came from.
@@ -192,6 +193,43 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A consumer for reading the hub directly (resume scans, checkpoints): no group, no
+    /// commits, committed records only.
+    pub fn consumer(&self) -> Result<BaseConsumer, HubError> {
+        scan_consumer(self.client_config())
+    }
+
+    /// Makes sure the offsets topic exists: one partition (checkpoints are few and small),
+    /// compacted so it keeps one record per key on hubs that compact.
+    pub async fn ensure_offsets_topic(&self, topic: &str) -> Result<(), HubError> {
+        if self.fetch_partition_count(topic).await? > 0 {
+            return Ok(());
+        }
+        let new_topic =
+            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let results = self
+            .admin
+            .create_topics([&new_topic], &AdminOptions::new())
+            .await
+            .map_err(|source| HubError::CreateTopic {
+                topic: topic.to_owned(),
+                source,
+            })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(HubError::CreateTopic {
+                        topic: topic.to_owned(),
+                        source: KafkaError::AdminOp(code),
+                    })
+                }
+            }
+        }
+        tracing::info!(topic, "created the checkpoint topic");
+        Ok(())
+    }
+
     /// Asks the hub for its metadata: succeeds when the hub answers.
     pub async fn probe(&self) -> Result<(), HubError> {
         let config = self.client_config();
@@ -230,8 +268,34 @@ impl Hub {
         .await?
     }
 
-    /// The first source offset of (`site`, source partition) that `hub_topic` does not hold
-    /// yet: one past the newest record carrying this site's provenance, 0 if there is none.
+    /// The end (high watermark) of every partition of `topic`.
+    pub async fn partition_ends(&self, topic: &str) -> Result<BTreeMap<i32, i64>, HubError> {
+        let count = self.fetch_partition_count(topic).await?;
+        let config = self.client_config();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer = scan_consumer(config)?;
+            (0..count)
+                .map(|partition| {
+                    consumer
+                        .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                        .map(|(_, high)| (partition, high))
+                        .map_err(|source| HubError::Scan {
+                            topic: topic.clone(),
+                            partition,
+                            source,
+                        })
+                })
+                .collect()
+        })
+        .await?
+    }
+
+    /// Where a site's source partition resumes: the first source offset that `hub_topic`
+    /// does not hold yet. Starts from `checkpoint` (if any) and scans the hub partition's tail
+    /// down to the checkpoint's floor for records that landed after it, so a crash between
+    /// data and checkpoint never duplicates. Without a checkpoint the scan goes back until it
+    /// finds the site's newest record, or to the start of the partition.
     ///
     /// Source partition p lands in hub partition p when that exists, so normally only the tail
     /// of one hub partition is read; otherwise records were spread by key and every hub
@@ -241,10 +305,20 @@ impl Hub {
         site: &str,
         hub_topic: &str,
         source_partition: i32,
-    ) -> Result<i64, HubError> {
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Resume, HubError> {
         let count = self.fetch_partition_count(hub_topic).await?;
         if count == 0 {
-            return Ok(0);
+            // No hub topic (any more): nothing of this site is in the hub.
+            return Ok(Resume {
+                next_offset: 0,
+                progress: Checkpoint {
+                    hub_topic: hub_topic.to_owned(),
+                    next_offset: 0,
+                    scan_from: BTreeMap::new(),
+                },
+                scanned: 0,
+            });
         }
         let config = self.client_config();
         let site = site.to_owned();
@@ -256,16 +330,78 @@ impl Hub {
             } else {
                 (0..count).collect()
             };
+            let mut marks = Vec::with_capacity(hub_partitions.len());
+            for &hub_partition in &hub_partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
+                    .map_err(|source| HubError::Scan {
+                        topic: topic.clone(),
+                        partition: hub_partition,
+                        source,
+                    })?;
+                marks.push((hub_partition, low, high));
+            }
+            let checkpoint = checkpoint.filter(|checkpoint| {
+                // A floor above the partition's end means the hub topic was recreated: the
+                // checkpoint describes data that is gone.
+                let fits = marks.iter().all(|&(q, _, high)| {
+                    checkpoint
+                        .scan_from
+                        .get(&q)
+                        .is_none_or(|&floor| floor <= high)
+                });
+                if !fits {
+                    tracing::warn!(topic, "checkpoint is ahead of the hub topic; ignoring it");
+                }
+                fits
+            });
             let mut newest: Option<i64> = None;
-            for hub_partition in hub_partitions {
-                let found =
-                    scan_partition(&consumer, &topic, hub_partition, &site, source_partition)?;
+            let mut scanned = 0;
+            for &(hub_partition, low, high) in &marks {
+                let floor = checkpoint
+                    .as_ref()
+                    .and_then(|c| c.scan_from.get(&hub_partition).copied())
+                    .unwrap_or(low)
+                    .max(low);
+                let found = scan_partition(
+                    &consumer,
+                    &topic,
+                    hub_partition,
+                    (floor, high),
+                    &site,
+                    source_partition,
+                    &mut scanned,
+                )?;
                 newest = newest.max(found);
             }
-            Ok(newest.map_or(0, |offset| offset + 1))
+            let next_offset = newest
+                .map_or(0, |offset| offset + 1)
+                .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
+            // Everything below each partition's end as of now is older than `next_offset`:
+            // no other session of the site is producing while this one starts.
+            let progress = Checkpoint {
+                hub_topic: topic,
+                next_offset,
+                scan_from: marks.iter().map(|&(q, _, high)| (q, high)).collect(),
+            };
+            Ok(Resume {
+                next_offset,
+                progress,
+                scanned,
+            })
         })
         .await?
     }
+}
+
+/// A resume point and what the session's checkpoints start from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub next_offset: i64,
+    /// A checkpoint valid at session start; the session raises it as batches are confirmed.
+    pub progress: Checkpoint,
+    /// Hub records read to find it.
+    pub scanned: u64,
 }
 
 fn scan_consumer(mut config: ClientConfig) -> Result<BaseConsumer, HubError> {
@@ -278,27 +414,25 @@ fn scan_consumer(mut config: ClientConfig) -> Result<BaseConsumer, HubError> {
         .map_err(HubError::Client)
 }
 
-/// Reads one hub partition backwards in growing windows until it finds the newest record
-/// of (`site`, `source_partition`), and returns its source offset.
+/// Reads hub offsets `floor..end` of one partition backwards in growing windows until it
+/// finds the newest record of (`site`, `source_partition`), and returns its source offset.
 fn scan_partition(
     consumer: &BaseConsumer,
     topic: &str,
     partition: i32,
+    (floor, mut end): (i64, i64),
     site: &str,
     source_partition: i32,
+    scanned: &mut u64,
 ) -> Result<Option<i64>, HubError> {
     let scan_err = |source| HubError::Scan {
         topic: topic.to_owned(),
         partition,
         source,
     };
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-        .map_err(scan_err)?;
-    let mut end = high;
     let mut window: i64 = 16;
-    while end > low {
-        let start = (end - window).max(low);
+    while end > floor {
+        let start = (end - window).max(floor);
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(start))
@@ -323,6 +457,7 @@ fn scan_partition(
             if message.offset() >= end {
                 break;
             }
+            *scanned += 1;
             if let Some(offset) = provenance_offset(&message, site, source_partition) {
                 newest = Some(offset);
             }

@@ -6,6 +6,7 @@
 //! identities, [`config`] the relay.toml contract.
 
 pub mod admin;
+pub mod checkpoint;
 pub mod config;
 pub mod fleet;
 pub mod hub;

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admin::Admin;
+use crate::checkpoint::Checkpoints;
 use crate::config::Loaded;
 use crate::fleet::Fleet;
 use crate::hub::Hub;
@@ -49,7 +50,13 @@ pub async fn run(
         }
     })?;
     let hub = Hub::new(&config.hub)?;
-    let fleet = Arc::new(Fleet::new());
+    let checkpoints = Arc::new(Checkpoints::new(
+        config.hub.offsets_topic.clone(),
+        config.hub.checkpoint_interval,
+    ));
+    let mut fleet = Fleet::new();
+    checkpoints.register(&mut fleet.registry);
+    let fleet = Arc::new(fleet);
     let relay_name = instance_name(config.listen);
     let admin_state = Arc::new(Admin {
         fleet: fleet.clone(),
@@ -69,6 +76,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     background.spawn(probe_hub(hub.clone(), admin_state, shutdown.clone()));
+    background.spawn(follow_checkpoints(
+        hub.clone(),
+        checkpoints.clone(),
+        shutdown.clone(),
+    ));
     let context = Arc::new(SessionContext {
         fleet: fleet.clone(),
         hub,
@@ -79,6 +91,7 @@ pub async fn run(
         batch_limits: BatchLimits::default(),
         relay_name: relay_name.clone(),
         handoff: session::Handoff::default(),
+        checkpoints,
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
@@ -146,6 +159,28 @@ async fn probe_hub(hub: Arc<Hub>, admin: Arc<Admin>, shutdown: CancellationToken
             () = tokio::time::sleep(Duration::from_secs(10)) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Creates the offsets topic if needed, then keeps this relay's view of it current.
+async fn follow_checkpoints(
+    hub: Arc<Hub>,
+    checkpoints: Arc<Checkpoints>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match hub.ensure_offsets_topic(&checkpoints.topic).await {
+            Ok(()) => break,
+            Err(error) => warn!(%error, "cannot create the checkpoint topic; will retry"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+    let follower = tokio::task::spawn_blocking(move || checkpoints.follow(&hub, &shutdown));
+    if let Err(error) = follower.await {
+        warn!(%error, "checkpoint follower failed");
     }
 }
 

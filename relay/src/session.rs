@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::checkpoint::{self, Checkpoint, Checkpoints};
 use crate::config::{hub_topic, Acl, Delivery};
 use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
 use spoke_io::wire::{read_frame, write_frame, WireError};
@@ -50,8 +51,11 @@ pub struct SessionContext {
     pub relay_name: String,
     pub fleet: Arc<crate::fleet::Fleet>,
     pub handoff: Handoff,
+    pub checkpoints: Arc<Checkpoints>,
 }
 
+/// How long a session of a just-started relay waits for the checkpoint view.
+const CHECKPOINTS_WAIT: Duration = Duration::from_secs(10);
 /// How long a new session waits for the previous session of its site to drain.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing session waits for its in-flight hub deliveries to resolve.
@@ -308,6 +312,10 @@ async fn serve_site(
 ) -> Result<(), SessionError> {
     let mut resume = HashMap::new();
     let mut resume_points = Vec::new();
+    let mut progress = Progress::new(site, context, producer);
+    if context.delivery == Delivery::ExactlyOnce {
+        context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
+    }
     for tp in &hello.partitions {
         if !Acl::allows(allow, &tp.topic) {
             continue;
@@ -315,10 +323,19 @@ async fn serve_site(
         let next_offset = match context.delivery {
             Delivery::ExactlyOnce => {
                 let target = hub_topic(&context.topic_template, site, &tp.topic);
-                context
+                let known = context
+                    .checkpoints
+                    .get(site, &tp.topic, tp.partition, &target);
+                let found = context
                     .hub
-                    .resume_point(site, &target, tp.partition)
-                    .await?
+                    .resume_point(site, &target, tp.partition, known)
+                    .await?;
+                context.checkpoints.counted_scan(found.scanned);
+                debug!(topic = %tp.topic, partition = tp.partition, next_offset = found.next_offset, scanned = found.scanned, "resume point");
+                // Written now, before any data: the next session's scan then starts at this
+                // session's beginning even if no later checkpoint makes it to the hub.
+                progress.start(&tp.topic, tp.partition, found.progress);
+                found.next_offset
             }
             Delivery::AtLeastOnce => 0,
         };
@@ -338,7 +355,7 @@ async fn serve_site(
     write_frame(&mut send, &Frame::Welcome(welcome)).await?;
 
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    let acker = acknowledge(send, confirmations, &context.fleet, site);
+    let acker = acknowledge(send, confirmations, progress);
     let reader = Reader {
         site,
         context,
@@ -378,8 +395,13 @@ fn check_hello(hello: &Hello, site: &str) -> Result<(), SessionError> {
 enum Outcome {
     Produced {
         seq: u64,
+        topic: String,
+        partition: i32,
         next_offset: i64,
         deliveries: Vec<DeliveryFuture>,
+        /// For the first batch of a partition the Hello did not name: the checkpoint that
+        /// held before it.
+        base: Option<Checkpoint>,
     },
     Refused(Nack),
 }
@@ -472,7 +494,18 @@ impl Reader<'_> {
             .await?;
         let hub_partition = (batch.partition < hub_partitions).then_some(batch.partition);
         let key = (batch.topic.clone(), batch.partition);
-        let resume_from = self.resume.get(&key).copied().unwrap_or(0);
+        let resume_from = self.resume.get(&key).copied();
+        // A partition the Hello did not name had nothing unacknowledged: all its earlier
+        // records are in the hub, below the partitions' current ends.
+        let base = match (resume_from, self.context.delivery) {
+            (None, Delivery::ExactlyOnce) => Some(Checkpoint {
+                hub_topic: target.clone(),
+                next_offset: 0,
+                scan_from: self.context.hub.partition_ends(&target).await?,
+            }),
+            _ => None,
+        };
+        let resume_from = resume_from.unwrap_or(0);
 
         let partition_text = batch.partition.to_string();
         let mut deliveries = Vec::with_capacity(records.len());
@@ -517,8 +550,11 @@ impl Reader<'_> {
         self.resume.insert(key, batch.next_offset);
         Ok(Outcome::Produced {
             seq: batch.seq,
+            topic: batch.topic,
+            partition: batch.partition,
             next_offset: batch.next_offset,
             deliveries,
+            base,
         })
     }
 }
@@ -544,31 +580,39 @@ async fn enqueue<'a>(
 async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
-    fleet: &crate::fleet::Fleet,
-    site: &str,
+    mut progress: Progress<'_>,
 ) -> Result<(), SessionError> {
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
             Outcome::Produced {
                 seq,
+                topic,
+                partition,
                 next_offset,
                 deliveries,
+                base,
             } => {
                 let records = deliveries.len() as u64;
+                let mut landed = Vec::with_capacity(deliveries.len());
                 for delivery in deliveries {
                     match delivery.await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(delivered)) => landed.push((delivered.partition, delivered.offset)),
                         Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
                         Err(_canceled) => return Err(SessionError::Delivery(KafkaError::Canceled)),
                     }
                 }
-                fleet.records(site, records);
+                progress.context.fleet.records(progress.site, records);
+                if let Some(base) = base {
+                    progress.track(&topic, partition, base);
+                }
+                progress.confirmed(&topic, partition, next_offset, &landed);
                 Frame::Ack(Ack { seq, next_offset })
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
         };
         write_frame(&mut send, &frame).await?;
     }
+    progress.finish().await;
     let goodbye = Goodbye {
         code: GoodbyeCode::Shutdown,
         reason: "all batches confirmed".into(),
@@ -576,4 +620,153 @@ async fn acknowledge(
     write_frame(&mut send, &Frame::Goodbye(goodbye)).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// A session's checkpoints: raised as batches are confirmed, written at most once per
+/// `hub.checkpoint_interval` per source partition and once more when the session ends well.
+struct Progress<'a> {
+    site: &'a str,
+    context: &'a SessionContext,
+    producer: &'a FutureProducer,
+    partitions: HashMap<(String, i32), Tracked>,
+}
+
+struct Tracked {
+    checkpoint: Checkpoint,
+    written_at: Option<tokio::time::Instant>,
+    dirty: bool,
+}
+
+impl<'a> Progress<'a> {
+    fn new(site: &'a str, context: &'a SessionContext, producer: &'a FutureProducer) -> Self {
+        Self {
+            site,
+            context,
+            producer,
+            partitions: HashMap::new(),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.context.delivery == Delivery::ExactlyOnce
+    }
+
+    /// Takes the checkpoint the resume scan established and writes it at once.
+    fn start(&mut self, topic: &str, partition: i32, checkpoint: Checkpoint) {
+        self.track(topic, partition, checkpoint);
+        self.write((topic.to_owned(), partition));
+    }
+
+    fn track(&mut self, topic: &str, partition: i32, checkpoint: Checkpoint) {
+        let tracked = Tracked {
+            checkpoint,
+            written_at: None,
+            dirty: true,
+        };
+        self.partitions
+            .insert((topic.to_owned(), partition), tracked);
+    }
+
+    fn confirmed(&mut self, topic: &str, partition: i32, next_offset: i64, landed: &[(i32, i64)]) {
+        if !self.enabled() {
+            return;
+        }
+        let key = (topic.to_owned(), partition);
+        let hub_topic = hub_topic(&self.context.topic_template, self.site, topic);
+        let tracked = self
+            .partitions
+            .entry(key.clone())
+            .or_insert_with(|| Tracked {
+                // A partition the agent did not name in its Hello is new: nothing of it was in
+                // the hub when the session started.
+                checkpoint: Checkpoint {
+                    hub_topic,
+                    next_offset: 0,
+                    scan_from: std::collections::BTreeMap::new(),
+                },
+                written_at: None,
+                dirty: false,
+            });
+        tracked.checkpoint.next_offset = tracked.checkpoint.next_offset.max(next_offset);
+        for &(hub_partition, hub_offset) in landed {
+            tracked.checkpoint.confirmed(hub_partition, hub_offset);
+        }
+        tracked.dirty = true;
+        let due = tracked
+            .written_at
+            .is_none_or(|at| at.elapsed() >= self.context.checkpoints.interval);
+        if due {
+            self.write(key);
+        }
+    }
+
+    /// Hands one checkpoint to the producer. Best effort: a checkpoint that does not make it
+    /// only makes the next resume scan longer.
+    fn write(&mut self, key: (String, i32)) -> Option<DeliveryFuture> {
+        let tracked = self.partitions.get_mut(&key)?;
+        let record_key = checkpoint::key(self.site, &key.0, key.1);
+        let value = checkpoint::encode(&tracked.checkpoint);
+        let record = FutureRecord::to(&self.context.checkpoints.topic)
+            .key(record_key.as_bytes())
+            .payload(&value);
+        match self.producer.send_result(record) {
+            Ok(delivery) => {
+                tracked.dirty = false;
+                tracked.written_at = Some(tokio::time::Instant::now());
+                self.context.checkpoints.counted_write();
+                self.context
+                    .checkpoints
+                    .merge(record_key, tracked.checkpoint.clone());
+                Some(delivery)
+            }
+            Err((error, _)) => {
+                debug!(%error, "checkpoint not written");
+                None
+            }
+        }
+    }
+
+    /// Writes what is not written yet and waits for it: the session's producer is purged
+    /// right after the session ends. Everything this session sent is confirmed by now, so
+    /// every record of its partitions lies below the hub partitions' current ends: the floors
+    /// rise to them, and a quiet partition in a busy hub topic resumes without a long scan.
+    async fn finish(&mut self) {
+        if !self.enabled() {
+            return;
+        }
+        let mut ends = HashMap::new();
+        for tracked in self.partitions.values_mut() {
+            let topic = &tracked.checkpoint.hub_topic;
+            if !ends.contains_key(topic) {
+                match self.context.hub.partition_ends(topic).await {
+                    Ok(found) => {
+                        ends.insert(topic.clone(), found);
+                    }
+                    Err(error) => debug!(%error, "cannot raise checkpoint floors"),
+                }
+            }
+            for (&partition, &end) in ends.get(topic).into_iter().flatten() {
+                let floor = tracked.checkpoint.scan_from.entry(partition).or_insert(0);
+                if *floor < end {
+                    *floor = end;
+                    tracked.dirty = true;
+                }
+            }
+        }
+        let dirty: Vec<(String, i32)> = self
+            .partitions
+            .iter()
+            .filter(|(_, tracked)| tracked.dirty)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let pending: Vec<DeliveryFuture> = dirty
+            .into_iter()
+            .filter_map(|key| self.write(key))
+            .collect();
+        for delivery in pending {
+            if !matches!(delivery.await, Ok(Ok(_))) {
+                debug!("final checkpoint not confirmed");
+            }
+        }
+    }
 }

@@ -13,11 +13,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::HubConfig;
+use crate::config::{HubConfig, Transactions};
 
 /// Header naming the site a hub record came from.
 pub const HEADER_ORIGIN: &str = "spoke-origin";
@@ -27,6 +27,9 @@ pub const HEADER_PARTITION: &str = "spoke-partition";
 pub const HEADER_OFFSET: &str = "spoke-offset";
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for init/commit/abort of a transaction, and the broker-side timeout after
+/// which it aborts a transaction whose producer vanished.
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const SCAN_POLL_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub enum HubError {
     },
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("hub transactions: {0}")]
+    Transaction(KafkaError),
 }
 
 /// Shared by all sessions of one relay.
@@ -66,6 +71,9 @@ pub struct Hub {
     admin: AdminClient<DefaultClientContext>,
     /// Hub topic → partition count, learned once per relay process.
     partitions: Mutex<HashMap<String, i32>>,
+    transactions: Transactions,
+    /// `hub.transactions = "auto"`, once the hub answered definitively.
+    transactions_probed: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -86,6 +94,8 @@ impl Hub {
                 .create()
                 .map_err(HubError::Client)?,
             partitions: Mutex::new(HashMap::new()),
+            transactions: config.transactions,
+            transactions_probed: tokio::sync::OnceCell::new(),
         };
         Ok(Arc::new(hub))
     }
@@ -99,9 +109,59 @@ impl Hub {
         config
     }
 
+    /// The transactional id of a site's sessions.
+    pub fn transactional_id(site: &str) -> String {
+        format!("spoke-{site}")
+    }
+
+    /// Whether sessions use Kafka transactions. `"auto"` asks the hub once, by committing a
+    /// probe transaction; a hub that cannot answer yet is an error (the session retries), not
+    /// a reason to settle on the weaker mechanism.
+    pub async fn transactional(&self, probe_topic: &str) -> Result<bool, HubError> {
+        match self.transactions {
+            Transactions::On => Ok(true),
+            Transactions::Off => Ok(false),
+            Transactions::Auto => self
+                .transactions_probed
+                .get_or_try_init(|| self.probe_transactions(probe_topic))
+                .await
+                .copied(),
+        }
+    }
+
+    async fn probe_transactions(&self, probe_topic: &str) -> Result<bool, HubError> {
+        // Not of the form `spoke-<site>`, so it can never fence a site's producer.
+        let producer = self.producer(Some("spoke.transaction-probe".to_owned()))?;
+        let topic = probe_topic.to_owned();
+        let outcome = tokio::task::spawn_blocking(move || {
+            producer.init_transactions(TRANSACTION_TIMEOUT)?;
+            producer.begin_transaction()?;
+            // Not a checkpoint (no JSON value): followers skip it.
+            let record = FutureRecord::<[u8], [u8]>::to(&topic)
+                .key(b"spoke-transaction-probe".as_slice())
+                .payload(b"".as_slice());
+            producer.send_result(record).map_err(|(error, _)| error)?;
+            producer.commit_transaction(TRANSACTION_TIMEOUT)
+        })
+        .await?;
+        match outcome {
+            Ok(()) => {
+                tracing::info!("the hub supports transactions: sessions commit data and checkpoints atomically");
+                Ok(true)
+            }
+            Err(error) if unsupported(&error) => {
+                tracing::info!(%error, "the hub has no transactions: sessions are fenced by relay.fence_delay instead");
+                Ok(false)
+            }
+            Err(error) => Err(HubError::Transaction(error)),
+        }
+    }
+
     /// A producer for one site session: idempotent and acks=all, so a record the hub confirmed
-    /// is durable and retries never duplicate or reorder within a partition.
-    pub fn producer(&self) -> Result<FutureProducer, HubError> {
+    /// is durable and retries never duplicate or reorder within a partition. With a
+    /// `transactional_id` it is transactional, and a newer producer with the same id, on any
+    /// relay, fences it at the broker.
+    pub fn producer(&self, transactional_id: Option<String>) -> Result<FutureProducer, HubError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap)
@@ -122,9 +182,14 @@ impl Hub {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("enable.gapless.guarantee", "true")
-            .create()
-            .map_err(HubError::Client)
+            .set("enable.gapless.guarantee", "true");
+        if let Some(id) = transactional_id {
+            config.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            );
+        }
+        config.create().map_err(HubError::Client)
     }
 
     /// Makes sure `topic` exists (created with `source_partitions` when missing) and returns
@@ -491,4 +556,19 @@ fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32)
     (origin == Some(site.as_bytes()) && parse(partition) == Some(i64::from(source_partition)))
         .then(|| parse(offset))
         .flatten()
+}
+
+/// Whether a transaction error says the hub has no (usable) transactions, as opposed to a
+/// passing failure.
+fn unsupported(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnsupportedFeature
+                | RDKafkaErrorCode::UnsupportedVersion
+                | RDKafkaErrorCode::UnsupportedForMessageFormat
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    )
 }

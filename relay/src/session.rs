@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use regex::Regex;
 use spoke_proto::{
     Ack, Batch, BatchLimits, Frame, Goodbye, GoodbyeCode, Hello, Limits, Nack, NackCode,
@@ -23,7 +23,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::checkpoint::{self, Checkpoint, Checkpoints};
 use crate::config::{hub_topic, Acl, Delivery};
-use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
+use crate::hub::{
+    Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
+};
 use spoke_io::wire::{read_frame, write_frame, WireError};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,6 +165,8 @@ pub enum SessionError {
     Hub(#[from] HubError),
     #[error("hub delivery failed: {0}")]
     Delivery(KafkaError),
+    #[error("hub transaction failed: {0}")]
+    Transaction(KafkaError),
     #[error("a newer session of this site took over")]
     Superseded,
     #[error("the previous session of this site did not finish in time")]
@@ -186,6 +190,7 @@ impl SessionError {
             | Self::Wire(_)
             | Self::Hub(_)
             | Self::Delivery(_)
+            | Self::Transaction(_)
             | Self::Superseded
             | Self::HandoffTimeout => None,
         }
@@ -196,7 +201,9 @@ impl SessionError {
             Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
                 close_code::NOT_AUTHORIZED
             }
-            Self::Hub(_) | Self::Delivery(_) | Self::HandoffTimeout => close_code::HUB_ERROR,
+            Self::Hub(_) | Self::Delivery(_) | Self::Transaction(_) | Self::HandoffTimeout => {
+                close_code::HUB_ERROR
+            }
             _ => close_code::PROTOCOL_ERROR,
         }
     }
@@ -290,29 +297,60 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     // before this one reads the hub. Otherwise its late deliveries could land after the
     // resume scan and be sent again.
     let (turn, superseded) = context.handoff.take(&site).await?;
-    let producer = context.hub.producer()?;
+    let transactional = context.delivery == Delivery::ExactlyOnce
+        && context
+            .hub
+            .transactional(&context.checkpoints.topic)
+            .await?;
+    let producer = context
+        .hub
+        .producer(transactional.then(|| Hub::transactional_id(&site)))?;
     let _teardown = Teardown {
         producer: Some(producer.clone()),
         turn: Some(turn),
     };
+    if transactional {
+        // Fences every older producer of this site, on any relay, and aborts its open
+        // transaction: the resume scan below then reads only committed data.
+        let initialising = producer.clone();
+        tokio::task::spawn_blocking(move || initialising.init_transactions(TRANSACTION_TIMEOUT))
+            .await
+            .map_err(HubError::from)?
+            .map_err(SessionError::Transaction)?;
+    }
+    let session = Session {
+        site: &site,
+        context,
+        producer: &producer,
+        transactional,
+    };
     tokio::select! {
-        result = serve_site(&site, &allow, hello, send, recv, context, &producer) => result,
+        result = serve_site(session, &allow, hello, send, recv) => result,
         () = superseded.cancelled() => Err(SessionError::Superseded),
     }
 }
 
+/// What a session's parts share once the site is known.
+#[derive(Clone, Copy)]
+struct Session<'a> {
+    site: &'a str,
+    context: &'a SessionContext,
+    producer: &'a FutureProducer,
+    /// Data and checkpoint of each batch are committed in one Kafka transaction.
+    transactional: bool,
+}
+
 async fn serve_site(
-    site: &str,
+    session: Session<'_>,
     allow: &[Regex],
     hello: Hello,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    context: &SessionContext,
-    producer: &FutureProducer,
 ) -> Result<(), SessionError> {
+    let Session { site, context, .. } = session;
     let mut resume = HashMap::new();
     let mut resume_points = Vec::new();
-    let mut progress = Progress::new(site, context, producer);
+    let mut progress = Progress::new(session);
     if context.delivery == Delivery::ExactlyOnce {
         context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
     }
@@ -355,13 +393,19 @@ async fn serve_site(
     write_frame(&mut send, &Frame::Welcome(welcome)).await?;
 
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    let acker = acknowledge(send, confirmations, progress);
+    // With transactions one batch is open at a time: the reader waits for its commit.
+    let (committed_tx, committed_rx) = if session.transactional {
+        let (tx, rx) = mpsc::channel(1);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let acker = acknowledge(send, confirmations, progress, committed_tx);
     let reader = Reader {
-        site,
-        context,
-        producer,
+        session,
         resume,
         queue,
+        committed: committed_rx,
     };
     // The reader ending (the agent finished its stream or said Goodbye) drops the queue, and
     // the acker then drains what is still unconfirmed; the acker failing ends the session.
@@ -407,25 +451,28 @@ enum Outcome {
 }
 
 struct Reader<'a> {
-    site: &'a str,
-    context: &'a SessionContext,
-    producer: &'a FutureProducer,
+    session: Session<'a>,
     /// Per source partition, the first offset not yet handed to the producer in this session;
     /// records below it are already in the hub (a chunk may straddle the resume point).
     resume: HashMap<(String, i32), i64>,
     queue: mpsc::Sender<Outcome>,
+    /// Transactions only: one message per committed batch.
+    committed: Option<mpsc::Receiver<()>>,
 }
 
 impl Reader<'_> {
     async fn run(mut self, mut recv: quinn::RecvStream) -> Result<(), SessionError> {
         loop {
-            let frame = read_frame(&mut recv, &self.context.frame_limits).await?;
+            let frame = read_frame(&mut recv, &self.session.context.frame_limits).await?;
             let outcome = match frame {
                 None => return Ok(()),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
                 Some(Frame::Heartbeat(heartbeat)) => {
                     debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
-                    self.context.fleet.heartbeat(self.site, heartbeat);
+                    self.session
+                        .context
+                        .fleet
+                        .heartbeat(self.session.site, heartbeat);
                     continue;
                 }
                 Some(Frame::Goodbye(goodbye)) => {
@@ -439,29 +486,33 @@ impl Reader<'_> {
                     })
                 }
             };
+            let produced = matches!(outcome, Outcome::Produced { .. });
             if self.queue.send(outcome).await.is_err() {
                 // The acker ended; its result is what the session reports.
                 return Ok(());
+            }
+            if let (true, Some(committed)) = (produced, self.committed.as_mut()) {
+                if committed.recv().await.is_none() {
+                    return Ok(());
+                }
             }
         }
     }
 
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
-        let allowed = self
-            .context
+        let Session { site, context, .. } = self.session;
+        let allowed = context
             .acl
             .borrow()
-            .site(self.site)
+            .site(site)
             .is_some_and(|patterns| Acl::allows(patterns, &batch.topic));
         if !allowed {
-            self.context
-                .fleet
-                .rejected(crate::fleet::reject::NOT_ALLOWED);
+            context.fleet.rejected(crate::fleet::reject::NOT_ALLOWED);
             warn!(topic = %batch.topic, "batch for a topic this site may not write");
             return Ok(Outcome::Refused(Nack {
                 seq: batch.seq,
                 code: NackCode::NotAllowed,
-                message: format!("site {} may not write topic {}", self.site, batch.topic),
+                message: format!("site {} may not write topic {}", site, batch.topic),
             }));
         }
         let bad_batch = |reason: String| SessionError::BadBatch {
@@ -484,11 +535,10 @@ impl Reader<'_> {
             return Err(bad_batch("next offset not past the last record".into()));
         }
         let records = batch
-            .records(&self.context.batch_limits)
+            .records(&context.batch_limits)
             .map_err(|e| bad_batch(e.to_string()))?;
-        let target = hub_topic(&self.context.topic_template, self.site, &batch.topic);
-        let hub_partitions = self
-            .context
+        let target = hub_topic(&context.topic_template, site, &batch.topic);
+        let hub_partitions = context
             .hub
             .ensure_topic(&target, batch.partition_count)
             .await?;
@@ -497,16 +547,22 @@ impl Reader<'_> {
         let resume_from = self.resume.get(&key).copied();
         // A partition the Hello did not name had nothing unacknowledged: all its earlier
         // records are in the hub, below the partitions' current ends.
-        let base = match (resume_from, self.context.delivery) {
+        let base = match (resume_from, context.delivery) {
             (None, Delivery::ExactlyOnce) => Some(Checkpoint {
                 hub_topic: target.clone(),
                 next_offset: 0,
-                scan_from: self.context.hub.partition_ends(&target).await?,
+                scan_from: context.hub.partition_ends(&target).await?,
             }),
             _ => None,
         };
         let resume_from = resume_from.unwrap_or(0);
 
+        if self.session.transactional {
+            self.session
+                .producer
+                .begin_transaction()
+                .map_err(SessionError::Transaction)?;
+        }
         let partition_text = batch.partition.to_string();
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records.iter().filter(|r| r.offset >= resume_from) {
@@ -521,7 +577,7 @@ impl Reader<'_> {
             headers = headers
                 .insert(KafkaHeader {
                     key: HEADER_ORIGIN,
-                    value: Some(self.site.as_bytes()),
+                    value: Some(site.as_bytes()),
                 })
                 .insert(KafkaHeader {
                     key: HEADER_PARTITION,
@@ -545,7 +601,7 @@ impl Reader<'_> {
             if let Some(timestamp) = record.timestamp {
                 hub_record = hub_record.timestamp(timestamp);
             }
-            deliveries.push(enqueue(self.producer, hub_record).await?);
+            deliveries.push(enqueue(self.session.producer, hub_record).await?);
         }
         self.resume.insert(key, batch.next_offset);
         Ok(Outcome::Produced {
@@ -576,11 +632,13 @@ async fn enqueue<'a>(
     }
 }
 
-/// Awaits the hub's confirmations in arrival order and answers the agent.
+/// Awaits the hub's confirmations in arrival order and answers the agent. With transactions
+/// it also commits each batch (data and checkpoint together) before acknowledging it.
 async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
     mut progress: Progress<'_>,
+    committed: Option<mpsc::Sender<()>>,
 ) -> Result<(), SessionError> {
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
@@ -592,6 +650,14 @@ async fn acknowledge(
                 deliveries,
                 base,
             } => {
+                if let Some(base) = base {
+                    progress.track(&topic, partition, base);
+                }
+                if progress.session.transactional {
+                    progress.advance(&topic, partition, next_offset, &[]);
+                    progress.write((topic.clone(), partition));
+                    commit(progress.session.producer).await?;
+                }
                 let records = deliveries.len() as u64;
                 let mut landed = Vec::with_capacity(deliveries.len());
                 for delivery in deliveries {
@@ -601,11 +667,16 @@ async fn acknowledge(
                         Err(_canceled) => return Err(SessionError::Delivery(KafkaError::Canceled)),
                     }
                 }
-                progress.context.fleet.records(progress.site, records);
-                if let Some(base) = base {
-                    progress.track(&topic, partition, base);
+                let session = progress.session;
+                session.context.fleet.records(session.site, records);
+                progress.advance(&topic, partition, next_offset, &landed);
+                if !session.transactional {
+                    progress.write_if_due((topic, partition));
                 }
-                progress.confirmed(&topic, partition, next_offset, &landed);
+                if let Some(committed) = &committed {
+                    // The reader may begin the next transaction; it is gone if it ended.
+                    let _ = committed.send(()).await;
+                }
                 Frame::Ack(Ack { seq, next_offset })
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
@@ -622,12 +693,31 @@ async fn acknowledge(
     Ok(())
 }
 
-/// A session's checkpoints: raised as batches are confirmed, written at most once per
-/// `hub.checkpoint_interval` per source partition and once more when the session ends well.
+/// Commits the open transaction. Any failure aborts it and ends the session: librdkafka
+/// lacks KIP-890, so an unclear outcome is never retried or guessed at; the next session
+/// starts a new producer (fencing this one) and computes its resume point afresh.
+async fn commit(producer: &FutureProducer) -> Result<(), SessionError> {
+    let committing = producer.clone();
+    let result =
+        tokio::task::spawn_blocking(move || committing.commit_transaction(TRANSACTION_TIMEOUT))
+            .await
+            .map_err(HubError::from)?;
+    if let Err(error) = result {
+        let aborting = producer.clone();
+        let aborted =
+            tokio::task::spawn_blocking(move || aborting.abort_transaction(TRANSACTION_TIMEOUT))
+                .await;
+        warn!(%error, aborted = matches!(aborted, Ok(Ok(()))), "hub transaction failed; aborting the session");
+        return Err(SessionError::Transaction(error));
+    }
+    Ok(())
+}
+
+/// A session's checkpoints, raised as batches are confirmed. Without transactions they are
+/// written when the session starts, at most once per `hub.checkpoint_interval` per source
+/// partition, and when it ends well; with transactions, inside every batch's transaction.
 struct Progress<'a> {
-    site: &'a str,
-    context: &'a SessionContext,
-    producer: &'a FutureProducer,
+    session: Session<'a>,
     partitions: HashMap<(String, i32), Tracked>,
 }
 
@@ -638,23 +728,24 @@ struct Tracked {
 }
 
 impl<'a> Progress<'a> {
-    fn new(site: &'a str, context: &'a SessionContext, producer: &'a FutureProducer) -> Self {
+    fn new(session: Session<'a>) -> Self {
         Self {
-            site,
-            context,
-            producer,
+            session,
             partitions: HashMap::new(),
         }
     }
 
     fn enabled(&self) -> bool {
-        self.context.delivery == Delivery::ExactlyOnce
+        self.session.context.delivery == Delivery::ExactlyOnce
     }
 
-    /// Takes the checkpoint the resume scan established and writes it at once.
+    /// Takes the checkpoint the resume scan established, and writes it at once when it can
+    /// (a transactional producer writes only inside a batch's transaction).
     fn start(&mut self, topic: &str, partition: i32, checkpoint: Checkpoint) {
         self.track(topic, partition, checkpoint);
-        self.write((topic.to_owned(), partition));
+        if !self.session.transactional {
+            self.write((topic.to_owned(), partition));
+        }
     }
 
     fn track(&mut self, topic: &str, partition: i32, checkpoint: Checkpoint) {
@@ -667,20 +758,21 @@ impl<'a> Progress<'a> {
             .insert((topic.to_owned(), partition), tracked);
     }
 
-    fn confirmed(&mut self, topic: &str, partition: i32, next_offset: i64, landed: &[(i32, i64)]) {
+    /// Folds in a batch that brings the partition to `next_offset`, with the hub positions
+    /// its records `landed` at (none yet, for a transaction about to commit).
+    fn advance(&mut self, topic: &str, partition: i32, next_offset: i64, landed: &[(i32, i64)]) {
         if !self.enabled() {
             return;
         }
-        let key = (topic.to_owned(), partition);
-        let hub_topic = hub_topic(&self.context.topic_template, self.site, topic);
+        let Session { site, context, .. } = self.session;
         let tracked = self
             .partitions
-            .entry(key.clone())
+            .entry((topic.to_owned(), partition))
             .or_insert_with(|| Tracked {
-                // A partition the agent did not name in its Hello is new: nothing of it was in
-                // the hub when the session started.
+                // Not reached: every partition is tracked from its resume scan or its first
+                // batch. Should it happen, an empty floor is still a valid checkpoint.
                 checkpoint: Checkpoint {
-                    hub_topic,
+                    hub_topic: hub_topic(&context.topic_template, site, topic),
                     next_offset: 0,
                     scan_from: std::collections::BTreeMap::new(),
                 },
@@ -692,29 +784,44 @@ impl<'a> Progress<'a> {
             tracked.checkpoint.confirmed(hub_partition, hub_offset);
         }
         tracked.dirty = true;
-        let due = tracked
-            .written_at
-            .is_none_or(|at| at.elapsed() >= self.context.checkpoints.interval);
+    }
+
+    fn write_if_due(&mut self, key: (String, i32)) {
+        let interval = self.session.context.checkpoints.interval;
+        let due = self
+            .partitions
+            .get(&key)
+            .is_some_and(|t| t.written_at.is_none_or(|at| at.elapsed() >= interval));
         if due {
             self.write(key);
         }
     }
 
-    /// Hands one checkpoint to the producer. Best effort: a checkpoint that does not make it
-    /// only makes the next resume scan longer.
+    /// Hands one checkpoint to the producer. Without transactions this is best effort: a
+    /// checkpoint that does not make it only makes the next resume scan longer. With them,
+    /// a failed write fails the commit.
     fn write(&mut self, key: (String, i32)) -> Option<DeliveryFuture> {
+        if !self.enabled() {
+            return None;
+        }
+        let Session {
+            site,
+            context,
+            producer,
+            ..
+        } = self.session;
         let tracked = self.partitions.get_mut(&key)?;
-        let record_key = checkpoint::key(self.site, &key.0, key.1);
+        let record_key = checkpoint::key(site, &key.0, key.1);
         let value = checkpoint::encode(&tracked.checkpoint);
-        let record = FutureRecord::to(&self.context.checkpoints.topic)
+        let record = FutureRecord::to(&context.checkpoints.topic)
             .key(record_key.as_bytes())
             .payload(&value);
-        match self.producer.send_result(record) {
+        match producer.send_result(record) {
             Ok(delivery) => {
                 tracked.dirty = false;
                 tracked.written_at = Some(tokio::time::Instant::now());
-                self.context.checkpoints.counted_write();
-                self.context
+                context.checkpoints.counted_write();
+                context
                     .checkpoints
                     .merge(record_key, tracked.checkpoint.clone());
                 Some(delivery)
@@ -734,11 +841,12 @@ impl<'a> Progress<'a> {
         if !self.enabled() {
             return;
         }
+        let hub = &self.session.context.hub;
         let mut ends = HashMap::new();
         for tracked in self.partitions.values_mut() {
             let topic = &tracked.checkpoint.hub_topic;
             if !ends.contains_key(topic) {
-                match self.context.hub.partition_ends(topic).await {
+                match hub.partition_ends(topic).await {
                     Ok(found) => {
                         ends.insert(topic.clone(), found);
                     }
@@ -759,10 +867,25 @@ impl<'a> Progress<'a> {
             .filter(|(_, tracked)| tracked.dirty)
             .map(|(key, _)| key.clone())
             .collect();
+        if dirty.is_empty() {
+            return;
+        }
+        let transactional = self.session.transactional;
+        if transactional {
+            if let Err(error) = self.session.producer.begin_transaction() {
+                debug!(%error, "final checkpoints not written");
+                return;
+            }
+        }
         let pending: Vec<DeliveryFuture> = dirty
             .into_iter()
             .filter_map(|key| self.write(key))
             .collect();
+        if transactional {
+            if let Err(error) = commit(self.session.producer).await {
+                debug!(%error, "final checkpoints not committed");
+            }
+        }
         for delivery in pending {
             if !matches!(delivery.await, Ok(Ok(_))) {
                 debug!("final checkpoint not confirmed");

@@ -1,0 +1,220 @@
+//! `hub.transactions`: each batch's records and its checkpoint committed in one Kafka
+//! transaction under `transactional.id = spoke-<site>`.
+//!
+//! No broker on this machine implements transactions fully (`../shared/KAFKA.md`): tansu has
+//! no EndTxn, and librdkafka's mock cluster commits and aborts but neither fences a zombie
+//! producer by epoch nor hides aborted records from read_committed consumers. So:
+//! - against tansu, `"auto"` must find out that there are no transactions and fall back to
+//!   fencing by `relay.fence_delay` (every other end-to-end test runs that way);
+//! - against the mock cluster, the transactional path must replicate exactly, commit the
+//!   checkpoints with the data, and ride out the transient errors a transaction coordinator
+//!   returns (injected here);
+//! - fencing of a zombie relay by a newer producer epoch, and aborted data staying invisible,
+//!   are broker guarantees that no broker here can show; they are not tested.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use spoke_tests::kafka::{self, Rec};
+use spoke_tests::process::Spoke;
+use spoke_tests::site::{AgentOptions, Env, SITE};
+use spoke_tests::{admin, eventually};
+
+const HUB_TOPIC: &str = "branch-042.orders";
+
+fn record(i: usize) -> Rec {
+    Rec {
+        key: (i % 5 != 0).then(|| format!("key-{i}").into_bytes()),
+        value: Some(format!("{{\"order\":{i},\"qty\":{}}}", i % 17).into_bytes()),
+        headers: vec![("trace".into(), Some(i.to_le_bytes().to_vec()))],
+        timestamp: Some(1_700_000_000_000 + i as i64),
+    }
+}
+
+/// Starts the relay against `hub` with `transactions` set as given.
+fn start_relay(env: &Env, hub: &str, transactions: &str) -> anyhow::Result<Spoke> {
+    let text = std::fs::read_to_string(env.relay_config(&["orders"])?)?
+        .replace(&env.hub.bootstrap(), hub)
+        .replace(
+            "[hub]\n",
+            &format!("[hub]\ntransactions = \"{transactions}\"\n"),
+        );
+    let path = env.path("relay-transactions.toml");
+    std::fs::write(&path, text)?;
+    let path = path.to_str().context("non-UTF-8 temp path")?;
+    Spoke::start(
+        "spoke-relay",
+        &["run", "--config", path],
+        env.path("relay.log"),
+    )
+}
+
+fn hub_total(hub: &str) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for p in 0..2 {
+        let (low, high) = kafka::watermarks(hub, HUB_TOPIC, p)?;
+        total += high - low;
+    }
+    Ok(total)
+}
+
+#[test]
+fn a_transactional_hub_gets_every_record_once_with_its_checkpoint() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let mock = MockCluster::new(1)?;
+    // The mock cluster has no CreateTopics.
+    mock.create_topic(HUB_TOPIC, 2, 1)?;
+    mock.create_topic("spoke.offsets", 1, 1)?;
+    let hub = mock.bootstrap_servers();
+
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..2_000).map(record).collect();
+    for p in 0..2 {
+        kafka::produce(&producer, "orders", p, &records[..1_000])?;
+    }
+    // What a busy or moving transaction coordinator answers; librdkafka retries them.
+    mock.request_errors(
+        RDKafkaApiKey::AddPartitionsToTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS; 3],
+    );
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS,
+        ],
+    );
+
+    let relay = start_relay(&env, &hub, "on")?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    // The rest while the session runs, so that it commits many small transactions.
+    for chunk in records[1_000..].chunks(50) {
+        for p in 0..2 {
+            kafka::produce(&producer, "orders", p, chunk)?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eventually("4,000 records in the hub", Duration::from_secs(180), || {
+        let total = hub_total(&hub)?;
+        anyhow::ensure!(total <= 4_000, "{total} records in the hub: duplicates");
+        Ok(total == 4_000)
+    })?;
+    for p in 0..2 {
+        kafka::assert_replicated(&env.edge.bootstrap(), &hub, SITE, "orders", p)?;
+    }
+
+    // Each partition's newest committed checkpoint is at the edge's end.
+    let mut newest = BTreeMap::new();
+    for stored in kafka::read_partition(&hub, "spoke.offsets", 0)? {
+        if let (Some(key), Some(value)) = (stored.rec.key, stored.rec.value) {
+            if let Ok(checkpoint) = serde_json::from_slice::<serde_json::Value>(&value) {
+                newest.insert(String::from_utf8(key)?, checkpoint["next_offset"].as_i64());
+            }
+        }
+    }
+    for p in 0..2 {
+        assert_eq!(
+            newest.get(&format!("{SITE}/orders/{p}")),
+            Some(&Some(2_000)),
+            "checkpoints: {newest:?}"
+        );
+    }
+    let metrics = admin::scrape(&env.relay_admin())?;
+    let written = admin::sum(&metrics, "spoke_relay_checkpoints_written_total", &[]);
+    assert!(
+        written >= 10.0,
+        "only {written} transactions: the test must commit many"
+    );
+    let log = relay.log();
+    println!(
+        "scenario=transactions-mock produced=4000 hub=4000 lost=0 dup=0 checkpoints={written}"
+    );
+    assert!(
+        !log.contains("hub transaction failed"),
+        "transient coordinator errors must be retried, not fail the session:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn auto_falls_back_to_fencing_on_a_hub_without_transactions() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..500).map(record).collect();
+    kafka::produce(&producer, "orders", 0, &records)?;
+    let relay = start_relay(&env, &env.hub.bootstrap(), "auto")?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("500 records in the hub", Duration::from_secs(120), || {
+        Ok(hub_total(&env.hub.bootstrap())? == 500)
+    })?;
+    kafka::assert_replicated(
+        &env.edge.bootstrap(),
+        &env.hub.bootstrap(),
+        SITE,
+        "orders",
+        0,
+    )?;
+    let log = relay.log();
+    assert!(
+        log.contains("the hub has no transactions"),
+        "the relay must say which mechanism it uses:\n{log}"
+    );
+    Ok(())
+}
+
+/// A commit that fails is aborted and the session starts over with a new producer and a new
+/// resume point. The mock cluster shows aborted records to every reader, so this checks that
+/// nothing is lost and that the relay recovers, not that nothing is duplicated.
+#[test]
+fn a_failed_commit_aborts_and_the_site_resumes_without_loss() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let mock = MockCluster::new(1)?;
+    mock.create_topic(HUB_TOPIC, 2, 1)?;
+    mock.create_topic("spoke.offsets", 1, 1)?;
+    let hub = mock.bootstrap_servers();
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..600).map(record).collect();
+    kafka::produce(&producer, "orders", 0, &records[..300])?;
+
+    let relay = start_relay(&env, &hub, "on")?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually(
+        "the first records in the hub",
+        Duration::from_secs(120),
+        || Ok(hub_total(&hub)? >= 300),
+    )?;
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TXN_STATE],
+    );
+    kafka::produce(&producer, "orders", 0, &records[300..])?;
+    eventually(
+        "every record in the hub after the abort",
+        Duration::from_secs(120),
+        || {
+            let stored = kafka::read_partition(&hub, HUB_TOPIC, 0)?;
+            let mut offsets: Vec<i64> = stored
+                .iter()
+                .filter_map(|s| {
+                    let (_, value) = s.rec.headers.iter().rfind(|(k, _)| k == "spoke-offset")?;
+                    std::str::from_utf8(value.as_deref()?).ok()?.parse().ok()
+                })
+                .collect();
+            offsets.sort_unstable();
+            offsets.dedup();
+            Ok(offsets == (0..600).collect::<Vec<i64>>())
+        },
+    )?;
+    let log = relay.log();
+    assert!(
+        log.contains("hub transaction failed; aborting the session"),
+        "the injected commit failure must abort the transaction:\n{log}"
+    );
+    Ok(())
+}

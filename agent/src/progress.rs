@@ -48,6 +48,10 @@ pub struct Progress {
     rate: Mutex<Option<RateSample>>,
     /// The most recent losses, for `/status` (the counter has them all).
     recent_losses: Mutex<std::collections::VecDeque<Loss>>,
+    /// Per partition, the source offset below which spooled chunks may already be in the hub:
+    /// sent without an Ack yet, or straddling the last resume point. Drop-oldest spares them,
+    /// so a record it counts as lost is never delivered as well.
+    unsettled: Mutex<HashMap<SourcePartition, i64>>,
 }
 
 /// Records that will never reach the hub: which, and why.
@@ -94,6 +98,23 @@ impl Progress {
 
     pub fn set_partition_count(&self, topic: &str, count: i32) {
         lock(&self.partition_counts).insert(topic.to_owned(), count);
+    }
+
+    /// Runs `f` with the per-partition bounds below which chunks may be in the hub, locked:
+    /// the shipper takes a chunk from the spool and raises the bound in one step, and
+    /// drop-oldest picks its victim under the same lock, so it never takes a chunk that is
+    /// on its way to a relay.
+    pub fn with_unsettled<T>(&self, f: impl FnOnce(&mut HashMap<SourcePartition, i64>) -> T) -> T {
+        f(&mut lock(&self.unsettled))
+    }
+
+    /// A relay's Welcome settles everything sent before: chunks wholly below its resume
+    /// points are in the hub (and removed), everything else is not, except a chunk that
+    /// straddles a resume point.
+    pub fn settled(&self, resume: impl IntoIterator<Item = (SourcePartition, i64)>) {
+        let mut unsettled = lock(&self.unsettled);
+        unsettled.clear();
+        unsettled.extend(resume);
     }
 
     pub fn partition_count(&self, topic: &str) -> Option<i32> {

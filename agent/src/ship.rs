@@ -279,6 +279,13 @@ impl Session<'_> {
                 info!(topic = %point.topic, partition = point.partition, records = freed.records, "already in the hub");
             }
         }
+        self.progress.settled(welcome.resume.iter().map(|point| {
+            let partition = SourcePartition {
+                topic: point.topic.clone(),
+                partition: point.partition,
+            };
+            (partition, point.next_offset)
+        }));
         self.welcomed = true;
         self.progress.relay_connected.store(true, Ordering::Relaxed);
         info!(relay = %welcome.relay, "connected");
@@ -306,7 +313,17 @@ impl Session<'_> {
         let mut pacer = Pacer::new(self.loaded.config.ship.max_bandwidth.as_u64());
         loop {
             while in_flight.len() < window {
-                let Some(chunk) = self.next_chunk(&cursors, &refused, &mut round_robin)? else {
+                let chunk = self.progress.with_unsettled(|unsettled| {
+                    let chunk = self.next_chunk(&cursors, &refused, &mut round_robin)?;
+                    if let Some(chunk) = &chunk {
+                        let until = unsettled
+                            .entry(chunk.partition.clone())
+                            .or_insert(chunk.next_offset);
+                        *until = (*until).max(chunk.next_offset);
+                    }
+                    Ok::<_, ShipError>(chunk)
+                })?;
+                let Some(chunk) = chunk else {
                     break;
                 };
                 // Unknown until the tailer reaches the local broker (e.g. after a restart while

@@ -366,8 +366,22 @@ impl Tailer {
             }
             WhenFull::DropOldest => {
                 while over(self.spool.as_ref(), self.max_spool_bytes) {
-                    let Some(dropped) = self.spool.pop_oldest()? else {
-                        break;
+                    let dropped = self.progress.with_unsettled(|unsettled| {
+                        self.spool.pop_oldest(&|partition, first_offset| {
+                            unsettled
+                                .get(partition)
+                                .is_some_and(|&until| first_offset < until)
+                        })
+                    })?;
+                    let Some(dropped) = dropped else {
+                        // Only chunks that may be in the hub are left: dropping them could
+                        // report as lost what was delivered. Wait for their Acks instead.
+                        self.spool.flush()?;
+                        if !self.paused {
+                            warn!("spool full of chunks awaiting acknowledgement; pausing reads");
+                            self.paused = true;
+                        }
+                        return Ok(true);
                     };
                     self.progress.count_lost(
                         crate::progress::loss::SPOOL_FULL,

@@ -235,6 +235,68 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
     Ok(())
 }
 
+/// The relay is up but the link is slower than the edge: the oldest chunks are the ones in
+/// flight, and dropping one of them would count as lost records the hub then receives.
+#[test]
+fn drop_oldest_while_shipping_never_counts_a_delivered_record_as_lost() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", PARTITIONS)?;
+    let mut options = AgentOptions::include(&["orders"]);
+    options.extra =
+        "[ship]\nbatch_max_bytes = \"8KiB\"\nlinger = \"5ms\"\nwindow = 4\nmax_bandwidth = \"100KiB\"\n"
+            .into();
+    options.spool_extra = "max_bytes = \"64KiB\"\nwhen_full = \"drop-oldest\"".into();
+    let _relay = env.start_relay(&["orders"])?;
+    let agent = env.start_agent(&options)?;
+
+    const TOTAL: usize = 21_000;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    for p in 0..PARTITIONS {
+        let records: Vec<Rec> = (0..TOTAL / 3).map(incompressible).collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    eventually(
+        "everything read, and the spool drained",
+        Duration::from_secs(180),
+        || {
+            let m = admin::scrape(&env.agent_admin())?;
+            Ok(
+                admin::sum(&m, "spoke_agent_records_spooled_total", &[]) == TOTAL as f64
+                    && admin::sum(&m, "spoke_agent_spool_bytes", &[]) == 0.0,
+            )
+        },
+    )?;
+    let m = admin::scrape(&env.agent_admin())?;
+    let reported = admin::sum(
+        &m,
+        "spoke_agent_lost_records_total",
+        &["reason=\"spool_full\""],
+    ) as usize;
+    let mut missing = 0;
+    for p in 0..PARTITIONS {
+        missing += kafka::missing_from_hub(
+            &env.edge.bootstrap(),
+            &env.hub.bootstrap(),
+            SITE,
+            "orders",
+            p,
+        )?
+        .len();
+    }
+    let hub = hub_count(&env, "orders")?;
+    println!(
+        "scenario=drop-oldest-while-shipping produced={TOTAL} hub={hub} lost={reported} dup=0 missing={missing}"
+    );
+    assert!(reported > 0, "the spool was meant to overflow");
+    assert_eq!(
+        reported, missing,
+        "reported loss must equal the records missing from the hub"
+    );
+    assert_eq!(hub as usize + missing, TOTAL);
+    drop(agent);
+    Ok(())
+}
+
 #[test]
 fn drop_oldest_reports_exactly_the_records_missing_from_the_hub() -> anyhow::Result<()> {
     let env = Env::new()?;

@@ -199,9 +199,14 @@ pub trait Spool: Send + Sync + 'static {
         partition: &SourcePartition,
         next_offset: i64,
     ) -> Result<Freed, SpoolError>;
-    /// Deletes the globally oldest chunk (smallest append sequence) and returns it — for
-    /// when_full = "drop-oldest". None when empty. Not durable until flush.
-    fn pop_oldest(&self) -> Result<Option<Chunk>, SpoolError>;
+    /// Deletes the globally oldest chunk (smallest append sequence) that `keep` does not
+    /// claim, given its partition and first offset, and returns it: for when_full =
+    /// "drop-oldest", which must not drop what may already be in the hub. None when every
+    /// chunk is kept or the spool is empty. Not durable until flush.
+    fn pop_oldest(
+        &self,
+        keep: &dyn Fn(&SourcePartition, i64) -> bool,
+    ) -> Result<Option<Chunk>, SpoolError>;
     /// Oldest spooled_at_ms over all chunks (None when empty).
     fn oldest_spooled_at_ms(&self) -> Result<Option<u64>, SpoolError>;
     /// Byte accounting (see [`SpoolStats`]); kept in memory, rebuilt by scanning on open.
@@ -445,7 +450,7 @@ mod tests {
     both!(remove_acked, remove_acked_frees);
 
     fn pop_oldest_in_append_order(s: &dyn Spool) {
-        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), None);
         assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), None);
         let a = sp("a", 0);
         let b = sp("b", 0);
@@ -460,18 +465,60 @@ mod tests {
             s.append(c).expect("spool op");
         }
         assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(40));
-        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[0]));
-        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[1]));
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+            Some(&cs[0])
+        );
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+            Some(&cs[1])
+        );
         assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(60));
         assert_eq!(s.stats().chunks, 2);
-        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[2]));
-        assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[3]));
-        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+            Some(&cs[2])
+        );
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+            Some(&cs[3])
+        );
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), None);
         assert_eq!(s.stats(), SpoolStats::default());
         // positions are untouched
         assert_eq!(s.position(&b).expect("spool op"), Some(106));
     }
     both!(pop_oldest, pop_oldest_in_append_order);
+
+    fn pop_oldest_spares_what_may_be_delivered(s: &dyn Spool) {
+        let a = sp("a", 0);
+        let b = sp("b", 0);
+        let cs = [
+            chunk(&a, 0, 9, 10, 1),
+            chunk(&b, 0, 9, 10, 2),
+            chunk(&a, 10, 19, 20, 3),
+        ];
+        for c in &cs {
+            s.append(c).expect("spool op");
+        }
+        // a's first chunk was sent and is not acknowledged yet
+        let in_flight = |p: &SourcePartition, first: i64| p == &a && first < 10;
+        assert_eq!(
+            s.pop_oldest(&in_flight).expect("spool op").as_ref(),
+            Some(&cs[1])
+        );
+        assert_eq!(
+            s.pop_oldest(&in_flight).expect("spool op").as_ref(),
+            Some(&cs[2])
+        );
+        assert_eq!(s.pop_oldest(&in_flight).expect("spool op"), None);
+        assert_eq!(s.stats().chunks, 1, "the in-flight chunk stays");
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+            Some(&cs[0])
+        );
+    }
+    both!(pop_oldest_spares, pop_oldest_spares_what_may_be_delivered);
 
     fn stats_count(s: &dyn Spool) {
         assert_eq!(s.stats(), SpoolStats::default());
@@ -598,7 +645,7 @@ mod tests {
             Op::RemoveAcked { part, delta } => s
                 .remove_acked(&p(*part), model_pos(*part) + delta)
                 .map(Seen::Freed),
-            Op::PopOldest => s.pop_oldest().map(Seen::Chunk),
+            Op::PopOldest => s.pop_oldest(&|_, _| false).map(Seen::Chunk),
             Op::ChunksFrom { part, delta, limit } => s
                 .chunks_from(&p(*part), model_pos(*part) + delta, *limit)
                 .map(Seen::Chunks),

@@ -114,11 +114,15 @@ impl Spool for MemorySpool {
         Ok(freed)
     }
 
-    fn pop_oldest(&self) -> Result<Option<Chunk>, SpoolError> {
+    fn pop_oldest(
+        &self,
+        keep: &dyn Fn(&SourcePartition, i64) -> bool,
+    ) -> Result<Option<Chunk>, SpoolError> {
         let mut inner = self.lock();
         let oldest = inner
             .chunks
             .iter()
+            .filter(|(_, (_, chunk))| !keep(&chunk.partition, chunk.first_offset))
             .min_by_key(|(_, (seq, _))| *seq)
             .map(|(k, _)| k.clone());
         Ok(oldest.and_then(|k| inner.chunks.remove(&k)).map(|(_, c)| c))

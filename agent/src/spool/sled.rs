@@ -296,9 +296,16 @@ impl Spool for SledSpool {
 
     /// Also deletes a corrupt oldest entry (and then returns [`SpoolError::Corrupt`]), so that
     /// "drop-oldest" cannot get stuck on it.
-    fn pop_oldest(&self) -> Result<Option<Chunk>, SpoolError> {
+    fn pop_oldest(
+        &self,
+        keep: &dyn Fn(&SourcePartition, i64) -> bool,
+    ) -> Result<Option<Chunk>, SpoolError> {
         let mut state = self.lock();
-        let Some((_, (partition, first_offset))) = state.by_seq.first_key_value() else {
+        let Some((partition, first_offset)) = state
+            .by_seq
+            .values()
+            .find(|(partition, first_offset)| !keep(partition, *first_offset))
+        else {
             return Ok(None);
         };
         let (partition, first_offset) = (partition.clone(), *first_offset);
@@ -584,7 +591,10 @@ mod tests {
             }
             s.advance(&idle, 77).expect("spool op");
             s.advance(&b, 30).expect("spool op");
-            assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(&cs[0]));
+            assert_eq!(
+                s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+                Some(&cs[0])
+            );
             s.flush().expect("spool op");
         }
         let s = SledSpool::open(dir.path()).expect("spool op");
@@ -619,9 +629,12 @@ mod tests {
         s.append(&late).expect("spool op");
         assert_eq!(s.oldest_spooled_at_ms().expect("spool op"), Some(1));
         for want in cs[1..].iter().chain([&late]) {
-            assert_eq!(s.pop_oldest().expect("spool op").as_ref(), Some(want));
+            assert_eq!(
+                s.pop_oldest(&|_, _| false).expect("spool op").as_ref(),
+                Some(want)
+            );
         }
-        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), None);
         assert_eq!(s.stats(), SpoolStats::default());
     }
 
@@ -670,10 +683,13 @@ mod tests {
         // the value of chunk 0 moved under another key: the checksum covers the key
         let moved = s.db.get(chunk_key(&a, 1)).expect("read").expect("present");
         s.db.insert(chunk_key(&a, 0), moved).expect("spool op");
-        assert!(matches!(s.pop_oldest(), Err(SpoolError::Corrupt(_))));
+        assert!(matches!(
+            s.pop_oldest(&|_, _| false),
+            Err(SpoolError::Corrupt(_))
+        ));
         assert_eq!(s.stats().chunks, 1);
-        assert_eq!(s.pop_oldest().expect("spool op"), Some(c1));
-        assert_eq!(s.pop_oldest().expect("spool op"), None);
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), Some(c1));
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), None);
     }
 
     #[test]

@@ -19,6 +19,8 @@ use crate::session::{self, SessionContext};
 
 /// How long sessions get to finish confirmed work after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a stopping relay waits for ended sessions' producers to drain.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -92,6 +94,7 @@ pub async fn run(
         relay_name: relay_name.clone(),
         handoff: session::Handoff::default(),
         checkpoints,
+        teardowns: TaskTracker::new(),
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
@@ -140,6 +143,16 @@ pub async fn run(
         warn!("sessions still running after the shutdown grace period");
     }
     endpoint.close(session::close_code::SHUTDOWN.into(), b"relay shutting down");
+    // Ended sessions' producers get a moment to resolve what they sent. What is still
+    // unresolved when the process exits is what a crash leaves: the next session's resume
+    // point makes it exact.
+    context.teardowns.close();
+    if tokio::time::timeout(TEARDOWN_GRACE, context.teardowns.wait())
+        .await
+        .is_err()
+    {
+        warn!("hub deliveries of ended sessions still unresolved at exit");
+    }
     background.close();
     background.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -19,6 +19,7 @@ use spoke_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::checkpoint::{self, Checkpoint, Checkpoints};
@@ -54,6 +55,8 @@ pub struct SessionContext {
     pub fleet: Arc<crate::fleet::Fleet>,
     pub handoff: Handoff,
     pub checkpoints: Arc<Checkpoints>,
+    /// Producers of ended sessions, still draining.
+    pub teardowns: TaskTracker,
 }
 
 /// How long a session of a just-started relay waits for the checkpoint view.
@@ -104,10 +107,12 @@ impl Handoff {
 
 /// Ends a session's hub producer however the session ends: queued records are purged, and
 /// records already sent are waited for (landed or failed), and only then is the site's turn
-/// released to a newer session.
+/// released to a newer session. The blocking part runs on `teardowns`, which the server
+/// waits for at shutdown.
 struct Teardown {
     producer: Option<FutureProducer>,
     turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    teardowns: TaskTracker,
 }
 
 impl Drop for Teardown {
@@ -115,21 +120,15 @@ impl Drop for Teardown {
         let (Some(producer), Some(turn)) = (self.producer.take(), self.turn.take()) else {
             return;
         };
-        // Blocking librdkafka calls, off the async runtime; the thread owns what it frees.
-        let spawned = std::thread::Builder::new()
-            .name("spoke-teardown".into())
-            .spawn(move || {
-                use rdkafka::producer::{Producer, PurgeConfig};
-                producer.purge(PurgeConfig::default().queue());
-                if let Err(error) = producer.flush(DRAIN_TIMEOUT) {
-                    warn!(%error, "in-flight hub deliveries did not resolve in time");
-                }
-                drop(producer);
-                drop(turn);
-            });
-        if let Err(error) = spawned {
-            warn!(%error, "cannot start the producer teardown thread");
-        }
+        self.teardowns.spawn_blocking(move || {
+            use rdkafka::producer::{Producer, PurgeConfig};
+            producer.purge(PurgeConfig::default().queue());
+            if let Err(error) = producer.flush(DRAIN_TIMEOUT) {
+                warn!(%error, "in-flight hub deliveries did not resolve in time");
+            }
+            drop(producer);
+            drop(turn);
+        });
     }
 }
 
@@ -308,6 +307,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     let _teardown = Teardown {
         producer: Some(producer.clone()),
         turn: Some(turn),
+        teardowns: context.teardowns.clone(),
     };
     if transactional {
         // Fences every older producer of this site, on any relay, and aborts its open

@@ -45,10 +45,7 @@ pub enum End {
     /// Everything from `consumed` on is an incomplete frame: read more.
     NeedMore { consumed: usize },
     /// The frame starting at `consumed` is refused.
-    Error {
-        consumed: usize,
-        error: DecodeError,
-    },
+    Error { consumed: usize, error: DecodeError },
 }
 
 /// What a reader makes of a byte stream: frames, then how it stopped.
@@ -160,7 +157,10 @@ pub fn check_stream(data: &[u8]) {
             assert!(tight.frames.len() <= at_once.frames.len());
             assert_eq!(tight.frames[..], at_once.frames[..tight.frames.len()]);
         }
-        _ => assert_eq!(tight, at_once, "a tighter cap changed more than where it stops"),
+        _ => assert_eq!(
+            tight, at_once,
+            "a tighter cap changed more than where it stops"
+        ),
     }
 }
 
@@ -168,7 +168,12 @@ pub fn check_stream(data: &[u8]) {
 fn check_frame(frame: &Frame, bytes: &[u8], limits: &Limits) {
     // Decoding is exact, so the encoding is canonical: a frame re-encodes to its own bytes.
     let encoded = frame.to_bytes().expect("a decoded frame encodes");
-    assert_eq!(&encoded[..], bytes, "{} did not re-encode to its bytes", frame.name());
+    assert_eq!(
+        &encoded[..],
+        bytes,
+        "{} did not re-encode to its bytes",
+        frame.name()
+    );
 
     // spoke-io reads the header, then exactly body_len bytes, then decodes the body.
     let (head, body) = bytes.split_at(HEADER_LEN);
@@ -181,9 +186,20 @@ fn check_frame(frame: &Frame, bytes: &[u8], limits: &Limits) {
     );
 
     // Any shorter prefix is "need more bytes", never an error or a different frame.
-    for end in [0, 1, HEADER_LEN - 1, HEADER_LEN, bytes.len() / 2, bytes.len() - 1] {
+    for end in [
+        0,
+        1,
+        HEADER_LEN - 1,
+        HEADER_LEN,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ] {
         if end < bytes.len() {
-            assert_eq!(Frame::decode(&bytes[..end], limits), Ok(None), "prefix {end}");
+            assert_eq!(
+                Frame::decode(&bytes[..end], limits),
+                Ok(None),
+                "prefix {end}"
+            );
         }
     }
 

@@ -7,9 +7,8 @@
 
 use bytes::{Bytes, BytesMut};
 use spoke_proto::{
-    encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header,
-    Heartbeat, Hello, Nack, NackCode, PartitionLag, Record, ResumePoint, TopicPartition, Welcome,
-    HEADER_LEN,
+    encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header, Heartbeat,
+    Hello, Nack, NackCode, PartitionLag, Record, ResumePoint, TopicPartition, Welcome, HEADER_LEN,
 };
 use zstd::zstd_safe::CParameter;
 
@@ -244,7 +243,11 @@ pub fn seeds() -> Vec<Seed> {
         zstd_window_log_max: 10,
     };
     seed("batch_decode", "zstd-over-limits", batch_input(zstd, tight));
-    seed("batch_decode", "plain-over-limits", batch_input(plain, tight));
+    seed(
+        "batch_decode",
+        "plain-over-limits",
+        batch_input(plain, tight),
+    );
     // Declares 1000 bytes, inflates to 8 MiB: must stop at 1001.
     let bomb = Batch {
         codec: Codec::Zstd,

@@ -8,9 +8,8 @@
 use arbitrary::{Result, Unstructured};
 use bytes::Bytes;
 use spoke_proto::{
-    encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header,
-    Heartbeat, Hello, Limits, Nack, NackCode, PartitionLag, Record, ResumePoint, TopicPartition,
-    Welcome,
+    encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header, Heartbeat,
+    Hello, Limits, Nack, NackCode, PartitionLag, Record, ResumePoint, TopicPartition, Welcome,
 };
 
 use crate::{check_batch_error, check_stream};

@@ -162,6 +162,45 @@ fn codec() -> impl Strategy<Value = Codec> {
     prop_oneof![Just(Codec::None), Just(Codec::Zstd)]
 }
 
+/// Caps small enough that generated batches cross each of them.
+fn tight_limits() -> impl Strategy<Value = BatchLimits> {
+    (0u32..2048, 1u32..12, 0u32..3, 10u32..=24).prop_map(
+        |(max_uncompressed_bytes, max_records, max_headers_per_record, zstd_window_log_max)| {
+            BatchLimits {
+                max_uncompressed_bytes,
+                max_records,
+                max_headers_per_record,
+                zstd_window_log_max,
+            }
+        },
+    )
+}
+
+/// Whether decoded records respect `limits`; `section_len` is the uncompressed length.
+fn within(records: &[Record], section_len: u32, limits: &BatchLimits) -> bool {
+    section_len <= limits.max_uncompressed_bytes
+        && records.len() <= limits.max_records as usize
+        && records
+            .iter()
+            .all(|r| r.headers.len() <= limits.max_headers_per_record as usize)
+}
+
+/// A refusal for exceeding a limit names the configured cap and a value above it.
+fn is_limit_error(e: &BatchError, limits: &BatchLimits) -> bool {
+    match *e {
+        BatchError::TooLarge { len, max } => {
+            max == u64::from(limits.max_uncompressed_bytes) && len > max
+        }
+        BatchError::TooManyRecords { count, max } => {
+            max == limits.max_records && count > u64::from(max)
+        }
+        BatchError::TooManyHeaders { count, max } => {
+            max == limits.max_headers_per_record && count > u64::from(max)
+        }
+        _ => false,
+    }
+}
+
 proptest! {
     #[test]
     fn frames_round_trip(frame in frame()) {
@@ -282,6 +321,84 @@ proptest! {
             Codec::None, chunk.uncompressed_len, &section,
             chunk.first_offset, chunk.last_offset, chunk.record_count,
             &BatchLimits::default(),
+        );
+    }
+
+    /// Valid chunks under random caps: an uncompressed chunk decodes exactly when it is within
+    /// every cap, and is otherwise refused with the cap it crossed. With zstd the compressor's
+    /// window also counts, so a refusal may instead be the window cap.
+    #[test]
+    fn valid_chunks_decode_exactly_when_within_limits(
+        records in records(), codec in codec(), limits in tight_limits(),
+    ) {
+        let chunk = encode_records(&records, codec, 1).expect("encode");
+        let result = decode_records(
+            chunk.codec, chunk.uncompressed_len, &chunk.payload,
+            chunk.first_offset, chunk.last_offset, chunk.record_count, &limits,
+        );
+        let fits = within(&records, chunk.uncompressed_len, &limits);
+        match (&result, codec) {
+            (Ok(decoded), _) => {
+                prop_assert!(fits);
+                prop_assert_eq!(decoded, &records);
+            }
+            (Err(e), Codec::None) => {
+                prop_assert!(!fits);
+                prop_assert!(is_limit_error(e, &limits), "{:?}", e);
+            }
+            (Err(e), Codec::Zstd) => prop_assert!(
+                (!fits && is_limit_error(e, &limits)) || matches!(e, BatchError::Decompress(_)),
+                "{:?}", e
+            ),
+        }
+    }
+
+    /// Random bytes as a real zstd frame (random bytes alone almost never get past the zstd
+    /// header) and as a plain section, under random caps and declared fields: whatever decodes
+    /// respects the caps.
+    #[test]
+    fn random_sections_never_exceed_random_limits(
+        section in prop::collection::vec(any::<u8>(), 0..512),
+        compress in any::<bool>(),
+        declared_delta in -2i64..=2,
+        limits in tight_limits(),
+        first in -2i64..=2, span in 0i64..8, count in 1u32..12,
+    ) {
+        let (codec, payload) = if compress {
+            (Codec::Zstd, zstd::bulk::compress(&section, 1).expect("compress"))
+        } else {
+            (Codec::None, section.clone())
+        };
+        let declared = u32::try_from((section.len() as i64 + declared_delta).max(0)).expect("fits");
+        let result = decode_records(codec, declared, &payload, first, first + span, count, &limits);
+        match result {
+            Ok(records) => {
+                prop_assert_eq!(declared as usize, section.len());
+                prop_assert!(within(&records, declared, &limits));
+                prop_assert_eq!(records.len(), count as usize);
+                prop_assert_eq!(records[0].offset, first);
+                prop_assert_eq!(records[records.len() - 1].offset, first + span);
+            }
+            // Decompression stops one byte past the declaration.
+            Err(BatchError::LengthMismatch { declared: d, actual }) if codec == Codec::Zstd => {
+                prop_assert_eq!(d, declared);
+                prop_assert_eq!(actual, (section.len() as u64).min(u64::from(declared) + 1));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A zstd bomb of any size declared smaller than it inflates is refused one byte past the
+    /// declaration, never inflated further.
+    #[test]
+    fn zstd_bombs_stop_one_byte_past_the_declaration(
+        inflated in 1usize..(1 << 20), declared in 0u32..4096, byte in any::<u8>(),
+    ) {
+        prop_assume!((declared as usize) < inflated);
+        let payload = zstd::bulk::compress(&vec![byte; inflated], 3).expect("compress");
+        prop_assert_eq!(
+            decode_records(Codec::Zstd, declared, &payload, 0, 0, 1, &BatchLimits::default()),
+            Err(BatchError::LengthMismatch { declared, actual: u64::from(declared) + 1 })
         );
     }
 }

@@ -5,6 +5,7 @@
 //! On failure, the child processes' logs are printed (see [`process::Spoke`]).
 
 pub mod admin;
+pub mod bench;
 pub mod broker;
 pub mod kafka;
 pub mod process;

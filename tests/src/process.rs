@@ -7,16 +7,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// Where the workspace's binaries are: `SPOKE_BIN_DIR`, else the profile directory this test
-/// binary was built into (`target/<profile>/deps/..`). `scripts/test` builds them first.
+/// binary was built into. `scripts/test` builds them first.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("SPOKE_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
             let exe = std::env::current_exe()?;
-            let deps = exe.parent().context("test binary has no directory")?;
-            deps.parent()
-                .context("test binary directory has no parent")?
-                .to_owned()
+            let dir = exe.parent().context("test binary has no directory")?;
+            // Test binaries live in `target/<profile>/deps`, tools like spoke-bench beside
+            // the spoke binaries.
+            if dir.ends_with("deps") {
+                dir.parent()
+                    .context("test binary directory has no parent")?
+                    .to_owned()
+            } else {
+                dir.to_owned()
+            }
         }
     };
     let path = dir.join(name);
@@ -124,6 +130,14 @@ impl Spoke {
     }
 }
 
+static PRINT_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Stops printing child logs when their guards drop: for tools (the benchmark) whose output
+/// is not captured by a test runner.
+pub fn quiet_logs() {
+    PRINT_LOGS.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Drop for Spoke {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -131,6 +145,9 @@ impl Drop for Spoke {
             let _ = child.wait();
         }
         // The test runner shows a test's output only when it fails: that is when this helps.
+        if !PRINT_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         eprintln!(
             "----- {} log ({}) -----\n{}",
             self.name,

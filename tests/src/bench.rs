@@ -248,20 +248,40 @@ fn total(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
     Ok(sum)
 }
 
-fn wait_for(bootstrap: &str, topic: &str, expected: i64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
+/// Waits until `topic` holds `expected` records and returns the rate at which they arrived,
+/// from the first record to the last: start-up (process launch, handshakes, resume scans,
+/// consumer joins) is left out for every system alike. `on_poll` runs between checks.
+fn drain_rate(
+    bootstrap: &str,
+    topic: &str,
+    expected: i64,
+    mut on_poll: impl FnMut(),
+) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(1_800);
+    let mut first: Option<(Instant, i64)> = None;
     loop {
         let n = total(bootstrap, topic)?;
-        if n == expected {
-            return Ok(());
-        }
+        let now = Instant::now();
         if n > expected {
             bail!("{topic} holds {n} records, more than the {expected} sent: duplicates");
         }
-        if Instant::now() > deadline {
-            bail!("{topic} holds {n} of {expected} records after {timeout:?}");
+        if n > 0 && first.is_none() {
+            first = Some((now, n));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if n == expected {
+            let (t0, n0) = first.unwrap_or((now, n));
+            let secs = now.duration_since(t0).as_secs_f64();
+            return Ok(if secs > 0.0 {
+                (expected - n0) as f64 / secs
+            } else {
+                f64::INFINITY
+            });
+        }
+        if now > deadline {
+            bail!("{topic} holds {n} of {expected} records after 30 min");
+        }
+        on_poll();
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -378,41 +398,37 @@ pub fn run_spoke(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
     let hub_topic = format!("{SITE}.{TOPIC}");
 
     let _relay = env.start_relay(&[TOPIC])?;
-    let start = Instant::now();
     let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
     let pid = agent.pid().context("agent has no pid")?;
     // Sample the spool while the backlog moves: bytes per spooled record on disk.
     let mut spool_per_record: Option<f64> = None;
-    let expected = plan.records as i64;
-    let deadline = start + Duration::from_secs(1_800);
-    loop {
-        let n = total(&env.hub.bootstrap(), &hub_topic)?;
-        if n == expected {
-            break;
-        }
-        if n > expected {
-            bail!("spoke: {n} records in the hub, more than {expected}: duplicates");
-        }
-        if Instant::now() > deadline {
-            bail!("spoke: {n} of {expected} records in the hub after 30 min");
-        }
-        if let Ok(m) = admin::scrape(&env.agent_admin()) {
-            let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
-            let held = admin::sum(&m, "spoke_agent_records_spooled_total", &[])
-                - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
-            if held >= 100.0 && bytes > 0.0 {
-                spool_per_record = Some(bytes / held);
+    let agent_admin = env.agent_admin();
+    let mut polls = 0u32;
+    let rate = drain_rate(
+        &env.hub.bootstrap(),
+        &hub_topic,
+        plan.records as i64,
+        || {
+            polls += 1;
+            if polls % 5 != 0 {
+                return;
             }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+            if let Ok(m) = admin::scrape(&agent_admin) {
+                let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
+                let held = admin::sum(&m, "spoke_agent_records_spooled_total", &[])
+                    - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
+                if held >= 100.0 && bytes > 0.0 {
+                    spool_per_record = Some(bytes / held);
+                }
+            }
+        },
+    )?;
     let metrics = admin::scrape(&env.agent_admin())?;
     let wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
     let (p50, p99) = measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs)?;
     let (rss, cpu) = process_figures(pid);
     Ok(Figures {
-        records_per_s: plan.records as f64 / elapsed,
+        records_per_s: rate,
         wire_bytes_per_record: Some(wire / plan.records as f64),
         spool_bytes_per_record: spool_per_record,
         p50_ms: Some(p50),
@@ -457,24 +473,19 @@ pub fn run_mirror(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
         let hub_topic = hub_topic.clone();
         std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx))
     };
-    let start = Instant::now();
-    let result = wait_for(
-        &env.hub.bootstrap(),
-        &hub_topic,
-        plan.records as i64,
-        Duration::from_secs(1_800),
-    );
-    let elapsed = start.elapsed().as_secs_f64();
+    let rate = drain_rate(&env.hub.bootstrap(), &hub_topic, plan.records as i64, || {});
     let wire = rx.load(Ordering::Relaxed) as f64;
-    let latency = result
-        .and_then(|()| measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs));
+    let latency = rate
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|_| measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs));
     stop.store(true, Ordering::Relaxed);
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
     let (p50, p99) = latency?;
     Ok(Figures {
-        records_per_s: plan.records as f64 / elapsed,
+        records_per_s: rate?,
         wire_bytes_per_record: Some(wire / plan.records as f64),
         spool_bytes_per_record: None,
         p50_ms: Some(p50),

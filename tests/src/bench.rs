@@ -257,7 +257,8 @@ fn drain_rate(
     expected: i64,
     mut on_poll: impl FnMut(),
 ) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(1_800);
+    let called = Instant::now();
+    let deadline = called + Duration::from_secs(1_800);
     let mut first: Option<(Instant, i64)> = None;
     loop {
         let n = total(bootstrap, topic)?;
@@ -271,10 +272,12 @@ fn drain_rate(
         if n == expected {
             let (t0, n0) = first.unwrap_or((now, n));
             let secs = now.duration_since(t0).as_secs_f64();
-            return Ok(if secs > 0.0 {
+            // A backlog that arrived in one step (tiny runs) has no arrival rate; count from
+            // the call instead, start-up included.
+            return Ok(if n0 < expected && secs > 0.0 {
                 (expected - n0) as f64 / secs
             } else {
-                f64::INFINITY
+                expected as f64 / now.duration_since(called).as_secs_f64()
             });
         }
         if now > deadline {

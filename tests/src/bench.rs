@@ -248,44 +248,39 @@ fn total(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
     Ok(sum)
 }
 
-/// Waits until `topic` holds `expected` records and returns the rate at which they arrived,
-/// from the first record to the last: start-up (process launch, handshakes, resume scans,
-/// consumer joins) is left out for every system alike. `on_poll` runs between checks.
-fn drain_rate(
+/// Waits until `topic` holds `expected` records and returns when the last one was seen.
+/// `on_poll` runs between checks.
+fn drained(
     bootstrap: &str,
     topic: &str,
     expected: i64,
-    mut on_poll: impl FnMut(),
-) -> anyhow::Result<f64> {
-    let called = Instant::now();
-    let deadline = called + Duration::from_secs(1_800);
-    let mut first: Option<(Instant, i64)> = None;
+    mut on_poll: impl FnMut(Instant),
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(1_800);
     loop {
         let n = total(bootstrap, topic)?;
         let now = Instant::now();
         if n > expected {
             bail!("{topic} holds {n} records, more than the {expected} sent: duplicates");
         }
-        if n > 0 && first.is_none() {
-            first = Some((now, n));
-        }
         if n == expected {
-            let (t0, n0) = first.unwrap_or((now, n));
-            let secs = now.duration_since(t0).as_secs_f64();
-            // A backlog that arrived in one step (tiny runs) has no arrival rate; count from
-            // the call instead, start-up included.
-            return Ok(if n0 < expected && secs > 0.0 {
-                (expected - n0) as f64 / secs
-            } else {
-                expected as f64 / now.duration_since(called).as_secs_f64()
-            });
+            return Ok(now);
         }
         if now > deadline {
             bail!("{topic} holds {n} of {expected} records after 30 min");
         }
-        on_poll();
+        on_poll(now);
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Records per second from the system's first read at the edge to the last record in the
+/// hub: process start-up, handshakes and consumer joins are left out for every system alike,
+/// and the backlog's whole journey is in.
+fn rate(records: usize, first_read: Option<Instant>, last: Instant) -> anyhow::Result<f64> {
+    let first = first_read.context("the system never read from the edge")?;
+    let secs = last.duration_since(first).as_secs_f64().max(0.001);
+    Ok(records as f64 / secs)
 }
 
 /// Peak RSS (VmHWM) in MiB and CPU seconds (user + system) of a process.
@@ -407,25 +402,31 @@ pub fn run_spoke(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
     let mut spool_per_record: Option<f64> = None;
     let agent_admin = env.agent_admin();
     let mut polls = 0u32;
-    let rate = drain_rate(
+    let mut first_read = None;
+    let last = drained(
         &env.hub.bootstrap(),
         &hub_topic,
         plan.records as i64,
-        || {
+        |now| {
             polls += 1;
-            if polls % 5 != 0 {
+            if first_read.is_some() && polls % 5 != 0 {
                 return;
             }
-            if let Ok(m) = admin::scrape(&agent_admin) {
-                let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
-                let held = admin::sum(&m, "spoke_agent_records_spooled_total", &[])
-                    - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
-                if held >= 100.0 && bytes > 0.0 {
-                    spool_per_record = Some(bytes / held);
-                }
+            let Ok(m) = admin::scrape(&agent_admin) else {
+                return;
+            };
+            let spooled = admin::sum(&m, "spoke_agent_records_spooled_total", &[]);
+            if spooled > 0.0 && first_read.is_none() {
+                first_read = Some(now);
+            }
+            let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
+            let held = spooled - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
+            if held >= 100.0 && bytes > 0.0 {
+                spool_per_record = Some(bytes / held);
             }
         },
     )?;
+    let rate = rate(plan.records, first_read, last)?;
     let metrics = admin::scrape(&env.agent_admin())?;
     let wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
     let (p50, p99) = measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs)?;
@@ -466,22 +467,30 @@ pub fn run_mirror(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rx = Arc::new(AtomicU64::new(0));
+    let first_read = Arc::new(std::sync::OnceLock::new());
     let mirror = {
-        let (edge, hub, stop, rx) = (
+        let (edge, hub, stop, rx, first_read) = (
             env.edge.bootstrap(),
             env.hub.bootstrap(),
             stop.clone(),
             rx.clone(),
+            first_read.clone(),
         );
         let hub_topic = hub_topic.clone();
-        std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx))
+        std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx, &first_read))
     };
-    let rate = drain_rate(&env.hub.bootstrap(), &hub_topic, plan.records as i64, || {});
+    let rate = drained(
+        &env.hub.bootstrap(),
+        &hub_topic,
+        plan.records as i64,
+        |_| {},
+    )
+    .and_then(|last| rate(plan.records, first_read.get().copied(), last));
     let wire = rx.load(Ordering::Relaxed) as f64;
-    let latency = rate
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|_| measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs));
+    let latency = match &rate {
+        Ok(_) => measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs),
+        Err(error) => Err(anyhow::anyhow!("{error:#}")),
+    };
     stop.store(true, Ordering::Relaxed);
     mirror
         .join()
@@ -504,6 +513,7 @@ fn mirror_loop(
     hub_topic: &str,
     stop: &std::sync::atomic::AtomicBool,
     rx: Arc<AtomicU64>,
+    first_read: &std::sync::OnceLock<Instant>,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer<RxBytes> = ClientConfig::new()
         .set("bootstrap.servers", edge)
@@ -536,6 +546,7 @@ fn mirror_loop(
             continue;
         };
         let message = message?;
+        first_read.get_or_init(Instant::now);
         let mut headers = OwnedHeaders::new();
         if let Some(source) = message.headers() {
             for header in source.iter() {

@@ -36,6 +36,7 @@ fn round_trip_time_and_tcp_rate_match_the_setting() -> anyhow::Result<()> {
     // state, where a Cubic flow over a one-BDP buffer keeps the link busy.
     let tcp = runtime.block_on(bench::tcp_bulk(
         &link,
+        "cubic",
         1,
         Duration::from_secs(2),
         Duration::from_secs(6),

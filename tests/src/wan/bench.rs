@@ -154,9 +154,11 @@ async fn measure_window(
     }
 }
 
-/// `streams` parallel TCP connections edge → hub, each writing as fast as it can.
+/// `streams` parallel TCP connections edge → hub, each writing as fast as it can with
+/// congestion control `congestion` (`cubic`, `bbr`, `reno`; the host's default may be any).
 pub async fn tcp_bulk(
     link: &Link,
+    congestion: &str,
     streams: usize,
     warmup: Duration,
     measure: Duration,
@@ -169,9 +171,11 @@ pub async fn tcp_bulk(
     let mut tasks = JoinSet::new();
     for _ in 0..streams {
         let stream = link.edge().enter(move || {
-            let stream = TcpStream::connect_timeout(&addr, NETWORK_TIMEOUT)?;
-            stream.set_nonblocking(true)?;
-            Ok(stream)
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_tcp_congestion(congestion.as_bytes())?;
+            socket.connect_timeout(&addr.into(), NETWORK_TIMEOUT)?;
+            socket.set_nonblocking(true)?;
+            Ok(TcpStream::from(socket))
         })?;
         let (mut inbound, _) = tokio::time::timeout(NETWORK_TIMEOUT, listener.accept())
             .await
@@ -199,6 +203,9 @@ pub enum Windows {
     /// Stream, connection and send windows all one bandwidth-delay product of the loaded link
     /// (rate × (RTT + queue)): as much as can be in flight, no more.
     Bdp,
+    /// Twice that: after a loss the receiver also holds up to a round trip of data behind the
+    /// hole until the retransmission fills it, and that counts against the window too.
+    Bdp2,
     /// `spoke_io::transport::transport_config`, as spoke-agent and spoke-relay run.
     Spoke,
 }
@@ -220,10 +227,15 @@ fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
     let mut transport = match case.windows {
         Windows::Spoke => spoke_io::transport::transport_config(None),
         Windows::Quinn => quinn::TransportConfig::default(),
-        Windows::Bdp => {
+        Windows::Bdp | Windows::Bdp2 => {
             let mut transport = quinn::TransportConfig::default();
             let loaded_rtt = (spec.rtt() + spec.queue).as_secs_f64();
-            let bdp = (spec.rate_bps as f64 / 8.0 * loaded_rtt) as u64;
+            let rounds = if case.windows == Windows::Bdp2 {
+                2.0
+            } else {
+                1.0
+            };
+            let bdp = (spec.rate_bps as f64 / 8.0 * loaded_rtt * rounds) as u64;
             let window = bdp.clamp(64 * 1024, u64::from(u32::MAX));
             let var = quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX);
             transport.stream_receive_window(var);

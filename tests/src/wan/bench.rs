@@ -128,7 +128,8 @@ pub struct Throughput {
     pub wire_bps: f64,
 }
 
-/// Runs `senders` until `warmup + measure` have passed and reports the window after warm-up.
+/// Waits out `warmup` (slow start, window growth), then counts what was received and what the
+/// link delivered over `measure`.
 async fn measure_window(
     link: &Link,
     received: &AtomicU64,

@@ -131,9 +131,11 @@ impl Link {
         // Namespaces are torn down by their guards if anything below fails.
         let edge = Namespace::create(&format!("{}{pid}-{run}-edge", netns::PREFIX), EDGE_ADDR)?;
         let hub = Namespace::create(&format!("{}{pid}-{run}-hub", netns::PREFIX), HUB_ADDR)?;
-        // Interface names are limited to 15 bytes and exist only until moved and renamed.
-        let edge_tun = netns::tun_device(&format!("spk{pid}x{run}e"))?;
-        let hub_tun = netns::tun_device(&format!("spk{pid}x{run}h"))?;
+        // Interface names are limited to 15 bytes (a 7-digit pid leaves 3 for the run) and
+        // exist in this namespace only until moved and renamed.
+        let short = run % 1000;
+        let edge_tun = netns::tun_device(&format!("spk{pid}x{short}e"))?;
+        let hub_tun = netns::tun_device(&format!("spk{pid}x{short}h"))?;
         edge.adopt(edge_tun.name(), HUB_ADDR)?;
         hub.adopt(hub_tun.name(), EDGE_ADDR)?;
         let forwarder =

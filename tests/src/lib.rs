@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod process;
 pub mod site;
 pub mod udp_proxy;
+pub mod wan;
 
 use std::time::{Duration, Instant};
 

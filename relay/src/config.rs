@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use bytesize::ByteSize;
 use regex::Regex;
 use serde::Deserialize;
 
@@ -22,6 +24,8 @@ pub struct RelayConfig {
     pub sites: BTreeMap<String, SiteConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +37,146 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle that site certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificates refused although they chain to `client_ca`: `"sha256:<hex>"` (SHA-256 of
+    /// the leaf's DER) or `"serial:<hex>"`; see [`crate::tls::DenyList`].
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// What one peer, or all of them together, may cost the relay. Every wait on the network has
+/// a timeout and every peer-controlled length a cap.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections in total, handshaking or established.
+    pub max_connections: u32,
+    /// Established connections presenting one site's certificate.
+    pub max_connections_per_site: u32,
+    /// QUIC/TLS handshakes in progress at once.
+    pub max_handshakes: u32,
+    /// A handshake must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// After the handshake, the agent's `Hello` must arrive within this.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// QUIC idle timeout: a connection that carries no packet for this long is gone.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// After `Hello`, the longest wait for the agent's next bytes, between frames (agents send
+    /// a heartbeat every 5 s) or inside one.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Concurrent bidirectional streams a peer may open (an agent uses one).
+    pub max_streams_per_connection: u32,
+    /// Largest frame body.
+    pub max_frame_bytes: ByteSize,
+    /// Largest uncompressed record section of one batch (caps zstd's output).
+    pub max_batch_bytes: ByteSize,
+    pub max_records_per_batch: u32,
+    pub max_headers_per_record: u32,
+    /// Header keys plus values of one record.
+    pub max_header_bytes: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let frame = spoke_proto::Limits::default();
+        let batch = spoke_proto::BatchLimits::default();
+        Self {
+            max_connections: 1000,
+            max_connections_per_site: 4,
+            max_handshakes: 200,
+            handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 4,
+            max_frame_bytes: ByteSize::b(u64::from(frame.max_frame_bytes)),
+            max_batch_bytes: ByteSize::b(u64::from(batch.max_uncompressed_bytes)),
+            max_records_per_batch: batch.max_records,
+            max_headers_per_record: batch.max_headers_per_record,
+            max_header_bytes: ByteSize::b(u64::from(batch.max_header_bytes)),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The frame caps for spoke-proto; valid after [`load`] checked them.
+    pub fn frame_limits(&self) -> spoke_proto::Limits {
+        spoke_proto::Limits {
+            max_frame_bytes: clamp_u32(self.max_frame_bytes),
+        }
+    }
+
+    /// The batch caps for spoke-proto; valid after [`load`] checked them.
+    pub fn batch_limits(&self) -> spoke_proto::BatchLimits {
+        spoke_proto::BatchLimits {
+            max_uncompressed_bytes: clamp_u32(self.max_batch_bytes),
+            max_records: self.max_records_per_batch,
+            max_headers_per_record: self.max_headers_per_record,
+            max_header_bytes: clamp_u32(self.max_header_bytes),
+            ..spoke_proto::BatchLimits::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let counts = [
+            ("limits.max_connections", self.max_connections),
+            (
+                "limits.max_connections_per_site",
+                self.max_connections_per_site,
+            ),
+            ("limits.max_handshakes", self.max_handshakes),
+            (
+                "limits.max_streams_per_connection",
+                self.max_streams_per_connection,
+            ),
+            ("limits.max_records_per_batch", self.max_records_per_batch),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        let times = [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            ("limits.hello_timeout", self.hello_timeout),
+            ("limits.idle_timeout", self.idle_timeout),
+            ("limits.read_timeout", self.read_timeout),
+        ];
+        for (key, value) in times {
+            if value.is_zero() {
+                return Err((key, "must be longer than 0".into()));
+            }
+        }
+        // QUIC carries the idle timeout in milliseconds as a varint of at most 2^62.
+        if self.idle_timeout > Duration::from_secs(3600) {
+            return Err(("limits.idle_timeout", "must be at most 1h".into()));
+        }
+        let sizes = [
+            ("limits.max_frame_bytes", self.max_frame_bytes),
+            ("limits.max_batch_bytes", self.max_batch_bytes),
+            ("limits.max_header_bytes", self.max_header_bytes),
+        ];
+        for (key, value) in sizes {
+            // The frame and batch formats carry lengths as u32.
+            if value.as_u64() == 0 || value.as_u64() > u64::from(u32::MAX) {
+                return Err((
+                    key,
+                    format!(
+                        "must be between 1 B and {}",
+                        ByteSize::b(u64::from(u32::MAX))
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn clamp_u32(size: ByteSize) -> u32 {
+    u32::try_from(size.as_u64()).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +248,7 @@ pub struct Loaded {
     pub path: PathBuf,
     pub config: RelayConfig,
     pub acl: Acl,
+    pub deny: crate::tls::DenyList,
 }
 
 /// Which site may write which source topics.
@@ -136,15 +281,16 @@ pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
 /// Reads, parses and validates `path`.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let config: RelayConfig = spoke_io::config_file::read(path)?;
-    let acl = validate(path, &config)?;
+    let (acl, deny) = validate(path, &config)?;
     Ok(Loaded {
         path: path.to_owned(),
         config,
         acl,
+        deny,
     })
 }
 
-fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
+fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyList), ConfigError> {
     let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
     if config.sites.is_empty() {
         return Err(invalid(
@@ -171,7 +317,13 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
         }
         sites.insert(site.clone(), patterns);
     }
-    Ok(Acl { sites })
+    let deny = crate::tls::DenyList::parse(&config.tls.deny)
+        .map_err(|reason| invalid("tls.deny", reason))?;
+    config
+        .limits
+        .validate()
+        .map_err(|(key, reason)| invalid(key, reason))?;
+    Ok((Acl { sites }, deny))
 }
 
 /// The template must name the source topic: the resume scan tells sources apart by hub topic

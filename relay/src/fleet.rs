@@ -20,18 +20,55 @@ type Labels = Vec<(String, String)>;
 
 /// Reasons for `spoke_relay_rejected_total{reason}`.
 pub mod reject {
-    /// TLS handshake failed: no client certificate, another CA, expired, ...
+    /// Handshake: the peer presented no client certificate.
+    pub const NO_CERT: &str = "no_cert";
+    /// Handshake: the certificate does not chain to `tls.client_ca`.
+    pub const UNKNOWN_CA: &str = "unknown_ca";
+    /// Handshake: the certificate has expired (or is not valid yet).
+    pub const EXPIRED: &str = "expired";
+    /// The certificate is on `tls.deny`: at the handshake, or a session closed by a reload.
+    pub const DENIED: &str = "denied";
+    /// Handshake failed otherwise: wrong ALPN, wrong key usage, malformed TLS, ...
     pub const HANDSHAKE: &str = "handshake";
+    /// Handshake not finished within `limits.handshake_timeout`.
+    pub const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
+    /// `limits.max_handshakes` handshakes were already in progress.
+    pub const TOO_MANY_HANDSHAKES: &str = "too_many_handshakes";
+    /// `limits.max_connections` connections were already open.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// `limits.max_connections_per_site` connections of the certificate's site were open.
+    pub const TOO_MANY_SITE_CONNECTIONS: &str = "too_many_site_connections";
     /// Certificate without exactly one DNS name.
     pub const IDENTITY: &str = "identity";
     /// No `[sites.NAME]` table for the certificate's site.
     pub const UNKNOWN_SITE: &str = "unknown_site";
     /// `Hello` names another site than the certificate.
     pub const SITE_MISMATCH: &str = "site_mismatch";
-    /// Malformed frames, bad batches, unexpected frames, timeouts.
+    /// Malformed frames, bad batches, unexpected frames, no common version.
     pub const PROTOCOL: &str = "protocol";
+    /// No `Hello` within `limits.hello_timeout`, or no bytes within `limits.read_timeout`.
+    pub const TIMEOUT: &str = "timeout";
     /// A batch for a topic the site's ACL does not allow.
     pub const NOT_ALLOWED: &str = "not_allowed";
+
+    /// Every reason, so that each series exists from the start.
+    pub const ALL: [&str; 15] = [
+        NO_CERT,
+        UNKNOWN_CA,
+        EXPIRED,
+        DENIED,
+        HANDSHAKE,
+        HANDSHAKE_TIMEOUT,
+        TOO_MANY_HANDSHAKES,
+        TOO_MANY_CONNECTIONS,
+        TOO_MANY_SITE_CONNECTIONS,
+        IDENTITY,
+        UNKNOWN_SITE,
+        SITE_MISMATCH,
+        PROTOCOL,
+        TIMEOUT,
+        NOT_ALLOWED,
+    ];
 }
 
 #[derive(Debug, Default)]
@@ -127,14 +164,7 @@ impl Fleet {
             fleet.site_lost.clone(),
         );
         // Every reason exists from the start at 0, so `increase()` alerts see the first one.
-        for reason in [
-            reject::HANDSHAKE,
-            reject::IDENTITY,
-            reject::UNKNOWN_SITE,
-            reject::SITE_MISMATCH,
-            reject::PROTOCOL,
-            reject::NOT_ALLOWED,
-        ] {
+        for reason in reject::ALL {
             drop(
                 fleet
                     .rejected

@@ -23,9 +23,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{hub_topic, Acl, Delivery};
 use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
-use spoke_io::wire::{read_frame, write_frame, WireError};
+use spoke_io::wire::{read_frame_within, write_frame, WireError};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::config::LimitsConfig;
+use crate::tls::DenyList;
+
 /// Batches decoded and handed to the producer but not yet confirmed by the hub.
 const UNCONFIRMED_BATCHES: usize = 32;
 
@@ -43,6 +45,10 @@ pub struct SessionContext {
     pub hub: Arc<Hub>,
     /// Replaced on SIGHUP; batches are checked against the current one.
     pub acl: tokio::sync::watch::Receiver<Acl>,
+    /// Replaced on SIGHUP; a session whose certificate it comes to deny is closed.
+    pub deny: tokio::sync::watch::Receiver<DenyList>,
+    pub limits: LimitsConfig,
+    pub site_connections: SiteConnections,
     pub topic_template: String,
     pub delivery: Delivery,
     pub frame_limits: Limits,
@@ -96,6 +102,52 @@ impl Handoff {
     }
 }
 
+/// Open connections per site, for `limits.max_connections_per_site`.
+#[derive(Debug, Default)]
+pub struct SiteConnections {
+    sites: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+}
+
+/// One counted connection of a site; dropping it uncounts it.
+#[derive(Debug)]
+struct SiteSlot {
+    sites: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    site: String,
+}
+
+impl SiteConnections {
+    fn take(&self, site: &str, max: u32) -> Result<SiteSlot, SessionError> {
+        let mut sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = sites.entry(site.to_owned()).or_default();
+        if *open >= max {
+            return Err(SessionError::TooManySiteConnections { max });
+        }
+        *open += 1;
+        Ok(SiteSlot {
+            sites: self.sites.clone(),
+            site: site.to_owned(),
+        })
+    }
+}
+
+impl Drop for SiteSlot {
+    fn drop(&mut self) {
+        let mut sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = sites.get_mut(&self.site) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                sites.remove(&self.site);
+            }
+        }
+    }
+}
+
 /// Ends a session's hub producer however the session ends: queued records are purged, and
 /// records already sent are waited for (landed or failed), and only then is the site's turn
 /// released to a newer session.
@@ -137,8 +189,12 @@ pub enum SessionError {
     SiteMismatch { claimed: String, certified: String },
     #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION})")]
     Version { min: u8, max: u8 },
-    #[error("handshake timed out")]
-    HandshakeTimeout,
+    #[error("no Hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("site already has {max} open connections on this relay")]
+    TooManySiteConnections { max: u32 },
+    #[error("the certificate is now on tls.deny")]
+    Denied,
     #[error("expected {expected}, got {got}")]
     Unexpected {
         expected: &'static str,
@@ -173,11 +229,16 @@ impl SessionError {
             Self::Identity(_) => Some(reject::IDENTITY),
             Self::UnknownSite(_) => Some(reject::UNKNOWN_SITE),
             Self::SiteMismatch { .. } => Some(reject::SITE_MISMATCH),
+            Self::TooManySiteConnections { .. } => Some(reject::TOO_MANY_SITE_CONNECTIONS),
+            Self::Denied => Some(reject::DENIED),
+            Self::HelloTimeout(_) | Self::Wire(WireError::Stalled(_)) => Some(reject::TIMEOUT),
             Self::Version { .. }
-            | Self::HandshakeTimeout
             | Self::Unexpected { .. }
             | Self::BadBatch { .. }
-            | Self::Wire(WireError::Decode(_)) => Some(reject::PROTOCOL),
+            | Self::Wire(WireError::Decode(_))
+            | Self::Wire(WireError::Read(quinn::ReadExactError::FinishedEarly(_))) => {
+                Some(reject::PROTOCOL)
+            }
             Self::Connection(_)
             | Self::Wire(_)
             | Self::Hub(_)
@@ -189,9 +250,11 @@ impl SessionError {
 
     fn close_code(&self) -> u32 {
         match self {
-            Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
-                close_code::NOT_AUTHORIZED
-            }
+            Self::Identity(_)
+            | Self::UnknownSite(_)
+            | Self::SiteMismatch { .. }
+            | Self::Denied
+            | Self::TooManySiteConnections { .. } => close_code::NOT_AUTHORIZED,
             Self::Hub(_) | Self::Delivery(_) | Self::HandoffTimeout => close_code::HUB_ERROR,
             _ => close_code::PROTOCOL_ERROR,
         }
@@ -206,8 +269,10 @@ pub async fn serve(
 ) {
     let remote = connection.remote_address();
     let span = tracing::info_span!("session", %remote, site = tracing::field::Empty);
+    let leaf = crate::tls::peer_leaf(&connection);
     let result = tokio::select! {
         result = run(&connection, &context).instrument(span) => result,
+        () = denied(leaf, context.deny.clone()) => Err(SessionError::Denied),
         () = shutdown.cancelled() => Ok(()),
     };
     match result {
@@ -226,6 +291,26 @@ pub async fn serve(
     }
 }
 
+/// Resolves once the deny list (as reloaded on SIGHUP) covers the session's certificate.
+async fn denied(
+    leaf: Option<rustls_pki_types::CertificateDer<'static>>,
+    mut deny: tokio::sync::watch::Receiver<DenyList>,
+) {
+    let Some(leaf) = leaf else {
+        // Only a verified certificate gets this far; without one, `run` refuses the session.
+        return std::future::pending().await;
+    };
+    loop {
+        if deny.borrow_and_update().denies(&leaf) {
+            return;
+        }
+        if deny.changed().await.is_err() {
+            // The relay is shutting down; the shutdown branch ends the session.
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// An agent that stops gracefully closes with code 0 after its Goodbye; the relay may still be
 /// writing its own Goodbye then, which is no error worth a warning.
 fn closed_by_agent(connection: &quinn::Connection) -> bool {
@@ -237,6 +322,9 @@ fn closed_by_agent(connection: &quinn::Connection) -> bool {
 
 async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result<(), SessionError> {
     let site = crate::tls::site_identity(connection)?;
+    let _slot = context
+        .site_connections
+        .take(&site, context.limits.max_connections_per_site)?;
     let allow = context
         .acl
         .borrow()
@@ -246,16 +334,18 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     tracing::Span::current().record("site", site.as_str());
     let _in_fleet = context.fleet.session(&site);
 
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
-        .await
-        .map_err(|_| SessionError::HandshakeTimeout)??;
-    let hello = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        read_frame(&mut recv, &context.frame_limits),
-    )
+    // One deadline for the stream and its first frame: a peer that trickles the Hello in
+    // byte by byte gets no more time than one that sends nothing.
+    let hello_timeout = context.limits.hello_timeout;
+    let hello = tokio::time::timeout(hello_timeout, async {
+        let (send, mut recv) = connection.accept_bi().await?;
+        let hello = read_frame_within(&mut recv, &context.frame_limits, hello_timeout).await?;
+        Ok::<_, SessionError>((send, recv, hello))
+    })
     .await
-    .map_err(|_| SessionError::HandshakeTimeout)??
-    {
+    .map_err(|_| SessionError::HelloTimeout(hello_timeout))??;
+    let (mut send, recv, hello) = hello;
+    let hello = match hello {
         Some(Frame::Hello(hello)) => hello,
         Some(other) => {
             return Err(SessionError::Unexpected {
@@ -397,7 +487,12 @@ struct Reader<'a> {
 impl Reader<'_> {
     async fn run(mut self, mut recv: quinn::RecvStream) -> Result<(), SessionError> {
         loop {
-            let frame = read_frame(&mut recv, &self.context.frame_limits).await?;
+            let frame = read_frame_within(
+                &mut recv,
+                &self.context.frame_limits,
+                self.context.limits.read_timeout,
+            )
+            .await?;
             let outcome = match frame {
                 None => return Ok(()),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,

@@ -6,7 +6,11 @@
 
 pub mod admin;
 pub mod broker;
+pub mod flood;
+pub mod hostile;
 pub mod kafka;
+pub mod load;
+pub mod pki;
 pub mod process;
 pub mod site;
 pub mod udp_proxy;

@@ -54,6 +54,15 @@ impl AgentOptions {
     }
 }
 
+/// What the relay's config says beyond the honest site's table.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOptions {
+    /// Lines appended inside `[tls]`, e.g. a deny list.
+    pub tls_extra: String,
+    /// Tables appended at the end: more `[sites.NAME]`, limits.
+    pub extra: String,
+}
+
 impl Env {
     pub fn new() -> anyhow::Result<Env> {
         let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
@@ -118,7 +127,20 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// The directory `spoke-relay pki init` wrote the CA and relay certificate into.
+    pub fn pki(&self) -> &std::path::Path {
+        &self.pki
+    }
+
     pub fn relay_config(&self, allow: &[&str]) -> anyhow::Result<PathBuf> {
+        self.relay_config_with(allow, &RelayOptions::default())
+    }
+
+    pub fn relay_config_with(
+        &self,
+        allow: &[&str],
+        options: &RelayOptions,
+    ) -> anyhow::Result<PathBuf> {
         let pki = self.pki.display();
         let allow = toml_list(allow);
         let text = format!(
@@ -127,13 +149,17 @@ impl Env {
 cert = "{pki}/relay.pem"
 key = "{pki}/relay.key"
 client_ca = "{pki}/ca.pem"
+{tls_extra}
 [hub]
 bootstrap = "{hub}"
 [sites.{SITE}]
 allow = {allow}
 [admin]
 listen = "127.0.0.1:{admin}"
+{extra}
 "#,
+            tls_extra = options.tls_extra,
+            extra = options.extra,
             port = self.relay_port,
             admin = self.relay_admin,
             hub = self.hub.bootstrap(),
@@ -209,7 +235,15 @@ listen = "127.0.0.1:{admin}"
     }
 
     pub fn start_relay(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
-        let config = self.relay_config(allow)?;
+        self.start_relay_with(allow, &RelayOptions::default())
+    }
+
+    pub fn start_relay_with(
+        &self,
+        allow: &[&str],
+        options: &RelayOptions,
+    ) -> anyhow::Result<Spoke> {
+        let config = self.relay_config_with(allow, options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
         Spoke::start(
             "spoke-relay",

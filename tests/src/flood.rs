@@ -1,0 +1,282 @@
+//! Many bogus clients at once, cheaply: one single-threaded tokio runtime and a handful of
+//! quinn endpoints carry every client, so the attack costs the test machine little more
+//! than the relay has to spend refusing it.
+//!
+//! Three kinds of client, in turn by index:
+//! - handshake flooders: dial again and again with certificates the relay must refuse;
+//! - idle clients: complete the handshake with a valid certificate, then say nothing;
+//! - stallers: complete the handshake, send half a `Hello` frame, then stall (QUIC
+//!   keep-alives on, so only the relay's own timeouts can end them).
+//!
+//! Idle clients and stallers dial again whenever the relay drops them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::hostile::{self, connect};
+use crate::pki::Identity;
+
+#[derive(Debug, Clone)]
+pub struct Flood {
+    pub relay: SocketAddr,
+    /// The CA the relay's certificate chains to (the flooders do check the server).
+    pub ca_pem: String,
+    /// Certificates the relay must refuse; `None` is "no certificate".
+    pub bad: Vec<Option<Identity>>,
+    /// A valid certificate for a configured site that is not the honest one.
+    pub valid: Identity,
+    pub valid_site: String,
+    pub clients: usize,
+    pub duration: Duration,
+    /// QUIC client endpoints (UDP sockets) the clients share.
+    pub endpoints: usize,
+    /// Pause between a flooder's handshakes.
+    pub handshake_pause: Duration,
+}
+
+/// What the flood did, for the summary line and the assertions.
+#[derive(Debug, Default)]
+pub struct FloodReport {
+    /// Handshakes attempted with bad certificates.
+    pub bad_handshakes: u64,
+    /// Of those, refused by the relay (handshake failure or immediate close).
+    pub bad_refused: u64,
+    /// Of those, connections the relay kept open: must be zero.
+    pub bad_accepted: u64,
+    /// Bad handshakes that got no answer in time (an overloaded relay).
+    pub bad_timed_out: u64,
+    /// Connections with a valid certificate that were established (idle or stalled).
+    pub valid_connections: u64,
+    /// Valid-certificate dials the relay refused (connection limits).
+    pub valid_refused: u64,
+    /// Half frames sent by stallers.
+    pub half_frames: u64,
+    /// Most valid-certificate connections open at the same time.
+    pub peak_open: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    bad_handshakes: AtomicU64,
+    bad_refused: AtomicU64,
+    bad_accepted: AtomicU64,
+    bad_timed_out: AtomicU64,
+    valid_connections: AtomicU64,
+    valid_refused: AtomicU64,
+    half_frames: AtomicU64,
+    open: AtomicU64,
+    peak_open: AtomicU64,
+}
+
+impl Counters {
+    fn opened(&self) {
+        self.valid_connections.fetch_add(1, Ordering::Relaxed);
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_open.fetch_max(open, Ordering::Relaxed);
+    }
+
+    fn report(&self) -> FloodReport {
+        FloodReport {
+            bad_handshakes: self.bad_handshakes.load(Ordering::Relaxed),
+            bad_refused: self.bad_refused.load(Ordering::Relaxed),
+            bad_accepted: self.bad_accepted.load(Ordering::Relaxed),
+            bad_timed_out: self.bad_timed_out.load(Ordering::Relaxed),
+            valid_connections: self.valid_connections.load(Ordering::Relaxed),
+            valid_refused: self.valid_refused.load(Ordering::Relaxed),
+            half_frames: self.half_frames.load(Ordering::Relaxed),
+            peak_open: self.peak_open.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running flood; [`FloodHandle::join`] waits for its end.
+#[derive(Debug)]
+pub struct FloodHandle {
+    thread: std::thread::JoinHandle<anyhow::Result<FloodReport>>,
+}
+
+impl FloodHandle {
+    pub fn join(self) -> anyhow::Result<FloodReport> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
+    }
+}
+
+impl Flood {
+    /// Starts the flood on its own thread; it stops by itself after `duration`.
+    pub fn start(self) -> anyhow::Result<FloodHandle> {
+        let thread = std::thread::Builder::new()
+            .name("flood".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(self.run())
+            })?;
+        Ok(FloodHandle { thread })
+    }
+
+    async fn run(self) -> anyhow::Result<FloodReport> {
+        let deadline = tokio::time::Instant::now() + self.duration;
+        let endpoints = (0..self.endpoints.max(1))
+            .map(|_| hostile::endpoint())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bad = self
+            .bad
+            .iter()
+            .map(|identity| hostile::client_config(&self.ca_pem, identity.as_ref(), None))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let valid = hostile::client_config(
+            &self.ca_pem,
+            Some(&self.valid),
+            Some(Duration::from_secs(2)),
+        )?;
+        let half_hello = hostile::encode(&hostile::hello(&self.valid_site))?;
+        let half_hello = half_hello[..half_hello.len() / 2].to_vec();
+        let counters = Arc::new(Counters::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.clients {
+            let endpoint = endpoints[i % endpoints.len()].clone();
+            let counters = counters.clone();
+            let relay = self.relay;
+            match i % 3 {
+                0 => {
+                    let configs = bad.clone();
+                    let pause = self.handshake_pause;
+                    tasks.spawn(async move {
+                        flood_handshakes(endpoint, configs, relay, deadline, pause, i, &counters)
+                            .await
+                    });
+                }
+                kind => {
+                    let config = valid.clone();
+                    let half = (kind == 2).then(|| half_hello.clone());
+                    tasks.spawn(async move {
+                        hold_connections(endpoint, config, relay, deadline, half, &counters).await
+                    });
+                }
+            }
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.context("flood client task").and_then(|r| r);
+            if let (Err(error), None) = (result, &first_error) {
+                first_error = Some(error);
+            }
+        }
+        for endpoint in &endpoints {
+            endpoint.close(0u32.into(), b"flood over");
+        }
+        for endpoint in &endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(counters.report()),
+        }
+    }
+}
+
+async fn flood_handshakes(
+    endpoint: quinn::Endpoint,
+    configs: Vec<quinn::ClientConfig>,
+    relay: SocketAddr,
+    deadline: tokio::time::Instant,
+    pause: Duration,
+    offset: usize,
+    counters: &Counters,
+) -> anyhow::Result<()> {
+    let mut turn = offset;
+    while tokio::time::Instant::now() < deadline {
+        let config = &configs[turn % configs.len()];
+        turn += 1;
+        counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(Duration::from_secs(10), connect(&endpoint, config, relay)).await
+        {
+            Ok(attempt) => match attempt? {
+                Err(_refused) => {
+                    counters.bad_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                // TLS 1.3: the client may finish before the relay judged its certificate.
+                Ok(connection) => {
+                    match tokio::time::timeout(Duration::from_secs(20), connection.closed()).await {
+                        Ok(_) => counters.bad_refused.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => counters.bad_accepted.fetch_add(1, Ordering::Relaxed),
+                    };
+                    connection.close(0u32.into(), b"");
+                }
+            },
+            Err(_) => {
+                counters.bad_timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(())
+}
+
+async fn hold_connections(
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    relay: SocketAddr,
+    deadline: tokio::time::Instant,
+    half_frame: Option<Vec<u8>>,
+    counters: &Counters,
+) -> anyhow::Result<()> {
+    while tokio::time::Instant::now() < deadline {
+        let attempt = tokio::time::timeout_at(deadline, connect(&endpoint, &config, relay)).await;
+        let connection = match attempt {
+            Err(_) => break,
+            Ok(attempt) => match attempt? {
+                Ok(connection) => connection,
+                Err(_) => {
+                    counters.valid_refused.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+        };
+        counters.opened();
+        let mut stream = None;
+        if let Some(half) = &half_frame {
+            if let Ok((mut send, recv)) = connection.open_bi().await {
+                if send.write_all(half).await.is_ok() {
+                    counters.half_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                // Kept, not dropped: dropping would finish the stream, and the point is to
+                // leave the relay waiting for the rest.
+                stream = Some((send, recv));
+            }
+        }
+        tokio::select! {
+            _ = connection.closed() => {}
+            () = tokio::time::sleep_until(deadline) => connection.close(0u32.into(), b"flood over"),
+        }
+        drop(stream);
+        counters.open.fetch_sub(1, Ordering::Relaxed);
+        // An accepted-then-dropped client comes back, as a real attacker would, but not in
+        // a hot loop.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Resident memory of a process from /proc: (VmRSS, VmHWM) in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}

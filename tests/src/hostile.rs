@@ -1,0 +1,311 @@
+//! A hostile spoke peer: a quinn client that speaks to a real relay with whatever certificate
+//! and whatever bytes a test chooses. Honest frames come from spoke-proto's encoders and are
+//! then corrupted, so each attack differs from a valid frame in exactly one property.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use spoke_proto::{Batch, Codec, Frame, Heartbeat, Hello, Limits, HEADER_LEN, PROTOCOL_VERSION};
+
+use crate::pki::Identity;
+
+/// QUIC application close codes of the relay (relay/src/session.rs `close_code`).
+pub const CLOSE_NOT_AUTHORIZED: u32 = 1;
+pub const CLOSE_PROTOCOL_ERROR: u32 = 2;
+
+/// A client configuration trusting `ca_pem` for the relay and presenting `identity` (or no
+/// certificate at all). `keep_alive` keeps a stalled connection alive at the QUIC level, so
+/// only the relay's own timeouts can end it.
+pub fn client_config(
+    ca_pem: &str,
+    identity: Option<&Identity>,
+    keep_alive: Option<Duration>,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.context("CA PEM")?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut crypto = match identity {
+        Some(identity) => {
+            let chain = CertificateDer::pem_slice_iter(identity.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .context("client certificate PEM")?;
+            let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+                .context("client key PEM")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    crypto.alpn_protocols = vec![spoke_proto::ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(crypto)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(keep_alive);
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(60_000).into()));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A client endpoint on an ephemeral loopback port; call inside a tokio runtime.
+pub fn endpoint() -> anyhow::Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::client(SocketAddr::from((
+        [127, 0, 0, 1],
+        0,
+    )))?)
+}
+
+/// Dials the relay (server name `localhost`, as `pki init` names it). The outer error is a
+/// local failure; the inner one is the relay refusing or failing the handshake.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    relay: SocketAddr,
+) -> anyhow::Result<Result<quinn::Connection, quinn::ConnectionError>> {
+    let connecting = endpoint
+        .connect_with(config.clone(), relay, "localhost")
+        .context("starting a QUIC connection")?;
+    Ok(connecting.await)
+}
+
+/// Expects the relay to refuse this client: the handshake fails, or, since in TLS 1.3 the
+/// client is done with its side of the handshake before the server has judged its
+/// certificate, the connection is closed right after (even when it sends a Hello for
+/// `site`). Returns how the relay ended it; fails if the relay keeps talking for `within`.
+pub async fn expect_refused(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    relay: SocketAddr,
+    site: &str,
+    within: Duration,
+) -> anyhow::Result<quinn::ConnectionError> {
+    let connection = match connect(endpoint, config, relay).await? {
+        Ok(connection) => connection,
+        Err(refused) => return Ok(refused),
+    };
+    let talk = async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&encode(&hello(site))?).await?;
+        let mut buf = Vec::new();
+        // A refused peer may get a Goodbye before the close; a Welcome means it got in.
+        while let Some(frame) = read_frame(&mut recv, &mut buf).await? {
+            if let Frame::Welcome(_) = frame {
+                bail!("relay answered the Hello with a Welcome");
+            }
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(within, async {
+        let talked = talk.await;
+        (talked, connection.closed().await)
+    })
+    .await
+    {
+        Ok((Err(error), _)) if error.to_string().contains("Welcome") => Err(error),
+        Ok((_, closed)) => Ok(closed),
+        Err(_) => bail!("relay kept the connection open for {within:?}"),
+    }
+}
+
+/// An authenticated session past the handshake: `Hello` sent, `Welcome` received, the first
+/// bidirectional stream ready for (hostile) bytes.
+#[derive(Debug)]
+pub struct Session {
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl Session {
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        config: &quinn::ClientConfig,
+        relay: SocketAddr,
+        site: &str,
+    ) -> anyhow::Result<Session> {
+        let connection = connect(endpoint, config, relay)
+            .await?
+            .context("relay refused a valid certificate")?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&encode(&hello(site))?).await?;
+        let mut buf = Vec::new();
+        let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv, &mut buf))
+            .await
+            .context("no Welcome within 30 s")??;
+        match first {
+            Some(Frame::Welcome(_)) => Ok(Session {
+                connection,
+                send,
+                recv,
+            }),
+            other => bail!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Waits until the relay closes the connection; returns the application close code.
+    pub async fn closed_by_relay(&self, within: Duration) -> anyhow::Result<u64> {
+        let closed = tokio::time::timeout(within, self.connection.closed())
+            .await
+            .with_context(|| format!("relay kept the connection open for {within:?}"))?;
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => Ok(close.error_code.into_inner()),
+            other => bail!("connection ended without an application close: {other}"),
+        }
+    }
+}
+
+/// Reads one frame, buffering in `buf`; `None` at a clean end of stream.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<Option<Frame>> {
+    loop {
+        if let Some((frame, used)) = Frame::decode(buf, &Limits::default())? {
+            buf.drain(..used);
+            return Ok(Some(frame));
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None if buf.is_empty() => return Ok(None),
+            None => bail!("stream ended inside a frame"),
+        }
+    }
+}
+
+pub fn hello(site: &str) -> Frame {
+    Frame::Hello(Hello {
+        site: site.to_owned(),
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        software: "spoke-tests hostile peer".to_owned(),
+        partitions: Vec::new(),
+    })
+}
+
+pub fn heartbeat() -> Frame {
+    Frame::Heartbeat(Heartbeat::default())
+}
+
+pub fn encode(frame: &Frame) -> anyhow::Result<Vec<u8>> {
+    Ok(frame.to_bytes()?.to_vec())
+}
+
+/// A valid batch of `count` small records at offsets `first..first+count`, uncompressed.
+pub fn valid_batch(seq: u64, topic: &str, first: i64, count: usize) -> anyhow::Result<Frame> {
+    let offsets: Vec<i64> = (first..first + count as i64).collect();
+    section_batch(seq, topic, &offsets)
+}
+
+/// A batch whose record section lists `offsets` exactly as given (the encoder refuses
+/// anything but strictly increasing offsets, so the section is written by hand; see
+/// proto/src/batch.rs for the layout). The header's first/last/count agree with the list,
+/// so only the order inside can be wrong.
+pub fn section_batch(seq: u64, topic: &str, offsets: &[i64]) -> anyhow::Result<Frame> {
+    let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+        bail!("a batch needs records");
+    };
+    let mut section = Vec::new();
+    let mut prev = None;
+    for &offset in offsets {
+        match prev {
+            None => put_uvarint(&mut section, ((offset << 1) ^ (offset >> 63)) as u64),
+            // Two's complement: a step backwards becomes a huge forward delta.
+            Some(p) => put_uvarint(&mut section, offset.wrapping_sub(p) as u64),
+        }
+        section.push(0); // no timestamp
+        section.push(0); // null key
+        let value = format!("hostile-{offset}");
+        put_uvarint(&mut section, value.len() as u64 + 1);
+        section.extend_from_slice(value.as_bytes());
+        section.push(0); // no headers
+        prev = Some(offset);
+    }
+    Ok(Frame::Batch(Batch {
+        seq,
+        topic: topic.to_owned(),
+        partition: 0,
+        partition_count: 1,
+        first_offset: first,
+        last_offset: last,
+        next_offset: last + 1,
+        record_count: u32::try_from(offsets.len())?,
+        codec: Codec::None,
+        uncompressed_len: u32::try_from(section.len())?,
+        payload: Bytes::from(section),
+    }))
+}
+
+/// A zstd bomb: `inflated` bytes of zeros in a few KiB, declared as a 1 MiB record section.
+/// A decoder that trusted the payload instead of the declaration would allocate `inflated`.
+pub fn zstd_bomb(seq: u64, topic: &str, inflated: usize) -> anyhow::Result<Frame> {
+    use std::io::Write;
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = inflated;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        encoder.write_all(&zeros[..n])?;
+        left -= n;
+    }
+    let payload = encoder.finish()?;
+    Ok(Frame::Batch(Batch {
+        seq,
+        topic: topic.to_owned(),
+        partition: 0,
+        partition_count: 1,
+        first_offset: 0,
+        last_offset: 0,
+        next_offset: 1,
+        record_count: 1,
+        codec: Codec::Zstd,
+        uncompressed_len: 1 << 20,
+        payload: Bytes::from(payload),
+    }))
+}
+
+/// Byte positions in the 12-byte frame header (proto/src/frame.rs).
+pub mod header {
+    pub const VERSION: usize = 2;
+    pub const TYPE: usize = 3;
+    pub const LENGTH: std::ops::Range<usize> = 4..8;
+    pub const CHECKSUM: std::ops::Range<usize> = 8..12;
+}
+
+/// `frame` with its header's body length replaced: the relay must refuse it from the header
+/// alone, before waiting for or allocating the body.
+pub fn with_length(mut frame: Vec<u8>, length: u32) -> Vec<u8> {
+    frame[header::LENGTH].copy_from_slice(&length.to_be_bytes());
+    frame
+}
+
+/// `frame` with one body byte flipped, so its CRC no longer matches.
+pub fn with_corrupt_body(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() > HEADER_LEN {
+        if let Some(byte) = frame.last_mut() {
+            *byte ^= 0x5a;
+        }
+    }
+    frame
+}
+
+pub fn with_byte(mut frame: Vec<u8>, at: usize, value: u8) -> Vec<u8> {
+    frame[at] = value;
+    frame
+}
+
+fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}

@@ -421,6 +421,91 @@ allow = ["orders", "telemetry\\..*"]
     }
 
     #[test]
+    fn limits_default_to_the_documented_values() {
+        let loaded = parse(MINIMAL).expect("valid");
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.max_connections, 1000);
+        assert_eq!(limits.max_connections_per_site, 4);
+        assert_eq!(limits.max_handshakes, 200);
+        assert_eq!(limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(limits.hello_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(limits.read_timeout, Duration::from_secs(30));
+        assert_eq!(limits.max_streams_per_connection, 4);
+        assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());
+        assert_eq!(limits.batch_limits(), spoke_proto::BatchLimits::default());
+        assert!(loaded.deny.is_empty());
+    }
+
+    #[test]
+    fn limits_are_read_with_units() {
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_connections_per_site = 2\nread_timeout = \"2s\"\n\
+             max_frame_bytes = \"1 MiB\"\nmax_header_bytes = \"4 KiB\"\nmax_records_per_batch = 10\n"
+        );
+        let loaded = parse(&text).expect("valid");
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.max_connections_per_site, 2);
+        assert_eq!(limits.read_timeout, Duration::from_secs(2));
+        assert_eq!(limits.frame_limits().max_frame_bytes, 1 << 20);
+        let batch = limits.batch_limits();
+        assert_eq!(batch.max_header_bytes, 4096);
+        assert_eq!(batch.max_records, 10);
+        assert_eq!(batch.zstd_window_log_max, 24);
+    }
+
+    #[test]
+    fn bad_limits_name_their_key() {
+        for (line, key) in [
+            ("max_connections = 0", "limits.max_connections"),
+            (
+                "max_streams_per_connection = 0",
+                "limits.max_streams_per_connection",
+            ),
+            ("hello_timeout = \"0s\"", "limits.hello_timeout"),
+            ("idle_timeout = \"2h\"", "limits.idle_timeout"),
+            ("max_frame_bytes = \"5 GiB\"", "limits.max_frame_bytes"),
+            ("max_batch_bytes = 0", "limits.max_batch_bytes"),
+        ] {
+            let text = format!("{MINIMAL}\n[limits]\n{line}\n");
+            let err = parse(&text).expect_err(line).to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+        let text = format!("{MINIMAL}\n[limits]\nmax_conections = 3\n");
+        let err = parse(&text).expect_err("typo").to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn deny_entries_are_parsed_and_bad_ones_name_tls_deny() {
+        let fingerprint = "AB:".repeat(31) + "AB";
+        let text = MINIMAL.replace(
+            "client_ca = \"/ca.pem\"",
+            &format!(
+                "client_ca = \"/ca.pem\"\ndeny = [\"sha256:{fingerprint}\", \"serial:00:0a:1B\"]"
+            ),
+        );
+        let loaded = parse(&text).expect("valid");
+        assert_eq!(loaded.deny.len(), 2);
+        for bad in [
+            "ab12",
+            "md5:ab12",
+            "sha256:ab12",
+            "sha256:",
+            "serial:xyz",
+            "serial:00",
+        ] {
+            let text = MINIMAL.replace(
+                "client_ca = \"/ca.pem\"",
+                &format!("client_ca = \"/ca.pem\"\ndeny = [\"{bad}\"]"),
+            );
+            let err = parse(&text).expect_err(bad).to_string();
+            assert!(err.contains("tls.deny"), "{bad}: {err}");
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn no_sites_is_refused() {
         let text = MINIMAL.replace(
             "[sites.branch-042]\nallow = [\"orders\", \"telemetry\\\\..*\"]",
@@ -439,5 +524,40 @@ mod packaged {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay.toml");
         let loaded = super::load(&path).expect("packaging/relay.toml must load");
         assert!(loaded.acl.site("branch-042").is_some());
+        // The example spells out every limit with its default value.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let defaults = super::LimitsConfig::default();
+        for (key, value) in [
+            ("max_connections", defaults.max_connections.to_string()),
+            (
+                "max_connections_per_site",
+                defaults.max_connections_per_site.to_string(),
+            ),
+            ("max_handshakes", defaults.max_handshakes.to_string()),
+            (
+                "max_streams_per_connection",
+                defaults.max_streams_per_connection.to_string(),
+            ),
+            (
+                "max_records_per_batch",
+                defaults.max_records_per_batch.to_string(),
+            ),
+            (
+                "max_headers_per_record",
+                defaults.max_headers_per_record.to_string(),
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("{key} = {value}")),
+                "{key} = {value}"
+            );
+        }
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.frame_limits(), defaults.frame_limits());
+        assert_eq!(limits.batch_limits(), defaults.batch_limits());
+        assert_eq!(limits.read_timeout, defaults.read_timeout);
+        assert_eq!(limits.hello_timeout, defaults.hello_timeout);
+        assert_eq!(limits.handshake_timeout, defaults.handshake_timeout);
+        assert_eq!(limits.idle_timeout, defaults.idle_timeout);
     }
 }

@@ -234,6 +234,16 @@ impl ClientCertVerifier for DenyingVerifier {
         }
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|error| match error {
+                // An issuer name that matches the client CA with a signature that does not
+                // verify means another CA of the same name (every `pki init` CA is called
+                // "spoke CA"): to the peer and to the counter, an unknown CA.
+                #[allow(deprecated)]
+                rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+                    rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+                }
+                other => other,
+            })
     }
 
     fn verify_tls12_signature(

@@ -239,12 +239,6 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
             SITE,
             "unknown_ca",
         ),
-        (
-            "certificate from another CA of the same name",
-            Some(&impostor),
-            SITE,
-            "unknown_ca",
-        ),
         ("expired certificate", Some(&expired), SITE, "expired"),
         (
             "certificate denied by SHA-256",
@@ -263,6 +257,12 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
             Some(&mallory),
             SITE,
             "site_mismatch",
+        ),
+        (
+            "certificate from another CA of the same name",
+            Some(&impostor),
+            SITE,
+            "unknown_ca",
         ),
     ];
     let endpoint = scene.runtime.block_on(async { hostile::endpoint() })?;

@@ -672,3 +672,50 @@ async fn acknowledge(
     let _ = send.finish();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_connections_are_capped_per_site_and_freed_on_drop() {
+        let connections = SiteConnections::default();
+        let first = connections.take("branch-1", 2).expect("first");
+        let second = connections.take("branch-1", 2).expect("second");
+        let refused = connections.take("branch-1", 2).expect_err("third");
+        assert!(matches!(
+            refused,
+            SessionError::TooManySiteConnections { max: 2 }
+        ));
+        assert_eq!(
+            refused.reject_reason(),
+            Some(crate::fleet::reject::TOO_MANY_SITE_CONNECTIONS)
+        );
+        let _other_site = connections.take("branch-2", 2).expect("another site");
+        drop(first);
+        let again = connections.take("branch-1", 2).expect("a slot was freed");
+        drop(second);
+        drop(again);
+        let sites = connections.sites.lock().expect("lock");
+        assert_eq!(sites.get("branch-1"), None, "empty entries are removed");
+        assert_eq!(sites.get("branch-2"), Some(&1));
+    }
+
+    #[test]
+    fn timeouts_and_truncation_are_counted_as_the_peer_s_fault() {
+        use crate::fleet::reject;
+        let stalled = SessionError::Wire(WireError::Stalled(Duration::from_secs(1)));
+        assert_eq!(stalled.reject_reason(), Some(reject::TIMEOUT));
+        let no_hello = SessionError::HelloTimeout(Duration::from_secs(1));
+        assert_eq!(no_hello.reject_reason(), Some(reject::TIMEOUT));
+        let truncated =
+            SessionError::Wire(WireError::Read(quinn::ReadExactError::FinishedEarly(3)));
+        assert_eq!(truncated.reject_reason(), Some(reject::PROTOCOL));
+        assert_eq!(SessionError::Denied.reject_reason(), Some(reject::DENIED));
+        assert_eq!(
+            SessionError::Denied.close_code(),
+            close_code::NOT_AUTHORIZED
+        );
+        assert_eq!(SessionError::Superseded.reject_reason(), None);
+    }
+}

@@ -106,11 +106,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             tls::server_config(&loaded.config.tls, &loaded.deny, &loaded.config.limits)
                 .with_context(|| format!("{}: [tls]", config.display()))?;
             println!(
-                "{}: ok (listen {}, hub {}, {} site table(s))",
+                "{}: ok (listen {}, hub {}, {} site table(s), {} denied certificate(s))",
                 config.display(),
                 loaded.config.listen,
                 loaded.config.hub.bootstrap,
-                loaded.config.sites.len()
+                loaded.config.sites.len(),
+                loaded.deny.len()
             );
             Ok(())
         }

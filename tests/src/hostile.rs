@@ -151,13 +151,17 @@ impl Session {
         }
     }
 
-    /// Waits until the relay closes the connection; returns the application close code.
-    pub async fn closed_by_relay(&self, within: Duration) -> anyhow::Result<u64> {
+    /// Waits until the relay closes the connection; returns the application close code and
+    /// the reason text the relay gave.
+    pub async fn closed_by_relay(&self, within: Duration) -> anyhow::Result<(u64, String)> {
         let closed = tokio::time::timeout(within, self.connection.closed())
             .await
             .with_context(|| format!("relay kept the connection open for {within:?}"))?;
         match closed {
-            quinn::ConnectionError::ApplicationClosed(close) => Ok(close.error_code.into_inner()),
+            quinn::ConnectionError::ApplicationClosed(close) => Ok((
+                close.error_code.into_inner(),
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            )),
             other => bail!("connection ended without an application close: {other}"),
         }
     }
@@ -189,6 +193,21 @@ pub fn hello(site: &str) -> Frame {
         software: "spoke-tests hostile peer".to_owned(),
         partitions: Vec::new(),
     })
+}
+
+/// A `Hello` asking for resume points of `count` partitions of `topic`: each one costs the
+/// relay a scan of the hub, so the list is an amplification lever if it is not bounded.
+pub fn hello_with_partitions(site: &str, topic: &str, count: i32) -> Frame {
+    let mut frame = hello(site);
+    if let Frame::Hello(hello) = &mut frame {
+        hello.partitions = (0..count)
+            .map(|partition| spoke_proto::TopicPartition {
+                topic: topic.to_owned(),
+                partition,
+            })
+            .collect();
+    }
+    frame
 }
 
 pub fn heartbeat() -> Frame {

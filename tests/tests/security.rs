@@ -313,7 +313,11 @@ struct FrameAttack {
     bytes: Vec<u8>,
     /// Finish the stream after the bytes (else leave the relay waiting for more).
     finish: bool,
+    /// The `spoke_relay_rejected_total` reason it must be counted under.
     reason: &'static str,
+    /// A fragment of the typed error the relay closes with, proving the attack was stopped
+    /// by the defence meant for it and not by some earlier check.
+    error: &'static str,
 }
 
 fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
@@ -324,65 +328,74 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
         other => bail!("valid_batch made a {}", other.name()),
     };
     std::mem::swap(&mut inverted.first_offset, &mut inverted.last_offset);
-    let attack = |name, bytes, reason| FrameAttack {
+    let attack = |name, bytes, error| FrameAttack {
         name,
         bytes,
         finish: false,
-        reason,
+        reason: "protocol",
+        error,
     };
+    let half_batch = batch[..batch.len() / 2].to_vec();
     Ok(vec![
         // Only the 12-byte header: a 4 GiB body must be refused before it is awaited.
         attack(
             "oversize length",
             hostile::with_length(heartbeat.clone(), 0xffff_fff0)[..spoke_proto::HEADER_LEN]
                 .to_vec(),
-            "protocol",
+            "frame body of 4294967280 bytes exceeds the limit",
         ),
         attack(
             "bad checksum",
             hostile::with_corrupt_body(batch.clone()),
-            "protocol",
+            "checksum mismatch",
         ),
         attack(
             "unknown version",
-            hostile::with_byte(heartbeat.clone(), hostile::header::VERSION, 0x63),
-            "protocol",
+            hostile::with_byte(heartbeat.clone(), hostile::header::VERSION, 99),
+            "unsupported protocol version 99",
         ),
         attack(
             "unknown frame type",
-            hostile::with_byte(heartbeat.clone(), hostile::header::TYPE, 0x42),
-            "protocol",
+            hostile::with_byte(heartbeat.clone(), hostile::header::TYPE, 66),
+            "unknown frame type 66",
         ),
         FrameAttack {
-            name: "truncated frame, stream finished",
-            bytes: batch[..batch.len() / 2].to_vec(),
             finish: true,
-            reason: "protocol",
+            ..attack(
+                "truncated frame, stream finished",
+                half_batch.clone(),
+                "finished early",
+            )
         },
-        attack(
-            "truncated frame, then stalled",
-            batch[..batch.len() / 2].to_vec(),
-            "timeout",
-        ),
+        FrameAttack {
+            reason: "timeout",
+            ..attack(
+                "truncated frame, then stalled",
+                half_batch,
+                "sent nothing for",
+            )
+        },
+        // The payload inflates to 512 MiB; the relay must stop one byte past the declared
+        // 1 MiB instead of trusting the payload.
         attack(
             "zstd bomb (512 MiB of zeros declared as 1 MiB)",
             hostile::encode(&hostile::zstd_bomb(1, TOPIC, 512 << 20)?)?,
-            "protocol",
+            "declared 1048576 uncompressed bytes but holds 1048577",
         ),
         attack(
             "repeated offset in a batch",
             hostile::encode(&hostile::section_batch(1, TOPIC, &[10, 11, 11, 12])?)?,
-            "protocol",
+            "offsets must strictly increase: 11 follows 11",
         ),
         attack(
             "offset going backwards in a batch",
             hostile::encode(&hostile::section_batch(1, TOPIC, &[10, 12, 11])?)?,
-            "protocol",
+            "record offset overflows",
         ),
         attack(
             "batch with first offset after last",
             hostile::encode(&Frame::Batch(inverted))?,
-            "protocol",
+            "first_offset is after last_offset",
         ),
     ])
 }
@@ -429,7 +442,7 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
     for attack in frame_attacks()? {
         let before = scene.rejected(attack.reason)?;
         let started = Instant::now();
-        let code = scene
+        let (code, error) = scene
             .runtime
             .block_on(async {
                 let mut session = Session::open(&endpoint, &config, relay, MALLORY).await?;
@@ -443,13 +456,19 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
             .with_context(|| format!("{}: connection not closed by the relay", attack.name))?;
         ensure!(
             code == u64::from(CLOSE_PROTOCOL_ERROR),
-            "{}: closed with code {code}, expected PROTOCOL_ERROR ({CLOSE_PROTOCOL_ERROR})",
+            "{}: closed with code {code} ({error}), expected PROTOCOL_ERROR ({CLOSE_PROTOCOL_ERROR})",
             attack.name
+        );
+        ensure!(
+            error.contains(attack.error),
+            "{}: closed for {error:?}, expected an error containing {:?}",
+            attack.name,
+            attack.error
         );
         scene.expect_rejected(attack.name, attack.reason, before + 1.0)?;
         scene.assert_relay_alive(attack.name)?;
         summary.push(format!(
-            "{}: closed in {:.1}s",
+            "{}: closed in {:.1}s: {error}",
             attack.name,
             started.elapsed().as_secs_f64()
         ));
@@ -476,7 +495,7 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
 fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() -> anyhow::Result<()>
 {
     const RATE: usize = 3000;
-    const UNATTACKED: Duration = Duration::from_secs(15);
+    const UNATTACKED: Duration = Duration::from_secs(12);
     const ATTACK: Duration = Duration::from_secs(60);
     const RSS_CAP_MIB: u64 = 256;
     let env = Env::new()?;
@@ -492,7 +511,7 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
     let mut scene = Scene::start(env, "", RATE)?;
     let relay_pid = scene.relay.pid().context("relay stopped")?;
     // Let the pipeline reach its steady state before measuring.
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
 
     let window = |length: Duration, scene: &Scene| -> anyhow::Result<(f64, u64)> {
         let start = Instant::now();
@@ -649,11 +668,14 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
     )?;
 
     // The denied session is closed; the honest one is not.
-    let code = scene
+    let (code, error) = scene
         .runtime
         .block_on(mallory_session.closed_by_relay(Duration::from_secs(20)))
         .context("a session whose certificate is now denied stayed open")?;
-    println!("denied session closed with code {code}");
+    ensure!(
+        code == u64::from(CLOSE_NOT_AUTHORIZED),
+        "denied session closed with code {code} ({error})"
+    );
     scene.expect_rejected("denied by the reload", "denied", denied_before + 1.0)?;
 
     // New connections: the rotated relay certificate, and the second CA is trusted.
@@ -704,5 +726,59 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
     println!(
         "scenario=sighup-rotation honest_records={produced} produced_before_reload={produced_before} honest_sessions=1 lost=0 dup=0"
     );
+    Ok(())
+}
+
+#[test]
+fn hello_asking_for_a_million_resume_points_is_refused_before_any_hub_work() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let (mallory_pem, mallory_key) = env.issue_cert(MALLORY)?;
+    let mallory = Identity::load(&mallory_pem, &mallory_key)?;
+    let mut scene = Scene::start(env, "", 1000)?;
+    let relay = scene.relay_addr();
+    // Keep-alives: the connection must end by the relay's decision, not by QUIC idling.
+    let config = hostile::client_config(
+        &scene.ca_pem()?,
+        Some(&mallory),
+        Some(Duration::from_secs(1)),
+    )?;
+    let endpoint = scene.runtime.block_on(async { hostile::endpoint() })?;
+    let hello = hostile::encode(&hostile::hello_with_partitions(MALLORY, TOPIC, 1_000_000))?;
+    let before = scene.rejected("protocol")?;
+    let started = Instant::now();
+    let outcome = scene.runtime.block_on(async {
+        let connection = hostile::connect(&endpoint, &config, relay)
+            .await?
+            .context("relay refused a valid certificate")?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(&hello).await?;
+        let mut buf = Vec::new();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            hostile::read_frame(&mut recv, &mut buf),
+        )
+        .await;
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+        anyhow::Ok((answer, closed))
+    })?;
+    println!(
+        "after {:.1}s: answer {:?}, close {:?}",
+        started.elapsed().as_secs_f64(),
+        outcome
+            .0
+            .as_ref()
+            .map(|r| r.as_ref().map(|f| f.as_ref().map(Frame::name))),
+        outcome.1
+    );
+    let closed = outcome.1.context("connection still open")?;
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_PROTOCOL_ERROR) => {}
+        other => bail!("expected a PROTOCOL_ERROR close, got {other}"),
+    }
+    scene.expect_rejected("oversized Hello", "protocol", before + 1.0)?;
+    scene.assert_relay_alive("a Hello with a million partitions")?;
+    let produced = scene.finish("hello-partitions")?;
+    println!("scenario=hello-partitions honest_records={produced} lost=0 dup=0");
     Ok(())
 }

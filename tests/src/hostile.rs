@@ -151,6 +151,23 @@ impl Session {
         }
     }
 
+    /// A connection with its first stream open but nothing sent: for attacks on the `Hello`.
+    pub async fn before_hello(
+        endpoint: &quinn::Endpoint,
+        config: &quinn::ClientConfig,
+        relay: SocketAddr,
+    ) -> anyhow::Result<Session> {
+        let connection = connect(endpoint, config, relay)
+            .await?
+            .context("relay refused a valid certificate")?;
+        let (send, recv) = connection.open_bi().await?;
+        Ok(Session {
+            connection,
+            send,
+            recv,
+        })
+    }
+
     /// Waits until the relay closes the connection; returns the application close code and
     /// the reason text the relay gave.
     pub async fn closed_by_relay(&self, within: Duration) -> anyhow::Result<(u64, String)> {
@@ -248,6 +265,67 @@ pub fn section_batch(seq: u64, topic: &str, offsets: &[i64]) -> anyhow::Result<F
         section.push(0); // no headers
         prev = Some(offset);
     }
+    plain_batch(
+        seq,
+        topic,
+        first,
+        last,
+        u32::try_from(offsets.len())?,
+        section,
+    )
+}
+
+/// A batch of one record (offset 0) carrying `count` headers of `value_len` bytes each.
+pub fn headers_batch(
+    seq: u64,
+    topic: &str,
+    count: usize,
+    value_len: usize,
+) -> anyhow::Result<Frame> {
+    let mut section = vec![0, 0, 0, 0]; // offset 0, no timestamp, null key, null value
+    put_uvarint(&mut section, count as u64);
+    let value = vec![b'h'; value_len];
+    for _ in 0..count {
+        put_uvarint(&mut section, 1);
+        section.push(b'h');
+        put_uvarint(&mut section, value_len as u64 + 1);
+        section.extend_from_slice(&value);
+    }
+    plain_batch(seq, topic, 0, 0, 1, section)
+}
+
+/// A batch whose header fields (`uncompressed_len`, `record_count`) claim more than the
+/// relay's caps over a tiny payload: refused from the declaration, before any work.
+pub fn overclaiming_batch(
+    seq: u64,
+    topic: &str,
+    uncompressed_len: u32,
+    record_count: u32,
+) -> anyhow::Result<Frame> {
+    let payload = zstd::bulk::compress(b"tiny", 1)?;
+    Ok(Frame::Batch(Batch {
+        seq,
+        topic: topic.to_owned(),
+        partition: 0,
+        partition_count: 1,
+        first_offset: 0,
+        last_offset: i64::from(record_count) - 1,
+        next_offset: i64::from(record_count),
+        record_count,
+        codec: Codec::Zstd,
+        uncompressed_len,
+        payload: Bytes::from(payload),
+    }))
+}
+
+fn plain_batch(
+    seq: u64,
+    topic: &str,
+    first: i64,
+    last: i64,
+    count: u32,
+    section: Vec<u8>,
+) -> anyhow::Result<Frame> {
     Ok(Frame::Batch(Batch {
         seq,
         topic: topic.to_owned(),
@@ -256,7 +334,7 @@ pub fn section_batch(seq: u64, topic: &str, offsets: &[i64]) -> anyhow::Result<F
         first_offset: first,
         last_offset: last,
         next_offset: last + 1,
-        record_count: u32::try_from(offsets.len())?,
+        record_count: count,
         codec: Codec::None,
         uncompressed_len: u32::try_from(section.len())?,
         payload: Bytes::from(section),

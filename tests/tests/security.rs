@@ -313,6 +313,8 @@ struct FrameAttack {
     bytes: Vec<u8>,
     /// Finish the stream after the bytes (else leave the relay waiting for more).
     finish: bool,
+    /// Send the bytes instead of the `Hello` (else after the `Welcome`).
+    before_hello: bool,
     /// The `spoke_relay_rejected_total` reason it must be counted under.
     reason: &'static str,
     /// A fragment of the typed error the relay closes with, proving the attack was stopped
@@ -332,6 +334,7 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
         name,
         bytes,
         finish: false,
+        before_hello: false,
         reason: "protocol",
         error,
     };
@@ -397,6 +400,47 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
             hostile::encode(&Frame::Batch(inverted))?,
             "first_offset is after last_offset",
         ),
+        attack(
+            "record with 2000 headers",
+            hostile::encode(&hostile::headers_batch(1, TOPIC, 2000, 1)?)?,
+            "record with 2000 headers exceeds the limit",
+        ),
+        attack(
+            "record with 1.4 MiB of headers",
+            hostile::encode(&hostile::headers_batch(1, TOPIC, 2, 700 << 10)?)?,
+            "record headers of",
+        ),
+        attack(
+            "batch declaring a 4 GiB record section",
+            hostile::encode(&hostile::overclaiming_batch(1, TOPIC, u32::MAX, 1)?)?,
+            "uncompressed batch of 4294967295 bytes exceeds the limit",
+        ),
+        attack(
+            "batch declaring 4 billion records",
+            hostile::encode(&hostile::overclaiming_batch(1, TOPIC, 64, u32::MAX)?)?,
+            "batch of 4294967295 records exceeds the limit",
+        ),
+        attack(
+            "second Hello",
+            hostile::encode(&hostile::hello(MALLORY))?,
+            "got Hello",
+        ),
+        FrameAttack {
+            before_hello: true,
+            ..attack(
+                "Batch instead of Hello",
+                batch.clone(),
+                "expected Hello, got Batch",
+            )
+        },
+        FrameAttack {
+            before_hello: true,
+            ..attack(
+                "garbage instead of Hello",
+                b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n".to_vec(),
+                "bad frame magic",
+            )
+        },
     ])
 }
 
@@ -445,7 +489,11 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
         let (code, error) = scene
             .runtime
             .block_on(async {
-                let mut session = Session::open(&endpoint, &config, relay, MALLORY).await?;
+                let mut session = if attack.before_hello {
+                    Session::before_hello(&endpoint, &config, relay).await?
+                } else {
+                    Session::open(&endpoint, &config, relay, MALLORY).await?
+                };
                 session.send.write_all(&attack.bytes).await?;
                 if attack.finish {
                     session.send.finish()?;
@@ -477,6 +525,12 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
         println!("{line}");
     }
     let (rss, hwm) = flood::rss_kib(scene.relay.pid().context("relay stopped")?)?;
+    // The bomb inflates to 512 MiB: a relay that trusted it would have peaked far above this.
+    ensure!(
+        hwm < 128 * 1024,
+        "relay peak RSS {} MiB after the attacks",
+        hwm / 1024
+    );
     ensure!(
         honest_sessions(&scene.relay) == 1,
         "the honest site's session was interrupted"

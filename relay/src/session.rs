@@ -187,6 +187,8 @@ pub enum SessionError {
     UnknownSite(String),
     #[error("Hello claims site {claimed} but the certificate is for {certified}")]
     SiteMismatch { claimed: String, certified: String },
+    #[error("Hello lists {count} partitions; this relay accepts at most {max} (limits.max_partitions_per_hello)")]
+    TooManyPartitions { count: usize, max: u32 },
     #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION})")]
     Version { min: u8, max: u8 },
     #[error("no Hello within {0:?}")]
@@ -233,6 +235,7 @@ impl SessionError {
             Self::Denied => Some(reject::DENIED),
             Self::HelloTimeout(_) | Self::Wire(WireError::Stalled(_)) => Some(reject::TIMEOUT),
             Self::Version { .. }
+            | Self::TooManyPartitions { .. }
             | Self::Unexpected { .. }
             | Self::BadBatch { .. }
             | Self::Wire(WireError::Decode(_))
@@ -360,9 +363,13 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             })
         }
     };
-    if let Err(error) = check_hello(&hello, &site) {
+    if let Err(error) = check_hello(&hello, &site, context.limits.max_partitions_per_hello) {
+        let code = match error.close_code() {
+            close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
+            _ => GoodbyeCode::ProtocolError,
+        };
         let goodbye = Goodbye {
-            code: GoodbyeCode::NotAuthorized,
+            code,
             reason: error.to_string(),
         };
         // Best effort: the agent learns why before the connection closes.
@@ -448,11 +455,18 @@ async fn serve_site(
     }
 }
 
-fn check_hello(hello: &Hello, site: &str) -> Result<(), SessionError> {
+fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), SessionError> {
     if hello.site != site {
         return Err(SessionError::SiteMismatch {
             claimed: hello.site.clone(),
             certified: site.to_owned(),
+        });
+    }
+    // Before any hub work: each listed partition the ACL allows costs a resume scan.
+    if hello.partitions.len() > max_partitions as usize {
+        return Err(SessionError::TooManyPartitions {
+            count: hello.partitions.len(),
+            max: max_partitions,
         });
     }
     if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
@@ -699,6 +713,39 @@ mod tests {
         let sites = connections.sites.lock().expect("lock");
         assert_eq!(sites.get("branch-1"), None, "empty entries are removed");
         assert_eq!(sites.get("branch-2"), Some(&1));
+    }
+
+    fn hello(site: &str, partitions: usize) -> Hello {
+        Hello {
+            site: site.to_owned(),
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: "test".into(),
+            partitions: (0..partitions)
+                .map(|p| spoke_proto::TopicPartition {
+                    topic: "orders".into(),
+                    partition: i32::try_from(p).unwrap_or(i32::MAX),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hello_is_checked_for_site_and_partition_count_before_any_hub_work() {
+        assert!(check_hello(&hello("branch-1", 3), "branch-1", 3).is_ok());
+        let error = check_hello(&hello("branch-1", 4), "branch-1", 3).expect_err("4 > 3");
+        assert!(matches!(
+            error,
+            SessionError::TooManyPartitions { count: 4, max: 3 }
+        ));
+        assert_eq!(error.reject_reason(), Some(crate::fleet::reject::PROTOCOL));
+        assert_eq!(error.close_code(), close_code::PROTOCOL_ERROR);
+        let error = check_hello(&hello("branch-2", 1), "branch-1", 3).expect_err("mismatch");
+        assert_eq!(
+            error.reject_reason(),
+            Some(crate::fleet::reject::SITE_MISMATCH)
+        );
+        assert_eq!(error.close_code(), close_code::NOT_AUTHORIZED);
     }
 
     #[test]

@@ -98,3 +98,15 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<
     send.write_all(&bytes).await?;
     Ok(())
 }
+
+/// As [`write_frame`], but a peer that takes none of it for `stall` (flow control) is
+/// [`WireError::Stalled`]; the frame may then be partly sent, so the stream is done for.
+pub async fn write_frame_within(
+    send: &mut quinn::SendStream,
+    frame: Frame,
+    stall: Duration,
+) -> Result<(), WireError> {
+    tokio::time::timeout(stall, write_frame(send, &frame))
+        .await
+        .map_err(|_| WireError::Stalled(stall))?
+}

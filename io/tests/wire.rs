@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spoke_io::wire::{read_frame, read_frame_within, write_frame, WireError};
+use spoke_io::wire::{read_frame, read_frame_within, write_frame, write_frame_within, WireError};
 use spoke_proto::{Frame, Goodbye, GoodbyeCode, Limits, HEADER_LEN};
 
 /// A connected pair: the client's send half and the server's receive half of one stream.
@@ -193,4 +193,32 @@ async fn an_oversize_declared_length_is_refused_before_the_body_arrives() {
     };
     let result = read_frame_within(&mut pair.recv, &tight, STALL).await;
     assert!(matches!(result, Err(WireError::Decode(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_peer_that_takes_nothing_stalls_a_write() {
+    let mut pair = pair().await;
+    let frame = Frame::Goodbye(Goodbye {
+        code: GoodbyeCode::Shutdown,
+        reason: "x".repeat(60_000),
+    });
+    // The receiving side never reads: once quinn's stream window (about 1.25 MB) is full, a
+    // write waits for credit that never comes.
+    let mut written = 0usize;
+    let result = loop {
+        match write_frame_within(&mut pair.send, frame.clone(), STALL).await {
+            Ok(()) if written < 1000 => written += 1,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(result, Err(WireError::Stalled(d)) if d == STALL),
+        "after {written} frames: {result:?}"
+    );
+    assert!(written > 10, "the window took {written} frames first");
+    // A frame the window has room for goes through.
+    let mut fresh = self::pair().await;
+    write_frame_within(&mut fresh.send, goodbye(), STALL)
+        .await
+        .expect("small frame");
 }

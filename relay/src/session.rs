@@ -23,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{hub_topic, Acl, Delivery};
 use crate::hub::{Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
-use spoke_io::wire::{read_frame_within, write_frame, WireError};
+use spoke_io::wire::{read_frame_within, write_frame_within, WireError};
 
 use crate::config::LimitsConfig;
 use crate::tls::DenyList;
@@ -373,7 +373,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             reason: error.to_string(),
         };
         // Best effort: the agent learns why before the connection closes.
-        let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
+        let _ = write_frame_within(&mut send, Frame::Goodbye(goodbye), hello_timeout).await;
         let _ = send.finish();
         return Err(error);
     }
@@ -432,10 +432,21 @@ async fn serve_site(
         relay: context.relay_name.clone(),
         resume: resume_points,
     };
-    write_frame(&mut send, &Frame::Welcome(welcome)).await?;
+    write_frame_within(
+        &mut send,
+        Frame::Welcome(welcome),
+        context.limits.read_timeout,
+    )
+    .await?;
 
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    let acker = acknowledge(send, confirmations, &context.fleet, site);
+    let acker = acknowledge(
+        send,
+        confirmations,
+        &context.fleet,
+        site,
+        context.limits.read_timeout,
+    );
     let reader = Reader {
         site,
         context,
@@ -655,7 +666,11 @@ async fn acknowledge(
     mut confirmations: mpsc::Receiver<Outcome>,
     fleet: &crate::fleet::Fleet,
     site: &str,
+    stall: Duration,
 ) -> Result<(), SessionError> {
+    // An agent that stops taking our frames (no flow-control credit) while keeping the
+    // connection alive would otherwise hold this session, and all queued behind it, forever:
+    // every write below is bounded by `stall`.
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
             Outcome::Produced {
@@ -676,13 +691,13 @@ async fn acknowledge(
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
         };
-        write_frame(&mut send, &frame).await?;
+        write_frame_within(&mut send, frame, stall).await?;
     }
     let goodbye = Goodbye {
         code: GoodbyeCode::Shutdown,
         reason: "all batches confirmed".into(),
     };
-    write_frame(&mut send, &Frame::Goodbye(goodbye)).await?;
+    write_frame_within(&mut send, Frame::Goodbye(goodbye), stall).await?;
     let _ = send.finish();
     Ok(())
 }

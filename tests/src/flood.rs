@@ -27,9 +27,9 @@ pub struct Flood {
     pub ca_pem: String,
     /// Certificates the relay must refuse; `None` is "no certificate".
     pub bad: Vec<Option<Identity>>,
-    /// A valid certificate for a configured site that is not the honest one.
-    pub valid: Identity,
-    pub valid_site: String,
+    /// Valid certificates for configured sites other than the honest one, with their site
+    /// names; clients take them in turn.
+    pub valid: Vec<(String, Identity)>,
     pub clients: usize,
     pub duration: Duration,
     /// QUIC client endpoints (UDP sockets) the clients share.
@@ -51,8 +51,10 @@ pub struct FloodReport {
     pub bad_timed_out: u64,
     /// Connections with a valid certificate that were established (idle or stalled).
     pub valid_connections: u64,
-    /// Valid-certificate dials the relay refused (connection limits).
+    /// Valid-certificate dials the relay refused during the handshake.
     pub valid_refused: u64,
+    /// Valid-certificate connections the relay closed within a second (connection limits).
+    pub valid_cut_short: u64,
     /// Half frames sent by stallers.
     pub half_frames: u64,
     /// Most valid-certificate connections open at the same time.
@@ -67,6 +69,7 @@ struct Counters {
     bad_timed_out: AtomicU64,
     valid_connections: AtomicU64,
     valid_refused: AtomicU64,
+    valid_cut_short: AtomicU64,
     half_frames: AtomicU64,
     open: AtomicU64,
     peak_open: AtomicU64,
@@ -87,6 +90,7 @@ impl Counters {
             bad_timed_out: self.bad_timed_out.load(Ordering::Relaxed),
             valid_connections: self.valid_connections.load(Ordering::Relaxed),
             valid_refused: self.valid_refused.load(Ordering::Relaxed),
+            valid_cut_short: self.valid_cut_short.load(Ordering::Relaxed),
             half_frames: self.half_frames.load(Ordering::Relaxed),
             peak_open: self.peak_open.load(Ordering::Relaxed),
         }
@@ -131,13 +135,20 @@ impl Flood {
             .iter()
             .map(|identity| hostile::client_config(&self.ca_pem, identity.as_ref(), None))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let valid = hostile::client_config(
-            &self.ca_pem,
-            Some(&self.valid),
-            Some(Duration::from_secs(2)),
-        )?;
-        let half_hello = hostile::encode(&hostile::hello(&self.valid_site))?;
-        let half_hello = half_hello[..half_hello.len() / 2].to_vec();
+        let valid = self
+            .valid
+            .iter()
+            .map(|(site, identity)| {
+                let config = hostile::client_config(
+                    &self.ca_pem,
+                    Some(identity),
+                    Some(Duration::from_secs(2)),
+                )?;
+                let hello = hostile::encode(&hostile::hello(site))?;
+                anyhow::Ok((config, hello[..hello.len() / 2].to_vec()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!valid.is_empty(), "the flood needs a valid certificate");
         let counters = Arc::new(Counters::default());
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..self.clients {
@@ -154,8 +165,8 @@ impl Flood {
                     });
                 }
                 kind => {
-                    let config = valid.clone();
-                    let half = (kind == 2).then(|| half_hello.clone());
+                    let (config, half_hello) = valid[(i / 3) % valid.len()].clone();
+                    let half = (kind == 2).then_some(half_hello);
                     tasks.spawn(async move {
                         hold_connections(endpoint, config, relay, deadline, half, &counters).await
                     });
@@ -242,6 +253,7 @@ async fn hold_connections(
             },
         };
         counters.opened();
+        let opened = tokio::time::Instant::now();
         let mut stream = None;
         if let Some(half) = &half_frame {
             if let Ok((mut send, recv)) = connection.open_bi().await {
@@ -253,15 +265,23 @@ async fn hold_connections(
                 stream = Some((send, recv));
             }
         }
-        tokio::select! {
-            _ = connection.closed() => {}
-            () = tokio::time::sleep_until(deadline) => connection.close(0u32.into(), b"flood over"),
-        }
+        let cut_short = tokio::select! {
+            _ = connection.closed() => opened.elapsed() < Duration::from_secs(1),
+            () = tokio::time::sleep_until(deadline) => {
+                connection.close(0u32.into(), b"flood over");
+                false
+            }
+        };
         drop(stream);
         counters.open.fetch_sub(1, Ordering::Relaxed);
-        // An accepted-then-dropped client comes back, as a real attacker would, but not in
-        // a hot loop.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A dropped client comes back, as a real attacker would, but not in a hot loop.
+        let pause = if cut_short {
+            counters.valid_cut_short.fetch_add(1, Ordering::Relaxed);
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(200)
+        };
+        tokio::time::sleep(pause).await;
     }
     Ok(())
 }

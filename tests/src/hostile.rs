@@ -231,6 +231,36 @@ pub fn heartbeat() -> Frame {
     Frame::Heartbeat(Heartbeat::default())
 }
 
+/// A syntactically valid heartbeat with every figure at its maximum and a lag list of
+/// `entries` partitions: the relay must neither overflow summing it nor keep it.
+pub fn extreme_heartbeat(entries: i32) -> Frame {
+    Frame::Heartbeat(Heartbeat {
+        sent_at_ms: u64::MAX,
+        spool_bytes: u64::MAX,
+        spool_max_bytes: u64::MAX,
+        oldest_unacked_ms: u64::MAX,
+        lost_records: u64::MAX,
+        records_per_s: u64::MAX,
+        lag: (0..entries)
+            .map(|partition| spoke_proto::PartitionLag {
+                topic: "orders".to_owned(),
+                partition,
+                lag_records: u64::MAX,
+            })
+            .collect(),
+    })
+}
+
+/// A `Hello` offering only protocol versions this relay does not speak.
+pub fn future_hello(site: &str) -> Frame {
+    let mut frame = hello(site);
+    if let Frame::Hello(hello) = &mut frame {
+        hello.min_version = PROTOCOL_VERSION + 1;
+        hello.max_version = u8::MAX;
+    }
+    frame
+}
+
 pub fn encode(frame: &Frame) -> anyhow::Result<Vec<u8>> {
     Ok(frame.to_bytes()?.to_vec())
 }

@@ -451,6 +451,14 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
         FrameAttack {
             before_hello: true,
             ..attack(
+                "Hello offering only future versions",
+                hostile::encode(&hostile::future_hello(MALLORY))?,
+                "no common protocol version",
+            )
+        },
+        FrameAttack {
+            before_hello: true,
+            ..attack(
                 "garbage instead of Hello",
                 b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n".to_vec(),
                 "bad frame magic",
@@ -536,9 +544,7 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
             started.elapsed().as_secs_f64()
         ));
     }
-    for line in &summary {
-        println!("{line}");
-    }
+    // Measured before the 10 MB heartbeat below, which the relay must buffer whole.
     let (rss, hwm) = flood::rss_kib(scene.relay.pid().context("relay stopped")?)?;
     // The bomb inflates to 512 MiB: a relay that trusted it would have peaked far above this.
     ensure!(
@@ -546,6 +552,37 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
         "relay peak RSS {} MiB after the attacks",
         hwm / 1024
     );
+    for line in &summary {
+        println!("{line}");
+    }
+
+    // Hostile but well-formed: a heartbeat of 500 000 partitions, every figure u64::MAX. The
+    // session must go on (a later valid batch is acked) and nothing may overflow.
+    let ack = scene.runtime.block_on(async {
+        let mut session = Session::open(&endpoint, &config, relay, MALLORY).await?;
+        session
+            .send
+            .write_all(&hostile::encode(&hostile::extreme_heartbeat(500_000))?)
+            .await?;
+        session
+            .send
+            .write_all(&hostile::encode(&hostile::valid_batch(2, TOPIC, 20, 20)?)?)
+            .await?;
+        let mut buf = Vec::new();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(60),
+            hostile::read_frame(&mut session.recv, &mut buf),
+        )
+        .await
+        .context("no answer to a valid batch after an extreme heartbeat")??;
+        session.connection.close(0u32.into(), b"done");
+        anyhow::Ok(answer)
+    })?;
+    ensure!(
+        matches!(ack, Some(Frame::Ack(ref a)) if a.seq == 2 && a.next_offset == 40),
+        "valid batch after an extreme heartbeat answered with {ack:?}"
+    );
+    scene.assert_relay_alive("an extreme heartbeat")?;
     ensure!(
         honest_sessions(&scene.relay) == 1,
         "the honest site's session was interrupted"

@@ -6,6 +6,7 @@
 //! Every scenario prints a `scenario=<name> ...` summary line.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -713,6 +714,61 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
     Ok(())
 }
 
+/// Sends SIGHUP and waits for the relay's verdict: `true` reloaded, `false` refused.
+fn sighup(relay: &Spoke) -> anyhow::Result<bool> {
+    let count = |log: &str, what: &str| log.matches(what).count();
+    let refusals = |log: &str| {
+        count(log, "SIGHUP: configuration refused") + count(log, "SIGHUP: [tls] refused")
+    };
+    let log = relay.log();
+    let (reloads_before, refusals_before) = (count(&log, "SIGHUP: reloaded"), refusals(&log));
+    relay.signal("HUP")?;
+    let mut verdict = None;
+    eventually(
+        "the relay's verdict on SIGHUP",
+        Duration::from_secs(20),
+        || {
+            let log = relay.log();
+            if count(&log, "SIGHUP: reloaded") > reloads_before {
+                verdict = Some(true);
+            } else if refusals(&log) > refusals_before {
+                verdict = Some(false);
+            }
+            Ok(verdict.is_some())
+        },
+    )?;
+    verdict.context("no SIGHUP verdict")
+}
+
+/// The relay's leaf certificate as a new connection sees it.
+fn peer_certificate(connection: &quinn::Connection) -> anyhow::Result<Vec<u8>> {
+    connection
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().map(|c| c.to_vec()))
+        .context("no relay certificate on the connection")
+}
+
+/// Connects as `identity` (trusting the current ca.pem) and returns the relay's certificate.
+fn presented_certificate(
+    scene: &Scene,
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+) -> anyhow::Result<Vec<u8>> {
+    let config = hostile::client_config(&scene.ca_pem()?, Some(identity), None)?;
+    scene.runtime.block_on(async {
+        let connection = hostile::connect(endpoint, &config, scene.relay_addr())
+            .await?
+            .context("relay refused a valid certificate")?;
+        let certificate = peer_certificate(&connection);
+        connection.close(0u32.into(), b"done");
+        certificate
+    })
+}
+
 #[test]
 fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::Result<()> {
     let env = Env::new()?;
@@ -752,9 +808,12 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
     let produced_before = scene.load.produced();
 
     // Rotate: a new relay key and certificate (same CA, so agents need no change), the
-    // second CA added to the client CA bundle, Mallory's certificate denied.
+    // second CA added to the client CA bundle, Mallory's certificate denied. First with the
+    // new key left readable by others: the relay must refuse the whole reload and keep
+    // serving exactly as before.
     let rotated = scene.real_ca()?.issue_relay("spoke relay rotated")?;
-    rotated.write(scene.env.pki(), "relay")?;
+    let (_, rotated_key) = rotated.write(scene.env.pki(), "relay")?;
+    std::fs::set_permissions(&rotated_key, std::fs::Permissions::from_mode(0o644))?;
     pki::replace_file(
         &scene.env.pki().join("ca.pem"),
         format!("{old_ca}{}", second_ca.cert_pem()).as_bytes(),
@@ -764,21 +823,29 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
     scene
         .env
         .relay_config_with(&[TOPIC], &relay_options(&deny))?;
+    ensure!(
+        !sighup(&scene.relay)?,
+        "the relay accepted a world-readable key on SIGHUP"
+    );
+    ensure!(
+        scene.relay.log().contains("chmod 600"),
+        "the refused reload does not say how to fix the key's mode"
+    );
+    ensure!(
+        presented_certificate(&scene, &endpoint, &mallory)? == old_relay_cert,
+        "a refused reload changed the relay certificate"
+    );
+    ensure!(
+        mallory_session.connection.close_reason().is_none(),
+        "a refused reload applied the deny list"
+    );
+
+    std::fs::set_permissions(&rotated_key, std::fs::Permissions::from_mode(0o600))?;
     let denied_before = scene.rejected("denied")?;
-    scene.relay.signal("HUP")?;
-    eventually(
-        "the relay to log the reload",
-        Duration::from_secs(20),
-        || {
-            let log = scene.relay.log();
-            ensure!(
-                !log.contains("SIGHUP: configuration refused")
-                    && !log.contains("SIGHUP: [tls] refused"),
-                "relay refused the rotated configuration"
-            );
-            Ok(log.contains("SIGHUP: reloaded"))
-        },
-    )?;
+    ensure!(
+        sighup(&scene.relay)?,
+        "the relay refused the rotated configuration"
+    );
 
     // The denied session is closed; the honest one is not.
     let (code, error) = scene
@@ -803,15 +870,7 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
             "newcomer",
         ))
         .context("a site of the newly trusted CA was refused after the reload")?;
-    let presented = session
-        .connection
-        .peer_identity()
-        .and_then(|any| {
-            any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .and_then(|chain| chain.first().map(|c| c.to_vec()))
-        .context("no relay certificate on the new connection")?;
+    let presented = peer_certificate(&session.connection)?;
     session.connection.close(0u32.into(), b"done");
     ensure!(
         presented == rotated.der()?,

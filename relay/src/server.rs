@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -180,14 +180,14 @@ fn reload(
     let loaded = match crate::config::load(path) {
         Ok(loaded) => loaded,
         Err(error) => {
-            warn!(%error, "SIGHUP: configuration refused; keeping the running configuration");
+            error!(%error, "SIGHUP: configuration refused; keeping the running configuration");
             return;
         }
     };
     let server_config = match crate::tls::server_config(&loaded.config.tls, &loaded.deny, limits) {
         Ok(server_config) => server_config,
         Err(error) => {
-            warn!(%error, "SIGHUP: [tls] refused; keeping the running configuration");
+            error!(%error, "SIGHUP: [tls] refused; keeping the running configuration");
             return;
         }
     };

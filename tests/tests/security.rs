@@ -601,7 +601,7 @@ fn hostile_frames_close_only_their_connection_and_the_honest_site_loses_nothing(
 #[test]
 fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() -> anyhow::Result<()>
 {
-    const RATE: usize = 3000;
+    const RATE: usize = 2000;
     const UNATTACKED: Duration = Duration::from_secs(12);
     const ATTACK: Duration = Duration::from_secs(60);
     const RSS_CAP_MIB: u64 = 256;
@@ -620,6 +620,7 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
             anyhow::Ok((site, identity))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let newcomer = real_ca.issue_site("newcomer", Validity::current(), 99)?;
     let mut scene = Scene::start(env, "", RATE)?;
     let relay_pid = scene.relay.pid().context("relay stopped")?;
     // Let the pipeline reach its steady state before measuring.
@@ -652,8 +653,32 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
         handshake_pause: Duration::from_millis(100),
     }
     .start()?;
+    // Meanwhile a legitimate site dials in every few seconds: the flood must not lock new
+    // honest connections out (handshake slots, connection caps).
+    let newcomer_config = hostile::client_config(&scene.ca_pem()?, Some(&newcomer), None)?;
+    let relay = scene.relay_addr();
+    let probe = scene.runtime.spawn(async move {
+        let endpoint = hostile::endpoint()?;
+        let deadline = tokio::time::Instant::now() + ATTACK - Duration::from_secs(5);
+        let mut latencies = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            let started = Instant::now();
+            let session = tokio::time::timeout(
+                Duration::from_secs(20),
+                Session::open(&endpoint, &newcomer_config, relay, "newcomer"),
+            )
+            .await
+            .context("a legitimate site got no Welcome within 20 s during the flood")??;
+            latencies.push(started.elapsed());
+            session.connection.close(0u32.into(), b"done");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        anyhow::Ok(latencies)
+    });
     let (attacked, peak_rss_kib) = window(ATTACK, &scene)?;
     let report = attack.join()?;
+    let latencies = scene.runtime.block_on(probe)??;
+    let slowest = latencies.iter().max().copied().unwrap_or_default();
     let (_, hwm_kib) = flood::rss_kib(relay_pid)?;
     scene.assert_relay_alive("the flood")?;
     let refusals: Vec<String> = [
@@ -673,12 +698,19 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
     println!("relay refusals: {}", refusals.join(" "));
     let ratio = attacked / unattacked;
     println!(
-        "scenario=flood clients=200 attack_s={} offered={RATE}/s honest_unattacked={unattacked:.0}/s honest_attacked={attacked:.0}/s ratio={ratio:.2} relay_rss_mib={} relay_hwm_mib={} bad_handshakes={} valid_connections={}",
+        "scenario=flood clients=200 attack_s={} offered={RATE}/s honest_unattacked={unattacked:.0}/s honest_attacked={attacked:.0}/s ratio={ratio:.2} relay_rss_mib={} relay_hwm_mib={} bad_handshakes={} valid_connections={} newcomer_dials={} newcomer_slowest_ms={}",
         ATTACK.as_secs(),
         peak_rss_kib / 1024,
         hwm_kib / 1024,
         report.bad_handshakes,
-        report.valid_connections
+        report.valid_connections,
+        latencies.len(),
+        slowest.as_millis()
+    );
+    ensure!(
+        latencies.len() >= 5,
+        "only {} legitimate dials completed during the flood",
+        latencies.len()
     );
     ensure!(
         report.bad_accepted == 0,

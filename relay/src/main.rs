@@ -136,8 +136,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 valid_for,
             } => {
                 let ca_dir = ca_dir.unwrap_or_else(|| out.clone());
-                pki::issue(&ca_dir, &out, &site, valid_for)?;
+                let issued = pki::issue(&ca_dir, &out, &site, valid_for)?;
                 println!("wrote {site}.pem, {site}.key to {}", out.display());
+                // Worth recording: either string in `tls.deny` refuses this certificate.
+                println!("{}\n{}", issued.fingerprint, issued.serial);
                 Ok(())
             }
         },

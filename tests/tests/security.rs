@@ -986,3 +986,86 @@ fn hello_asking_for_a_million_resume_points_is_refused_before_any_hub_work() -> 
     println!("scenario=hello-partitions honest_records={produced} lost=0 dup=0");
     Ok(())
 }
+
+/// A peer that opens the streams its connection allows beyond the first, which the relay
+/// never reads, and fills them: whatever the relay buffers for them is memory an
+/// authenticated peer pins for free until a timeout.
+#[test]
+fn data_pushed_into_streams_the_relay_never_reads_is_bounded() -> anyhow::Result<()> {
+    /// The default per-site connection cap.
+    const CONNECTIONS: usize = 4;
+    /// More than any stream cap: opening stops where the relay's credit does.
+    const STREAMS: usize = 8;
+    const PER_STREAM: usize = 16 << 20;
+    let env = Env::new()?;
+    let (mallory_pem, mallory_key) = env.issue_cert(MALLORY)?;
+    let mallory = Identity::load(&mallory_pem, &mallory_key)?;
+    let mut scene = Scene::start(env, "", 1000)?;
+    let relay = scene.relay_addr();
+    let relay_pid = scene.relay.pid().context("relay stopped")?;
+    let (rss_before, _) = flood::rss_kib(relay_pid)?;
+    let config = hostile::client_config(
+        &scene.ca_pem()?,
+        Some(&mallory),
+        Some(Duration::from_secs(1)),
+    )?;
+    let endpoint = scene.runtime.block_on(async { hostile::endpoint() })?;
+    let (pushed, held) = scene.runtime.block_on(async {
+        let mut held = Vec::new();
+        let mut pushed = 0usize;
+        let junk = vec![0x5au8; PER_STREAM];
+        for _ in 0..CONNECTIONS {
+            let session = Session::open(&endpoint, &config, relay, MALLORY).await?;
+            let mut streams = Vec::new();
+            for _ in 1..STREAMS {
+                let opened =
+                    tokio::time::timeout(Duration::from_secs(2), session.connection.open_bi())
+                        .await;
+                let Ok(Ok((mut send, recv))) = opened else {
+                    break;
+                };
+                // Writing stops when the relay's flow-control credit runs out.
+                let mut written = 0;
+                while written < junk.len() {
+                    let write = send.write(&junk[written..]);
+                    match tokio::time::timeout(Duration::from_secs(2), write).await {
+                        Ok(Ok(n)) => written += n,
+                        _ => break,
+                    }
+                }
+                pushed += written;
+                streams.push((send, recv));
+            }
+            held.push((session, streams));
+        }
+        anyhow::Ok((pushed, held))
+    })?;
+    // quinn's write returns once the data is in the client's send buffer: give the relay
+    // time to receive what its credit allows, watching its memory meanwhile.
+    let mut rss = 0;
+    for _ in 0..24 {
+        std::thread::sleep(Duration::from_millis(250));
+        rss = rss.max(flood::rss_kib(relay_pid)?.0);
+    }
+    let (_, hwm) = flood::rss_kib(relay_pid)?;
+    println!(
+        "scenario=unread-streams pushed_mib={} relay_rss_before_mib={} relay_rss_mib={} relay_hwm_mib={}",
+        pushed >> 20,
+        rss_before / 1024,
+        rss / 1024,
+        hwm / 1024
+    );
+    drop(held);
+    scene.assert_relay_alive("unread streams")?;
+    // One site's certificate (4 connections at the default per-site cap) must not be able
+    // to pin much relay memory: the relay reads only the first stream of a connection.
+    ensure!(
+        hwm.saturating_sub(rss_before) < 64 * 1024,
+        "relay RSS grew from {} to {} MiB after one site pushed {} MiB into streams it never reads",
+        rss_before / 1024,
+        hwm / 1024,
+        pushed >> 20
+    );
+    scene.finish("unread-streams")?;
+    Ok(())
+}

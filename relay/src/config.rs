@@ -71,6 +71,8 @@ pub struct LimitsConfig {
     pub max_streams_per_connection: u32,
     /// Source partitions one `Hello` may list; each allowed one costs a resume scan of the hub.
     pub max_partitions_per_hello: u32,
+    /// Largest partition count a batch may declare: it sizes the hub topic the relay creates.
+    pub max_partitions_per_topic: u32,
     /// Largest frame body.
     pub max_frame_bytes: ByteSize,
     /// Largest uncompressed record section of one batch (caps zstd's output).
@@ -95,6 +97,7 @@ impl Default for LimitsConfig {
             read_timeout: Duration::from_secs(30),
             max_streams_per_connection: 4,
             max_partitions_per_hello: 10_000,
+            max_partitions_per_topic: 10_000,
             max_frame_bytes: ByteSize::b(u64::from(frame.max_frame_bytes)),
             max_batch_bytes: ByteSize::b(u64::from(batch.max_uncompressed_bytes)),
             max_records_per_batch: batch.max_records,
@@ -440,6 +443,7 @@ allow = ["orders", "telemetry\\..*"]
         assert_eq!(limits.read_timeout, Duration::from_secs(30));
         assert_eq!(limits.max_streams_per_connection, 4);
         assert_eq!(limits.max_partitions_per_hello, 10_000);
+        assert_eq!(limits.max_partitions_per_topic, 10_000);
         assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());
         assert_eq!(limits.batch_limits(), spoke_proto::BatchLimits::default());
         assert!(loaded.deny.is_empty());

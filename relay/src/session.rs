@@ -489,6 +489,22 @@ fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), Ses
     Ok(())
 }
 
+/// Kafka's rule for topic names. The template and site name are valid by configuration, so
+/// only the source topic the peer named can break it; refused here, it is the peer's protocol
+/// error rather than a hub failure.
+fn check_hub_topic_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 249 || name == "." || name == ".." {
+        return Err("hub topic name would be empty, '.', '..' or over 249 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("source topic has characters Kafka does not allow in topic names");
+    }
+    Ok(())
+}
+
 /// What the acker answers, in the order batches arrived.
 enum Outcome {
     Produced {
@@ -578,13 +594,23 @@ impl Reader<'_> {
                 batch.partition_count
             )));
         }
+        let max_partitions = self.context.limits.max_partitions_per_topic;
+        if batch.partition_count.unsigned_abs() > max_partitions {
+            // The count sizes a hub topic the relay may create: it must not be the peer's
+            // choice without bound.
+            return Err(bad_batch(format!(
+                "partition count {} above limits.max_partitions_per_topic {max_partitions}",
+                batch.partition_count
+            )));
+        }
         if batch.next_offset <= batch.last_offset {
             return Err(bad_batch("next offset not past the last record".into()));
         }
+        let target = hub_topic(&self.context.topic_template, self.site, &batch.topic);
+        check_hub_topic_name(&target).map_err(|reason| bad_batch(reason.into()))?;
         let records = batch
             .records(&self.context.batch_limits)
             .map_err(|e| bad_batch(e.to_string()))?;
-        let target = hub_topic(&self.context.topic_template, self.site, &batch.topic);
         let hub_partitions = self
             .context
             .hub
@@ -761,6 +787,16 @@ mod tests {
             Some(crate::fleet::reject::SITE_MISMATCH)
         );
         assert_eq!(error.close_code(), close_code::NOT_AUTHORIZED);
+    }
+
+    #[test]
+    fn hub_topic_names_follow_kafka_rules() {
+        assert_eq!(check_hub_topic_name("branch-1.orders_v2"), Ok(()));
+        assert_eq!(check_hub_topic_name(&"a".repeat(249)), Ok(()));
+        for bad in ["", ".", "..", "a/b", "a b", "ä", "a\0"] {
+            assert!(check_hub_topic_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_hub_topic_name(&"a".repeat(250)).is_err());
     }
 
     #[test]

@@ -314,6 +314,63 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
         .block_on(Session::open(&endpoint, &config, relay, MALLORY))
         .context("a valid certificate with an honest Hello was refused")?;
     session.connection.close(0u32.into(), b"done");
+
+    // The per-site connection cap (default 4): a fifth connection carrying one site's
+    // certificate is closed and counted; a freed slot can be used again.
+    let (capped_pem, capped_key) = scene.env.issue_cert(&flood_site(0))?;
+    let capped = Identity::load(&capped_pem, &capped_key)?;
+    let config = hostile::client_config(&ca, Some(&capped), Some(Duration::from_secs(1)))?;
+    let before = scene.rejected("too_many_site_connections")?;
+    let (mut held, fifth) = scene.runtime.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(
+                hostile::connect(&endpoint, &config, relay)
+                    .await?
+                    .context("one of the first 4 connections of a site was refused")?,
+            );
+        }
+        let fifth = match hostile::connect(&endpoint, &config, relay).await? {
+            Err(refused) => refused,
+            Ok(connection) => tokio::time::timeout(Duration::from_secs(10), connection.closed())
+                .await
+                .context("a fifth connection of one site stayed open")?,
+        };
+        anyhow::Ok((held, fifth))
+    })?;
+    println!("refused: fifth connection of one site: {fifth}");
+    scene.expect_rejected(
+        "fifth connection of one site",
+        "too_many_site_connections",
+        before + 1.0,
+    )?;
+    ensure!(
+        held.iter().all(|c| c.close_reason().is_none()),
+        "refusing the fifth connection closed one of the first four"
+    );
+    if let Some(first) = held.pop() {
+        first.close(0u32.into(), b"making room");
+    }
+    let site = flood_site(0);
+    scene.runtime.block_on(async {
+        // The relay learns of the close from a packet in flight: retry briefly.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Session::open(&endpoint, &config, relay, &site).await {
+                Ok(session) => {
+                    session.connection.close(0u32.into(), b"done");
+                    return anyhow::Ok(());
+                }
+                Err(error) if attempts >= 5 => {
+                    return Err(error.context("a freed connection slot could not be used"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    })?;
+    drop(held);
+
     ensure!(
         honest_sessions(&scene.relay) == 1,
         "the honest site's session was interrupted"

@@ -92,26 +92,28 @@ pub async fn expect_refused(
         Ok(connection) => connection,
         Err(refused) => return Ok(refused),
     };
+    // Ok(true): the relay answered with a Welcome, i.e. let the client in.
     let talk = async {
         let (mut send, mut recv) = connection.open_bi().await?;
         send.write_all(&encode(&hello(site))?).await?;
         let mut buf = Vec::new();
-        // A refused peer may get a Goodbye before the close; a Welcome means it got in.
+        // A refused peer may get a Goodbye before the close.
         while let Some(frame) = read_frame(&mut recv, &mut buf).await? {
             if let Frame::Welcome(_) = frame {
-                bail!("relay answered the Hello with a Welcome");
+                return anyhow::Ok(true);
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(false)
     };
-    match tokio::time::timeout(within, async {
-        let talked = talk.await;
-        (talked, connection.closed().await)
+    let outcome = tokio::time::timeout(within, async {
+        if let Ok(true) = talk.await {
+            bail!("relay answered the Hello with a Welcome");
+        }
+        Ok(connection.closed().await)
     })
-    .await
-    {
-        Ok((Err(error), _)) if error.to_string().contains("Welcome") => Err(error),
-        Ok((_, closed)) => Ok(closed),
+    .await;
+    match outcome {
+        Ok(closed) => closed,
         Err(_) => bail!("relay kept the connection open for {within:?}"),
     }
 }

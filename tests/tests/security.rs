@@ -1,7 +1,13 @@
 //! Attacks on a real relay while a real site keeps flowing (issue #3 acceptance): refused
-//! certificates, hostile frames from an authenticated peer, a flood of bogus clients, and a
-//! certificate rotation by SIGHUP. After every attack the honest site's records must be in
-//! the hub complete and exact, and the relay must not have panicked.
+//! certificates and the per-site connection cap, hostile frames from an authenticated peer, a
+//! Hello asking for a million resume points, data pushed into streams the relay never reads,
+//! a flood of 200 bogus clients, and a certificate rotation by SIGHUP. After every attack the
+//! honest site's records must be in the hub complete and exact (edge and hub compared record
+//! by record), its session must never have been re-established, and the relay must be
+//! running, healthy and free of panics.
+//!
+//! The relay runs with its default limits except `limits.read_timeout` (8 s, to keep the
+//! stalled-frame case short): the defaults are what must protect a real install.
 //!
 //! Every scenario prints a `scenario=<name> ...` summary line.
 

@@ -409,6 +409,12 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
         other => bail!("valid_batch made a {}", other.name()),
     };
     std::mem::swap(&mut inverted.first_offset, &mut inverted.last_offset);
+    // The relay creates missing hub topics with the declared partition count.
+    let mut wide = match hostile::valid_batch(1, TOPIC, 100, 50)? {
+        Frame::Batch(batch) => batch,
+        other => bail!("valid_batch made a {}", other.name()),
+    };
+    wide.partition_count = 1_000_000;
     let attack = |name, bytes, error| FrameAttack {
         name,
         bytes,
@@ -478,6 +484,11 @@ fn frame_attacks() -> anyhow::Result<Vec<FrameAttack>> {
             "batch with first offset after last",
             hostile::encode(&Frame::Batch(inverted))?,
             "first_offset is after last_offset",
+        ),
+        attack(
+            "batch declaring a million partitions",
+            hostile::encode(&Frame::Batch(wide))?,
+            "partition count 1000000 above limits.max_partitions_per_topic",
         ),
         attack(
             "record with 2000 headers",

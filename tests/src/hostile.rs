@@ -47,6 +47,9 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     crypto.alpn_protocols = vec![spoke_proto::ALPN.to_vec()];
+    // Offered only where a test asks for it (`into_0rtt`): a plain connect never sends early
+    // data.
+    crypto.enable_early_data = true;
     let quic = QuicClientConfig::try_from(crypto)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
@@ -115,6 +118,32 @@ pub async fn expect_refused(
     match outcome {
         Ok(closed) => closed,
         Err(_) => bail!("relay kept the connection open for {within:?}"),
+    }
+}
+
+/// Whether the relay accepts 0-RTT data from a returning client: one full session (Hello,
+/// Welcome) leaves a session ticket in `config`'s resumption store, then a second connection
+/// offers early data with it.
+pub async fn zero_rtt_accepted(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    relay: SocketAddr,
+    site: &str,
+) -> anyhow::Result<bool> {
+    let session = Session::open(endpoint, config, relay, site).await?;
+    session.connection.close(0u32.into(), b"done");
+    let connecting = endpoint.connect_with(config.clone(), relay, "localhost")?;
+    match connecting.into_0rtt() {
+        Ok((connection, accepted)) => {
+            let accepted = accepted.await;
+            connection.close(0u32.into(), b"done");
+            Ok(accepted)
+        }
+        // The ticket allows no early data: the client falls back to a full handshake.
+        Err(connecting) => {
+            connecting.await?.close(0u32.into(), b"done");
+            Ok(false)
+        }
     }
 }
 
@@ -437,4 +466,85 @@ fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, Validity};
+
+    /// A stand-in relay that answers every Hello with a Welcome, with 0-RTT on or off: so
+    /// that `zero_rtt_accepted` is shown to see 0-RTT where it exists.
+    fn server(ca: &Authority, early_data: bool) -> anyhow::Result<quinn::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let relay = ca.issue_relay("stand-in relay")?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()?;
+        let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(relay.cert_pem.as_bytes())?],
+                PrivateKeyDer::from_pem_slice(relay.key_pem.as_bytes())?,
+            )?;
+        crypto.alpn_protocols = vec![spoke_proto::ALPN.to_vec()];
+        crypto.max_early_data_size = if early_data { u32::MAX } else { 0 };
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    }
+
+    async fn serve(endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else {
+                    return;
+                };
+                let Ok((mut send, mut recv)) = connection.accept_bi().await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                if let Ok(Some(Frame::Hello(_))) = read_frame(&mut recv, &mut buf).await {
+                    let welcome = Frame::Welcome(spoke_proto::Welcome {
+                        version: PROTOCOL_VERSION,
+                        relay: "stand-in".into(),
+                        resume: Vec::new(),
+                    });
+                    if let Ok(bytes) = encode(&welcome) {
+                        let _ = send.write_all(&bytes).await;
+                    }
+                }
+                connection.closed().await;
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn zero_rtt_probe_tells_a_server_with_0rtt_from_one_without() -> anyhow::Result<()> {
+        let ca = Authority::new("test CA")?;
+        let site = ca.issue_site("probe", Validity::current(), 1)?;
+        for early_data in [true, false] {
+            let server = quinn::Endpoint::server(
+                server(&ca, early_data)?,
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+            )?;
+            let address = server.local_addr()?;
+            let task = tokio::spawn(serve(server.clone()));
+            // A fresh config per server: tickets of one must not leak into the other.
+            let config = client_config(&ca.cert_pem(), Some(&site), None)?;
+            let client = endpoint()?;
+            let accepted = zero_rtt_accepted(&client, &config, address, "probe").await?;
+            assert_eq!(
+                accepted, early_data,
+                "0-RTT offered by the server: {early_data}"
+            );
+            server.close(0u32.into(), b"done");
+            task.abort();
+        }
+        Ok(())
+    }
 }

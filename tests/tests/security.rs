@@ -321,6 +321,14 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
         .context("a valid certificate with an honest Hello was refused")?;
     session.connection.close(0u32.into(), b"done");
 
+    // 0-RTT stays off: early data could carry a replayed frame before the handshake is done.
+    ensure!(
+        !scene.runtime.block_on(hostile::zero_rtt_accepted(
+            &endpoint, &config, relay, MALLORY
+        ))?,
+        "the relay accepted 0-RTT data"
+    );
+
     // The per-site connection cap (default 4): a fifth connection carrying one site's
     // certificate is closed and counted; a freed slot can be used again.
     let (capped_pem, capped_key) = scene.env.issue_cert(&flood_site(0))?;

@@ -109,6 +109,13 @@ impl Env {
 
     /// Issues a client certificate for another site name, signed by the same CA.
     pub fn issue_cert(&self, site: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.issue_cert_printing(site)
+            .map(|(cert, key, _)| (cert, key))
+    }
+
+    /// As [`Env::issue_cert`], also returning what `pki issue` printed (the paths written and
+    /// the certificate's `sha256:` and `serial:` deny-list entries).
+    pub fn issue_cert_printing(&self, site: &str) -> anyhow::Result<(PathBuf, PathBuf, String)> {
         let pki = self.pki.to_str().context("non-UTF-8 temp path")?;
         let out = process::run(
             "spoke-relay",
@@ -120,6 +127,7 @@ impl Env {
         Ok((
             self.pki.join(format!("{site}.pem")),
             self.pki.join(format!("{site}.key")),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
         ))
     }
 

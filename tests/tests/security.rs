@@ -245,15 +245,28 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
         .chunks(2)
         .map(|c| String::from_utf8_lossy(c).into_owned())
         .collect();
+    // The operator's way: `pki issue` prints the deny-list entries of what it issued.
+    let (printed_pem, printed_key, printed) = env.issue_cert_printing(&flood_site(1))?;
+    let denied_as_printed = Identity::load(&printed_pem, &printed_key)?;
+    let printed_entry = printed
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("sha256:"))
+        .with_context(|| format!("pki issue printed no sha256: line:\n{printed}"))?;
+    ensure!(
+        printed_entry == format!("sha256:{}", denied_as_printed.sha256_hex()?),
+        "pki issue printed {printed_entry}, not the certificate's SHA-256"
+    );
     let deny = format!(
-        "deny = [\"sha256:{}\", \"serial:{DENIED_SERIAL:x}\"]",
+        "deny = [\"sha256:{}\", \"serial:{DENIED_SERIAL:x}\", \"{printed_entry}\"]",
         hash_with_colons.join(":")
     );
 
     let mut scene = Scene::start(env, &deny, 1000)?;
     let relay = scene.relay_addr();
     let ca = scene.ca_pem()?;
-    let cases: [(&str, Option<&Identity>, &str, &str); 7] = [
+    let site_printed = flood_site(1);
+    let cases: [(&str, Option<&Identity>, &str, &str); 8] = [
         ("no client certificate", None, SITE, "no_cert"),
         (
             "certificate from another CA",
@@ -272,6 +285,12 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
             "certificate denied by serial",
             Some(&denied_by_serial),
             MALLORY,
+            "denied",
+        ),
+        (
+            "certificate denied by the line pki issue printed",
+            Some(&denied_as_printed),
+            &site_printed,
             "denied",
         ),
         (
@@ -390,7 +409,7 @@ fn tls_refusals_are_counted_by_reason_while_the_honest_site_flows() -> anyhow::R
         "the honest site's session was interrupted"
     );
     let produced = scene.finish("tls-refusals")?;
-    println!("scenario=tls-refusals cases=7 honest_records={produced} lost=0 dup=0");
+    println!("scenario=tls-refusals cases=8 honest_records={produced} lost=0 dup=0");
     Ok(())
 }
 

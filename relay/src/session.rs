@@ -789,6 +789,31 @@ mod tests {
         assert_eq!(error.close_code(), close_code::NOT_AUTHORIZED);
     }
 
+    #[tokio::test]
+    async fn a_session_ends_when_a_reload_denies_its_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let day = Duration::from_secs(86400);
+        crate::pki::init(dir.path(), &["localhost".into()], day).expect("init");
+        let issued = crate::pki::issue(dir.path(), dir.path(), "branch-1", day).expect("issue");
+        let pem = std::fs::read(dir.path().join("branch-1.pem")).expect("pem");
+        let leaf = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("der")
+        };
+        let (deny, watch) = tokio::sync::watch::channel(DenyList::default());
+        let mut ended = tokio::spawn(denied(Some(leaf), watch));
+        let unrelated = DenyList::parse(&["serial:01".to_owned()]).expect("parse");
+        deny.send_replace(unrelated);
+        tokio::time::timeout(Duration::from_millis(200), &mut ended)
+            .await
+            .expect_err("an unrelated deny entry leaves the session alone");
+        deny.send_replace(DenyList::parse(&[issued.serial]).expect("parse"));
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the session's certificate was denied")
+            .expect("task");
+    }
+
     #[test]
     fn hub_topic_names_follow_kafka_rules() {
         assert_eq!(check_hub_topic_name("branch-1.orders_v2"), Ok(()));

@@ -67,7 +67,8 @@ pub struct LimitsConfig {
     /// a heartbeat every 5 s) or inside one.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
-    /// Concurrent bidirectional streams a peer may open (an agent uses one).
+    /// Concurrent bidirectional streams a peer may open. An agent uses one; the relay reads
+    /// only that one, and each further stream could park a stream window of unread data.
     pub max_streams_per_connection: u32,
     /// Source partitions one `Hello` may list; each allowed one costs a resume scan of the hub.
     pub max_partitions_per_hello: u32,
@@ -95,7 +96,7 @@ impl Default for LimitsConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(30),
-            max_streams_per_connection: 4,
+            max_streams_per_connection: 1,
             max_partitions_per_hello: 10_000,
             max_partitions_per_topic: 10_000,
             max_frame_bytes: ByteSize::b(u64::from(frame.max_frame_bytes)),
@@ -441,7 +442,7 @@ allow = ["orders", "telemetry\\..*"]
         assert_eq!(limits.hello_timeout, Duration::from_secs(10));
         assert_eq!(limits.idle_timeout, Duration::from_secs(30));
         assert_eq!(limits.read_timeout, Duration::from_secs(30));
-        assert_eq!(limits.max_streams_per_connection, 4);
+        assert_eq!(limits.max_streams_per_connection, 1);
         assert_eq!(limits.max_partitions_per_hello, 10_000);
         assert_eq!(limits.max_partitions_per_topic, 10_000);
         assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());

@@ -276,6 +276,9 @@ pub async fn serve(
     let result = tokio::select! {
         result = run(&connection, &context).instrument(span) => result,
         () = denied(leaf, context.deny.clone()) => Err(SessionError::Denied),
+        // A peer that leaves ends the session's work at once, hub work included (a resume
+        // scan would otherwise run on until the session next writes).
+        reason = connection.closed() => Err(SessionError::Connection(reason)),
         () = shutdown.cancelled() => Ok(()),
     };
     match result {
@@ -406,7 +409,9 @@ async fn serve_site(
     let mut resume = HashMap::new();
     let mut resume_points = Vec::new();
     for tp in &hello.partitions {
-        if !Acl::allows(allow, &tp.topic) {
+        // A partition listed twice gets one resume scan and one resume point.
+        if !Acl::allows(allow, &tp.topic) || resume.contains_key(&(tp.topic.clone(), tp.partition))
+        {
             continue;
         }
         let next_offset = match context.delivery {

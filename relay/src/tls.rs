@@ -14,7 +14,7 @@ use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, Distingu
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spoke_io::pem::{load_certs, load_key, PemError};
-use spoke_io::transport::transport_config;
+use spoke_io::transport::{transport_config, CONNECTION_WINDOW, STREAM_WINDOW};
 use x509_parser::extensions::GeneralName;
 
 use crate::config::{LimitsConfig, TlsConfig};
@@ -83,6 +83,12 @@ pub fn server_config(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = transport_config(None);
     transport.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
+    // Unread data a peer can park in this relay: one stream window per stream it may open,
+    // never more than the shared transport's connection window.
+    let window = u64::from(STREAM_WINDOW)
+        .saturating_mul(u64::from(limits.max_streams_per_connection))
+        .min(CONNECTION_WINDOW);
+    transport.receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
     // Validated by config::load to be at most an hour, far inside QUIC's varint range.
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
     server.transport_config(Arc::new(transport));

@@ -165,7 +165,7 @@ impl DenyList {
             return false;
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        if self.sha256.iter().any(|d| d.as_slice() == digest.as_ref()) {
+        if <[u8; 32]>::try_from(digest.as_ref()).is_ok_and(|d| self.sha256.contains(&d)) {
             return true;
         }
         if self.serials.is_empty() {

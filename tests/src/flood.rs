@@ -130,6 +130,10 @@ impl Flood {
         let endpoints = (0..self.endpoints.max(1))
             .map(|_| hostile::endpoint())
             .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            !self.bad.is_empty(),
+            "the flood needs at least one bad certificate (None = no certificate)"
+        );
         let bad = self
             .bad
             .iter()

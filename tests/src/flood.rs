@@ -6,7 +6,9 @@
 //! - handshake flooders: dial again and again with certificates the relay must refuse;
 //! - idle clients: complete the handshake with a valid certificate, then say nothing;
 //! - stallers: complete the handshake, send half a `Hello` frame, then stall (QUIC
-//!   keep-alives on, so only the relay's own timeouts can end them).
+//!   keep-alives on, so only the relay's own timeouts can end them); the first staller of
+//!   each valid site instead completes its session (Hello, Welcome: the relay sets up a hub
+//!   producer for it) and then stalls in the middle of a `Batch`.
 //!
 //! Idle clients and stallers dial again whenever the relay drops them.
 
@@ -57,6 +59,8 @@ pub struct FloodReport {
     pub valid_cut_short: u64,
     /// Half frames sent by stallers.
     pub half_frames: u64,
+    /// Sessions (Welcome received) that stallers then left hanging mid-batch.
+    pub stalled_sessions: u64,
     /// Most valid-certificate connections open at the same time.
     pub peak_open: u64,
 }
@@ -71,6 +75,7 @@ struct Counters {
     valid_refused: AtomicU64,
     valid_cut_short: AtomicU64,
     half_frames: AtomicU64,
+    stalled_sessions: AtomicU64,
     open: AtomicU64,
     peak_open: AtomicU64,
 }
@@ -92,6 +97,7 @@ impl Counters {
             valid_refused: self.valid_refused.load(Ordering::Relaxed),
             valid_cut_short: self.valid_cut_short.load(Ordering::Relaxed),
             half_frames: self.half_frames.load(Ordering::Relaxed),
+            stalled_sessions: self.stalled_sessions.load(Ordering::Relaxed),
             peak_open: self.peak_open.load(Ordering::Relaxed),
         }
     }
@@ -139,6 +145,8 @@ impl Flood {
             .iter()
             .map(|identity| hostile::client_config(&self.ca_pem, identity.as_ref(), None))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let half_batch = hostile::encode(&hostile::valid_batch(1, "orders", 0, 100)?)?;
+        let half_batch = half_batch[..half_batch.len() / 2].to_vec();
         let valid = self
             .valid
             .iter()
@@ -149,7 +157,12 @@ impl Flood {
                     Some(Duration::from_secs(2)),
                 )?;
                 let hello = hostile::encode(&hostile::hello(site))?;
-                anyhow::Ok((config, hello[..hello.len() / 2].to_vec()))
+                let pre_hello = Stall::PreHello(hello[..hello.len() / 2].to_vec());
+                let mid_batch = Stall::MidBatch {
+                    hello,
+                    half_batch: half_batch.clone(),
+                };
+                anyhow::Ok((config, pre_hello, mid_batch))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!valid.is_empty(), "the flood needs a valid certificate");
@@ -169,10 +182,16 @@ impl Flood {
                     });
                 }
                 kind => {
-                    let (config, half_hello) = valid[(i / 3) % valid.len()].clone();
-                    let half = (kind == 2).then_some(half_hello);
+                    let (config, pre_hello, mid_batch) = valid[(i / 3) % valid.len()].clone();
+                    // One session per site: a second Hello of a site would supersede the
+                    // first, which tests the handoff, not the flood.
+                    let stall = match kind {
+                        1 => Stall::Idle,
+                        _ if i / 3 < valid.len() => mid_batch,
+                        _ => pre_hello,
+                    };
                     tasks.spawn(async move {
-                        hold_connections(endpoint, config, relay, deadline, half, &counters).await
+                        hold_connections(endpoint, config, relay, deadline, stall, &counters).await
                     });
                 }
             }
@@ -235,12 +254,23 @@ async fn flood_handshakes(
     Ok(())
 }
 
+/// What a client with a valid certificate does once connected.
+#[derive(Debug, Clone)]
+enum Stall {
+    /// Nothing at all.
+    Idle,
+    /// Half a `Hello`.
+    PreHello(Vec<u8>),
+    /// A whole `Hello`, then (after the `Welcome`) half a `Batch`.
+    MidBatch { hello: Vec<u8>, half_batch: Vec<u8> },
+}
+
 async fn hold_connections(
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     relay: SocketAddr,
     deadline: tokio::time::Instant,
-    half_frame: Option<Vec<u8>>,
+    stall: Stall,
     counters: &Counters,
 ) -> anyhow::Result<()> {
     while tokio::time::Instant::now() < deadline {
@@ -258,15 +288,39 @@ async fn hold_connections(
         };
         counters.opened();
         let opened = tokio::time::Instant::now();
+        // Kept, not dropped: dropping would finish the stream, and the point is to leave the
+        // relay waiting for the rest.
         let mut stream = None;
-        if let Some(half) = &half_frame {
-            if let Ok((mut send, recv)) = connection.open_bi().await {
-                if send.write_all(half).await.is_ok() {
-                    counters.half_frames.fetch_add(1, Ordering::Relaxed);
+        match &stall {
+            Stall::Idle => {}
+            Stall::PreHello(half) => {
+                if let Ok((mut send, recv)) = connection.open_bi().await {
+                    if send.write_all(half).await.is_ok() {
+                        counters.half_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stream = Some((send, recv));
                 }
-                // Kept, not dropped: dropping would finish the stream, and the point is to
-                // leave the relay waiting for the rest.
-                stream = Some((send, recv));
+            }
+            Stall::MidBatch { hello, half_batch } => {
+                if let Ok((mut send, mut recv)) = connection.open_bi().await {
+                    let welcomed = async {
+                        send.write_all(hello).await?;
+                        let mut buf = Vec::new();
+                        let frame = hostile::read_frame(&mut recv, &mut buf).await?;
+                        anyhow::ensure!(
+                            matches!(frame, Some(spoke_proto::Frame::Welcome(_))),
+                            "no Welcome"
+                        );
+                        send.write_all(half_batch).await?;
+                        anyhow::Ok(())
+                    };
+                    let welcomed = tokio::time::timeout(Duration::from_secs(20), welcomed).await;
+                    if let Ok(Ok(())) = welcomed {
+                        counters.stalled_sessions.fetch_add(1, Ordering::Relaxed);
+                        counters.half_frames.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stream = Some((send, recv));
+                }
             }
         }
         let cut_short = tokio::select! {

@@ -819,7 +819,10 @@ fn flood_of_200_bogus_clients_keeps_the_honest_site_above_half_its_throughput() 
         report.bad_accepted
     );
     ensure!(
-        report.bad_handshakes > 0 && report.valid_connections > 0 && report.half_frames > 0,
+        report.bad_handshakes > 0
+            && report.valid_connections > 0
+            && report.half_frames > 0
+            && report.stalled_sessions > 0,
         "the flood did not run: {report:?}"
     );
     // Every kind of bogus client was seen and refused for what it was; idle clients and

@@ -28,6 +28,7 @@ pub const FUZZ_BATCH_LIMITS: BatchLimits = BatchLimits {
     max_uncompressed_bytes: 1 << 20,
     max_records: 1_000_000,
     max_headers_per_record: 1024,
+    max_header_bytes: 1 << 20,
     zstd_window_log_max: 24,
 };
 
@@ -36,6 +37,7 @@ pub const TIGHT_BATCH_LIMITS: BatchLimits = BatchLimits {
     max_uncompressed_bytes: 4096,
     max_records: 8,
     max_headers_per_record: 2,
+    max_header_bytes: 64,
     zstd_window_log_max: 10,
 };
 
@@ -380,6 +382,8 @@ impl BatchInput {
                 max_records: u32_at(29).min(defaults.max_records),
                 max_headers_per_record: u32::from(u16::from_be_bytes([head[33], head[34]]))
                     .min(defaults.max_headers_per_record),
+                // Not taken from the input, so the committed corpus keeps its layout.
+                max_header_bytes: defaults.max_header_bytes,
                 zstd_window_log_max: 10 + u32::from(head[35] % 15),
             },
         })

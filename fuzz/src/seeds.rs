@@ -240,6 +240,7 @@ pub fn seeds() -> Vec<Seed> {
         max_uncompressed_bytes: 4096,
         max_records: 2,
         max_headers_per_record: 1,
+        max_header_bytes: 1 << 20,
         zstd_window_log_max: 10,
     };
     seed("batch_decode", "zstd-over-limits", batch_input(zstd, tight));

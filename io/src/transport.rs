@@ -3,6 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Receive window of one stream: what a peer may send before the reader takes any of it.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// Receive window of a whole connection, over all its streams.
+pub const CONNECTION_WINDOW: u64 = 64 << 20;
+
 /// Windows sized for a long fat link: quinn's defaults (~1.25 MB per stream) would cap one
 /// stream near 100 Mbit/s at 100 ms RTT, and after a loss the receiver also holds up to a
 /// round trip of data behind the hole, so a window of one bandwidth-delay product is not
@@ -16,8 +21,9 @@ use std::time::Duration;
 /// congestion controller acts on the sending side: the agent, for data.
 pub fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    transport.receive_window(quinn::VarInt::from_u32(64 << 20));
+    transport.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    transport
+        .receive_window(quinn::VarInt::from_u64(CONNECTION_WINDOW).unwrap_or(quinn::VarInt::MAX));
     transport.send_window(64 << 20);
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));

@@ -70,18 +70,21 @@ pub struct BatchLimits {
     pub max_records: u32,
     /// Most headers on one record.
     pub max_headers_per_record: u32,
+    /// Most bytes of header keys plus values on one record.
+    pub max_header_bytes: u32,
     /// Largest accepted zstd window, as log2 bytes; bounds the decoder's memory.
     pub zstd_window_log_max: u32,
 }
 
 impl Default for BatchLimits {
-    /// 64 MiB, 1 000 000 records, 1024 headers, 16 MiB zstd window (2^24; the compressor's
-    /// default levels stay below this).
+    /// 64 MiB, 1 000 000 records, 1024 headers of together at most 1 MiB per record, 16 MiB
+    /// zstd window (2^24; the compressor's default levels stay below this).
     fn default() -> Self {
         BatchLimits {
             max_uncompressed_bytes: 64 * 1024 * 1024,
             max_records: 1_000_000,
             max_headers_per_record: 1024,
+            max_header_bytes: 1024 * 1024,
             zstd_window_log_max: 24,
         }
     }
@@ -406,11 +409,21 @@ impl Expected {
             }
             // A header takes at least 2 bytes; bound the allocation by what is really there.
             let mut headers = Vec::with_capacity((header_count as usize).min(r.buf.len() / 2));
+            let mut header_bytes = 0u64;
             for _ in 0..header_count {
                 let key_len = r.uvarint()?;
                 let key = String::from_utf8(r.take(key_len)?.to_vec())
                     .map_err(|_| BatchError::InvalidUtf8)?;
                 let value = r.nullable()?;
+                header_bytes = header_bytes
+                    .saturating_add(key_len)
+                    .saturating_add(value.as_ref().map_or(0, |v| v.len() as u64));
+                if header_bytes > u64::from(limits.max_header_bytes) {
+                    return Err(BatchError::HeadersTooLarge {
+                        len: header_bytes,
+                        max: limits.max_header_bytes,
+                    });
+                }
                 headers.push(Header { key, value });
             }
             records.push(Record {
@@ -591,6 +604,7 @@ mod tests {
         assert_eq!(l.max_uncompressed_bytes, 64 << 20);
         assert_eq!(l.max_records, 1_000_000);
         assert_eq!(l.max_headers_per_record, 1024);
+        assert_eq!(l.max_header_bytes, 1 << 20);
         assert_eq!(l.zstd_window_log_max, 24);
     }
 }

@@ -102,6 +102,14 @@ pub enum BatchError {
         /// The cap.
         max: u32,
     },
+    /// A record's header keys and values together are larger than allowed.
+    #[error("record headers of {len} bytes exceed the limit of {max} bytes")]
+    HeadersTooLarge {
+        /// Header bytes seen so far on the record (keys plus values).
+        len: u64,
+        /// The cap.
+        max: u32,
+    },
     /// zstd refused the payload (corrupt, window too large, truncated frame, ...).
     #[error("decompression failed: {0}")]
     Decompress(String),

@@ -164,12 +164,19 @@ fn codec() -> impl Strategy<Value = Codec> {
 
 /// Caps small enough that generated batches cross each of them.
 fn tight_limits() -> impl Strategy<Value = BatchLimits> {
-    (0u32..2048, 1u32..12, 0u32..3, 10u32..=24).prop_map(
-        |(max_uncompressed_bytes, max_records, max_headers_per_record, zstd_window_log_max)| {
+    (0u32..2048, 1u32..12, 0u32..3, 0u32..64, 10u32..=24).prop_map(
+        |(
+            max_uncompressed_bytes,
+            max_records,
+            max_headers_per_record,
+            max_header_bytes,
+            zstd_window_log_max,
+        )| {
             BatchLimits {
                 max_uncompressed_bytes,
                 max_records,
                 max_headers_per_record,
+                max_header_bytes,
                 zstd_window_log_max,
             }
         },
@@ -180,9 +187,15 @@ fn tight_limits() -> impl Strategy<Value = BatchLimits> {
 fn within(records: &[Record], section_len: u32, limits: &BatchLimits) -> bool {
     section_len <= limits.max_uncompressed_bytes
         && records.len() <= limits.max_records as usize
-        && records
-            .iter()
-            .all(|r| r.headers.len() <= limits.max_headers_per_record as usize)
+        && records.iter().all(|r| {
+            let header_bytes: usize = r
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                .sum();
+            r.headers.len() <= limits.max_headers_per_record as usize
+                && header_bytes <= limits.max_header_bytes as usize
+        })
 }
 
 /// A refusal for exceeding a limit names the configured cap and a value above it.
@@ -196,6 +209,9 @@ fn is_limit_error(e: &BatchError, limits: &BatchLimits) -> bool {
         }
         BatchError::TooManyHeaders { count, max } => {
             max == limits.max_headers_per_record && count > u64::from(max)
+        }
+        BatchError::HeadersTooLarge { len, max } => {
+            max == limits.max_header_bytes && len > u64::from(max)
         }
         _ => false,
     }

@@ -233,6 +233,54 @@ fn header_fields_must_agree_with_the_records() {
 }
 
 #[test]
+fn header_bytes_are_capped_per_record() {
+    let limits = BatchLimits::default();
+    let headers = vec![
+        Header {
+            key: "ab".into(),
+            value: Some(Bytes::from_static(b"0123456789")),
+        },
+        Header {
+            key: "c".into(),
+            value: None,
+        },
+    ];
+    let record = Record {
+        offset: 7,
+        timestamp: None,
+        key: None,
+        value: Some(Bytes::from_static(b"v")),
+        headers,
+    };
+    let chunk = encode_records(std::slice::from_ref(&record), Codec::None, 0).expect("encode");
+    let decode = |limits: &BatchLimits| {
+        decode_records(
+            Codec::None,
+            chunk.uncompressed_len,
+            &chunk.payload,
+            7,
+            7,
+            1,
+            limits,
+        )
+    };
+    // 2 + 10 + 1 bytes of keys and values: exactly at the cap passes, one below it does not.
+    let exact = BatchLimits {
+        max_header_bytes: 13,
+        ..limits
+    };
+    assert_eq!(decode(&exact), Ok(vec![record]));
+    let below = BatchLimits {
+        max_header_bytes: 12,
+        ..limits
+    };
+    assert_eq!(
+        decode(&below),
+        Err(BatchError::HeadersTooLarge { len: 13, max: 12 })
+    );
+}
+
+#[test]
 fn hand_made_sections_are_checked() {
     let limits = BatchLimits::default();
     let parse = |section: &[u8], first: i64, last: i64, count: u32| {

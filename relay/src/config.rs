@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use bytesize::ByteSize;
 use regex::Regex;
 use serde::Deserialize;
 
@@ -22,6 +24,8 @@ pub struct RelayConfig {
     pub sites: BTreeMap<String, SiteConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +37,157 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// PEM CA bundle that site certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificates refused although they chain to `client_ca`: `"sha256:<hex>"` (SHA-256 of
+    /// the leaf's DER) or `"serial:<hex>"`; see [`crate::tls::DenyList`].
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// What one peer, or all of them together, may cost the relay. Every wait on the network has
+/// a timeout and every peer-controlled length a cap.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections in total, handshaking or established.
+    pub max_connections: u32,
+    /// Established connections presenting one site's certificate.
+    pub max_connections_per_site: u32,
+    /// QUIC/TLS handshakes in progress at once.
+    pub max_handshakes: u32,
+    /// A handshake must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// After the handshake, the agent's `Hello` must arrive within this.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// QUIC idle timeout: a connection that carries no packet for this long is gone.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// After `Hello`, the longest wait for the agent's next bytes, between frames (agents send
+    /// a heartbeat every 5 s) or inside one.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Concurrent bidirectional streams a peer may open. An agent uses one; the relay reads
+    /// only that one, and each further stream could park a stream window of unread data.
+    pub max_streams_per_connection: u32,
+    /// Source partitions one `Hello` may list; each allowed one costs a resume scan of the hub.
+    pub max_partitions_per_hello: u32,
+    /// Largest partition count a batch may declare: it sizes the hub topic the relay creates.
+    pub max_partitions_per_topic: u32,
+    /// Largest frame body.
+    pub max_frame_bytes: ByteSize,
+    /// Largest uncompressed record section of one batch (caps zstd's output).
+    pub max_batch_bytes: ByteSize,
+    pub max_records_per_batch: u32,
+    pub max_headers_per_record: u32,
+    /// Header keys plus values of one record.
+    pub max_header_bytes: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let frame = spoke_proto::Limits::default();
+        let batch = spoke_proto::BatchLimits::default();
+        Self {
+            max_connections: 1000,
+            max_connections_per_site: 4,
+            max_handshakes: 200,
+            handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 1,
+            max_partitions_per_hello: 10_000,
+            max_partitions_per_topic: 10_000,
+            max_frame_bytes: ByteSize::b(u64::from(frame.max_frame_bytes)),
+            max_batch_bytes: ByteSize::b(u64::from(batch.max_uncompressed_bytes)),
+            max_records_per_batch: batch.max_records,
+            max_headers_per_record: batch.max_headers_per_record,
+            max_header_bytes: ByteSize::b(u64::from(batch.max_header_bytes)),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The frame caps for spoke-proto; valid after [`load`] checked them.
+    pub fn frame_limits(&self) -> spoke_proto::Limits {
+        spoke_proto::Limits {
+            max_frame_bytes: clamp_u32(self.max_frame_bytes),
+        }
+    }
+
+    /// The batch caps for spoke-proto; valid after [`load`] checked them.
+    pub fn batch_limits(&self) -> spoke_proto::BatchLimits {
+        spoke_proto::BatchLimits {
+            max_uncompressed_bytes: clamp_u32(self.max_batch_bytes),
+            max_records: self.max_records_per_batch,
+            max_headers_per_record: self.max_headers_per_record,
+            max_header_bytes: clamp_u32(self.max_header_bytes),
+            ..spoke_proto::BatchLimits::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let counts = [
+            ("limits.max_connections", self.max_connections),
+            (
+                "limits.max_connections_per_site",
+                self.max_connections_per_site,
+            ),
+            ("limits.max_handshakes", self.max_handshakes),
+            (
+                "limits.max_streams_per_connection",
+                self.max_streams_per_connection,
+            ),
+            ("limits.max_records_per_batch", self.max_records_per_batch),
+            (
+                "limits.max_partitions_per_hello",
+                self.max_partitions_per_hello,
+            ),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        let times = [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            ("limits.hello_timeout", self.hello_timeout),
+            ("limits.idle_timeout", self.idle_timeout),
+            ("limits.read_timeout", self.read_timeout),
+        ];
+        for (key, value) in times {
+            if value.is_zero() {
+                return Err((key, "must be longer than 0".into()));
+            }
+        }
+        // QUIC carries the idle timeout in milliseconds as a varint of at most 2^62.
+        if self.idle_timeout > Duration::from_secs(3600) {
+            return Err(("limits.idle_timeout", "must be at most 1h".into()));
+        }
+        let sizes = [
+            ("limits.max_frame_bytes", self.max_frame_bytes),
+            ("limits.max_batch_bytes", self.max_batch_bytes),
+            ("limits.max_header_bytes", self.max_header_bytes),
+        ];
+        for (key, value) in sizes {
+            // The frame and batch formats carry lengths as u32.
+            if value.as_u64() == 0 || value.as_u64() > u64::from(u32::MAX) {
+                return Err((
+                    key,
+                    format!(
+                        "must be between 1 B and {}",
+                        ByteSize::b(u64::from(u32::MAX))
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn clamp_u32(size: ByteSize) -> u32 {
+    u32::try_from(size.as_u64()).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +274,7 @@ pub struct Loaded {
     pub path: PathBuf,
     pub config: RelayConfig,
     pub acl: Acl,
+    pub deny: crate::tls::DenyList,
 }
 
 /// Which site may write which source topics.
@@ -151,15 +307,16 @@ pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
 /// Reads, parses and validates `path`.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let config: RelayConfig = spoke_io::config_file::read(path)?;
-    let acl = validate(path, &config)?;
+    let (acl, deny) = validate(path, &config)?;
     Ok(Loaded {
         path: path.to_owned(),
         config,
         acl,
+        deny,
     })
 }
 
-fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
+fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyList), ConfigError> {
     let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
     if config.sites.is_empty() {
         return Err(invalid(
@@ -203,7 +360,13 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<Acl, ConfigError> {
         }
         sites.insert(site.clone(), patterns);
     }
-    Ok(Acl { sites })
+    let deny = crate::tls::DenyList::parse(&config.tls.deny)
+        .map_err(|reason| invalid("tls.deny", reason))?;
+    config
+        .limits
+        .validate()
+        .map_err(|(key, reason)| invalid(key, reason))?;
+    Ok((Acl { sites }, deny))
 }
 
 /// The template must name the source topic: the resume scan tells sources apart by hub topic
@@ -306,6 +469,93 @@ allow = ["orders", "telemetry\\..*"]
     }
 
     #[test]
+    fn limits_default_to_the_documented_values() {
+        let loaded = parse(MINIMAL).expect("valid");
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.max_connections, 1000);
+        assert_eq!(limits.max_connections_per_site, 4);
+        assert_eq!(limits.max_handshakes, 200);
+        assert_eq!(limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(limits.hello_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(limits.read_timeout, Duration::from_secs(30));
+        assert_eq!(limits.max_streams_per_connection, 1);
+        assert_eq!(limits.max_partitions_per_hello, 10_000);
+        assert_eq!(limits.max_partitions_per_topic, 10_000);
+        assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());
+        assert_eq!(limits.batch_limits(), spoke_proto::BatchLimits::default());
+        assert!(loaded.deny.is_empty());
+    }
+
+    #[test]
+    fn limits_are_read_with_units() {
+        let text = format!(
+            "{MINIMAL}\n[limits]\nmax_connections_per_site = 2\nread_timeout = \"2s\"\n\
+             max_frame_bytes = \"1 MiB\"\nmax_header_bytes = \"4 KiB\"\nmax_records_per_batch = 10\n"
+        );
+        let loaded = parse(&text).expect("valid");
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.max_connections_per_site, 2);
+        assert_eq!(limits.read_timeout, Duration::from_secs(2));
+        assert_eq!(limits.frame_limits().max_frame_bytes, 1 << 20);
+        let batch = limits.batch_limits();
+        assert_eq!(batch.max_header_bytes, 4096);
+        assert_eq!(batch.max_records, 10);
+        assert_eq!(batch.zstd_window_log_max, 24);
+    }
+
+    #[test]
+    fn bad_limits_name_their_key() {
+        for (line, key) in [
+            ("max_connections = 0", "limits.max_connections"),
+            (
+                "max_streams_per_connection = 0",
+                "limits.max_streams_per_connection",
+            ),
+            ("hello_timeout = \"0s\"", "limits.hello_timeout"),
+            ("idle_timeout = \"2h\"", "limits.idle_timeout"),
+            ("max_frame_bytes = \"5 GiB\"", "limits.max_frame_bytes"),
+            ("max_batch_bytes = 0", "limits.max_batch_bytes"),
+        ] {
+            let text = format!("{MINIMAL}\n[limits]\n{line}\n");
+            let err = parse(&text).expect_err(line).to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+        let text = format!("{MINIMAL}\n[limits]\nmax_conections = 3\n");
+        let err = parse(&text).expect_err("typo").to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn deny_entries_are_parsed_and_bad_ones_name_tls_deny() {
+        let fingerprint = "AB:".repeat(31) + "AB";
+        let text = MINIMAL.replace(
+            "client_ca = \"/ca.pem\"",
+            &format!(
+                "client_ca = \"/ca.pem\"\ndeny = [\"sha256:{fingerprint}\", \"serial:00:0a:1B\"]"
+            ),
+        );
+        let loaded = parse(&text).expect("valid");
+        assert_eq!(loaded.deny.len(), 2);
+        for bad in [
+            "ab12",
+            "md5:ab12",
+            "sha256:ab12",
+            "sha256:",
+            "serial:xyz",
+            "serial:00",
+        ] {
+            let text = MINIMAL.replace(
+                "client_ca = \"/ca.pem\"",
+                &format!("client_ca = \"/ca.pem\"\ndeny = [\"{bad}\"]"),
+            );
+            let err = parse(&text).expect_err(bad).to_string();
+            assert!(err.contains("tls.deny"), "{bad}: {err}");
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn no_sites_is_refused() {
         let text = MINIMAL.replace(
             "[sites.branch-042]\nallow = [\"orders\", \"telemetry\\\\..*\"]",
@@ -324,5 +574,40 @@ mod packaged {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/relay.toml");
         let loaded = super::load(&path).expect("packaging/relay.toml must load");
         assert!(loaded.acl.site("branch-042").is_some());
+        // The example spells out every limit with its default value.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let defaults = super::LimitsConfig::default();
+        for (key, value) in [
+            ("max_connections", defaults.max_connections.to_string()),
+            (
+                "max_connections_per_site",
+                defaults.max_connections_per_site.to_string(),
+            ),
+            ("max_handshakes", defaults.max_handshakes.to_string()),
+            (
+                "max_streams_per_connection",
+                defaults.max_streams_per_connection.to_string(),
+            ),
+            (
+                "max_records_per_batch",
+                defaults.max_records_per_batch.to_string(),
+            ),
+            (
+                "max_headers_per_record",
+                defaults.max_headers_per_record.to_string(),
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("{key} = {value}")),
+                "{key} = {value}"
+            );
+        }
+        let limits = &loaded.config.limits;
+        assert_eq!(limits.frame_limits(), defaults.frame_limits());
+        assert_eq!(limits.batch_limits(), defaults.batch_limits());
+        assert_eq!(limits.read_timeout, defaults.read_timeout);
+        assert_eq!(limits.hello_timeout, defaults.hello_timeout);
+        assert_eq!(limits.handshake_timeout, defaults.handshake_timeout);
+        assert_eq!(limits.idle_timeout, defaults.idle_timeout);
     }
 }

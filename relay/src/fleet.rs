@@ -20,18 +20,55 @@ type Labels = Vec<(String, String)>;
 
 /// Reasons for `spoke_relay_rejected_total{reason}`.
 pub mod reject {
-    /// TLS handshake failed: no client certificate, another CA, expired, ...
+    /// Handshake: the peer presented no client certificate.
+    pub const NO_CERT: &str = "no_cert";
+    /// Handshake: the certificate does not chain to `tls.client_ca`.
+    pub const UNKNOWN_CA: &str = "unknown_ca";
+    /// Handshake: the certificate has expired (or is not valid yet).
+    pub const EXPIRED: &str = "expired";
+    /// The certificate is on `tls.deny`: at the handshake, or a session closed by a reload.
+    pub const DENIED: &str = "denied";
+    /// Handshake failed otherwise: wrong ALPN, wrong key usage, malformed TLS, ...
     pub const HANDSHAKE: &str = "handshake";
+    /// Handshake not finished within `limits.handshake_timeout`.
+    pub const HANDSHAKE_TIMEOUT: &str = "handshake_timeout";
+    /// `limits.max_handshakes` handshakes were already in progress.
+    pub const TOO_MANY_HANDSHAKES: &str = "too_many_handshakes";
+    /// `limits.max_connections` connections were already open.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+    /// `limits.max_connections_per_site` connections of the certificate's site were open.
+    pub const TOO_MANY_SITE_CONNECTIONS: &str = "too_many_site_connections";
     /// Certificate without exactly one DNS name.
     pub const IDENTITY: &str = "identity";
     /// No `[sites.NAME]` table for the certificate's site.
     pub const UNKNOWN_SITE: &str = "unknown_site";
     /// `Hello` names another site than the certificate.
     pub const SITE_MISMATCH: &str = "site_mismatch";
-    /// Malformed frames, bad batches, unexpected frames, timeouts.
+    /// Malformed frames, bad batches, unexpected frames, no common version.
     pub const PROTOCOL: &str = "protocol";
+    /// No `Hello` within `limits.hello_timeout`, or no bytes within `limits.read_timeout`.
+    pub const TIMEOUT: &str = "timeout";
     /// A batch for a topic the site's ACL does not allow.
     pub const NOT_ALLOWED: &str = "not_allowed";
+
+    /// Every reason, so that each series exists from the start.
+    pub const ALL: [&str; 15] = [
+        NO_CERT,
+        UNKNOWN_CA,
+        EXPIRED,
+        DENIED,
+        HANDSHAKE,
+        HANDSHAKE_TIMEOUT,
+        TOO_MANY_HANDSHAKES,
+        TOO_MANY_CONNECTIONS,
+        TOO_MANY_SITE_CONNECTIONS,
+        IDENTITY,
+        UNKNOWN_SITE,
+        SITE_MISMATCH,
+        PROTOCOL,
+        TIMEOUT,
+        NOT_ALLOWED,
+    ];
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +76,10 @@ struct SiteState {
     sessions: u32,
     last_seen_ms: u64,
     records: u64,
+    /// The last heartbeat, without its per-partition lag list (a peer decides its length).
     heartbeat: Option<Heartbeat>,
+    /// That list's sum.
+    lag_records: u64,
 }
 
 #[derive(Debug)]
@@ -127,14 +167,7 @@ impl Fleet {
             fleet.site_lost.clone(),
         );
         // Every reason exists from the start at 0, so `increase()` alerts see the first one.
-        for reason in [
-            reject::HANDSHAKE,
-            reject::IDENTITY,
-            reject::UNKNOWN_SITE,
-            reject::SITE_MISMATCH,
-            reject::PROTOCOL,
-            reject::NOT_ALLOWED,
-        ] {
+        for reason in reject::ALL {
             drop(
                 fleet
                     .rejected
@@ -190,9 +223,14 @@ impl Fleet {
         }
     }
 
-    pub fn heartbeat(&self, site: &str, heartbeat: Heartbeat) {
+    pub fn heartbeat(&self, site: &str, mut heartbeat: Heartbeat) {
         let labels = Self::site_labels(site);
-        let lag: u64 = heartbeat.lag.iter().map(|p| p.lag_records).sum();
+        // Saturating: the values come from the peer, and an overflow must not panic.
+        let lag = heartbeat
+            .lag
+            .iter()
+            .fold(0u64, |sum, p| sum.saturating_add(p.lag_records));
+        heartbeat.lag = Vec::new();
         self.site_lag.get_or_create(&labels).set(clamp(lag));
         self.site_spool_bytes
             .get_or_create(&labels)
@@ -206,6 +244,7 @@ impl Fleet {
         if let Some(state) = self.lock().get_mut(site) {
             state.last_seen_ms = now_ms();
             state.heartbeat = Some(heartbeat);
+            state.lag_records = lag;
         }
     }
 
@@ -220,7 +259,7 @@ impl Fleet {
                     last_seen_ms: state.last_seen_ms,
                     records: state.records,
                     records_per_s: hb.map_or(0, |h| h.records_per_s),
-                    lag_records: hb.map_or(0, |h| h.lag.iter().map(|p| p.lag_records).sum()),
+                    lag_records: state.lag_records,
                     spool_bytes: hb.map_or(0, |h| h.spool_bytes),
                     spool_max_bytes: hb.map_or(0, |h| h.spool_max_bytes),
                     oldest_unacked_seconds: hb.map_or(0.0, |h| h.oldest_unacked_ms as f64 / 1000.0),
@@ -261,4 +300,56 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_lag_saturates_and_its_list_is_not_kept() {
+        let fleet = Arc::new(Fleet::new());
+        let _session = fleet.session("branch-1");
+        let lag = |partition| spoke_proto::PartitionLag {
+            topic: "orders".into(),
+            partition,
+            lag_records: u64::MAX,
+        };
+        fleet.heartbeat(
+            "branch-1",
+            Heartbeat {
+                sent_at_ms: 0,
+                spool_bytes: 0,
+                spool_max_bytes: 0,
+                oldest_unacked_ms: 0,
+                lost_records: 0,
+                records_per_s: 0,
+                lag: vec![lag(0), lag(1)],
+            },
+        );
+        let status = fleet.snapshot();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].lag_records, u64::MAX);
+        let sites = fleet.lock();
+        let kept = sites
+            .get("branch-1")
+            .and_then(|s| s.heartbeat.as_ref())
+            .map(|h| h.lag.len());
+        assert_eq!(kept, Some(0));
+    }
+
+    #[test]
+    fn every_reject_reason_is_exported_from_the_start() {
+        let fleet = Fleet::new();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &fleet.registry).expect("encode");
+        for reason in reject::ALL {
+            assert!(
+                text.contains(&format!(
+                    "spoke_relay_rejected_total{{reason=\"{reason}\"}} 0"
+                )),
+                "{reason} missing:\n{text}"
+            );
+        }
+    }
 }

@@ -171,7 +171,11 @@ impl Hub {
             // batch before starting over with another relay, so keep it above this.
             .set("message.timeout.ms", "10000")
             // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default.
-            .set("message.max.bytes", "16777216");
+            .set("message.max.bytes", "16777216")
+            // Each session has its own producer: librdkafka's 1 GiB default queue would let
+            // one site pin that much relay memory while the hub is slow. When this fills,
+            // the session waits (see `session::enqueue`) and QUIC flow control stops the agent.
+            .set("queue.buffering.max.kbytes", "65536");
         for (key, value) in &self.passthrough {
             config.set(key, value);
         }

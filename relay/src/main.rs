@@ -94,22 +94,24 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
-                tokio::spawn(handle_signals(shutdown.clone(), config, acl_tx));
-                server::run(loaded, acl, shutdown).await
+                // One pending reload is enough: it reads the file as it is when it runs.
+                let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(handle_signals(shutdown.clone(), reload_tx));
+                server::run(loaded, reloads, shutdown).await
             })?;
             Ok(())
         }
         Command::Check { config } => {
             let loaded = config::load(&config)?;
-            tls::server_config(&loaded.config.tls)
+            tls::server_config(&loaded.config.tls, &loaded.deny, &loaded.config.limits)
                 .with_context(|| format!("{}: [tls]", config.display()))?;
             println!(
-                "{}: ok (listen {}, hub {}, {} site table(s))",
+                "{}: ok (listen {}, hub {}, {} site table(s), {} denied certificate(s))",
                 config.display(),
                 loaded.config.listen,
                 loaded.config.hub.bootstrap,
-                loaded.config.sites.len()
+                loaded.config.sites.len(),
+                loaded.deny.len()
             );
             Ok(())
         }
@@ -134,8 +136,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 valid_for,
             } => {
                 let ca_dir = ca_dir.unwrap_or_else(|| out.clone());
-                pki::issue(&ca_dir, &out, &site, valid_for)?;
+                let issued = pki::issue(&ca_dir, &out, &site, valid_for)?;
                 println!("wrote {site}.pem, {site}.key to {}", out.display());
+                // Worth recording: either string in `tls.deny` refuses this certificate.
+                println!("{}\n{}", issued.fingerprint, issued.serial);
                 Ok(())
             }
         },
@@ -190,14 +194,8 @@ fn sites(admin: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT stop the relay; SIGHUP re-reads the file and applies its site ACLs to new
-/// batches of every session. Other changes need a restart; a file that no longer validates
-/// is refused and the running ACLs kept.
-async fn handle_signals(
-    shutdown: CancellationToken,
-    path: PathBuf,
-    acl: tokio::sync::watch::Sender<config::Acl>,
-) {
+/// SIGTERM/SIGINT stop the relay; SIGHUP asks it to re-read the file (see `server::run`).
+async fn handle_signals(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -211,13 +209,10 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match config::load(&path) {
-                Ok(loaded) => {
-                    tracing::info!(config = %path.display(), sites = loaded.config.sites.len(), "SIGHUP: site ACLs reloaded");
-                    acl.send_replace(loaded.acl);
-                }
-                Err(error) => tracing::error!(%error, "SIGHUP: configuration refused; keeping the running ACLs"),
-            },
+            _ = hup.recv() => {
+                // Full means a reload is already queued, and it will read the newest file.
+                let _ = reload.try_send(());
+            }
         }
     }
     tracing::info!("signal received, shutting down");

@@ -104,8 +104,22 @@ pub fn init(out: &Path, names: &[String], validity: Duration) -> Result<(), PkiE
     Ok(())
 }
 
+/// How to name an issued certificate in `tls.deny` should it ever be lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// `"sha256:<hex>"` of the certificate's DER.
+    pub fingerprint: String,
+    /// `"serial:<hex>"`.
+    pub serial: String,
+}
+
 /// Issues `SITE.pem` / `SITE.key` into `out`, signed by the CA found in `ca_dir`.
-pub fn issue(ca_dir: &Path, out: &Path, site: &str, validity: Duration) -> Result<(), PkiError> {
+pub fn issue(
+    ca_dir: &Path,
+    out: &Path,
+    site: &str,
+    validity: Duration,
+) -> Result<Issued, PkiError> {
     validate_site_name(site).map_err(|reason| PkiError::SiteName {
         name: site.to_owned(),
         reason,
@@ -144,13 +158,27 @@ pub fn issue(ca_dir: &Path, out: &Path, site: &str, validity: Duration) -> Resul
     set_validity(&mut params, validity);
     let cert = params.signed_by(&site_key, &ca_cert, &ca_key)?;
 
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.der());
+    // rcgen picks the serial; read it back from what was signed.
+    let serial = x509_parser::parse_x509_certificate(cert.der())
+        .map(|(_, parsed)| hex(parsed.tbs_certificate.raw_serial()))
+        .map_err(|e| PkiError::BadInput {
+            path: cert_path.clone(),
+            reason: format!("issued certificate does not parse: {e}"),
+        })?;
+    let issued = Issued {
+        fingerprint: format!("sha256:{}", hex(digest.as_ref())),
+        serial: format!("serial:{serial}"),
+    };
+
     std::fs::create_dir_all(out).map_err(|source| PkiError::Write {
         path: out.to_owned(),
         source,
     })?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
     write_file(&key_path, site_key.serialize_pem().as_bytes(), 0o600)?;
-    Ok(())
+    Ok(issued)
 }
 
 fn common_name(name: &str) -> DistinguishedName {
@@ -209,6 +237,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -216,7 +245,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let year = Duration::from_secs(365 * 86400);
         init(dir.path(), &["localhost".into(), "127.0.0.1".into()], year).expect("init");
-        issue(dir.path(), dir.path(), "branch-042", year).expect("issue");
+        let issued = issue(dir.path(), dir.path(), "branch-042", year).expect("issue");
         for (file, mode) in [
             ("ca.pem", 0o644),
             ("ca.key", 0o600),
@@ -231,6 +260,12 @@ mod tests {
         let site_pem = std::fs::read(dir.path().join("branch-042.pem")).expect("pem");
         let identity = crate::tls::site_identity_from_pem(&site_pem).expect("identity");
         assert_eq!(identity, "branch-042");
+        // What `pki issue` prints is exactly what denies this certificate, by either name.
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&site_pem).expect("der");
+        for entry in [&issued.fingerprint, &issued.serial] {
+            let deny = crate::tls::DenyList::parse(std::slice::from_ref(entry)).expect(entry);
+            assert!(deny.denies(&der), "{entry} does not deny the certificate");
+        }
     }
 
     #[test]

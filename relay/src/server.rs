@@ -3,17 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use spoke_proto::{BatchLimits, Limits};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admin::Admin;
 use crate::checkpoint::Checkpoints;
 use crate::config::Loaded;
-use crate::fleet::Fleet;
+use crate::fleet::{reject, Fleet};
 use crate::hub::Hub;
 use crate::session::{self, SessionContext};
 
@@ -35,16 +35,17 @@ pub enum RelayError {
     Hub(#[from] crate::hub::HubError),
 }
 
-/// Runs the relay until `shutdown` is cancelled.
-/// Runs the relay until `shutdown` is cancelled; `acl` carries the site ACLs, replaced on
-/// SIGHUP.
+/// Runs the relay until `shutdown` is cancelled. Each message on `reloads` (SIGHUP) re-reads
+/// the configuration file and applies its `[tls]` and `[sites]` to new handshakes and batches,
+/// all or nothing: a file that does not load keeps everything running as it was.
 pub async fn run(
     loaded: Loaded,
-    acl: tokio::sync::watch::Receiver<crate::config::Acl>,
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     let config = &loaded.config;
-    let server_config = crate::tls::server_config(&config.tls)?;
+    let limits = config.limits.clone();
+    let server_config = crate::tls::server_config(&config.tls, &loaded.deny, &limits)?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
         RelayError::Listen {
             addr: config.listen,
@@ -83,55 +84,89 @@ pub async fn run(
         checkpoints.clone(),
         shutdown.clone(),
     ));
+    let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
+    let (deny_tx, deny) = tokio::sync::watch::channel(loaded.deny.clone());
     let context = Arc::new(SessionContext {
         fleet: fleet.clone(),
         hub,
         acl,
+        deny,
         topic_template: config.hub.topic.clone(),
         delivery: config.hub.delivery,
-        frame_limits: Limits::default(),
-        batch_limits: BatchLimits::default(),
+        frame_limits: limits.frame_limits(),
+        batch_limits: limits.batch_limits(),
+        limits: limits.clone(),
         relay_name: relay_name.clone(),
         handoff: session::Handoff::default(),
+        site_connections: session::SiteConnections::default(),
         checkpoints,
         teardowns: TaskTracker::new(),
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
+    // Permits, not counters: a task that ends in any way (even a panic) gives its permit back.
+    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes as usize));
     let sessions = TaskTracker::new();
-    let handshake_log = Arc::new(std::sync::Mutex::new(None));
+    let handshake_log = Arc::new(RateLimitedLog::default());
     loop {
         let incoming = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(()) = reloads.recv() => {
+                reload(&loaded.path, &limits, &endpoint, &acl_tx, &deny_tx);
+                continue;
+            }
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
             },
         };
+        // Address validation: an address that has not echoed a Retry token costs the relay one
+        // stateless packet, never a TLS handshake, so spoofed sources cannot make it work.
+        if !incoming.remote_address_validated() {
+            if let Err(error) = incoming.retry() {
+                // Dropping the Incoming refuses it.
+                drop(error.into_incoming());
+            }
+            continue;
+        }
+        let Ok(connection_permit) = connections.clone().try_acquire_owned() else {
+            fleet.rejected(reject::TOO_MANY_CONNECTIONS);
+            incoming.refuse();
+            continue;
+        };
+        let Ok(handshake_permit) = handshakes.clone().try_acquire_owned() else {
+            fleet.rejected(reject::TOO_MANY_HANDSHAKES);
+            incoming.refuse();
+            continue;
+        };
         let context = context.clone();
         let fleet = fleet.clone();
         let handshake_log = handshake_log.clone();
         let shutdown = shutdown.child_token();
+        let handshake_timeout = limits.handshake_timeout;
         sessions.spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
+            let handshake = match incoming.accept() {
+                Ok(connecting) => tokio::time::timeout(handshake_timeout, connecting)
+                    .await
+                    .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
+                Err(error) => Err(error),
+            };
+            drop(handshake_permit);
+            match handshake {
                 Ok(connection) => session::serve(connection, context, shutdown).await,
                 Err(error) => {
-                    fleet.rejected(crate::fleet::reject::HANDSHAKE);
+                    let reason = crate::tls::handshake_reject_reason(&error);
+                    fleet.rejected(reason);
                     // A flood of bad handshakes must not flood the log: the counter has
                     // them all, the log one line per interval.
-                    let total = fleet.rejected_count(crate::fleet::reject::HANDSHAKE);
-                    if handshake_log.try_lock().is_ok_and(|mut last| {
-                        let due = last.is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10));
-                        if due {
-                            *last = Some(std::time::Instant::now());
-                        }
-                        due
-                    }) {
-                        warn!(%remote, %error, handshake_failures_total = total, "handshake failed");
+                    if handshake_log.due() {
+                        warn!(%remote, %error, reason, "handshake failed");
                     }
                 }
             }
+            drop(connection_permit);
         });
     }
     info!("relay shutting down");
@@ -157,6 +192,62 @@ pub async fn run(
     background.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Applies a reloaded configuration file, or none of it. `[limits]` stay as the relay started:
+/// they size what is already running.
+fn reload(
+    path: &std::path::Path,
+    limits: &crate::config::LimitsConfig,
+    endpoint: &quinn::Endpoint,
+    acl: &tokio::sync::watch::Sender<crate::config::Acl>,
+    deny: &tokio::sync::watch::Sender<crate::tls::DenyList>,
+) {
+    let loaded = match crate::config::load(path) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            error!(%error, "SIGHUP: configuration refused; keeping the running configuration");
+            return;
+        }
+    };
+    let server_config = match crate::tls::server_config(&loaded.config.tls, &loaded.deny, limits) {
+        Ok(server_config) => server_config,
+        Err(error) => {
+            error!(%error, "SIGHUP: [tls] refused; keeping the running configuration");
+            return;
+        }
+    };
+    // Sessions keep their connections: only handshakes from now on see the new TLS setup.
+    endpoint.set_server_config(Some(server_config));
+    info!(
+        config = %path.display(),
+        sites = loaded.config.sites.len(),
+        denied = loaded.deny.len(),
+        "SIGHUP: reloaded certificate, key, client CA, deny list and site ACLs"
+    );
+    acl.send_replace(loaded.acl);
+    deny.send_replace(loaded.deny);
+}
+
+/// At most one log line per interval for events an attacker can cause at will.
+#[derive(Debug, Default)]
+struct RateLimitedLog {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl RateLimitedLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn due(&self) -> bool {
+        let Ok(mut last) = self.last.try_lock() else {
+            return false;
+        };
+        let due = last.is_none_or(|t| t.elapsed() >= Self::INTERVAL);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    }
 }
 
 /// Keeps `/healthz` honest about the hub.

@@ -23,13 +23,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::checkpoint::{self, Checkpoint, Checkpoints};
+use crate::config::LimitsConfig;
 use crate::config::{hub_topic, Acl, Delivery};
 use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
-use spoke_io::wire::{read_frame, write_frame, WireError};
+use crate::tls::DenyList;
+use spoke_io::wire::{read_frame_within, write_frame_within, WireError};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches decoded and handed to the producer but not yet confirmed by the hub.
 const UNCONFIRMED_BATCHES: usize = 32;
 
@@ -47,6 +48,10 @@ pub struct SessionContext {
     pub hub: Arc<Hub>,
     /// Replaced on SIGHUP; batches are checked against the current one.
     pub acl: tokio::sync::watch::Receiver<Acl>,
+    /// Replaced on SIGHUP; a session whose certificate it comes to deny is closed.
+    pub deny: tokio::sync::watch::Receiver<DenyList>,
+    pub limits: LimitsConfig,
+    pub site_connections: SiteConnections,
     pub topic_template: String,
     pub delivery: Delivery,
     pub frame_limits: Limits,
@@ -105,6 +110,52 @@ impl Handoff {
     }
 }
 
+/// Open connections per site, for `limits.max_connections_per_site`.
+#[derive(Debug, Default)]
+pub struct SiteConnections {
+    sites: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+}
+
+/// One counted connection of a site; dropping it uncounts it.
+#[derive(Debug)]
+struct SiteSlot {
+    sites: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    site: String,
+}
+
+impl SiteConnections {
+    fn take(&self, site: &str, max: u32) -> Result<SiteSlot, SessionError> {
+        let mut sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = sites.entry(site.to_owned()).or_default();
+        if *open >= max {
+            return Err(SessionError::TooManySiteConnections { max });
+        }
+        *open += 1;
+        Ok(SiteSlot {
+            sites: self.sites.clone(),
+            site: site.to_owned(),
+        })
+    }
+}
+
+impl Drop for SiteSlot {
+    fn drop(&mut self) {
+        let mut sites = self
+            .sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = sites.get_mut(&self.site) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                sites.remove(&self.site);
+            }
+        }
+    }
+}
+
 /// Ends a session's hub producer however the session ends: queued records are purged, and
 /// records already sent are waited for (landed or failed), and only then is the site's turn
 /// released to a newer session. The blocking part runs on `teardowns`, which the server
@@ -140,10 +191,16 @@ pub enum SessionError {
     UnknownSite(String),
     #[error("Hello claims site {claimed} but the certificate is for {certified}")]
     SiteMismatch { claimed: String, certified: String },
+    #[error("Hello lists {count} partitions; this relay accepts at most {max} (limits.max_partitions_per_hello)")]
+    TooManyPartitions { count: usize, max: u32 },
     #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION})")]
     Version { min: u8, max: u8 },
-    #[error("handshake timed out")]
-    HandshakeTimeout,
+    #[error("no Hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("site already has {max} open connections on this relay")]
+    TooManySiteConnections { max: u32 },
+    #[error("the certificate is now on tls.deny")]
+    Denied,
     #[error("expected {expected}, got {got}")]
     Unexpected {
         expected: &'static str,
@@ -180,11 +237,17 @@ impl SessionError {
             Self::Identity(_) => Some(reject::IDENTITY),
             Self::UnknownSite(_) => Some(reject::UNKNOWN_SITE),
             Self::SiteMismatch { .. } => Some(reject::SITE_MISMATCH),
+            Self::TooManySiteConnections { .. } => Some(reject::TOO_MANY_SITE_CONNECTIONS),
+            Self::Denied => Some(reject::DENIED),
+            Self::HelloTimeout(_) | Self::Wire(WireError::Stalled(_)) => Some(reject::TIMEOUT),
             Self::Version { .. }
-            | Self::HandshakeTimeout
+            | Self::TooManyPartitions { .. }
             | Self::Unexpected { .. }
             | Self::BadBatch { .. }
-            | Self::Wire(WireError::Decode(_)) => Some(reject::PROTOCOL),
+            | Self::Wire(WireError::Decode(_))
+            | Self::Wire(WireError::Read(quinn::ReadExactError::FinishedEarly(_))) => {
+                Some(reject::PROTOCOL)
+            }
             Self::Connection(_)
             | Self::Wire(_)
             | Self::Hub(_)
@@ -197,9 +260,11 @@ impl SessionError {
 
     fn close_code(&self) -> u32 {
         match self {
-            Self::Identity(_) | Self::UnknownSite(_) | Self::SiteMismatch { .. } => {
-                close_code::NOT_AUTHORIZED
-            }
+            Self::Identity(_)
+            | Self::UnknownSite(_)
+            | Self::SiteMismatch { .. }
+            | Self::Denied
+            | Self::TooManySiteConnections { .. } => close_code::NOT_AUTHORIZED,
             Self::Hub(_) | Self::Delivery(_) | Self::Transaction(_) | Self::HandoffTimeout => {
                 close_code::HUB_ERROR
             }
@@ -216,8 +281,13 @@ pub async fn serve(
 ) {
     let remote = connection.remote_address();
     let span = tracing::info_span!("session", %remote, site = tracing::field::Empty);
+    let leaf = crate::tls::peer_leaf(&connection);
     let result = tokio::select! {
         result = run(&connection, &context).instrument(span) => result,
+        () = denied(leaf, context.deny.clone()) => Err(SessionError::Denied),
+        // A peer that leaves ends the session's work at once, hub work included (a resume
+        // scan would otherwise run on until the session next writes).
+        reason = connection.closed() => Err(SessionError::Connection(reason)),
         () = shutdown.cancelled() => Ok(()),
     };
     match result {
@@ -236,6 +306,26 @@ pub async fn serve(
     }
 }
 
+/// Resolves once the deny list (as reloaded on SIGHUP) covers the session's certificate.
+async fn denied(
+    leaf: Option<rustls_pki_types::CertificateDer<'static>>,
+    mut deny: tokio::sync::watch::Receiver<DenyList>,
+) {
+    let Some(leaf) = leaf else {
+        // Only a verified certificate gets this far; without one, `run` refuses the session.
+        return std::future::pending().await;
+    };
+    loop {
+        if deny.borrow_and_update().denies(&leaf) {
+            return;
+        }
+        if deny.changed().await.is_err() {
+            // The relay is shutting down; the shutdown branch ends the session.
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// An agent that stops gracefully closes with code 0 after its Goodbye; the relay may still be
 /// writing its own Goodbye then, which is no error worth a warning.
 fn closed_by_agent(connection: &quinn::Connection) -> bool {
@@ -247,6 +337,9 @@ fn closed_by_agent(connection: &quinn::Connection) -> bool {
 
 async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result<(), SessionError> {
     let site = crate::tls::site_identity(connection)?;
+    let _slot = context
+        .site_connections
+        .take(&site, context.limits.max_connections_per_site)?;
     let allow = context
         .acl
         .borrow()
@@ -256,16 +349,18 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     tracing::Span::current().record("site", site.as_str());
     let _in_fleet = context.fleet.session(&site);
 
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi())
-        .await
-        .map_err(|_| SessionError::HandshakeTimeout)??;
-    let hello = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        read_frame(&mut recv, &context.frame_limits),
-    )
+    // One deadline for the stream and its first frame: a peer that trickles the Hello in
+    // byte by byte gets no more time than one that sends nothing.
+    let hello_timeout = context.limits.hello_timeout;
+    let hello = tokio::time::timeout(hello_timeout, async {
+        let (send, mut recv) = connection.accept_bi().await?;
+        let hello = read_frame_within(&mut recv, &context.frame_limits, hello_timeout).await?;
+        Ok::<_, SessionError>((send, recv, hello))
+    })
     .await
-    .map_err(|_| SessionError::HandshakeTimeout)??
-    {
+    .map_err(|_| SessionError::HelloTimeout(hello_timeout))??;
+    let (mut send, recv, hello) = hello;
+    let hello = match hello {
         Some(Frame::Hello(hello)) => hello,
         Some(other) => {
             return Err(SessionError::Unexpected {
@@ -280,13 +375,17 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             })
         }
     };
-    if let Err(error) = check_hello(&hello, &site) {
+    if let Err(error) = check_hello(&hello, &site, context.limits.max_partitions_per_hello) {
+        let code = match error.close_code() {
+            close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
+            _ => GoodbyeCode::ProtocolError,
+        };
         let goodbye = Goodbye {
-            code: GoodbyeCode::NotAuthorized,
+            code,
             reason: error.to_string(),
         };
         // Best effort: the agent learns why before the connection closes.
-        let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
+        let _ = write_frame_within(&mut send, Frame::Goodbye(goodbye), hello_timeout).await;
         let _ = send.finish();
         return Err(error);
     }
@@ -355,7 +454,9 @@ async fn serve_site(
         context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
     }
     for tp in &hello.partitions {
-        if !Acl::allows(allow, &tp.topic) {
+        // A partition listed twice gets one resume scan and one resume point.
+        if !Acl::allows(allow, &tp.topic) || resume.contains_key(&(tp.topic.clone(), tp.partition))
+        {
             continue;
         }
         let next_offset = match context.delivery {
@@ -390,7 +491,12 @@ async fn serve_site(
         relay: context.relay_name.clone(),
         resume: resume_points,
     };
-    write_frame(&mut send, &Frame::Welcome(welcome)).await?;
+    write_frame_within(
+        &mut send,
+        Frame::Welcome(welcome),
+        context.limits.read_timeout,
+    )
+    .await?;
 
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
     // With transactions one batch is open at a time: the reader waits for its commit.
@@ -419,11 +525,18 @@ async fn serve_site(
     }
 }
 
-fn check_hello(hello: &Hello, site: &str) -> Result<(), SessionError> {
+fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), SessionError> {
     if hello.site != site {
         return Err(SessionError::SiteMismatch {
             claimed: hello.site.clone(),
             certified: site.to_owned(),
+        });
+    }
+    // Before any hub work: each listed partition the ACL allows costs a resume scan.
+    if hello.partitions.len() > max_partitions as usize {
+        return Err(SessionError::TooManyPartitions {
+            count: hello.partitions.len(),
+            max: max_partitions,
         });
     }
     if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
@@ -431,6 +544,22 @@ fn check_hello(hello: &Hello, site: &str) -> Result<(), SessionError> {
             min: hello.min_version,
             max: hello.max_version,
         });
+    }
+    Ok(())
+}
+
+/// Kafka's rule for topic names. The template and site name are valid by configuration, so
+/// only the source topic the peer named can break it; refused here, it is the peer's protocol
+/// error rather than a hub failure.
+fn check_hub_topic_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 249 || name == "." || name == ".." {
+        return Err("hub topic name would be empty, '.', '..' or over 249 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("source topic has characters Kafka does not allow in topic names");
     }
     Ok(())
 }
@@ -463,7 +592,12 @@ struct Reader<'a> {
 impl Reader<'_> {
     async fn run(mut self, mut recv: quinn::RecvStream) -> Result<(), SessionError> {
         loop {
-            let frame = read_frame(&mut recv, &self.session.context.frame_limits).await?;
+            let frame = read_frame_within(
+                &mut recv,
+                &self.session.context.frame_limits,
+                self.session.context.limits.read_timeout,
+            )
+            .await?;
             let outcome = match frame {
                 None => return Ok(()),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
@@ -531,13 +665,23 @@ impl Reader<'_> {
                 batch.partition_count
             )));
         }
+        let max_partitions = context.limits.max_partitions_per_topic;
+        if batch.partition_count.unsigned_abs() > max_partitions {
+            // The count sizes a hub topic the relay may create: it must not be the peer's
+            // choice without bound.
+            return Err(bad_batch(format!(
+                "partition count {} above limits.max_partitions_per_topic {max_partitions}",
+                batch.partition_count
+            )));
+        }
         if batch.next_offset <= batch.last_offset {
             return Err(bad_batch("next offset not past the last record".into()));
         }
+        let target = hub_topic(&context.topic_template, site, &batch.topic);
+        check_hub_topic_name(&target).map_err(|reason| bad_batch(reason.into()))?;
         let records = batch
             .records(&context.batch_limits)
             .map_err(|e| bad_batch(e.to_string()))?;
-        let target = hub_topic(&context.topic_template, site, &batch.topic);
         let hub_partitions = context
             .hub
             .ensure_topic(&target, batch.partition_count)
@@ -640,6 +784,10 @@ async fn acknowledge(
     mut progress: Progress<'_>,
     committed: Option<mpsc::Sender<()>>,
 ) -> Result<(), SessionError> {
+    // An agent that stops taking our frames (no flow-control credit) while keeping the
+    // connection alive would otherwise hold this session, and all queued behind it, forever:
+    // every write below is bounded by `stall`.
+    let stall = progress.session.context.limits.read_timeout;
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
             Outcome::Produced {
@@ -681,14 +829,14 @@ async fn acknowledge(
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
         };
-        write_frame(&mut send, &frame).await?;
+        write_frame_within(&mut send, frame, stall).await?;
     }
     progress.finish().await;
     let goodbye = Goodbye {
         code: GoodbyeCode::Shutdown,
         reason: "all batches confirmed".into(),
     };
-    write_frame(&mut send, &Frame::Goodbye(goodbye)).await?;
+    write_frame_within(&mut send, Frame::Goodbye(goodbye), stall).await?;
     let _ = send.finish();
     Ok(())
 }
@@ -891,5 +1039,120 @@ impl<'a> Progress<'a> {
                 debug!("final checkpoint not confirmed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_connections_are_capped_per_site_and_freed_on_drop() {
+        let connections = SiteConnections::default();
+        let first = connections.take("branch-1", 2).expect("first");
+        let second = connections.take("branch-1", 2).expect("second");
+        let refused = connections.take("branch-1", 2).expect_err("third");
+        assert!(matches!(
+            refused,
+            SessionError::TooManySiteConnections { max: 2 }
+        ));
+        assert_eq!(
+            refused.reject_reason(),
+            Some(crate::fleet::reject::TOO_MANY_SITE_CONNECTIONS)
+        );
+        let _other_site = connections.take("branch-2", 2).expect("another site");
+        drop(first);
+        let again = connections.take("branch-1", 2).expect("a slot was freed");
+        drop(second);
+        drop(again);
+        let sites = connections.sites.lock().expect("lock");
+        assert_eq!(sites.get("branch-1"), None, "empty entries are removed");
+        assert_eq!(sites.get("branch-2"), Some(&1));
+    }
+
+    fn hello(site: &str, partitions: usize) -> Hello {
+        Hello {
+            site: site.to_owned(),
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            software: "test".into(),
+            partitions: (0..partitions)
+                .map(|p| spoke_proto::TopicPartition {
+                    topic: "orders".into(),
+                    partition: i32::try_from(p).unwrap_or(i32::MAX),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hello_is_checked_for_site_and_partition_count_before_any_hub_work() {
+        assert!(check_hello(&hello("branch-1", 3), "branch-1", 3).is_ok());
+        let error = check_hello(&hello("branch-1", 4), "branch-1", 3).expect_err("4 > 3");
+        assert!(matches!(
+            error,
+            SessionError::TooManyPartitions { count: 4, max: 3 }
+        ));
+        assert_eq!(error.reject_reason(), Some(crate::fleet::reject::PROTOCOL));
+        assert_eq!(error.close_code(), close_code::PROTOCOL_ERROR);
+        let error = check_hello(&hello("branch-2", 1), "branch-1", 3).expect_err("mismatch");
+        assert_eq!(
+            error.reject_reason(),
+            Some(crate::fleet::reject::SITE_MISMATCH)
+        );
+        assert_eq!(error.close_code(), close_code::NOT_AUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn a_session_ends_when_a_reload_denies_its_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let day = Duration::from_secs(86400);
+        crate::pki::init(dir.path(), &["localhost".into()], day).expect("init");
+        let issued = crate::pki::issue(dir.path(), dir.path(), "branch-1", day).expect("issue");
+        let pem = std::fs::read(dir.path().join("branch-1.pem")).expect("pem");
+        let leaf = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("der")
+        };
+        let (deny, watch) = tokio::sync::watch::channel(DenyList::default());
+        let mut ended = tokio::spawn(denied(Some(leaf), watch));
+        let unrelated = DenyList::parse(&["serial:01".to_owned()]).expect("parse");
+        deny.send_replace(unrelated);
+        tokio::time::timeout(Duration::from_millis(200), &mut ended)
+            .await
+            .expect_err("an unrelated deny entry leaves the session alone");
+        deny.send_replace(DenyList::parse(&[issued.serial]).expect("parse"));
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the session's certificate was denied")
+            .expect("task");
+    }
+
+    #[test]
+    fn hub_topic_names_follow_kafka_rules() {
+        assert_eq!(check_hub_topic_name("branch-1.orders_v2"), Ok(()));
+        assert_eq!(check_hub_topic_name(&"a".repeat(249)), Ok(()));
+        for bad in ["", ".", "..", "a/b", "a b", "ä", "a\0"] {
+            assert!(check_hub_topic_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_hub_topic_name(&"a".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn timeouts_and_truncation_are_counted_as_the_peer_s_fault() {
+        use crate::fleet::reject;
+        let stalled = SessionError::Wire(WireError::Stalled(Duration::from_secs(1)));
+        assert_eq!(stalled.reject_reason(), Some(reject::TIMEOUT));
+        let no_hello = SessionError::HelloTimeout(Duration::from_secs(1));
+        assert_eq!(no_hello.reject_reason(), Some(reject::TIMEOUT));
+        let truncated =
+            SessionError::Wire(WireError::Read(quinn::ReadExactError::FinishedEarly(3)));
+        assert_eq!(truncated.reject_reason(), Some(reject::PROTOCOL));
+        assert_eq!(SessionError::Denied.reject_reason(), Some(reject::DENIED));
+        assert_eq!(
+            SessionError::Denied.close_code(),
+            close_code::NOT_AUTHORIZED
+        );
+        assert_eq!(SessionError::Superseded.reject_reason(), None);
     }
 }

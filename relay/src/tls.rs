@@ -1,18 +1,24 @@
 //! TLS for the QUIC server: the relay's own certificate, and mandatory client certificates
-//! chained to `tls.client_ca`. The site identity is read from the verified certificate only.
+//! chained to `tls.client_ca` and not on `tls.deny`. The site identity is read from the
+//! verified certificate only.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use spoke_io::pem::{load_certs, load_key, PemError};
-use spoke_io::transport::transport_config;
+use spoke_io::transport::{transport_config, CONNECTION_WINDOW, STREAM_WINDOW};
 use x509_parser::extensions::GeneralName;
 
-use crate::config::TlsConfig;
+use crate::config::{LimitsConfig, TlsConfig};
+use crate::fleet::reject;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -37,8 +43,13 @@ pub enum IdentityError {
     Ambiguous(usize),
 }
 
-/// Builds the quinn server configuration from `[tls]`.
-pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
+/// Builds the quinn server configuration from `[tls]` (with its parsed deny list) and the
+/// transport bounds of `[limits]`.
+pub fn server_config(
+    tls: &TlsConfig,
+    deny: &DenyList,
+    limits: &LimitsConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = load_certs(&tls.cert)?;
     let key = load_key(&tls.key)?;
@@ -49,12 +60,16 @@ pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
             reason: e.to_string(),
         })?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsError::ClientCa {
             path: tls.client_ca.clone(),
             reason: e.to_string(),
         })?;
+    let verifier = Arc::new(DenyingVerifier {
+        inner: webpki,
+        deny: deny.clone(),
+    });
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -66,18 +81,238 @@ pub fn server_config(tls: &TlsConfig) -> Result<quinn::ServerConfig, TlsError> {
     let quic = QuicServerConfig::try_from(crypto)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(transport_config(None)));
+    let mut transport = transport_config(None);
+    transport.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
+    // Unread data a peer can park in this relay: one stream window per stream it may open,
+    // never more than the shared transport's connection window.
+    let window = u64::from(STREAM_WINDOW)
+        .saturating_mul(u64::from(limits.max_streams_per_connection))
+        .min(CONNECTION_WINDOW);
+    transport.receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+    // Validated by config::load to be at most an hour, far inside QUIC's varint range.
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
+    server.transport_config(Arc::new(transport));
+    // Incoming connections are handed to the accept loop at once and judged there; quinn only
+    // needs room for the few that arrive between two turns of the loop.
+    server.max_incoming(limits.max_handshakes as usize);
+    server.incoming_buffer_size(64 * 1024);
+    server.incoming_buffer_size_total(16 * 1024 * 1024);
     Ok(server)
+}
+
+/// Certificates refused although they chain to the client CA: a lost or compromised site
+/// certificate, until it expires.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DenyList {
+    sha256: BTreeSet<[u8; 32]>,
+    /// Big-endian serial numbers without leading zero bytes.
+    serials: BTreeSet<Vec<u8>>,
+}
+
+impl DenyList {
+    /// Parses `tls.deny`: `"sha256:<64 hex digits>"` (the SHA-256 of the certificate's DER, as
+    /// `openssl x509 -fingerprint -sha256` prints it) or `"serial:<hex>"` (as
+    /// `openssl x509 -serial` prints it). Case, `:` separators and leading zeros of a serial do
+    /// not matter.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        let mut deny = DenyList::default();
+        for entry in entries {
+            let (kind, hex) = entry.split_once(':').ok_or_else(|| {
+                format!("{entry:?}: expected \"sha256:<hex>\" or \"serial:<hex>\"")
+            })?;
+            let bytes = parse_hex(hex).map_err(|reason| format!("{entry:?}: {reason}"))?;
+            match kind.trim().to_ascii_lowercase().as_str() {
+                "sha256" => {
+                    let digest: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+                        format!(
+                            "{entry:?}: a SHA-256 fingerprint has 32 bytes, not {}",
+                            b.len()
+                        )
+                    })?;
+                    deny.sha256.insert(digest);
+                }
+                "serial" => {
+                    let serial = strip_leading_zeros(&bytes);
+                    if serial.is_empty() || serial.len() > 20 {
+                        return Err(format!(
+                            "{entry:?}: a serial number has 1 to 20 significant bytes"
+                        ));
+                    }
+                    deny.serials.insert(serial.to_vec());
+                }
+                other => {
+                    return Err(format!(
+                        "{entry:?}: unknown kind {other:?}; use sha256 or serial"
+                    ))
+                }
+            }
+        }
+        Ok(deny)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sha256.len() + self.serials.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the DER certificate is on the list. A certificate that cannot be parsed is only
+    /// matched by fingerprint; the chain verifier refuses it anyway.
+    pub fn denies(&self, der: &[u8]) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        if <[u8; 32]>::try_from(digest.as_ref()).is_ok_and(|d| self.sha256.contains(&d)) {
+            return true;
+        }
+        if self.serials.is_empty() {
+            return false;
+        }
+        x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| {
+            self.serials
+                .contains(strip_leading_zeros(cert.tbs_certificate.raw_serial()))
+        })
+    }
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|b| !matches!(b, b':' | b' '))
+        .map(|b| match b {
+            b'0'..=b'9' => Ok(b - b'0'),
+            b'a'..=b'f' => Ok(b - b'a' + 10),
+            b'A'..=b'F' => Ok(b - b'A' + 10),
+            _ => Err(format!("{:?} is not a hex digit", char::from(b))),
+        })
+        .collect::<Result<_, _>>()?;
+    if digits.is_empty() {
+        return Err("no hex digits".into());
+    }
+    // An odd count is a serial printed without its leading zero.
+    let pad = usize::from(digits.len() % 2 == 1);
+    let mut bytes = vec![0u8; (digits.len() + pad) / 2];
+    for (i, d) in digits.iter().enumerate() {
+        let pos = i + pad;
+        bytes[pos / 2] |= if pos % 2 == 0 { d << 4 } else { *d };
+    }
+    Ok(bytes)
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[first..]
+}
+
+/// webpki's verdict, preceded by the deny list. A denied certificate fails as `Revoked`, so
+/// the peer gets a `certificate_revoked` alert and the relay can count it apart from other
+/// failures (see [`handshake_reject_reason`]).
+#[derive(Debug)]
+struct DenyingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    deny: DenyList,
+}
+
+impl ClientCertVerifier for DenyingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.deny.denies(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|error| match error {
+                // An issuer name that matches the client CA with a signature that does not
+                // verify means another CA of the same name (every `pki init` CA is called
+                // "spoke CA"): to the peer and to the counter, an unknown CA.
+                #[allow(deprecated)]
+                rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+                    rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+                }
+                other => other,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The `spoke_relay_rejected_total` reason of a failed handshake. rustls turns each
+/// verification failure into a TLS alert and quinn reports it as the crypto error code
+/// `0x100 + alert`, which is all the relay learns about why.
+pub fn handshake_reject_reason(error: &quinn::ConnectionError) -> &'static str {
+    let quinn::ConnectionError::TransportError(transport) = error else {
+        return match error {
+            quinn::ConnectionError::TimedOut => reject::HANDSHAKE_TIMEOUT,
+            _ => reject::HANDSHAKE,
+        };
+    };
+    let code = u64::from(transport.code);
+    let Some(alert) = code
+        .checked_sub(0x100)
+        .and_then(|alert| u8::try_from(alert).ok())
+    else {
+        return reject::HANDSHAKE;
+    };
+    match AlertDescription::from(alert) {
+        AlertDescription::CertificateRequired => reject::NO_CERT,
+        AlertDescription::UnknownCA => reject::UNKNOWN_CA,
+        AlertDescription::CertificateExpired => reject::EXPIRED,
+        AlertDescription::CertificateRevoked => reject::DENIED,
+        _ => reject::HANDSHAKE,
+    }
+}
+
+/// The leaf certificate a connection's peer presented (verified during the handshake).
+pub fn peer_leaf(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    connection
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().cloned())
 }
 
 /// The site a connection speaks for: the single DNS SAN of its verified client certificate.
 pub fn site_identity(connection: &quinn::Connection) -> Result<String, IdentityError> {
-    let certs = connection
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(IdentityError::NoCertificate)?;
-    let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
-    site_identity_from_der(leaf)
+    let leaf = peer_leaf(connection).ok_or(IdentityError::NoCertificate)?;
+    site_identity_from_der(&leaf)
 }
 
 /// As [`site_identity`], for a DER certificate.

@@ -7,7 +7,11 @@
 pub mod admin;
 pub mod bench;
 pub mod broker;
+pub mod flood;
+pub mod hostile;
 pub mod kafka;
+pub mod load;
+pub mod pki;
 pub mod process;
 pub mod site;
 pub mod udp_proxy;

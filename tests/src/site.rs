@@ -54,6 +54,15 @@ impl AgentOptions {
     }
 }
 
+/// What the relay's config says beyond the honest site's table.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOptions {
+    /// Lines appended inside `[tls]`, e.g. a deny list.
+    pub tls_extra: String,
+    /// Tables appended at the end: more `[sites.NAME]`, limits.
+    pub extra: String,
+}
+
 impl Env {
     pub fn new() -> anyhow::Result<Env> {
         let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
@@ -100,6 +109,13 @@ impl Env {
 
     /// Issues a client certificate for another site name, signed by the same CA.
     pub fn issue_cert(&self, site: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.issue_cert_printing(site)
+            .map(|(cert, key, _)| (cert, key))
+    }
+
+    /// As [`Env::issue_cert`], also returning what `pki issue` printed (the paths written and
+    /// the certificate's `sha256:` and `serial:` deny-list entries).
+    pub fn issue_cert_printing(&self, site: &str) -> anyhow::Result<(PathBuf, PathBuf, String)> {
         let pki = self.pki.to_str().context("non-UTF-8 temp path")?;
         let out = process::run(
             "spoke-relay",
@@ -111,6 +127,7 @@ impl Env {
         Ok((
             self.pki.join(format!("{site}.pem")),
             self.pki.join(format!("{site}.key")),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
         ))
     }
 
@@ -118,7 +135,20 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// The directory `spoke-relay pki init` wrote the CA and relay certificate into.
+    pub fn pki(&self) -> &std::path::Path {
+        &self.pki
+    }
+
     pub fn relay_config(&self, allow: &[&str]) -> anyhow::Result<PathBuf> {
+        self.relay_config_with(allow, &RelayOptions::default())
+    }
+
+    pub fn relay_config_with(
+        &self,
+        allow: &[&str],
+        options: &RelayOptions,
+    ) -> anyhow::Result<PathBuf> {
         let pki = self.pki.display();
         let allow = toml_list(allow);
         let text = format!(
@@ -127,13 +157,17 @@ impl Env {
 cert = "{pki}/relay.pem"
 key = "{pki}/relay.key"
 client_ca = "{pki}/ca.pem"
+{tls_extra}
 [hub]
 bootstrap = "{hub}"
 [sites.{SITE}]
 allow = {allow}
 [admin]
 listen = "127.0.0.1:{admin}"
+{extra}
 "#,
+            tls_extra = options.tls_extra,
+            extra = options.extra,
             port = self.relay_port,
             admin = self.relay_admin,
             hub = self.hub.bootstrap(),
@@ -209,7 +243,15 @@ listen = "127.0.0.1:{admin}"
     }
 
     pub fn start_relay(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
-        let config = self.relay_config(allow)?;
+        self.start_relay_with(allow, &RelayOptions::default())
+    }
+
+    pub fn start_relay_with(
+        &self,
+        allow: &[&str],
+        options: &RelayOptions,
+    ) -> anyhow::Result<Spoke> {
+        let config = self.relay_config_with(allow, options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
         Spoke::start(
             "spoke-relay",

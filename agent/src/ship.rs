@@ -27,8 +27,10 @@ use spoke_io::wire::{read_frame, write_frame, WireError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relay scans the hub to compute resume points before it answers.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a stopping agent waits for the relay to answer its Goodbye.
-const GOODBYE_WAIT: Duration = Duration::from_secs(5);
+/// How long a stopping agent waits for the relay to answer its Goodbye: the relay answers
+/// once its hub deliveries are confirmed and its last checkpoints written, which takes a few
+/// seconds on a busy hub.
+const GOODBYE_WAIT: Duration = Duration::from_secs(15);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// How long a graceful stop waits for in-flight batches to be acknowledged.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);

@@ -13,7 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::checkpoint::Checkpoint;
@@ -132,15 +132,22 @@ impl Hub {
     async fn probe_transactions(&self, probe_topic: &str) -> Result<bool, HubError> {
         // Not of the form `spoke-<site>`, so it can never fence a site's producer.
         let producer = self.producer(Some("spoke.transaction-probe".to_owned()))?;
+        let mut group = self.client_config();
+        group.set("group.id", "spoke.transaction-probe");
         let topic = probe_topic.to_owned();
         let outcome = tokio::task::spawn_blocking(move || {
+            // The probe commits a consumer offset, not a record: a hub that takes the first
+            // steps of a transaction but not the last (tansu) would otherwise keep an open
+            // transaction in a topic forever, and read_committed readers of it stuck.
+            let consumer: BaseConsumer = group.create()?;
+            let metadata = consumer.group_metadata().ok_or(KafkaError::ClientCreation(
+                "no consumer group metadata for the transaction probe".into(),
+            ))?;
+            let mut offsets = TopicPartitionList::new();
+            offsets.add_partition_offset(&topic, 0, Offset::Offset(0))?;
             producer.init_transactions(TRANSACTION_TIMEOUT)?;
             producer.begin_transaction()?;
-            // Not a checkpoint (no JSON value): followers skip it.
-            let record = FutureRecord::<[u8], [u8]>::to(&topic)
-                .key(b"spoke-transaction-probe".as_slice())
-                .payload(b"".as_slice());
-            producer.send_result(record).map_err(|(error, _)| error)?;
+            producer.send_offsets_to_transaction(&offsets, &metadata, TRANSACTION_TIMEOUT)?;
             producer.commit_transaction(TRANSACTION_TIMEOUT)
         })
         .await?;

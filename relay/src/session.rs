@@ -64,6 +64,8 @@ pub struct SessionContext {
     pub teardowns: TaskTracker,
 }
 
+/// How long a well-ending session waits for a hub topic's partition ends.
+const FLOORS_WAIT: Duration = Duration::from_secs(5);
 /// How long a session of a just-started relay waits for the checkpoint view.
 const CHECKPOINTS_WAIT: Duration = Duration::from_secs(10);
 /// How long a new session waits for the previous session of its site to drain.
@@ -994,11 +996,14 @@ impl<'a> Progress<'a> {
         for tracked in self.partitions.values_mut() {
             let topic = &tracked.checkpoint.hub_topic;
             if !ends.contains_key(topic) {
-                match hub.partition_ends(topic).await {
-                    Ok(found) => {
+                // Bounded: the agent waits for this session's Goodbye only so long, and the
+                // checkpoints are still worth writing with their floors as they are.
+                match tokio::time::timeout(FLOORS_WAIT, hub.partition_ends(topic)).await {
+                    Ok(Ok(found)) => {
                         ends.insert(topic.clone(), found);
                     }
-                    Err(error) => debug!(%error, "cannot raise checkpoint floors"),
+                    Ok(Err(error)) => debug!(%error, "cannot raise checkpoint floors"),
+                    Err(_) => debug!(topic, "hub too slow to raise checkpoint floors"),
                 }
             }
             for (&partition, &end) in ends.get(topic).into_iter().flatten() {

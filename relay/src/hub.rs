@@ -218,27 +218,12 @@ impl Hub {
             });
         }
         if count == 0 {
-            let new_topic =
-                NewTopic::new(topic, source_partitions.max(1), TopicReplication::Fixed(-1));
-            let results = self
-                .admin
-                .create_topics([&new_topic], &AdminOptions::new())
-                .await
-                .map_err(|source| HubError::CreateTopic {
-                    topic: topic.to_owned(),
-                    source,
-                })?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
-                        return Err(HubError::CreateTopic {
-                            topic: topic.to_owned(),
-                            source: KafkaError::AdminOp(code),
-                        })
-                    }
-                }
-            }
+            self.create_topic(NewTopic::new(
+                topic,
+                source_partitions.max(1),
+                TopicReplication::Fixed(-1),
+            ))
+            .await?;
             tracing::info!(topic, partitions = source_partitions, "created hub topic");
             // Creation is asynchronous in Kafka: wait until metadata shows the partitions.
             for _ in 0..50 {
@@ -275,14 +260,9 @@ impl Hub {
         scan_consumer(self.client_config())
     }
 
-    /// Makes sure the offsets topic exists: one partition (checkpoints are few and small),
-    /// compacted so it keeps one record per key on hubs that compact.
-    pub async fn ensure_offsets_topic(&self, topic: &str) -> Result<(), HubError> {
-        if self.fetch_partition_count(topic).await? > 0 {
-            return Ok(());
-        }
-        let new_topic =
-            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    /// Creates a topic; one that another relay created meanwhile is fine.
+    async fn create_topic(&self, new_topic: NewTopic<'_>) -> Result<(), HubError> {
+        let topic = new_topic.name;
         let results = self
             .admin
             .create_topics([&new_topic], &AdminOptions::new())
@@ -302,6 +282,19 @@ impl Hub {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Makes sure the offsets topic exists: one partition (checkpoints are few and small),
+    /// compacted so it keeps one record per key on hubs that compact.
+    pub async fn ensure_offsets_topic(&self, topic: &str) -> Result<(), HubError> {
+        if self.fetch_partition_count(topic).await? > 0 {
+            return Ok(());
+        }
+        self.create_topic(
+            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
+        )
+        .await?;
         tracing::info!(topic, "created the checkpoint topic");
         Ok(())
     }

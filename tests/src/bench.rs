@@ -203,35 +203,8 @@ fn produce(
     range: std::ops::Range<usize>,
 ) -> anyhow::Result<()> {
     for i in range {
-        let rec = mix.record(i);
         let partition = (i % PARTITIONS as usize) as i32;
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition);
-        if let Some(key) = &rec.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(value) = &rec.value {
-            record = record.payload(value.as_slice());
-        }
-        if let Some(ts) = rec.timestamp {
-            record = record.timestamp(ts);
-        }
-        let mut pending = record;
-        loop {
-            match producer.send(pending) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    back,
-                )) => {
-                    producer.poll(Duration::from_millis(5));
-                    pending = back;
-                }
-                Err((error, _)) => bail!("producing to {topic}: {error}"),
-            }
-        }
-        producer.poll(Duration::ZERO);
+        kafka::send(producer, mix.record(i).to(topic, partition))?;
     }
     producer
         .flush(Duration::from_secs(120))
@@ -370,21 +343,7 @@ fn measure_latency(
 fn produce_one(producer: &BaseProducer, mix: &Mix, i: usize) -> anyhow::Result<()> {
     let mut rec = mix.record(i);
     rec.timestamp = Some(now_ms());
-    let partition = (i % PARTITIONS as usize) as i32;
-    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(TOPIC)
-        .partition(partition)
-        .timestamp(now_ms());
-    if let Some(key) = &rec.key {
-        record = record.key(key.as_slice());
-    }
-    if let Some(value) = &rec.value {
-        record = record.payload(value.as_slice());
-    }
-    producer
-        .send(record)
-        .map_err(|(e, _)| anyhow::anyhow!("latency produce: {e}"))?;
-    producer.poll(Duration::ZERO);
-    Ok(())
+    kafka::send(producer, rec.to(TOPIC, (i % PARTITIONS as usize) as i32))
 }
 
 /// spoke: relay and agent processes; the backlog of `plan.records` waits at the edge.
@@ -568,23 +527,7 @@ fn mirror_loop(
         if let Some(ts) = message.timestamp().to_millis() {
             record = record.timestamp(ts);
         }
-        let mut pending = record;
-        loop {
-            match producer.send(pending) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    back,
-                )) => {
-                    producer.poll(Duration::from_millis(5));
-                    pending = back;
-                }
-                Err((error, _)) => bail!("mirror produce: {error}"),
-            }
-        }
-        producer.poll(Duration::ZERO);
+        kafka::send(&producer, record).context("mirror produce")?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(())

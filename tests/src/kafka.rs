@@ -65,46 +65,60 @@ pub fn produce(
     records: &[Rec],
 ) -> anyhow::Result<()> {
     for rec in records {
-        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-        for (key, value) in &rec.headers {
-            headers = headers.insert(Header {
-                key,
-                value: value.as_deref(),
-            });
-        }
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(topic).partition(partition).headers(headers);
-        if let Some(key) = &rec.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(value) = &rec.value {
-            record = record.payload(value.as_slice());
-        }
-        if let Some(ts) = rec.timestamp {
-            record = record.timestamp(ts);
-        }
-        let mut pending = record;
-        loop {
-            match producer.send(pending) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    back,
-                )) => {
-                    producer.poll(Duration::from_millis(10));
-                    pending = back;
-                }
-                Err((error, _)) => bail!("producing to {topic}/{partition}: {error}"),
-            }
-        }
-        producer.poll(Duration::ZERO);
+        send(producer, rec.to(topic, partition))?;
     }
     producer
         .flush(Duration::from_secs(60))
         .context("flushing the test producer")?;
     Ok(())
+}
+
+/// Hands one record to the producer, waiting while its local queue is full.
+pub fn send(producer: &BaseProducer, record: BaseRecord<'_, [u8], [u8]>) -> anyhow::Result<()> {
+    let mut pending = record;
+    loop {
+        match producer.send(pending) {
+            Ok(()) => break,
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                back,
+            )) => {
+                producer.poll(Duration::from_millis(10));
+                pending = back;
+            }
+            Err((error, back)) => {
+                bail!("producing to {}/{:?}: {error}", back.topic, back.partition)
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
+    Ok(())
+}
+
+impl Rec {
+    /// This record as a producer record for `topic`/`partition`.
+    pub fn to<'a>(&'a self, topic: &'a str, partition: i32) -> BaseRecord<'a, [u8], [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (key, value) in &self.headers {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        let mut record = BaseRecord::to(topic).partition(partition).headers(headers);
+        if let Some(key) = &self.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &self.value {
+            record = record.payload(value.as_slice());
+        }
+        if let Some(ts) = self.timestamp {
+            record = record.timestamp(ts);
+        }
+        record
+    }
 }
 
 fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {

@@ -235,6 +235,43 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
     Ok(())
 }
 
+/// With drop-oldest: the spool_full loss the agent reports must equal, exactly, the records
+/// the hub misses, and every other record must be there once.
+fn assert_loss_is_what_the_hub_misses(
+    env: &Env,
+    scenario: &str,
+    total: usize,
+) -> anyhow::Result<()> {
+    let m = admin::scrape(&env.agent_admin())?;
+    let reported = admin::sum(
+        &m,
+        "spoke_agent_lost_records_total",
+        &["reason=\"spool_full\""],
+    ) as usize;
+    let mut missing = 0;
+    for p in 0..PARTITIONS {
+        missing += kafka::missing_from_hub(
+            &env.edge.bootstrap(),
+            &env.hub.bootstrap(),
+            SITE,
+            "orders",
+            p,
+        )?
+        .len();
+    }
+    let hub = hub_count(env, "orders")?;
+    println!(
+        "scenario={scenario} produced={total} hub={hub} lost={reported} dup=0 missing={missing}"
+    );
+    assert!(reported > 0, "the spool was meant to overflow");
+    assert_eq!(
+        reported, missing,
+        "reported loss must equal the records missing from the hub"
+    );
+    assert_eq!(hub as usize + missing, total);
+    Ok(())
+}
+
 /// The relay is up but the link is slower than the edge: the oldest chunks are the ones in
 /// flight, and dropping one of them would count as lost records the hub then receives.
 #[test]
@@ -266,33 +303,7 @@ fn drop_oldest_while_shipping_never_counts_a_delivered_record_as_lost() -> anyho
             )
         },
     )?;
-    let m = admin::scrape(&env.agent_admin())?;
-    let reported = admin::sum(
-        &m,
-        "spoke_agent_lost_records_total",
-        &["reason=\"spool_full\""],
-    ) as usize;
-    let mut missing = 0;
-    for p in 0..PARTITIONS {
-        missing += kafka::missing_from_hub(
-            &env.edge.bootstrap(),
-            &env.hub.bootstrap(),
-            SITE,
-            "orders",
-            p,
-        )?
-        .len();
-    }
-    let hub = hub_count(&env, "orders")?;
-    println!(
-        "scenario=drop-oldest-while-shipping produced={TOTAL} hub={hub} lost={reported} dup=0 missing={missing}"
-    );
-    assert!(reported > 0, "the spool was meant to overflow");
-    assert_eq!(
-        reported, missing,
-        "reported loss must equal the records missing from the hub"
-    );
-    assert_eq!(hub as usize + missing, TOTAL);
+    assert_loss_is_what_the_hub_misses(&env, "drop-oldest-while-shipping", TOTAL)?;
     drop(agent);
     Ok(())
 }
@@ -328,33 +339,7 @@ fn drop_oldest_reports_exactly_the_records_missing_from_the_hub() -> anyhow::Res
         Ok(admin::sum(&m, "spoke_agent_spool_bytes", &[]) == 0.0
             && admin::sum(&m, "spoke_agent_relay_connected", &[]) == 1.0)
     })?;
-    let m = admin::scrape(&env.agent_admin())?;
-    let reported = admin::sum(
-        &m,
-        "spoke_agent_lost_records_total",
-        &["reason=\"spool_full\""],
-    ) as usize;
-    let mut missing = 0;
-    for p in 0..PARTITIONS {
-        missing += kafka::missing_from_hub(
-            &env.edge.bootstrap(),
-            &env.hub.bootstrap(),
-            SITE,
-            "orders",
-            p,
-        )?
-        .len();
-    }
-    let hub = hub_count(&env, "orders")?;
-    println!(
-        "scenario=drop-oldest produced={TOTAL} hub={hub} lost={reported} dup=0 missing={missing}"
-    );
-    assert!(reported > 0, "the spool was meant to overflow");
-    assert_eq!(
-        reported, missing,
-        "reported loss must equal the records missing from the hub"
-    );
-    assert_eq!(hub as usize + missing, TOTAL);
+    assert_loss_is_what_the_hub_misses(&env, "drop-oldest", TOTAL)?;
     drop(agent);
     Ok(())
 }

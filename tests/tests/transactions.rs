@@ -61,17 +61,26 @@ fn hub_total(hub: &str) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-#[test]
-fn a_transactional_hub_gets_every_record_once_with_its_checkpoint() -> anyhow::Result<()> {
+/// A tansu edge with topic `orders` (2 partitions) and a producer for it, and librdkafka's
+/// mock cluster as the hub, with the topics the relay needs (it has no CreateTopics).
+fn edge_and_mock_hub() -> anyhow::Result<(
+    Env,
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    rdkafka::producer::BaseProducer,
+)> {
     let env = Env::new()?;
     let mock = MockCluster::new(1)?;
-    // The mock cluster has no CreateTopics.
     mock.create_topic(HUB_TOPIC, 2, 1)?;
     mock.create_topic("spoke.offsets", 1, 1)?;
-    let hub = mock.bootstrap_servers();
-
     kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
+    Ok((env, mock, producer))
+}
+
+#[test]
+fn a_transactional_hub_gets_every_record_once_with_its_checkpoint() -> anyhow::Result<()> {
+    let (env, mock, producer) = edge_and_mock_hub()?;
+    let hub = mock.bootstrap_servers();
     let records: Vec<Rec> = (0..2_000).map(record).collect();
     for p in 0..2 {
         kafka::produce(&producer, "orders", p, &records[..1_000])?;
@@ -172,13 +181,8 @@ fn auto_falls_back_to_fencing_on_a_hub_without_transactions() -> anyhow::Result<
 /// nothing is lost and that the relay recovers, not that nothing is duplicated.
 #[test]
 fn a_failed_commit_aborts_and_the_site_resumes_without_loss() -> anyhow::Result<()> {
-    let env = Env::new()?;
-    let mock = MockCluster::new(1)?;
-    mock.create_topic(HUB_TOPIC, 2, 1)?;
-    mock.create_topic("spoke.offsets", 1, 1)?;
+    let (env, mock, producer) = edge_and_mock_hub()?;
     let hub = mock.bootstrap_servers();
-    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
-    let producer = kafka::producer(&env.edge.bootstrap())?;
     let records: Vec<Rec> = (0..600).map(record).collect();
     kafka::produce(&producer, "orders", 0, &records[..300])?;
 

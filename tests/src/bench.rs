@@ -535,7 +535,8 @@ fn mirror_loop(
 
 /// The brokers' own ceiling, alone: producing the backlog straight into a hub topic (the
 /// faster of zstd and plain batches) and reading it back from the edge. Also the zstd-compressed
-/// bytes per record Kafka itself would store and send.
+/// bytes per record Kafka itself would store and send, and (second) the hub's ingest rate for
+/// the same records carrying spoke's three provenance headers.
 pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
     let env = Env::new()?;
     // The hub's ingest ceiling, whichever way is faster for this broker: zstd batches (as
@@ -557,6 +558,28 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
         produce(&producer, &topic, mix, 0..plan.records)?;
         hub_rate = hub_rate.max(plan.records as f64 / start.elapsed().as_secs_f64());
     }
+    // What spoke's exactly-once costs the hub: the same records with the three provenance
+    // headers the relay appends (tansu stores every header as a row of its own).
+    kafka::create_topic(&env.hub.bootstrap(), "ceiling-provenance", PARTITIONS)?;
+    let producer = kafka::producer(&env.hub.bootstrap())?;
+    let start = Instant::now();
+    for i in 0..plan.records {
+        let partition = (i % PARTITIONS as usize) as i32;
+        let mut rec = mix.record(i);
+        rec.headers = vec![
+            ("spoke-origin".into(), Some(SITE.as_bytes().to_vec())),
+            (
+                "spoke-partition".into(),
+                Some(partition.to_string().into_bytes()),
+            ),
+            ("spoke-offset".into(), Some(i.to_string().into_bytes())),
+        ];
+        kafka::send(&producer, rec.to("ceiling-provenance", partition))?;
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("flushing")?;
+    let with_provenance = plan.records as f64 / start.elapsed().as_secs_f64();
 
     // Reading from the edge, and the size of Kafka's own zstd batches on the fetch path.
     kafka::create_topic(&env.edge.bootstrap(), TOPIC, PARTITIONS)?;
@@ -598,7 +621,7 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
             wire_bytes_per_record: Some(kafka_zstd_bytes),
             ..Figures::default()
         },
-        hub_rate,
+        with_provenance,
     ))
 }
 

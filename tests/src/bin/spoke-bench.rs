@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     }
     let link = "loopback";
     let mut results = Vec::new();
+    let mut provenance_rates = serde_json::Map::new();
     println!(
         "{:<28} {:<9} {:<7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7} {:>7}",
         "scenario",
@@ -80,12 +81,16 @@ fn main() -> anyhow::Result<()> {
     );
     for mix in &mixes {
         let scenario = mix.name();
-        let (limit, _) =
+        let (limit, with_provenance) =
             bench::run_limit(mix, &args.plan).with_context(|| format!("{scenario}: limit"))?;
         let mirror =
             bench::run_mirror(mix, &args.plan).with_context(|| format!("{scenario}: mirror"))?;
         let spoke =
             bench::run_spoke(mix, &args.plan).with_context(|| format!("{scenario}: spoke"))?;
+        provenance_rates.insert(scenario.clone(), serde_json::json!(with_provenance.round()));
+        println!(
+            "{scenario:<28} hub ingest with spoke's provenance headers, alone: {with_provenance:.0} records/s"
+        );
         for (system, figures, baseline) in [
             ("limit", &limit, None),
             ("mirror", &mirror, None),
@@ -110,6 +115,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let report = serde_json::json!({
+        "hub_ingest_with_provenance_per_s": provenance_rates,
         "plan": {"records": args.plan.records, "latency_secs": args.plan.latency_secs, "quick": args.quick},
         "machine": {"cpus": std::thread::available_parallelism().map_or(0, |n| n.get())},
         "results": results,

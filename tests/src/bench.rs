@@ -581,10 +581,32 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
         .context("flushing")?;
     let with_provenance = plan.records as f64 / start.elapsed().as_secs_f64();
 
-    // Reading from the edge, and the size of Kafka's own zstd batches on the fetch path.
-    kafka::create_topic(&env.edge.bootstrap(), TOPIC, PARTITIONS)?;
-    let edge_producer = edge_producer(&env.edge.bootstrap(), true)?;
-    produce(&edge_producer, TOPIC, mix, 0..plan.records)?;
+    // Reading from the edge as this scenario stores it (the rate), and the same records
+    // stored as Kafka's own zstd batches (their size on the fetch path).
+    let (edge_rate, _) = read_edge_alone(&env, mix, plan, mix.edge_zstd, "edge-own")?;
+    let (_, kafka_zstd_bytes) = read_edge_alone(&env, mix, plan, true, "edge-zstd")?;
+    Ok((
+        Figures {
+            records_per_s: hub_rate.min(edge_rate),
+            wire_bytes_per_record: Some(kafka_zstd_bytes),
+            ..Figures::default()
+        },
+        with_provenance,
+    ))
+}
+
+/// Produces the backlog into an edge topic (zstd or plain batches), reads it back alone, and
+/// returns the read rate and the bytes fetched per record.
+fn read_edge_alone(
+    env: &Env,
+    mix: &Mix,
+    plan: &Plan,
+    zstd: bool,
+    topic: &str,
+) -> anyhow::Result<(f64, f64)> {
+    kafka::create_topic(&env.edge.bootstrap(), topic, PARTITIONS)?;
+    let producer = edge_producer(&env.edge.bootstrap(), zstd)?;
+    produce(&producer, topic, mix, 0..plan.records)?;
     let rx = Arc::new(AtomicU64::new(0));
     let consumer: BaseConsumer<RxBytes> = ClientConfig::new()
         .set("bootstrap.servers", env.edge.bootstrap())
@@ -596,7 +618,7 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
         .create_with_context(RxBytes(rx.clone()))?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        assignment.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
     let start = Instant::now();
@@ -610,18 +632,13 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
             read += 1;
         }
     }
-    let edge_rate = plan.records as f64 / start.elapsed().as_secs_f64();
+    let rate = plan.records as f64 / start.elapsed().as_secs_f64();
     // Let the last statistics interval report the fetched bytes.
     std::thread::sleep(Duration::from_millis(400));
     consumer.poll(Duration::from_millis(10));
-    let kafka_zstd_bytes = rx.load(Ordering::Relaxed) as f64 / plan.records as f64;
     Ok((
-        Figures {
-            records_per_s: hub_rate.min(edge_rate),
-            wire_bytes_per_record: Some(kafka_zstd_bytes),
-            ..Figures::default()
-        },
-        with_provenance,
+        rate,
+        rx.load(Ordering::Relaxed) as f64 / plan.records as f64,
     ))
 }
 

@@ -304,6 +304,10 @@ pub fn check_batch_error(error: &BatchError, codec: Codec, limits: &BatchLimits)
             assert_eq!(max, limits.max_headers_per_record);
             assert!(count > u64::from(max));
         }
+        BatchError::HeadersTooLarge { len, max } => {
+            assert_eq!(max, limits.max_header_bytes);
+            assert!(len > u64::from(max));
+        }
         BatchError::LengthMismatch { declared, actual } => {
             assert_ne!(u64::from(declared), actual);
             // Decompression stops one byte past the declaration: a bomb is never inflated.

@@ -201,9 +201,15 @@ pub fn check_roundtrip(data: &[u8]) -> Result<()> {
     if codec == Codec::None {
         let within = chunk.uncompressed_len <= tight.max_uncompressed_bytes
             && chunk.record_count <= tight.max_records
-            && records
-                .iter()
-                .all(|r| r.headers.len() <= tight.max_headers_per_record as usize);
+            && records.iter().all(|r| {
+                let header_bytes: usize = r
+                    .headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                    .sum();
+                r.headers.len() <= tight.max_headers_per_record as usize
+                    && header_bytes <= tight.max_header_bytes as usize
+            });
         assert_eq!(result.is_ok(), within, "{result:?}");
     }
     match result {

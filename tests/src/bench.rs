@@ -4,7 +4,7 @@
 //!
 //! Figures are measured, never assumed; each (scenario, system) becomes one JSON object.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +19,8 @@ use serde_json::json;
 
 use crate::admin;
 use crate::kafka;
-use crate::site::{AgentOptions, Env, SITE};
+use crate::site::{AgentOptions, Env, Placement, SITE};
+use crate::wan::{Link, LinkSpec};
 
 pub const TOPIC: &str = "bench";
 pub const PARTITIONS: i32 = 3;
@@ -167,32 +168,125 @@ fn now_ms() -> i64 {
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
     pub records_per_s: f64,
+    /// Over an emulated link: every IP byte that entered the link, both directions, per
+    /// record moved. On loopback: the application's own count.
     pub wire_bytes_per_record: Option<f64>,
     pub spool_bytes_per_record: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The records/s the latency figures were taken at.
+    pub latency_rate: Option<f64>,
     pub agent_rss_mib: Option<f64>,
     pub agent_cpu_s: Option<f64>,
+    /// Agent CPU while nothing is produced, in % of one core.
+    pub agent_idle_cpu_pct: Option<f64>,
 }
 
 /// Run sizes.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
-    /// Records in the backlog each system moves.
+    /// Records in the backlog each system moves (at most; see `link_secs`).
     pub records: usize,
-    /// Seconds of 1,000 records/s for the latency figures.
+    /// Seconds of paced production for the latency figures.
+    pub latency_secs: u64,
+    /// Records/s of that production, lowered to half the limit where the link cannot carry it.
+    pub latency_rate: f64,
+    /// Over an emulated link, the backlog is cut to what the limit moves in this many seconds,
+    /// so that a 2 Mbit/s profile does not take an hour per system.
+    pub link_secs: f64,
+    /// The outage scenario's cut, in seconds (0: no outage scenario).
+    pub outage_secs: u64,
+}
+
+/// One emulated link of the issue. Delays are one-way, as netem's are: the RTT is twice.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub name: &'static str,
+    pub spec: LinkSpec,
+}
+
+pub fn profiles() -> Vec<Profile> {
+    let ms = Duration::from_millis;
+    vec![
+        Profile {
+            name: "100Mbit-50ms-0.1%",
+            spec: LinkSpec::new(100_000_000, ms(50), 0.001),
+        },
+        Profile {
+            name: "20Mbit-100ms-1%",
+            spec: LinkSpec::new(20_000_000, ms(100), 0.01),
+        },
+        Profile {
+            name: "2Mbit-300ms-3%",
+            spec: LinkSpec::new(2_000_000, ms(300), 0.03),
+        },
+    ]
+}
+
+/// What one system moves, and over what.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario<'a> {
+    pub mix: Mix,
+    /// None: loopback.
+    pub link: Option<&'a Link>,
+    pub records: usize,
+    pub latency_rate: f64,
     pub latency_secs: u64,
 }
 
-fn edge_producer(bootstrap: &str, zstd: bool) -> anyhow::Result<BaseProducer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", if zstd { "zstd" } else { "none" })
-        .set("message.max.bytes", "16777216")
-        .create()?)
+impl Scenario<'_> {
+    fn env(&self) -> anyhow::Result<Env> {
+        Env::placed(
+            self.link
+                .map_or_else(Placement::loopback, Placement::across),
+        )
+    }
+
+    /// IP bytes that entered the link so far, both directions.
+    fn link_bytes(&self) -> Option<u64> {
+        self.link.map(|link| {
+            let stats = link.stats();
+            stats.edge_to_hub.bytes_in + stats.hub_to_edge.bytes_in
+        })
+    }
+}
+
+/// What the brokers alone can do with a mix, measured on loopback.
+#[derive(Debug, Clone, Copy)]
+pub struct Ceiling {
+    /// The lower of the hub's ingest and the edge's read, records/s.
+    pub brokers_per_s: f64,
+    /// Kafka's own zstd batches, bytes per record on the fetch path.
+    pub kafka_zstd_bytes: f64,
+    /// The hub's ingest of the same records with spoke's three provenance headers.
+    pub hub_with_provenance_per_s: f64,
+}
+
+impl Ceiling {
+    /// The physical limit over `link`: the lower of the brokers' ceiling and the link rate
+    /// divided by Kafka's zstd bytes per record.
+    pub fn limit(&self, link: Option<&LinkSpec>) -> f64 {
+        match link {
+            Some(spec) if spec.rate_bps > 0 => self
+                .brokers_per_s
+                .min(spec.rate_bps as f64 / 8.0 / self.kafka_zstd_bytes),
+            _ => self.brokers_per_s,
+        }
+    }
+}
+
+fn edge_producer(env: &Env, zstd: bool) -> anyhow::Result<BaseProducer> {
+    let bootstrap = env.edge.bootstrap();
+    env.on_edge(|| {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .set("batch.size", "1000000")
+            .set("compression.type", if zstd { "zstd" } else { "none" })
+            .set("message.max.bytes", "16777216")
+            .create()?)
+    })
 }
 
 /// Produces records `range` of `mix` round-robin over the partitions and waits for all.
@@ -207,18 +301,49 @@ fn produce(
         kafka::send(producer, mix.record(i).to(topic, partition))?;
     }
     producer
-        .flush(Duration::from_secs(120))
+        .flush(Duration::from_secs(600))
         .context("flushing")?;
     Ok(())
 }
 
-fn total(bootstrap: &str, topic: &str) -> anyhow::Result<i64> {
-    let mut sum = 0;
-    for p in 0..PARTITIONS {
-        let (low, high) = kafka::watermarks(bootstrap, topic, p)?;
-        sum += high - low;
+/// Counts a topic's records with one long-lived client: polled every few milliseconds, a
+/// client per call would cost the CPU the systems under test need.
+struct Counter {
+    consumer: BaseConsumer,
+    topic: String,
+    exists: bool,
+}
+
+impl Counter {
+    fn new(bootstrap: &str, topic: &str) -> anyhow::Result<Counter> {
+        Ok(Counter {
+            consumer: ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .set("group.id", "spoke-bench-counter")
+                .create()?,
+            topic: topic.to_owned(),
+            exists: false,
+        })
     }
-    Ok(sum)
+
+    fn total(&mut self) -> anyhow::Result<i64> {
+        let timeout = Duration::from_secs(10);
+        if !self.exists {
+            let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout)?;
+            self.exists = metadata.topics().iter().any(|t| {
+                t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
+            });
+            if !self.exists {
+                return Ok(0);
+            }
+        }
+        let mut sum = 0;
+        for p in 0..PARTITIONS {
+            let (low, high) = self.consumer.fetch_watermarks(&self.topic, p, timeout)?;
+            sum += high - low;
+        }
+        Ok(sum)
+    }
 }
 
 /// Waits until `topic` holds `expected` records and returns when the last one was seen.
@@ -229,9 +354,10 @@ fn drained(
     expected: i64,
     mut on_poll: impl FnMut(Instant),
 ) -> anyhow::Result<Instant> {
+    let mut counter = Counter::new(bootstrap, topic)?;
     let deadline = Instant::now() + Duration::from_secs(1_800);
     loop {
-        let n = total(bootstrap, topic)?;
+        let n = counter.total()?;
         let now = Instant::now();
         if n > expected {
             bail!("{topic} holds {n} records, more than the {expected} sent: duplicates");
@@ -278,18 +404,48 @@ fn process_figures(pid: u32) -> (Option<f64>, Option<f64>) {
     (rss, cpu)
 }
 
-/// Latencies (ms) from edge produce to hub visibility, at 1,000 records/s for `secs`.
+/// Produces `mix` records from `first` on at `rate` per second from a thread of its own
+/// until `stop` is set or `count` are sent, each stamped with its produce time. Returns
+/// how many were produced.
+fn paced_producer(
+    producer: BaseProducer,
+    mix: Mix,
+    first: usize,
+    rate: f64,
+    count: Option<usize>,
+    produced: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) && count.is_none_or(|c| n < c) {
+            let due = start + interval.mul_f64(n as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            produce_one(&producer, &mix, first + n)?;
+            n += 1;
+            produced.store(n as u64, Ordering::Relaxed);
+        }
+        producer.flush(Duration::from_secs(120))?;
+        Ok(n as u64)
+    })
+}
+
+/// Latencies (ms) from edge produce to hub visibility, at the scenario's latency rate.
+/// `None` when the system could not keep up: some records had not arrived a minute after
+/// the last was produced.
 fn measure_latency(
     env: &Env,
+    scenario: &Scenario,
     hub_topic: &str,
-    mix: &Mix,
     first: usize,
-    secs: u64,
-) -> anyhow::Result<(f64, f64)> {
-    let count = usize::try_from(secs * 1_000).unwrap_or(usize::MAX);
-    let hub = env.hub.bootstrap();
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let count = (scenario.latency_rate * scenario.latency_secs as f64) as usize;
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &hub)
+        .set("bootstrap.servers", env.hub.bootstrap())
         .set("group.id", "spoke-bench-latency")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
@@ -302,22 +458,18 @@ fn measure_latency(
     }
     consumer.assign(&assignment)?;
 
-    let producer = edge_producer(&env.edge.bootstrap(), mix.edge_zstd)?;
-    let paced = *mix;
-    let writer = std::thread::spawn(move || -> anyhow::Result<()> {
-        let start = Instant::now();
-        for n in 0..count {
-            let due = start + Duration::from_micros(n as u64 * 1_000);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            produce_one(&producer, &paced, first + n)?;
-        }
-        producer.flush(Duration::from_secs(60))?;
-        Ok(())
-    });
+    let producer = edge_producer(env, scenario.mix.edge_zstd)?;
+    let writer = paced_producer(
+        producer,
+        scenario.mix,
+        first,
+        scenario.latency_rate,
+        Some(count),
+        Arc::default(),
+        Arc::default(),
+    );
     let mut latencies = Vec::with_capacity(count);
-    let deadline = Instant::now() + Duration::from_secs(secs + 120);
+    let deadline = Instant::now() + Duration::from_secs(scenario.latency_secs + 60);
     while latencies.len() < count && Instant::now() < deadline {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message?;
@@ -330,14 +482,11 @@ fn measure_latency(
         .join()
         .map_err(|_| anyhow::anyhow!("latency producer panicked"))??;
     if latencies.len() < count {
-        bail!(
-            "only {} of {count} latency records reached the hub",
-            latencies.len()
-        );
+        return Ok(None);
     }
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
-    Ok((pick(0.50), pick(0.99)))
+    Ok(Some((pick(0.50), pick(0.99))))
 }
 
 fn produce_one(producer: &BaseProducer, mix: &Mix, i: usize) -> anyhow::Result<()> {
@@ -346,32 +495,43 @@ fn produce_one(producer: &BaseProducer, mix: &Mix, i: usize) -> anyhow::Result<(
     kafka::send(producer, rec.to(TOPIC, (i % PARTITIONS as usize) as i32))
 }
 
-/// spoke: relay and agent processes; the backlog of `plan.records` waits at the edge.
-pub fn run_spoke(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
-    let env = Env::new()?;
-    kafka::create_topic(&env.edge.bootstrap(), TOPIC, PARTITIONS)?;
-    let producer = edge_producer(&env.edge.bootstrap(), mix.edge_zstd)?;
-    produce(&producer, TOPIC, mix, 0..plan.records)?;
-    let hub_topic = format!("{SITE}.{TOPIC}");
+/// The edge topic, created on the edge side, holding the scenario's backlog.
+fn edge_backlog(env: &Env, scenario: &Scenario) -> anyhow::Result<()> {
+    let bootstrap = env.edge.bootstrap();
+    env.on_edge(|| kafka::create_topic(&bootstrap, TOPIC, PARTITIONS))?;
+    let producer = edge_producer(env, scenario.mix.edge_zstd)?;
+    produce(&producer, TOPIC, &scenario.mix, 0..scenario.records)
+}
 
+/// spoke: relay and agent processes; the backlog waits at the edge.
+pub fn run_spoke(scenario: &Scenario) -> anyhow::Result<Figures> {
+    let env = scenario.env()?;
+    env.on_hub(|| spoke_on_hub(&env, scenario))
+}
+
+fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
+    edge_backlog(env, scenario)?;
+    let hub_topic = format!("{SITE}.{TOPIC}");
     let _relay = env.start_relay(&[TOPIC])?;
+    let link_before = scenario.link_bytes();
     let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
     let pid = agent.pid().context("agent has no pid")?;
+    let agent_admin = env.agent_admin();
+    let scrape = || env.on_edge(|| admin::scrape(&agent_admin));
     // Sample the spool while the backlog moves: bytes per spooled record on disk.
     let mut spool_per_record: Option<f64> = None;
-    let agent_admin = env.agent_admin();
     let mut polls = 0u32;
     let mut first_read = None;
     let last = drained(
         &env.hub.bootstrap(),
         &hub_topic,
-        plan.records as i64,
+        scenario.records as i64,
         |now| {
             polls += 1;
             if first_read.is_some() && polls % 5 != 0 {
                 return;
             }
-            let Ok(m) = admin::scrape(&agent_admin) else {
+            let Ok(m) = scrape() else {
                 return;
             };
             let spooled = admin::sum(&m, "spoke_agent_records_spooled_total", &[]);
@@ -385,20 +545,37 @@ pub fn run_spoke(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
             }
         },
     )?;
-    let rate = rate(plan.records, first_read, last)?;
-    let metrics = admin::scrape(&env.agent_admin())?;
-    let wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
-    let (p50, p99) = measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs)?;
+    let link_after = scenario.link_bytes();
+    let rate = rate(scenario.records, first_read, last)?;
+    let metrics = scrape()?;
+    let app_wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
+    let wire = match (link_before, link_after) {
+        (Some(before), Some(after)) => (after - before) as f64,
+        _ => app_wire,
+    };
+    let latency = measure_latency(env, scenario, &hub_topic, scenario.records)?;
     let (rss, cpu) = process_figures(pid);
+    let idle_cpu = idle_cpu_pct(pid, Duration::from_secs(5));
     Ok(Figures {
         records_per_s: rate,
-        wire_bytes_per_record: Some(wire / plan.records as f64),
+        wire_bytes_per_record: Some(wire / scenario.records as f64),
         spool_bytes_per_record: spool_per_record,
-        p50_ms: Some(p50),
-        p99_ms: Some(p99),
+        p50_ms: latency.map(|l| l.0),
+        p99_ms: latency.map(|l| l.1),
+        latency_rate: Some(scenario.latency_rate),
         agent_rss_mib: rss,
         agent_cpu_s: cpu,
+        agent_idle_cpu_pct: idle_cpu,
     })
+}
+
+/// CPU a process uses over `window` (after a settling second), in % of one core.
+fn idle_cpu_pct(pid: u32, window: Duration) -> Option<f64> {
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, before) = process_figures(pid);
+    std::thread::sleep(window);
+    let (_, after) = process_figures(pid);
+    Some(100.0 * (after? - before?) / window.as_secs_f64())
 }
 
 /// Bytes a client received from brokers, from librdkafka's statistics.
@@ -414,19 +591,40 @@ impl ClientContext for RxBytes {
 
 impl ConsumerContext for RxBytes {}
 
-/// The direct mirror: one consumer pulling from the edge with large fetches, one zstd
-/// producer into the hub, as MirrorMaker does, in this process.
-pub fn run_mirror(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
-    let env = Env::new()?;
-    kafka::create_topic(&env.edge.bootstrap(), TOPIC, PARTITIONS)?;
+/// The consumer settings of the mirror, and of the limit's edge read: large fetches that
+/// wait for a megabyte, as a tuned MirrorMaker would use.
+fn tuned_consumer(bootstrap: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.max.bytes", "67108864")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.min.bytes", "1048576")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "262144")
+        .set("statistics.interval.ms", "200");
+    config
+}
+
+/// The direct mirror: one consumer on the hub side pulling from the edge with large
+/// fetches, one zstd producer into the hub, as MirrorMaker does, in this process.
+pub fn run_mirror(scenario: &Scenario) -> anyhow::Result<Figures> {
+    let env = scenario.env()?;
+    env.on_hub(|| mirror_on_hub(&env, scenario))
+}
+
+fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
+    edge_backlog(env, scenario)?;
     let hub_topic = format!("{SITE}.{TOPIC}");
     kafka::create_topic(&env.hub.bootstrap(), &hub_topic, PARTITIONS)?;
-    let producer = edge_producer(&env.edge.bootstrap(), mix.edge_zstd)?;
-    produce(&producer, TOPIC, mix, 0..plan.records)?;
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let rx = Arc::new(AtomicU64::new(0));
     let first_read = Arc::new(std::sync::OnceLock::new());
+    let link_before = scenario.link_bytes();
+    // Spawned from this hub-side thread, the mirror's clients live on the hub side.
     let mirror = {
         let (edge, hub, stop, rx, first_read) = (
             env.edge.bootstrap(),
@@ -438,31 +636,38 @@ pub fn run_mirror(mix: &Mix, plan: &Plan) -> anyhow::Result<Figures> {
         let hub_topic = hub_topic.clone();
         std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx, &first_read))
     };
-    let rate = drained(
+    let moved = drained(
         &env.hub.bootstrap(),
         &hub_topic,
-        plan.records as i64,
+        scenario.records as i64,
         |_| {},
     )
-    .and_then(|last| rate(plan.records, first_read.get().copied(), last));
-    let wire = rx.load(Ordering::Relaxed) as f64;
-    let latency = match &rate {
-        Ok(_) => measure_latency(&env, &hub_topic, mix, plan.records, plan.latency_secs),
+    .and_then(|last| {
+        let link_after = scenario.link_bytes();
+        let rate = rate(scenario.records, first_read.get().copied(), last)?;
+        Ok((rate, link_after))
+    });
+    let latency = match &moved {
+        Ok(_) => measure_latency(env, scenario, &hub_topic, scenario.records),
         Err(error) => Err(anyhow::anyhow!("{error:#}")),
     };
     stop.store(true, Ordering::Relaxed);
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
-    let (p50, p99) = latency?;
+    let (rate, link_after) = moved?;
+    let latency = latency?;
+    let wire = match (link_before, link_after) {
+        (Some(before), Some(after)) => (after - before) as f64,
+        _ => rx.load(Ordering::Relaxed) as f64,
+    };
     Ok(Figures {
-        records_per_s: rate?,
-        wire_bytes_per_record: Some(wire / plan.records as f64),
-        spool_bytes_per_record: None,
-        p50_ms: Some(p50),
-        p99_ms: Some(p99),
-        agent_rss_mib: None,
-        agent_cpu_s: None,
+        records_per_s: rate,
+        wire_bytes_per_record: Some(wire / scenario.records as f64),
+        p50_ms: latency.map(|l| l.0),
+        p99_ms: latency.map(|l| l.1),
+        latency_rate: Some(scenario.latency_rate),
+        ..Figures::default()
     })
 }
 
@@ -470,21 +675,12 @@ fn mirror_loop(
     edge: &str,
     hub: &str,
     hub_topic: &str,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
     rx: Arc<AtomicU64>,
     first_read: &std::sync::OnceLock<Instant>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<RxBytes> = ClientConfig::new()
-        .set("bootstrap.servers", edge)
-        .set("group.id", "spoke-bench-mirror")
-        .set("enable.auto.commit", "false")
-        .set("fetch.max.bytes", "67108864")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.min.bytes", "1048576")
-        .set("fetch.wait.max.ms", "100")
-        .set("queued.max.messages.kbytes", "262144")
-        .set("statistics.interval.ms", "500")
-        .create_with_context(RxBytes(rx))?;
+    let consumer: BaseConsumer<RxBytes> =
+        tuned_consumer(edge, "spoke-bench-mirror").create_with_context(RxBytes(rx))?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         assignment.add_partition_offset(TOPIC, p, Offset::Beginning)?;
@@ -533,11 +729,12 @@ fn mirror_loop(
     Ok(())
 }
 
-/// The brokers' own ceiling, alone: producing the backlog straight into a hub topic (the
-/// faster of zstd and plain batches) and reading it back from the edge. Also the zstd-compressed
-/// bytes per record Kafka itself would store and send, and (second) the hub's ingest rate for
-/// the same records carrying spoke's three provenance headers.
-pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
+/// The brokers' own ceiling, alone, on loopback: producing the backlog straight into a hub
+/// topic (the faster of zstd and plain batches) and reading it back from the edge with the
+/// mirror's tuned consumer. Also the zstd-compressed bytes per record Kafka itself would
+/// store and send, and the hub's ingest rate for the same records carrying spoke's three
+/// provenance headers.
+pub fn run_ceiling(mix: &Mix, records: usize) -> anyhow::Result<Ceiling> {
     let env = Env::new()?;
     // The hub's ingest ceiling, whichever way is faster for this broker: zstd batches (as
     // the mirror writes) or plain ones (as spoke's relay writes).
@@ -555,15 +752,15 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
             .set("message.max.bytes", "16777216")
             .create()?;
         let start = Instant::now();
-        produce(&producer, &topic, mix, 0..plan.records)?;
-        hub_rate = hub_rate.max(plan.records as f64 / start.elapsed().as_secs_f64());
+        produce(&producer, &topic, mix, 0..records)?;
+        hub_rate = hub_rate.max(records as f64 / start.elapsed().as_secs_f64());
     }
     // What spoke's exactly-once costs the hub: the same records with the three provenance
     // headers the relay appends (tansu stores every header as a row of its own).
     kafka::create_topic(&env.hub.bootstrap(), "ceiling-provenance", PARTITIONS)?;
     let producer = kafka::producer(&env.hub.bootstrap())?;
     let start = Instant::now();
-    for i in 0..plan.records {
+    for i in 0..records {
         let partition = (i % PARTITIONS as usize) as i32;
         let mut rec = mix.record(i);
         rec.headers = vec![
@@ -579,20 +776,17 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
     producer
         .flush(Duration::from_secs(120))
         .context("flushing")?;
-    let with_provenance = plan.records as f64 / start.elapsed().as_secs_f64();
+    let with_provenance = records as f64 / start.elapsed().as_secs_f64();
 
     // Reading from the edge as this scenario stores it (the rate), and the same records
     // stored as Kafka's own zstd batches (their size on the fetch path).
-    let (edge_rate, _) = read_edge_alone(&env, mix, plan, mix.edge_zstd, "edge-own")?;
-    let (_, kafka_zstd_bytes) = read_edge_alone(&env, mix, plan, true, "edge-zstd")?;
-    Ok((
-        Figures {
-            records_per_s: hub_rate.min(edge_rate),
-            wire_bytes_per_record: Some(kafka_zstd_bytes),
-            ..Figures::default()
-        },
-        with_provenance,
-    ))
+    let (edge_rate, _) = read_edge_alone(&env, mix, records, mix.edge_zstd, "edge-own")?;
+    let (_, kafka_zstd_bytes) = read_edge_alone(&env, mix, records, true, "edge-zstd")?;
+    Ok(Ceiling {
+        brokers_per_s: hub_rate.min(edge_rate),
+        kafka_zstd_bytes,
+        hub_with_provenance_per_s: with_provenance,
+    })
 }
 
 /// Produces the backlog into an edge topic (zstd or plain batches), reads it back alone, and
@@ -600,22 +794,16 @@ pub fn run_limit(mix: &Mix, plan: &Plan) -> anyhow::Result<(Figures, f64)> {
 fn read_edge_alone(
     env: &Env,
     mix: &Mix,
-    plan: &Plan,
+    records: usize,
     zstd: bool,
     topic: &str,
 ) -> anyhow::Result<(f64, f64)> {
     kafka::create_topic(&env.edge.bootstrap(), topic, PARTITIONS)?;
-    let producer = edge_producer(&env.edge.bootstrap(), zstd)?;
-    produce(&producer, topic, mix, 0..plan.records)?;
+    let producer = edge_producer(env, zstd)?;
+    produce(&producer, topic, mix, 0..records)?;
     let rx = Arc::new(AtomicU64::new(0));
-    let consumer: BaseConsumer<RxBytes> = ClientConfig::new()
-        .set("bootstrap.servers", env.edge.bootstrap())
-        .set("group.id", "spoke-bench-ceiling")
-        .set("enable.auto.commit", "false")
-        .set("fetch.max.bytes", "67108864")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("statistics.interval.ms", "200")
-        .create_with_context(RxBytes(rx.clone()))?;
+    let consumer: BaseConsumer<RxBytes> =
+        tuned_consumer(&env.edge.bootstrap(), topic).create_with_context(RxBytes(rx.clone()))?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -623,23 +811,207 @@ fn read_edge_alone(
     consumer.assign(&assignment)?;
     let start = Instant::now();
     let mut read = 0usize;
-    while read < plan.records {
+    while read < records {
         if start.elapsed() > Duration::from_secs(1_800) {
-            bail!("reading the edge alone: {read} of {} records", plan.records);
+            bail!("reading the edge alone: {read} of {records} records");
         }
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             message?;
             read += 1;
         }
     }
-    let rate = plan.records as f64 / start.elapsed().as_secs_f64();
+    let rate = records as f64 / start.elapsed().as_secs_f64();
     // Let the last statistics interval report the fetched bytes.
     std::thread::sleep(Duration::from_millis(400));
     consumer.poll(Duration::from_millis(10));
-    Ok((
-        rate,
-        rx.load(Ordering::Relaxed) as f64 / plan.records as f64,
-    ))
+    Ok((rate, rx.load(Ordering::Relaxed) as f64 / records as f64))
+}
+
+/// How spoke came through a cut of the link.
+#[derive(Debug, Clone, Default)]
+pub struct Outage {
+    /// Records/s produced at the edge throughout, half the limit.
+    pub produce_rate: f64,
+    pub outage_secs: f64,
+    /// Records waiting at the edge when the link came back.
+    pub backlog: i64,
+    /// From the link's return to the first record in the hub: detecting the link, reconnecting,
+    /// the handshake and the relay's resume point.
+    pub reconnect_s: f64,
+    /// Hub records/s from that first record to zero lag (new records included).
+    pub drain_per_s: f64,
+    pub limit_per_s: f64,
+    /// From the link's return to zero lag: the hub holds everything produced up to one
+    /// second earlier.
+    pub time_to_zero_lag_s: f64,
+    /// The longest the hub's count stood still between the first record after the link's
+    /// return and zero lag: new records kept flowing if this is short.
+    pub longest_stall_s: f64,
+    /// Records produced while the backlog drained.
+    pub produced_during_drain: i64,
+    pub spool_bytes_per_record: Option<f64>,
+    pub agent_rss_mib: Option<f64>,
+    pub produced: i64,
+    pub delivered: i64,
+}
+
+/// The link is cut for `outage` while the edge produces at `produce_rate` (half the limit,
+/// for the figures), then restored; measures how spoke drains the backlog, and checks every
+/// record arrives exactly once.
+pub fn run_outage(
+    mix: &Mix,
+    link: &Link,
+    limit: f64,
+    produce_rate: f64,
+    outage: Duration,
+    before: Duration,
+) -> anyhow::Result<Outage> {
+    let scenario = Scenario {
+        mix: *mix,
+        link: Some(link),
+        records: 0,
+        latency_rate: 0.0,
+        latency_secs: 0,
+    };
+    let env = scenario.env()?;
+    let cut = Cut {
+        limit,
+        produce_rate,
+        outage,
+        before,
+    };
+    env.on_hub(|| outage_on_hub(&env, link, mix, &cut))
+}
+
+/// The outage scenario's settings.
+struct Cut {
+    limit: f64,
+    produce_rate: f64,
+    outage: Duration,
+    /// Steady flow before the cut.
+    before: Duration,
+}
+
+fn outage_on_hub(env: &Env, link: &Link, mix: &Mix, cut: &Cut) -> anyhow::Result<Outage> {
+    let bootstrap = env.edge.bootstrap();
+    env.on_edge(|| kafka::create_topic(&bootstrap, TOPIC, PARTITIONS))?;
+    let hub_topic = format!("{SITE}.{TOPIC}");
+    let _relay = env.start_relay(&[TOPIC])?;
+    let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
+    let pid = agent.pid().context("agent has no pid")?;
+    let agent_admin = env.agent_admin();
+    let scrape = || env.on_edge(|| admin::scrape(&agent_admin));
+
+    let produced = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = paced_producer(
+        edge_producer(env, mix.edge_zstd)?,
+        *mix,
+        0,
+        cut.produce_rate,
+        None,
+        produced.clone(),
+        stop.clone(),
+    );
+    let result = outage_phases(env, link, &hub_topic, cut, &produced, &scrape);
+    stop.store(true, Ordering::Relaxed);
+    link.set_down(false);
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("outage producer panicked"))??;
+    let mut figures = result?;
+    figures.produce_rate = cut.produce_rate;
+    figures.produced = sent as i64;
+    // Every record exactly once by count: `drained` fails on more, and times out on fewer.
+    drained(&env.hub.bootstrap(), &hub_topic, sent as i64, |_| {})?;
+    figures.delivered = sent as i64;
+    figures.agent_rss_mib = process_figures(pid).0;
+    Ok(figures)
+}
+
+fn outage_phases(
+    env: &Env,
+    link: &Link,
+    hub_topic: &str,
+    cut: &Cut,
+    produced: &AtomicU64,
+    scrape: &dyn Fn() -> anyhow::Result<std::collections::BTreeMap<String, f64>>,
+) -> anyhow::Result<Outage> {
+    let mut hub = Counter::new(&env.hub.bootstrap(), hub_topic)?;
+    std::thread::sleep(cut.before);
+    link.set_down(true);
+    let mut spool_per_record = None;
+    let cut_until = Instant::now() + cut.outage;
+    while Instant::now() < cut_until {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Ok(m) = scrape() {
+            let held = admin::sum(&m, "spoke_agent_records_spooled_total", &[])
+                - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
+            let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
+            if held >= 100.0 && bytes > 0.0 {
+                spool_per_record = Some(bytes / held);
+            }
+        }
+    }
+    let at_return = hub.total()?;
+    let produced_at_return = produced.load(Ordering::Relaxed) as i64;
+    link.set_down(false);
+    let back = Instant::now();
+
+    // (instant, produced then) a second back, to judge "zero lag" against.
+    let mut history: std::collections::VecDeque<(Instant, i64)> = Default::default();
+    let mut last_count = at_return;
+    let mut last_change: Option<Instant> = None;
+    let mut first_change: Option<Instant> = None;
+    let mut longest_stall = Duration::ZERO;
+    // Draining at the limit with half of it still arriving takes about as long as the cut;
+    // far longer means the system cannot keep up, and waiting on would only hide that.
+    let deadline = back + cut.outage * 6 + Duration::from_secs(120);
+    loop {
+        let now = Instant::now();
+        history.push_back((now, produced.load(Ordering::Relaxed) as i64));
+        while history
+            .get(1)
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            history.pop_front();
+        }
+        let count = hub.total()?;
+        if count != last_count {
+            if let Some(since) = last_change {
+                longest_stall = longest_stall.max(now.duration_since(since));
+            }
+            last_change = Some(now);
+            first_change.get_or_insert(now);
+            last_count = count;
+        }
+        let (then, produced_then) = history[0];
+        if now.duration_since(then) >= Duration::from_secs(1) && count >= produced_then {
+            let secs = now.duration_since(back).as_secs_f64();
+            let first = first_change.unwrap_or(now);
+            let draining = now.duration_since(first).as_secs_f64().max(0.001);
+            let produced_now = produced.load(Ordering::Relaxed) as i64;
+            return Ok(Outage {
+                outage_secs: cut.outage.as_secs_f64(),
+                backlog: produced_at_return - at_return,
+                reconnect_s: first.duration_since(back).as_secs_f64(),
+                drain_per_s: (count - at_return) as f64 / draining,
+                limit_per_s: cut.limit,
+                time_to_zero_lag_s: secs,
+                longest_stall_s: longest_stall.as_secs_f64(),
+                produced_during_drain: produced_now - produced_at_return,
+                spool_bytes_per_record: spool_per_record,
+                ..Outage::default()
+            });
+        }
+        if now > deadline {
+            bail!(
+                "no zero lag {:.0} s after the link came back: hub {count}, produced {produced_then}",
+                now.duration_since(back).as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// One JSON object of `target/bench/latest.json`.
@@ -660,10 +1032,34 @@ pub fn result_json(
         "spool_bytes_per_record": figures.spool_bytes_per_record.map(round),
         "p50_ms": figures.p50_ms.map(round),
         "p99_ms": figures.p99_ms.map(round),
+        "latency_rate_per_s": figures.latency_rate.map(round),
         "agent_rss_mib": figures.agent_rss_mib.map(round),
         "agent_cpu_s": figures.agent_cpu_s.map(round),
+        "agent_idle_cpu_pct": figures.agent_idle_cpu_pct.map(round),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
+    })
+}
+
+/// The outage scenario's JSON object.
+pub fn outage_json(scenario: &str, link: &str, o: &Outage) -> serde_json::Value {
+    json!({
+        "scenario": scenario,
+        "link": link,
+        "system": "spoke",
+        "records_per_s": round(o.drain_per_s),
+        "pct_of_limit": round(100.0 * o.drain_per_s / o.limit_per_s),
+        "produce_rate_per_s": round(o.produce_rate),
+        "outage_s": round(o.outage_secs),
+        "backlog_records": o.backlog,
+        "reconnect_s": round(o.reconnect_s),
+        "time_to_zero_lag_s": round(o.time_to_zero_lag_s),
+        "longest_hub_stall_during_drain_s": round(o.longest_stall_s),
+        "produced_during_drain": o.produced_during_drain,
+        "spool_bytes_per_record": o.spool_bytes_per_record.map(round),
+        "agent_rss_mib": o.agent_rss_mib.map(round),
+        "produced": o.produced,
+        "delivered": o.delivered,
     })
 }
 

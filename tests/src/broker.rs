@@ -1,6 +1,6 @@
 //! tansu brokers with sqlite storage (the memory engine skips records: shared/KAFKA.md).
 
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,6 +74,8 @@ pub fn index_headers(db: &Path) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct Broker {
     pub name: String,
+    /// The address it listens on and advertises.
+    pub host: Ipv4Addr,
     pub port: u16,
     db: PathBuf,
     log: PathBuf,
@@ -82,8 +84,15 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path, name: &str) -> anyhow::Result<Broker> {
+        Self::start_on(dir, name, Ipv4Addr::LOCALHOST)
+    }
+
+    /// A broker on `host`, e.g. one side of an emulated WAN link. Call it from a thread in the
+    /// namespace that owns `host`: the process inherits it.
+    pub fn start_on(dir: &Path, name: &str, host: Ipv4Addr) -> anyhow::Result<Broker> {
         let mut broker = Broker {
             name: name.to_owned(),
+            host,
             port: crate::free_port()?,
             db: dir.join(format!("{name}.db")),
             log: dir.join(format!("{name}.log")),
@@ -94,12 +103,12 @@ impl Broker {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {
         let tansu = tansu_binary()?;
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let url = format!("tcp://{}:{}", self.host, self.port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -117,7 +126,7 @@ impl Broker {
             .with_context(|| format!("starting {}", tansu.display()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while TcpStream::connect((self.host, self.port)).is_err() {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     bail!(

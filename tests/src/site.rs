@@ -1,5 +1,6 @@
 //! One edge site and one hub: two brokers, a PKI, and config files for relay and agent.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -10,9 +11,55 @@ use crate::process::{self, Spoke};
 
 pub const SITE: &str = "branch-042";
 
+/// Where an [`Env`]'s two sides run: both on this namespace's loopback, or the edge side
+/// (edge broker, agent) and the hub side (hub broker, relays) in the two namespaces of an
+/// emulated WAN link, so that everything the agent ships crosses the link.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub edge_ns: Option<String>,
+    pub hub_ns: Option<String>,
+    pub edge_host: Ipv4Addr,
+    pub hub_host: Ipv4Addr,
+}
+
+impl Placement {
+    pub fn loopback() -> Placement {
+        Placement {
+            edge_ns: None,
+            hub_ns: None,
+            edge_host: Ipv4Addr::LOCALHOST,
+            hub_host: Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    pub fn across(link: &crate::wan::Link) -> Placement {
+        Placement {
+            edge_ns: Some(link.edge().name().to_owned()),
+            hub_ns: Some(link.hub().name().to_owned()),
+            edge_host: link.edge().addr(),
+            hub_host: link.hub().addr(),
+        }
+    }
+}
+
+/// Runs `f` inside namespace `ns` (or right here when there is none); processes and
+/// librdkafka clients it starts stay there.
+fn within<T: Send>(
+    ns: Option<&str>,
+    f: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    match ns {
+        None => f(),
+        Some(name) => Ok(crate::wan::run_in(name, || {
+            f().map_err(|e| std::io::Error::other(format!("{e:#}")))
+        })?),
+    }
+}
+
 /// A test environment. Dropping it stops every process and removes every file.
 #[derive(Debug)]
 pub struct Env {
+    pub placement: Placement,
     pub edge: Broker,
     pub hub: Broker,
     pub relay_port: u16,
@@ -65,14 +112,25 @@ pub struct RelayOptions {
 
 impl Env {
     pub fn new() -> anyhow::Result<Env> {
+        Self::placed(Placement::loopback())
+    }
+
+    /// An environment whose edge and hub sides run where `placement` says. Admin endpoints
+    /// stay on each side's own loopback: reach them with [`Env::on_edge`] / [`Env::on_hub`].
+    pub fn placed(placement: Placement) -> anyhow::Result<Env> {
         let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
         // For post-mortems: keep brokers' databases, configs and logs.
         if std::env::var_os("SPOKE_KEEP_TEST_DIR").is_some() {
             dir.disable_cleanup(true);
             eprintln!("test files kept in {}", dir.path().display());
         }
-        let edge = Broker::start(dir.path(), "edge")?;
-        let hub = Broker::start(dir.path(), "hub")?;
+        let path = dir.path();
+        let edge = within(placement.edge_ns.as_deref(), || {
+            Broker::start_on(path, "edge", placement.edge_host)
+        })?;
+        let hub = within(placement.hub_ns.as_deref(), || {
+            Broker::start_on(path, "hub", placement.hub_host)
+        })?;
         let pki = dir.path().join("pki");
         let pki_str = pki.to_str().context("non-UTF-8 temp path")?;
         let out = process::run("spoke-relay", &["pki", "init", "--out", pki_str])?;
@@ -87,6 +145,7 @@ impl Env {
             bail!("pki issue failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(Env {
+            placement,
             edge,
             hub,
             relay_port: crate::free_port()?,
@@ -97,6 +156,22 @@ impl Env {
             pki,
             dir,
         })
+    }
+
+    /// Runs `f` on the edge side (the agent's and the edge broker's namespace).
+    pub fn on_edge<T: Send>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        within(self.placement.edge_ns.as_deref(), f)
+    }
+
+    /// Runs `f` on the hub side (the relays' and the hub broker's namespace).
+    pub fn on_hub<T: Send>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
+        within(self.placement.hub_ns.as_deref(), f)
     }
 
     pub fn agent_admin(&self) -> String {
@@ -152,7 +227,7 @@ impl Env {
         let pki = self.pki.display();
         let allow = toml_list(allow);
         let text = format!(
-            r#"listen = "127.0.0.1:{port}"
+            r#"listen = "{relay_host}:{port}"
 [tls]
 cert = "{pki}/relay.pem"
 key = "{pki}/relay.key"
@@ -169,6 +244,7 @@ listen = "127.0.0.1:{admin}"
             tls_extra = options.tls_extra,
             extra = options.extra,
             port = self.relay_port,
+            relay_host = self.placement.hub_host,
             admin = self.relay_admin,
             hub = self.hub.bootstrap(),
         );
@@ -206,11 +282,13 @@ listen = "127.0.0.1:{admin}"
             spool = self.path("spool").display(),
             endpoints = if options.both_relays {
                 format!(
-                    "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
-                    self.relay_port, self.relay_b_port
+                    "[\"{host}:{}\", \"{host}:{}\"]",
+                    self.relay_port,
+                    self.relay_b_port,
+                    host = self.placement.hub_host
                 )
             } else {
-                format!("[\"127.0.0.1:{}\"]", self.relay_port)
+                format!("[\"{}:{}\"]", self.placement.hub_host, self.relay_port)
             },
             extra = options.extra,
             relay_extra = options.relay_extra,
@@ -225,8 +303,8 @@ listen = "127.0.0.1:{admin}"
     pub fn start_relay_b(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
         let text = std::fs::read_to_string(self.relay_config(allow)?)?
             .replace(
-                &format!("127.0.0.1:{}\"", self.relay_port),
-                &format!("127.0.0.1:{}\"", self.relay_b_port),
+                &format!("{}:{}\"", self.placement.hub_host, self.relay_port),
+                &format!("{}:{}\"", self.placement.hub_host, self.relay_b_port),
             )
             .replace(
                 &format!("127.0.0.1:{}\"", self.relay_admin),
@@ -235,11 +313,13 @@ listen = "127.0.0.1:{admin}"
         let path = self.path("relay-b.toml");
         std::fs::write(&path, text)?;
         let config = path.to_str().context("non-UTF-8 temp path")?;
-        Spoke::start(
-            "spoke-relay",
-            &["run", "--config", config],
-            self.path("relay-b.log"),
-        )
+        self.on_hub(|| {
+            Spoke::start(
+                "spoke-relay",
+                &["run", "--config", config],
+                self.path("relay-b.log"),
+            )
+        })
     }
 
     pub fn start_relay(&self, allow: &[&str]) -> anyhow::Result<Spoke> {
@@ -253,21 +333,25 @@ listen = "127.0.0.1:{admin}"
     ) -> anyhow::Result<Spoke> {
         let config = self.relay_config_with(allow, options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
-        Spoke::start(
-            "spoke-relay",
-            &["run", "--config", config],
-            self.path("relay.log"),
-        )
+        self.on_hub(|| {
+            Spoke::start(
+                "spoke-relay",
+                &["run", "--config", config],
+                self.path("relay.log"),
+            )
+        })
     }
 
     pub fn start_agent(&self, options: &AgentOptions) -> anyhow::Result<Spoke> {
         let config = self.agent_config(options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
-        Spoke::start(
-            "spoke-agent",
-            &["run", "--config", config],
-            self.path("agent.log"),
-        )
+        self.on_edge(|| {
+            Spoke::start(
+                "spoke-agent",
+                &["run", "--config", config],
+                self.path("agent.log"),
+            )
+        })
     }
 }
 

@@ -77,6 +77,22 @@ fn random_loss_matches_the_setting_and_the_counters() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_cut_link_drops_everything_and_a_restored_one_carries_again() -> anyhow::Result<()> {
+    let link = Link::start(LinkSpec::new(0, Duration::from_millis(5), 0.0))?;
+    link.set_down(true);
+    let cut = bench::udp_one_way(&link, 200, 64, Duration::from_micros(500))?.received;
+    let stats = link.stats().edge_to_hub;
+    println!("cut: {cut} of 200 arrived; {stats:?}");
+    assert_eq!(cut, 0);
+    assert_eq!(stats.outage_dropped, 200);
+    link.set_down(false);
+    let restored = bench::udp_one_way(&link, 200, 64, Duration::from_micros(500))?.received;
+    println!("restored: {restored} of 200 arrived");
+    assert_eq!(restored, 200);
+    Ok(())
+}
+
+#[test]
 fn a_flood_beyond_the_rate_is_cut_to_the_rate_by_drop_tail() -> anyhow::Result<()> {
     // 2 Mbit/s with a 50 ms buffer, offered ~9.6 Mbit/s of 1,200-byte datagrams for 2 s.
     let mut spec = LinkSpec::new(2 * MBIT, Duration::from_millis(20), 0.0);

@@ -31,6 +31,8 @@ pub struct DirectionStats {
     pub lost: u64,
     /// Drop-tail at the bottleneck queue, or the in-flight bound.
     pub queue_dropped: u64,
+    /// Dropped while the link was down ([`super::Link::set_down`]).
+    pub outage_dropped: u64,
     pub delivered: u64,
     pub delivered_bytes: u64,
     /// Reads or writes the TUN devices refused.
@@ -43,6 +45,7 @@ struct Counters {
     bytes_in: AtomicU64,
     lost: AtomicU64,
     queue_dropped: AtomicU64,
+    outage_dropped: AtomicU64,
     delivered: AtomicU64,
     delivered_bytes: AtomicU64,
     errors: AtomicU64,
@@ -56,6 +59,7 @@ impl Counters {
             bytes_in: get(&self.bytes_in),
             lost: get(&self.lost),
             queue_dropped: get(&self.queue_dropped),
+            outage_dropped: get(&self.outage_dropped),
             delivered: get(&self.delivered),
             delivered_bytes: get(&self.delivered_bytes),
             errors: get(&self.errors),
@@ -69,6 +73,7 @@ impl Counters {
 
 pub(super) struct Forwarder {
     stop: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     edge_to_hub: Arc<Counters>,
     hub_to_edge: Arc<Counters>,
@@ -92,6 +97,7 @@ impl Forwarder {
         let hub = Arc::new(hub);
         let mut forwarder = Forwarder {
             stop: Arc::new(AtomicBool::new(false)),
+            down: Arc::new(AtomicBool::new(false)),
             threads: Vec::with_capacity(4),
             edge_to_hub: Arc::default(),
             hub_to_edge: Arc::default(),
@@ -113,10 +119,14 @@ impl Forwarder {
         for (label, from, to, counters, seed) in directions {
             let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
             let impairment = Impairment::new(spec, seed, Instant::now());
-            let (stop, read_counters) = (forwarder.stop.clone(), counters.clone());
+            let (stop, down, read_counters) = (
+                forwarder.stop.clone(),
+                forwarder.down.clone(),
+                counters.clone(),
+            );
             // On failure, `forwarder` is dropped here and stops the threads already started.
             forwarder.spawn(format!("wan-{label}-in"), move || {
-                read_loop(&from, impairment, &tx, &stop, &read_counters)
+                read_loop(&from, impairment, &tx, &stop, &down, &read_counters)
             })?;
             let stop = forwarder.stop.clone();
             forwarder.spawn(format!("wan-{label}-out"), move || {
@@ -133,6 +143,12 @@ impl Forwarder {
             .map_err(WanError::Thread)?;
         self.threads.push(handle);
         Ok(())
+    }
+
+    /// Drops every packet in both directions while `down`, as a cut cable or a dead router
+    /// would: the endpoints see silence, not refusals. Packets already in flight still arrive.
+    pub(super) fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     pub(super) fn stats(&self) -> LinkStats {
@@ -159,6 +175,7 @@ fn read_loop(
     mut impairment: Impairment,
     tx: &SyncSender<(Instant, Vec<u8>)>,
     stop: &AtomicBool,
+    down: &AtomicBool,
     counters: &Counters,
 ) {
     let mut buf = vec![0u8; MAX_PACKET];
@@ -174,6 +191,10 @@ fn read_loop(
         };
         Counters::add(&counters.packets_in, 1);
         Counters::add(&counters.bytes_in, n as u64);
+        if down.load(Ordering::Relaxed) {
+            Counters::add(&counters.outage_dropped, 1);
+            continue;
+        }
         match impairment.admit(Instant::now(), n) {
             Verdict::Deliver(at) => match tx.try_send((at, buf[..n].to_vec())) {
                 Ok(()) => {}

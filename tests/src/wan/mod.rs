@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 pub use forward::DirectionStats;
-pub use netns::Namespace;
+pub use netns::{run_in, Namespace};
 
 /// The edge side's address, on its `wan0`.
 pub const EDGE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -162,5 +162,10 @@ impl Link {
 
     pub fn stats(&self) -> LinkStats {
         self.forwarder.stats()
+    }
+
+    /// Cuts the link (`true`) or restores it (`false`); see [`forward::Forwarder::set_down`].
+    pub fn set_down(&self, down: bool) {
+        self.forwarder.set_down(down);
     }
 }

@@ -90,23 +90,34 @@ impl Namespace {
         T: Send,
         F: FnOnce() -> std::io::Result<T> + Send,
     {
-        let enter_error = |source| WanError::Enter {
-            name: self.name.clone(),
-            source,
-        };
-        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).map_err(enter_error)?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("panicked inside the namespace")))
-        })
-        .map_err(enter_error)
+        run_in(&self.name, f)
     }
+}
+
+/// [`Namespace::enter`] by name, for code that holds only the name (a test environment's
+/// processes outlive no `Link`, but must be started and reached inside its namespaces).
+/// Threads and processes started by `f` stay in the namespace.
+pub fn run_in<T, F>(name: &str, f: F) -> Result<T, WanError>
+where
+    T: Send,
+    F: FnOnce() -> std::io::Result<T> + Send,
+{
+    let enter_error = |source| WanError::Enter {
+        name: name.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(format!("/run/netns/{name}")).map_err(enter_error)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("panicked inside the namespace")))
+    })
+    .map_err(enter_error)
 }
 
 impl Drop for Namespace {

@@ -66,6 +66,18 @@ pub enum WhenFull {
     DropOldest,
 }
 
+/// `ship.dictionary`: zstd dictionaries for small chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DictionaryMode {
+    /// Train one per topic whose records average under 1 KiB, from its first records, and
+    /// compress small chunks with it (sent to relays that speak protocol version 2).
+    #[default]
+    Auto,
+    /// Never; dictionaries no spooled chunk needs any more are deleted.
+    Off,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
@@ -100,6 +112,9 @@ pub struct ShipConfig {
     /// Bytes per second on the wire; 0 = unlimited.
     #[serde(default = "default_bandwidth")]
     pub max_bandwidth: ByteSize,
+    /// zstd dictionaries for small chunks: `"auto"` or `"off"`.
+    #[serde(default)]
+    pub dictionary: DictionaryMode,
 }
 
 impl Default for ShipConfig {
@@ -110,6 +125,7 @@ impl Default for ShipConfig {
             zstd_level: default_zstd_level(),
             window: default_window(),
             max_bandwidth: default_bandwidth(),
+            dictionary: DictionaryMode::default(),
         }
     }
 }
@@ -321,6 +337,7 @@ key = "/site.key"
         assert_eq!(c.ship.zstd_level, 3);
         assert_eq!(c.ship.window, 8);
         assert_eq!(c.ship.max_bandwidth.as_u64(), 0);
+        assert_eq!(c.ship.dictionary, DictionaryMode::Auto);
         assert_eq!(c.admin.listen.port(), 9464);
         assert_eq!(loaded.endpoints[0].server_name, "relay-a.example");
         assert_eq!(loaded.endpoints[1].server_name, "::1");

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dictionary;
 pub mod progress;
 pub mod select;
 pub mod ship;

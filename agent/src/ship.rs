@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spoke_proto::{
-    Batch, Codec, Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag,
-    TopicPartition, PROTOCOL_VERSION,
+    decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
+    Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicPartition,
+    MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +78,10 @@ pub enum ShipError {
     },
     #[error("spooled chunk of {partition} has unknown codec {codec}")]
     Codec { partition: String, codec: u8 },
+    #[error("spooled chunk of {partition} needs dictionary {id}, which is not in the spool")]
+    MissingDictionary { partition: String, id: u32 },
+    #[error("re-encoding a dictionary chunk of {partition} for a version 1 relay: {reason}")]
+    Transcode { partition: String, reason: String },
 }
 
 /// How a session ended.
@@ -248,7 +253,7 @@ impl Session<'_> {
         let hello = Hello {
             site: self.loaded.config.site.clone(),
             min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
+            max_version: MAX_PROTOCOL_VERSION,
             software: format!("spoke-agent/{}", env!("CARGO_PKG_VERSION")),
             partitions: wanted,
         };
@@ -311,6 +316,9 @@ impl Session<'_> {
         let mut refused: HashSet<SourcePartition> = HashSet::new();
         let mut round_robin = 0usize;
         let mut seq = 0u64;
+        // Dictionaries go in-band, once per connection, to relays that speak version 2.
+        let dictionaries_supported = welcome.version >= 2;
+        let mut dictionaries_sent: HashSet<u32> = HashSet::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(self.loaded.config.ship.max_bandwidth.as_u64());
         loop {
@@ -336,10 +344,33 @@ impl Session<'_> {
                     .partition_count(&chunk.partition.topic)
                     .unwrap_or(0);
                 seq += 1;
-                let batch = batch_frame(seq, partition_count, &chunk)?;
-                pacer.wait(chunk.payload.len()).await;
-                self.extend_fence(&welcome.relay)?;
+                let mut batch = batch_frame(seq, partition_count, &chunk)?;
+                let mut dictionary_frame = None;
+                if let Some(id) = chunk.dictionary {
+                    let stored =
+                        self.spool
+                            .dictionary(id)?
+                            .ok_or_else(|| ShipError::MissingDictionary {
+                                partition: chunk.partition.to_string(),
+                                id,
+                            })?;
+                    if !dictionaries_supported {
+                        batch = self.without_dictionary(batch, &chunk, stored.bytes)?;
+                    } else if dictionaries_sent.insert(id) {
+                        dictionary_frame = Some(frame_bytes(&Frame::Dictionary(Dictionary {
+                            id,
+                            dictionary: stored.bytes,
+                        }))?);
+                    }
+                }
                 let bytes = frame_bytes(&batch)?;
+                pacer.wait(bytes.len()).await;
+                self.extend_fence(&welcome.relay)?;
+                if let Some(dictionary) = dictionary_frame {
+                    // Before the first batch that names it, on the same (ordered) stream.
+                    send.write_all(&dictionary).await.map_err(WireError::from)?;
+                    self.progress.wire_bytes.inc_by(dictionary.len() as u64);
+                }
                 send.write_all(&bytes).await.map_err(WireError::from)?;
                 self.progress.wire_bytes.inc_by(bytes.len() as u64);
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
@@ -380,6 +411,45 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// A version 1 relay knows no dictionaries: the chunk is decompressed with its dictionary
+    /// and compressed again without (the only case where the agent re-encodes what it spooled;
+    /// it ends once the relays are upgraded).
+    fn without_dictionary(
+        &self,
+        batch: Frame,
+        chunk: &Chunk,
+        dictionary: bytes::Bytes,
+    ) -> Result<Frame, ShipError> {
+        let Frame::Batch(mut batch) = batch else {
+            return Ok(batch);
+        };
+        let failed = |reason: String| ShipError::Transcode {
+            partition: chunk.partition.to_string(),
+            reason,
+        };
+        let mut known = Dictionaries::new(DictionaryLimits {
+            max_dictionaries: 1,
+            max_dictionary_bytes: u32::MAX,
+        });
+        let id = batch.codec.dictionary_id().unwrap_or_default();
+        known
+            .insert(&Dictionary { id, dictionary })
+            .map_err(|e| failed(e.to_string()))?;
+        let section = decompress_section(
+            batch.codec,
+            batch.uncompressed_len,
+            &batch.payload,
+            &BatchLimits::default(),
+            &known,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let level = self.loaded.config.ship.zstd_level;
+        let payload = zstd::bulk::compress(&section, level).map_err(|e| failed(e.to_string()))?;
+        batch.codec = Codec::Zstd;
+        batch.payload = bytes::Bytes::from(payload);
+        Ok(Frame::Batch(batch))
     }
 
     /// Without broker transactions a relay that lost us may still have records in flight to
@@ -597,16 +667,16 @@ fn write_fence(path: &Path, fence: &Fence) -> std::io::Result<()> {
 }
 
 fn batch_frame(seq: u64, partition_count: i32, chunk: &Chunk) -> Result<Frame, ShipError> {
-    let codec = match chunk.codec {
-        0 => Codec::None,
-        1 => Codec::Zstd,
-        other => {
-            return Err(ShipError::Codec {
-                partition: format!("{}/{}", chunk.partition.topic, chunk.partition.partition),
-                codec: other,
-            })
-        }
+    let unknown = || ShipError::Codec {
+        partition: format!("{}/{}", chunk.partition.topic, chunk.partition.partition),
+        codec: chunk.codec,
     };
+    let codec = Codec::from_wire(chunk.codec, chunk.dictionary.unwrap_or_default())
+        .map_err(|_| unknown())?;
+    // The codec and the dictionary reference must agree.
+    if codec.dictionary_id() != chunk.dictionary {
+        return Err(unknown());
+    }
     Ok(Frame::Batch(Batch {
         seq,
         topic: chunk.partition.topic.clone(),

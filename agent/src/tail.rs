@@ -19,7 +19,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Loaded, WhenFull};
+use crate::config::{DictionaryMode, Loaded, WhenFull};
+use crate::dictionary::Dictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
 use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
@@ -170,6 +171,7 @@ pub struct Tailer {
     batch_max_bytes: usize,
     linger: Duration,
     zstd_level: i32,
+    dictionaries: Dictionaries,
     max_spool_bytes: u64,
     when_full: WhenFull,
     forward_replicated: bool,
@@ -229,6 +231,11 @@ impl Tailer {
         let context = TailContext {
             progress: progress.clone(),
         };
+        let dictionaries = Dictionaries::open(
+            spool.as_ref(),
+            config.ship.dictionary == DictionaryMode::Auto,
+            config.ship.zstd_level,
+        )?;
         Ok(Self {
             consumer: consumer_config(&loaded).create_with_context(context)?,
             config: live,
@@ -240,6 +247,7 @@ impl Tailer {
                 .unwrap_or(usize::MAX),
             linger: config.ship.linger,
             zstd_level: config.ship.zstd_level,
+            dictionaries,
             max_spool_bytes: config.spool.max_bytes.as_u64(),
             when_full: config.spool.when_full,
             forward_replicated: config.source.forward_replicated,
@@ -286,6 +294,7 @@ impl Tailer {
             usize::try_from(config.ship.batch_max_bytes.as_u64()).unwrap_or(usize::MAX);
         self.linger = config.ship.linger;
         self.zstd_level = config.ship.zstd_level;
+        self.dictionaries.set_level(self.zstd_level);
         self.max_spool_bytes = config.spool.max_bytes.as_u64();
         self.when_full = config.spool.when_full;
         self.forward_replicated = config.source.forward_replicated;
@@ -426,7 +435,13 @@ impl Tailer {
                             message.offset(),
                         );
                     }
+                    let before = open.builder.uncompressed_len();
                     add_message(open, &message, self.forward_replicated)?;
+                    let record = open.builder.section().get(before..).unwrap_or_default();
+                    if !record.is_empty() && self.dictionaries.wants_samples(&key.topic) {
+                        self.dictionaries
+                            .sample(self.spool.as_ref(), &key.topic, record)?;
+                    }
                     if open.builder.uncompressed_len() >= self.batch_max_bytes {
                         break;
                     }
@@ -481,14 +496,21 @@ impl Tailer {
             if !(all || due) {
                 continue;
             }
-            let encoded = open.builder.finish(Codec::Zstd, self.zstd_level)?;
+            let encoded = match self
+                .dictionaries
+                .for_chunk(&key.topic, open.builder.uncompressed_len())
+            {
+                Some(dictionary) => open.builder.finish_with_dictionary(&dictionary)?,
+                None => open.builder.finish(Codec::Zstd, self.zstd_level)?,
+            };
             let chunk = Chunk {
                 partition: key.clone(),
                 first_offset: encoded.first_offset,
                 last_offset: encoded.last_offset,
                 next_offset: open.next_offset,
                 record_count: encoded.record_count,
-                codec: codec_id(encoded.codec),
+                codec: encoded.codec.wire_id(),
+                dictionary: encoded.codec.dictionary_id(),
                 uncompressed_len: encoded.uncompressed_len,
                 spooled_at_ms: crate::now_ms(),
                 payload: encoded.payload,
@@ -587,14 +609,6 @@ fn add_message(
     )?;
     open.opened_at.get_or_insert_with(Instant::now);
     Ok(())
-}
-
-/// The codec byte stored in the spool and sent in `Batch` frames.
-pub fn codec_id(codec: Codec) -> u8 {
-    match codec {
-        Codec::None => 0,
-        Codec::Zstd => 1,
-    }
 }
 
 #[cfg(test)]

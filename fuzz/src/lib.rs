@@ -325,7 +325,13 @@ pub fn check_batch_error(error: &BatchError, codec: Codec, limits: &BatchLimits)
 pub fn frame_with_body(frame_type: u8, body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
     bytes.extend_from_slice(b"SK");
-    bytes.push(spoke_proto::PROTOCOL_VERSION);
+    // The header version is the frame layout's own: 2 for `Dictionary` (type 8), else 1. (A
+    // dictionary batch body under version 1 is refused after parsing, which is fuzzed too.)
+    bytes.push(if frame_type == 8 {
+        spoke_proto::MAX_PROTOCOL_VERSION
+    } else {
+        spoke_proto::PROTOCOL_VERSION
+    });
     bytes.push(frame_type);
     bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
     bytes.extend_from_slice(&crc32fast::hash(body).to_be_bytes());

@@ -23,7 +23,10 @@
 //! keeps null and empty distinct, as Kafka does. Later offsets are stored as deltas because
 //! consecutive offsets mostly differ by 1, so a record costs one byte for its offset.
 //!
-//! With [`Codec::Zstd`] the payload is exactly one zstd frame holding the section. Decoding
+//! With [`Codec::Zstd`] the payload is exactly one zstd frame holding the section; with
+//! [`Codec::ZstdDict`] it is one zstd frame compressed with that dictionary (see
+//! [`crate::dictionary`]), which small chunks of similar records compress much better with:
+//! a frame of a few records has too little history of its own to find repeats in. Decoding
 //! checks the declared length against [`BatchLimits`] before allocating, caps the zstd window,
 //! decompresses into a buffer of exactly the declared size and stops as soon as the data would
 //! exceed it, so a small hostile payload cannot make us allocate or inflate more than allowed.
@@ -32,8 +35,9 @@ use std::io;
 
 use bytes::{Buf, Bytes};
 use zstd::stream::raw::{Decoder, Operation};
-use zstd::zstd_safe::DParameter;
+use zstd::zstd_safe::{CCtx, CDict, DCtx, DDict, DParameter};
 
+use crate::dictionary::Dictionaries;
 use crate::error::BatchError;
 use crate::frame::{Batch, Codec};
 
@@ -165,6 +169,12 @@ impl ChunkBuilder {
         self.section.len()
     }
 
+    /// The encoded, uncompressed record section so far (e.g. to sample records for training a
+    /// dictionary).
+    pub fn section(&self) -> &[u8] {
+        &self.section
+    }
+
     /// Whether no record was pushed since the last [`finish`](Self::finish).
     pub fn is_empty(&self) -> bool {
         self.record_count == 0
@@ -184,7 +194,29 @@ impl ChunkBuilder {
     /// resets the builder for reuse.
     ///
     /// On error the builder keeps its records, so the caller can retry (e.g. uncompressed).
+    ///
+    /// [`Codec::ZstdDict`] needs the dictionary: use
+    /// [`finish_with_dictionary`](Self::finish_with_dictionary); here it is
+    /// [`BatchError::UnknownDictionary`].
     pub fn finish(&mut self, codec: Codec, zstd_level: i32) -> Result<EncodedChunk, BatchError> {
+        self.finish_inner(codec, zstd_level, None)
+    }
+
+    /// Compresses the section with `dictionary` ([`Codec::ZstdDict`] with its id, at the level
+    /// it was prepared for) and resets the builder; on error the builder keeps its records.
+    pub fn finish_with_dictionary(
+        &mut self,
+        dictionary: &EncoderDictionary,
+    ) -> Result<EncodedChunk, BatchError> {
+        self.finish_inner(Codec::ZstdDict(dictionary.id), 0, Some(dictionary))
+    }
+
+    fn finish_inner(
+        &mut self,
+        codec: Codec,
+        zstd_level: i32,
+        dictionary: Option<&EncoderDictionary>,
+    ) -> Result<EncodedChunk, BatchError> {
         let (Some(first_offset), Some(last_offset)) = (self.first_offset, self.last_offset) else {
             return Err(BatchError::Empty);
         };
@@ -204,6 +236,14 @@ impl ChunkBuilder {
                 self.section.clear();
                 Bytes::from(compressed)
             }
+            Codec::ZstdDict(id) => {
+                let dictionary = dictionary
+                    .filter(|d| d.id == id)
+                    .ok_or(BatchError::UnknownDictionary(id))?;
+                let compressed = dictionary.compress(&self.section)?;
+                self.section.clear();
+                Bytes::from(compressed)
+            }
         };
         let chunk = EncodedChunk {
             first_offset,
@@ -217,6 +257,45 @@ impl ChunkBuilder {
         self.first_offset = None;
         self.last_offset = None;
         Ok(chunk)
+    }
+}
+
+/// A zstd dictionary prepared for compression at one level, with the id batches name it by.
+pub struct EncoderDictionary {
+    id: u32,
+    cdict: CDict<'static>,
+}
+
+impl std::fmt::Debug for EncoderDictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncoderDictionary")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EncoderDictionary {
+    /// Prepares `dictionary` (as made by `zstd::dict::from_samples`) for compressing at
+    /// `zstd_level`; [`BatchError::Compress`] if zstd refuses it.
+    pub fn new(id: u32, dictionary: &[u8], zstd_level: i32) -> Result<Self, BatchError> {
+        let cdict = CDict::try_create(dictionary, zstd_level)
+            .ok_or_else(|| BatchError::Compress(format!("zstd refused dictionary {id}")))?;
+        Ok(EncoderDictionary { id, cdict })
+    }
+
+    /// The id batches compressed with it carry.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn compress(&self, section: &[u8]) -> Result<Vec<u8>, BatchError> {
+        let error = |code| BatchError::Compress(zstd::zstd_safe::get_error_name(code).to_owned());
+        let mut cctx = CCtx::try_create()
+            .ok_or_else(|| BatchError::Compress("cannot allocate a zstd context".to_owned()))?;
+        cctx.ref_cdict(&self.cdict).map_err(error)?;
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(section.len()));
+        cctx.compress2(&mut out, section).map_err(error)?;
+        Ok(out)
     }
 }
 
@@ -292,15 +371,62 @@ pub fn decode_records(
             expected.check_plain_len(payload.len())?;
             Bytes::copy_from_slice(payload)
         }
-        Codec::Zstd => decompress(payload, uncompressed_len, limits)?,
+        Codec::Zstd => decompress(payload, uncompressed_len, limits, None)?,
+        // No dictionaries here; see [`Batch::records_with`].
+        Codec::ZstdDict(id) => return Err(BatchError::UnknownDictionary(id)),
     };
     expected.parse(section, limits)
 }
 
+/// Decompresses a payload into its record section without parsing it, under the same caps as
+/// [`decode_records`] (e.g. to re-encode a dictionary chunk for a peer without dictionaries).
+pub fn decompress_section(
+    codec: Codec,
+    uncompressed_len: u32,
+    payload: &Bytes,
+    limits: &BatchLimits,
+    dictionaries: &Dictionaries,
+) -> Result<Bytes, BatchError> {
+    if uncompressed_len > limits.max_uncompressed_bytes {
+        return Err(BatchError::TooLarge {
+            len: u64::from(uncompressed_len),
+            max: u64::from(limits.max_uncompressed_bytes),
+        });
+    }
+    match codec {
+        Codec::None => {
+            if payload.len() != uncompressed_len as usize {
+                return Err(BatchError::LengthMismatch {
+                    declared: uncompressed_len,
+                    actual: payload.len() as u64,
+                });
+            }
+            Ok(payload.clone())
+        }
+        Codec::Zstd => decompress(payload, uncompressed_len, limits, None),
+        Codec::ZstdDict(id) => decompress(
+            payload,
+            uncompressed_len,
+            limits,
+            Some(dictionaries.get(id)?),
+        ),
+    }
+}
+
 impl Batch {
     /// Decodes this batch's records; see [`decode_records`]. Uncompressed payloads are sliced
-    /// without copying.
+    /// without copying. A [`Codec::ZstdDict`] batch needs [`Batch::records_with`].
     pub fn records(&self, limits: &BatchLimits) -> Result<Vec<Record>, BatchError> {
+        self.records_with(limits, &Dictionaries::default())
+    }
+
+    /// As [`Batch::records`], decompressing a [`Codec::ZstdDict`] payload with its dictionary
+    /// from `dictionaries` ([`BatchError::UnknownDictionary`] if it is not there).
+    pub fn records_with(
+        &self,
+        limits: &BatchLimits,
+        dictionaries: &Dictionaries,
+    ) -> Result<Vec<Record>, BatchError> {
         let expected = Expected {
             uncompressed_len: self.uncompressed_len,
             first_offset: self.first_offset,
@@ -308,13 +434,13 @@ impl Batch {
             record_count: self.record_count,
         };
         expected.precheck(limits)?;
-        let section = match self.codec {
-            Codec::None => {
-                expected.check_plain_len(self.payload.len())?;
-                self.payload.clone()
-            }
-            Codec::Zstd => decompress(&self.payload, self.uncompressed_len, limits)?,
-        };
+        let section = decompress_section(
+            self.codec,
+            self.uncompressed_len,
+            &self.payload,
+            limits,
+            dictionaries,
+        )?;
         expected.parse(section, limits)
     }
 }
@@ -456,10 +582,27 @@ impl Expected {
 /// the window-size check: every frame with a window above this size goes through the cap.
 const DECOMPRESS_STEP: usize = 128 * 1024;
 
-/// Decompresses exactly one zstd frame into exactly `declared` bytes.
-fn decompress(payload: &[u8], declared: u32, limits: &BatchLimits) -> Result<Bytes, BatchError> {
+/// Decompresses exactly one zstd frame into exactly `declared` bytes, with `dictionary` if
+/// given.
+fn decompress(
+    payload: &[u8],
+    declared: u32,
+    limits: &BatchLimits,
+    dictionary: Option<&DDict<'static>>,
+) -> Result<Bytes, BatchError> {
     let zstd_err = |e: io::Error| BatchError::Decompress(e.to_string());
-    let mut decoder = Decoder::new().map_err(zstd_err)?;
+    let mut context;
+    let mut decoder = match dictionary {
+        None => Decoder::new().map_err(zstd_err)?,
+        Some(ddict) => {
+            context = DCtx::try_create()
+                .ok_or_else(|| BatchError::Decompress("cannot allocate a zstd context".into()))?;
+            context.ref_ddict(ddict).map_err(|code| {
+                BatchError::Decompress(zstd::zstd_safe::get_error_name(code).to_owned())
+            })?;
+            Decoder::with_context(&mut context)
+        }
+    };
     decoder
         .set_parameter(DParameter::WindowLogMax(limits.zstd_window_log_max))
         .map_err(zstd_err)?;

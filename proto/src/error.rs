@@ -46,6 +46,15 @@ pub enum DecodeError {
     /// A field holds a value the protocol does not allow.
     #[error("invalid frame: {0}")]
     Invalid(&'static str),
+    /// The header's version is not the one that defines the frame's layout (see
+    /// [`crate::frame`]): e.g. a dictionary batch in a version 1 header.
+    #[error("frame of layout version {frame} carries header version {header}")]
+    VersionMismatch {
+        /// Version in the header.
+        header: u8,
+        /// Version the decoded frame's layout belongs to.
+        frame: u8,
+    },
 }
 
 /// A frame that cannot be put on the wire.
@@ -149,4 +158,41 @@ pub enum BatchError {
     /// unknown flag, offset overflow).
     #[error("malformed record section: {0}")]
     Malformed(&'static str),
+    /// The batch names a dictionary the receiver was not given (or not yet: a `Batch` before
+    /// its `Dictionary`).
+    #[error("batch names unknown dictionary {0}")]
+    UnknownDictionary(u32),
+}
+
+/// A [`crate::Dictionary`] the receiver refuses to keep.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DictionaryError {
+    /// More dictionaries on one connection than allowed.
+    #[error("more than {max} dictionaries on one connection")]
+    TooMany {
+        /// The cap ([`crate::DictionaryLimits::max_dictionaries`]).
+        max: u32,
+    },
+    /// The dictionary is larger than allowed.
+    #[error("dictionary of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Its length.
+        len: u64,
+        /// The cap ([`crate::DictionaryLimits::max_dictionary_bytes`]).
+        max: u32,
+    },
+    /// An empty dictionary: zstd would treat it as none, which is never what a sender meant.
+    #[error("empty dictionary {0}")]
+    Empty(u32),
+    /// The id was already given a different dictionary on this connection.
+    #[error("dictionary {0} was already defined differently")]
+    Conflict(u32),
+    /// zstd could not load the dictionary.
+    #[error("dictionary {id} cannot be loaded: {reason}")]
+    Load {
+        /// The dictionary id.
+        id: u32,
+        /// What zstd said.
+        reason: String,
+    },
 }

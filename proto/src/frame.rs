@@ -18,11 +18,27 @@
 //! |----|-------------|----------------------------------------------------------------------|
 //! | 1  | `Hello`     | site str, min_version u8, max_version u8, software str, list of (topic str, partition i32) |
 //! | 2  | `Welcome`   | version u8, relay str, list of (topic str, partition i32, next_offset i64) |
-//! | 3  | `Batch`     | seq u64, topic str, partition i32, partition_count i32, first_offset i64, last_offset i64, next_offset i64, record_count u32, codec u8, uncompressed_len u32, payload blob |
+//! | 3  | `Batch`     | seq u64, topic str, partition i32, partition_count i32, first_offset i64, last_offset i64, next_offset i64, record_count u32, codec u8, [dictionary_id u32, only when codec = 2], uncompressed_len u32, payload blob |
 //! | 4  | `Ack`       | seq u64, next_offset i64                                             |
 //! | 5  | `Nack`      | seq u64, code u16, message str                                       |
 //! | 6  | `Heartbeat` | sent_at_ms, spool_bytes, spool_max_bytes, oldest_unacked_ms, lost_records, records_per_s (u64 each), list of (topic str, partition i32, lag_records u64) |
 //! | 7  | `Goodbye`   | code u16, reason str                                                 |
+//! | 8  | `Dictionary`| id u32, dictionary blob (version 2)                                  |
+//!
+//! Codecs (`Batch.codec`): 0 = none, 1 = zstd, 2 = zstd with the dictionary `dictionary_id`
+//! (version 2).
+//!
+//! # Versions
+//!
+//! The header's version is the *layout* version of that frame: the lowest protocol version
+//! that defines it. That is 2 for `Dictionary` and for a `Batch` with codec 2, and 1 for every
+//! other frame; encoding picks it and decoding insists on exactly it, so each frame has one
+//! encoding. `Hello` (always version 1, so any relay can read it) offers a range of versions,
+//! `Welcome.version` picks one, and a sender must not send frames of a higher version than
+//! that: a version 1 relay would refuse them as [`DecodeError::UnsupportedVersion`]. A relay
+//! that negotiated 2 learns dictionaries in-band: the agent sends `Dictionary{id}` on the
+//! stream before the first `Batch` that names `id`, once per connection; the relay keeps them
+//! in memory for that connection only (see [`crate::dictionary`]).
 //!
 //! Decoding is *check, then parse*: [`Frame::decode`] returns `Ok(None)` until a whole frame is
 //! buffered, and the body length is checked against [`Limits`] before anything is allocated.
@@ -32,7 +48,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
-use crate::PROTOCOL_VERSION;
+use crate::{MAX_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Length of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 12;
@@ -48,6 +64,7 @@ const TYPE_ACK: u8 = 4;
 const TYPE_NACK: u8 = 5;
 const TYPE_HEARTBEAT: u8 = 6;
 const TYPE_GOODBYE: u8 = 7;
+const TYPE_DICTIONARY: u8 = 8;
 
 /// Caps applied while decoding frames from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +87,8 @@ impl Default for Limits {
 /// The decoded, validated 12-byte frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
-    /// Protocol version; always [`PROTOCOL_VERSION`] after [`FrameHeader::decode`].
+    /// Layout version of the frame (see the module docs); within
+    /// [`PROTOCOL_VERSION`]`..=`[`MAX_PROTOCOL_VERSION`] after [`FrameHeader::decode`].
     pub version: u8,
     /// Frame type id (see the module docs).
     pub frame_type: u8,
@@ -81,17 +99,24 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// Decodes and validates a header: magic, version (must equal [`PROTOCOL_VERSION`], else
-    /// [`DecodeError::UnsupportedVersion`]), a known frame type, and `body_len` within `limits`.
+    /// Decodes and validates a header: magic, version (within
+    /// [`PROTOCOL_VERSION`]`..=`[`MAX_PROTOCOL_VERSION`], else
+    /// [`DecodeError::UnsupportedVersion`]), a frame type that version defines, and `body_len`
+    /// within `limits`.
     pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<FrameHeader, DecodeError> {
         let [m0, m1, version, frame_type, l0, l1, l2, l3, c0, c1, c2, c3] = *bytes;
         if [m0, m1] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if version != PROTOCOL_VERSION {
+        if !(PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        if !(TYPE_HELLO..=TYPE_GOODBYE).contains(&frame_type) {
+        let last_type = if version >= 2 {
+            TYPE_DICTIONARY
+        } else {
+            TYPE_GOODBYE
+        };
+        if !(TYPE_HELLO..=last_type).contains(&frame_type) {
             return Err(DecodeError::UnknownFrameType(frame_type));
         }
         let body_len = u32::from_be_bytes([l0, l1, l2, l3]);
@@ -170,27 +195,44 @@ pub struct Welcome {
     pub resume: Vec<ResumePoint>,
 }
 
-/// Compression of a batch payload. Wire: u8 0 = none, 1 = zstd.
+/// Compression of a batch payload. Wire: u8 0 = none, 1 = zstd, 2 = zstd with a dictionary
+/// (followed by the dictionary id, u32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     /// Payload is the uncompressed record section.
     None,
     /// Payload is one zstd frame holding the record section.
     Zstd,
+    /// Payload is one zstd frame holding the record section, compressed with the dictionary
+    /// this id names; the sender must have sent that [`Dictionary`] earlier on the connection.
+    /// Protocol version 2.
+    ZstdDict(u32),
 }
 
 impl Codec {
-    fn to_wire(self) -> u8 {
+    /// The codec's id byte on the wire (and in the agent's spool).
+    pub fn wire_id(self) -> u8 {
         match self {
             Codec::None => 0,
             Codec::Zstd => 1,
+            Codec::ZstdDict(_) => 2,
         }
     }
 
-    fn from_wire(v: u8) -> Result<Codec, DecodeError> {
-        match v {
+    /// The dictionary id, for [`Codec::ZstdDict`].
+    pub fn dictionary_id(self) -> Option<u32> {
+        match self {
+            Codec::ZstdDict(id) => Some(id),
+            Codec::None | Codec::Zstd => None,
+        }
+    }
+
+    /// The codec from its id byte and, for id 2, its dictionary id (ignored otherwise).
+    pub fn from_wire(id: u8, dictionary_id: u32) -> Result<Codec, DecodeError> {
+        match id {
             0 => Ok(Codec::None),
             1 => Ok(Codec::Zstd),
+            2 => Ok(Codec::ZstdDict(dictionary_id)),
             other => Err(DecodeError::UnknownCodec(other)),
         }
     }
@@ -234,6 +276,18 @@ pub struct Ack {
     pub seq: u64,
     /// Source position after everything acked on the batch's partition.
     pub next_offset: i64,
+}
+
+/// A zstd dictionary for later batches of this connection, agent → relay (version 2).
+///
+/// Sent once per connection, before the first [`Batch`] whose codec names `id`. The receiver
+/// keeps it only for the connection, within its limits ([`crate::DictionaryLimits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dictionary {
+    /// Sender-chosen id, unique among the dictionaries of the connection.
+    pub id: u32,
+    /// The zstd dictionary (as `zstd::dict::from_samples` makes it).
+    pub dictionary: Bytes,
 }
 
 /// Why a batch was refused. Wire u16: 1..=4; any other value decodes as `Unknown`.
@@ -373,6 +427,8 @@ pub enum Frame {
     Heartbeat(Heartbeat),
     /// See [`Goodbye`].
     Goodbye(Goodbye),
+    /// See [`Dictionary`].
+    Dictionary(Dictionary),
 }
 
 impl Frame {
@@ -391,7 +447,7 @@ impl Frame {
             let body_len =
                 u32::try_from(body.len()).map_err(|_| EncodeError::FrameTooLarge(body.len()))?;
             let header = FrameHeader {
-                version: PROTOCOL_VERSION,
+                version: self.version(),
                 frame_type: self.type_id(),
                 body_len,
                 checksum: crc32fast::hash(body),
@@ -465,7 +521,10 @@ impl Frame {
                 last_offset: r.i64("batch.last_offset")?,
                 next_offset: r.i64("batch.next_offset")?,
                 record_count: r.u32("batch.record_count")?,
-                codec: Codec::from_wire(r.u8("batch.codec")?)?,
+                codec: match r.u8("batch.codec")? {
+                    2 => Codec::ZstdDict(r.u32("batch.dictionary_id")?),
+                    other => Codec::from_wire(other, 0)?,
+                },
                 uncompressed_len: r.u32("batch.uncompressed_len")?,
                 payload: r.blob("batch.payload")?,
             }),
@@ -497,10 +556,23 @@ impl Frame {
                 code: GoodbyeCode::from_wire(r.u16("goodbye.code")?),
                 reason: r.string("goodbye.reason")?,
             }),
+            TYPE_DICTIONARY => Frame::Dictionary(Dictionary {
+                id: r.u32("dictionary.id")?,
+                dictionary: r.blob("dictionary.dictionary")?,
+            }),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if !r.buf.is_empty() {
             return Err(DecodeError::TrailingBytes(r.buf.len()));
+        }
+        // One encoding per frame: a version 2 layout must say so (a version 1 peer would
+        // misread it), and a version 1 frame must not claim more.
+        let version = frame.version();
+        if header.version != version {
+            return Err(DecodeError::VersionMismatch {
+                header: header.version,
+                frame: version,
+            });
         }
         Ok(frame)
     }
@@ -534,6 +606,20 @@ impl Frame {
             Frame::Nack(_) => "Nack",
             Frame::Heartbeat(_) => "Heartbeat",
             Frame::Goodbye(_) => "Goodbye",
+            Frame::Dictionary(_) => "Dictionary",
+        }
+    }
+
+    /// The protocol version that defines this frame's layout, written in its header: 2 for
+    /// [`Dictionary`] and for a [`Batch`] with [`Codec::ZstdDict`], else 1.
+    pub fn version(&self) -> u8 {
+        match self {
+            Frame::Dictionary(_)
+            | Frame::Batch(Batch {
+                codec: Codec::ZstdDict(_),
+                ..
+            }) => 2,
+            _ => PROTOCOL_VERSION,
         }
     }
 
@@ -546,6 +632,7 @@ impl Frame {
             Frame::Nack(_) => TYPE_NACK,
             Frame::Heartbeat(_) => TYPE_HEARTBEAT,
             Frame::Goodbye(_) => TYPE_GOODBYE,
+            Frame::Dictionary(_) => TYPE_DICTIONARY,
         }
     }
 
@@ -581,7 +668,10 @@ impl Frame {
                 dst.put_i64(b.last_offset);
                 dst.put_i64(b.next_offset);
                 dst.put_u32(b.record_count);
-                dst.put_u8(b.codec.to_wire());
+                dst.put_u8(b.codec.wire_id());
+                if let Codec::ZstdDict(id) = b.codec {
+                    dst.put_u32(id);
+                }
                 dst.put_u32(b.uncompressed_len);
                 let len = u32::try_from(b.payload.len())
                     .map_err(|_| EncodeError::FrameTooLarge(b.payload.len()))?;
@@ -616,6 +706,14 @@ impl Frame {
             Frame::Goodbye(g) => {
                 dst.put_u16(g.code.to_wire());
                 put_string(dst, "goodbye.reason", &g.reason)
+            }
+            Frame::Dictionary(d) => {
+                dst.put_u32(d.id);
+                let len = u32::try_from(d.dictionary.len())
+                    .map_err(|_| EncodeError::FrameTooLarge(d.dictionary.len()))?;
+                dst.put_u32(len);
+                dst.put_slice(&d.dictionary);
+                Ok(())
             }
         }
     }

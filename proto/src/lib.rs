@@ -7,18 +7,25 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod dictionary;
 pub mod error;
 pub mod frame;
 
 pub use batch::*;
+pub use dictionary::*;
 pub use error::*;
 pub use frame::*;
 
 /// TLS ALPN protocol id negotiated on the QUIC connection.
 pub const ALPN: &[u8] = b"spoke/1";
 
-/// The protocol version written in every frame header; the only version so far.
+/// The first protocol version: the layout version of every frame except those added by later
+/// versions (see [`frame`]), and the lowest version a peer may offer in `Hello`.
 pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The highest protocol version this build speaks. Version 2 adds the `Dictionary` frame and
+/// the dictionary codec ([`Codec::ZstdDict`]).
+pub const MAX_PROTOCOL_VERSION: u8 = 2;
 
 /// Default UDP port of the relay.
 pub const DEFAULT_PORT: u16 = 7000;

@@ -75,6 +75,10 @@ fn all_frames() -> Vec<Frame> {
             code: GoodbyeCode::NotAuthorized,
             reason: "unknown site".into(),
         }),
+        Frame::Dictionary(Dictionary {
+            id: 3,
+            dictionary: Bytes::from_static(b"\x37\xa4\x30\xec dictionary"),
+        }),
     ]
 }
 
@@ -163,8 +167,15 @@ fn header_rejections_are_typed() {
         Err(DecodeError::BadMagic)
     );
     assert_eq!(
+        Frame::decode(&with(2, 3), &limits),
+        Err(DecodeError::UnsupportedVersion(3))
+    );
+    assert_eq!(
         Frame::decode(&with(2, 2), &limits),
-        Err(DecodeError::UnsupportedVersion(2))
+        Err(DecodeError::VersionMismatch {
+            header: 2,
+            frame: 1
+        })
     );
     assert_eq!(
         Frame::decode(&with(3, 0), &limits),
@@ -319,7 +330,8 @@ fn names() {
             "Nack",
             "Heartbeat",
             "Heartbeat",
-            "Goodbye"
+            "Goodbye",
+            "Dictionary"
         ]
     );
 }

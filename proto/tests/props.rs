@@ -52,7 +52,11 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), text(), any::<i32>(), any::<i32>()),
         (any::<i64>(), any::<i64>(), any::<i64>(), any::<u32>()),
         (
-            prop_oneof![Just(Codec::None), Just(Codec::Zstd)],
+            prop_oneof![
+                Just(Codec::None),
+                Just(Codec::Zstd),
+                any::<u32>().prop_map(Codec::ZstdDict)
+            ],
             any::<u32>(),
             prop::collection::vec(any::<u8>(), 0..64),
         ),
@@ -122,7 +126,14 @@ fn frame() -> impl Strategy<Value = Frame> {
     ];
     let goodbye =
         (goodbye_code, text()).prop_map(|(code, reason)| Frame::Goodbye(Goodbye { code, reason }));
-    prop_oneof![hello, welcome, batch, ack, nack, heartbeat, goodbye]
+    let dictionary =
+        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(id, dictionary)| {
+            Frame::Dictionary(Dictionary {
+                id,
+                dictionary: Bytes::from(dictionary),
+            })
+        });
+    prop_oneof![hello, welcome, batch, ack, nack, heartbeat, goodbye, dictionary]
 }
 
 fn nullable() -> impl Strategy<Value = Option<Bytes>> {
@@ -261,7 +272,9 @@ proptest! {
     }
 
     #[test]
-    fn unknown_version_and_type_are_typed(frame in frame(), version in 2u8.., frame_type in 8u8..) {
+    fn unknown_version_and_type_are_typed(
+        frame in frame(), version in MAX_PROTOCOL_VERSION + 1.., frame_type in 9u8..,
+    ) {
         let bytes = frame.to_bytes().expect("encode").to_vec();
         let mut v = bytes.clone();
         v[2] = version;
@@ -275,9 +288,19 @@ proptest! {
             Frame::decode(&t, &Limits::default()),
             Err(DecodeError::UnknownFrameType(frame_type))
         );
-        let mut z = bytes;
+        let mut z = bytes.clone();
         z[3] = 0;
         prop_assert_eq!(Frame::decode(&z, &Limits::default()), Err(DecodeError::UnknownFrameType(0)));
+        // Every frame has exactly one header version: the other known one is refused.
+        let mut other = bytes;
+        let (own, flipped) = if frame.version() == 1 { (1, 2) } else { (2, 1) };
+        other[2] = flipped;
+        let refused = Frame::decode(&other, &Limits::default());
+        if let Frame::Dictionary(_) = frame {
+            prop_assert_eq!(refused, Err(DecodeError::UnknownFrameType(8)));
+        } else {
+            prop_assert_eq!(refused, Err(DecodeError::VersionMismatch { header: flipped, frame: own }));
+        }
     }
 
     #[test]
@@ -289,9 +312,10 @@ proptest! {
     /// rather than bouncing off the CRC.
     #[test]
     fn random_bodies_never_panic_the_body_parsers(
-        frame_type in 1u8..=7, body in prop::collection::vec(any::<u8>(), 0..128),
+        frame_type in 1u8..=8, version in PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION,
+        body in prop::collection::vec(any::<u8>(), 0..128),
     ) {
-        let mut bytes = vec![b'S', b'K', PROTOCOL_VERSION, frame_type];
+        let mut bytes = vec![b'S', b'K', version, frame_type];
         bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
         bytes.extend_from_slice(&body);
@@ -366,6 +390,8 @@ proptest! {
                 (!fits && is_limit_error(e, &limits)) || matches!(e, BatchError::Decompress(_)),
                 "{:?}", e
             ),
+            // codec() yields no dictionary codec; tests/dictionary.rs covers it.
+            (Err(e), Codec::ZstdDict(_)) => prop_assert!(false, "{:?}", e),
         }
     }
 

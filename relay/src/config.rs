@@ -82,12 +82,18 @@ pub struct LimitsConfig {
     pub max_headers_per_record: u32,
     /// Header keys plus values of one record.
     pub max_header_bytes: ByteSize,
+    /// zstd dictionaries one connection may define (protocol version 2); kept in memory for
+    /// the connection only.
+    pub max_dictionaries: u32,
+    /// Largest zstd dictionary an agent may send.
+    pub max_dictionary_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         let frame = spoke_proto::Limits::default();
         let batch = spoke_proto::BatchLimits::default();
+        let dictionary = spoke_proto::DictionaryLimits::default();
         Self {
             max_connections: 1000,
             max_connections_per_site: 4,
@@ -104,6 +110,8 @@ impl Default for LimitsConfig {
             max_records_per_batch: batch.max_records,
             max_headers_per_record: batch.max_headers_per_record,
             max_header_bytes: ByteSize::b(u64::from(batch.max_header_bytes)),
+            max_dictionaries: dictionary.max_dictionaries,
+            max_dictionary_bytes: ByteSize::b(u64::from(dictionary.max_dictionary_bytes)),
         }
     }
 }
@@ -124,6 +132,14 @@ impl LimitsConfig {
             max_headers_per_record: self.max_headers_per_record,
             max_header_bytes: clamp_u32(self.max_header_bytes),
             ..spoke_proto::BatchLimits::default()
+        }
+    }
+
+    /// The dictionary caps for spoke-proto; valid after [`load`] checked them.
+    pub fn dictionary_limits(&self) -> spoke_proto::DictionaryLimits {
+        spoke_proto::DictionaryLimits {
+            max_dictionaries: self.max_dictionaries,
+            max_dictionary_bytes: clamp_u32(self.max_dictionary_bytes),
         }
     }
 
@@ -169,6 +185,7 @@ impl LimitsConfig {
             ("limits.max_frame_bytes", self.max_frame_bytes),
             ("limits.max_batch_bytes", self.max_batch_bytes),
             ("limits.max_header_bytes", self.max_header_bytes),
+            ("limits.max_dictionary_bytes", self.max_dictionary_bytes),
         ];
         for (key, value) in sizes {
             // The frame and batch formats carry lengths as u32.
@@ -484,6 +501,10 @@ allow = ["orders", "telemetry\\..*"]
         assert_eq!(limits.max_partitions_per_topic, 10_000);
         assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());
         assert_eq!(limits.batch_limits(), spoke_proto::BatchLimits::default());
+        assert_eq!(
+            limits.dictionary_limits(),
+            spoke_proto::DictionaryLimits::default()
+        );
         assert!(loaded.deny.is_empty());
     }
 

@@ -88,6 +88,7 @@ pub struct Fleet {
     pub registry: Registry,
     sites_connected: Gauge,
     records: Family<Labels, Counter>,
+    dictionary_batches: Counter,
     rejected: Family<Labels, Counter>,
     site_lag: Family<Labels, Gauge>,
     site_spool_bytes: Family<Labels, Gauge>,
@@ -123,6 +124,7 @@ impl Fleet {
             sites: Mutex::new(BTreeMap::new()),
             sites_connected: Gauge::default(),
             records: Family::default(),
+            dictionary_batches: Counter::default(),
             rejected: Family::default(),
             site_lag: Family::default(),
             site_spool_bytes: Family::default(),
@@ -140,6 +142,11 @@ impl Fleet {
             "spoke_relay_records",
             "Records this relay confirmed in the hub, by site",
             fleet.records.clone(),
+        );
+        registry.register(
+            "spoke_relay_dictionary_batches",
+            "Batches decoded with a zstd dictionary the agent sent (protocol version 2)",
+            fleet.dictionary_batches.clone(),
         );
         registry.register(
             "spoke_relay_rejected",
@@ -211,6 +218,11 @@ impl Fleet {
             fleet: self.clone(),
             site: site.to_owned(),
         }
+    }
+
+    /// Counts a batch decoded with a dictionary.
+    pub fn dictionary_batch(&self) {
+        self.dictionary_batches.inc();
     }
 
     pub fn records(&self, site: &str, count: u64) {

@@ -95,6 +95,7 @@ pub async fn run(
         delivery: config.hub.delivery,
         frame_limits: limits.frame_limits(),
         batch_limits: limits.batch_limits(),
+        dictionary_limits: limits.dictionary_limits(),
         limits: limits.clone(),
         relay_name: relay_name.clone(),
         handoff: session::Handoff::default(),

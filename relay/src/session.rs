@@ -14,8 +14,9 @@ use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use regex::Regex;
 use spoke_proto::{
-    Ack, Batch, BatchLimits, Frame, Goodbye, GoodbyeCode, Hello, Limits, Nack, NackCode,
-    ResumePoint, Welcome, PROTOCOL_VERSION,
+    Ack, Batch, BatchLimits, Dictionaries, DictionaryError, DictionaryLimits, Frame, Goodbye,
+    GoodbyeCode, Hello, Limits, Nack, NackCode, ResumePoint, Welcome, MAX_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +57,7 @@ pub struct SessionContext {
     pub delivery: Delivery,
     pub frame_limits: Limits,
     pub batch_limits: BatchLimits,
+    pub dictionary_limits: DictionaryLimits,
     pub relay_name: String,
     pub fleet: Arc<crate::fleet::Fleet>,
     pub handoff: Handoff,
@@ -195,7 +197,7 @@ pub enum SessionError {
     SiteMismatch { claimed: String, certified: String },
     #[error("Hello lists {count} partitions; this relay accepts at most {max} (limits.max_partitions_per_hello)")]
     TooManyPartitions { count: usize, max: u32 },
-    #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION})")]
+    #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION}..={MAX_PROTOCOL_VERSION})")]
     Version { min: u8, max: u8 },
     #[error("no Hello within {0:?}")]
     HelloTimeout(Duration),
@@ -218,6 +220,14 @@ pub enum SessionError {
         topic: String,
         partition: i32,
         reason: String,
+    },
+    #[error("dictionary {id}: {source}")]
+    Dictionary { id: u32, source: DictionaryError },
+    #[error("{frame} frame of protocol version {frame_version} in a session of version {version}")]
+    AboveVersion {
+        frame: &'static str,
+        frame_version: u8,
+        version: u8,
     },
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -246,6 +256,8 @@ impl SessionError {
             | Self::TooManyPartitions { .. }
             | Self::Unexpected { .. }
             | Self::BadBatch { .. }
+            | Self::Dictionary { .. }
+            | Self::AboveVersion { .. }
             | Self::Wire(WireError::Decode(_))
             | Self::Wire(WireError::Read(quinn::ReadExactError::FinishedEarly(_))) => {
                 Some(reject::PROTOCOL)
@@ -489,7 +501,7 @@ async fn serve_site(
     }
     info!(partitions = resume_points.len(), "site connected");
     let welcome = Welcome {
-        version: PROTOCOL_VERSION,
+        version: negotiated_version(&hello),
         relay: context.relay_name.clone(),
         resume: resume_points,
     };
@@ -514,6 +526,8 @@ async fn serve_site(
         resume,
         queue,
         committed: committed_rx,
+        version: negotiated_version(&hello),
+        dictionaries: Dictionaries::new(context.dictionary_limits),
     };
     // The reader ending (the agent finished its stream or said Goodbye) drops the queue, and
     // the acker then drains what is still unconfirmed; the acker failing ends the session.
@@ -541,13 +555,21 @@ fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), Ses
             max: max_partitions,
         });
     }
-    if !(hello.min_version..=hello.max_version).contains(&PROTOCOL_VERSION) {
+    if hello.min_version > MAX_PROTOCOL_VERSION
+        || hello.max_version < PROTOCOL_VERSION
+        || hello.min_version > hello.max_version
+    {
         return Err(SessionError::Version {
             min: hello.min_version,
             max: hello.max_version,
         });
     }
     Ok(())
+}
+
+/// The highest version both sides speak; [`check_hello`] made sure there is one.
+fn negotiated_version(hello: &Hello) -> u8 {
+    hello.max_version.min(MAX_PROTOCOL_VERSION)
 }
 
 /// Kafka's rule for topic names. The template and site name are valid by configuration, so
@@ -589,6 +611,10 @@ struct Reader<'a> {
     queue: mpsc::Sender<Outcome>,
     /// Transactions only: one message per committed batch.
     committed: Option<mpsc::Receiver<()>>,
+    /// Protocol version chosen in `Welcome`: frames above it are the peer's error.
+    version: u8,
+    /// Dictionaries the agent sent on this connection (relays keep no state beyond it).
+    dictionaries: Dictionaries,
 }
 
 impl Reader<'_> {
@@ -600,9 +626,32 @@ impl Reader<'_> {
                 self.session.context.limits.read_timeout,
             )
             .await?;
+            if let Some(frame) = &frame {
+                if frame.version() > self.version {
+                    return Err(SessionError::AboveVersion {
+                        frame: frame.name(),
+                        frame_version: frame.version(),
+                        version: self.version,
+                    });
+                }
+            }
             let outcome = match frame {
                 None => return Ok(()),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
+                Some(Frame::Dictionary(dictionary)) => {
+                    self.dictionaries.insert(&dictionary).map_err(|source| {
+                        SessionError::Dictionary {
+                            id: dictionary.id,
+                            source,
+                        }
+                    })?;
+                    debug!(
+                        id = dictionary.id,
+                        bytes = dictionary.dictionary.len(),
+                        "dictionary"
+                    );
+                    continue;
+                }
                 Some(Frame::Heartbeat(heartbeat)) => {
                     debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
                     self.session
@@ -617,7 +666,7 @@ impl Reader<'_> {
                 }
                 Some(other) => {
                     return Err(SessionError::Unexpected {
-                        expected: "Batch, Heartbeat or Goodbye",
+                        expected: "Batch, Dictionary, Heartbeat or Goodbye",
                         got: other.name(),
                     })
                 }
@@ -682,8 +731,11 @@ impl Reader<'_> {
         let target = hub_topic(&context.topic_template, site, &batch.topic);
         check_hub_topic_name(&target).map_err(|reason| bad_batch(reason.into()))?;
         let records = batch
-            .records(&context.batch_limits)
+            .records_with(&context.batch_limits, &self.dictionaries)
             .map_err(|e| bad_batch(e.to_string()))?;
+        if batch.codec.dictionary_id().is_some() {
+            context.fleet.dictionary_batch();
+        }
         let hub_partitions = context
             .hub
             .ensure_topic(&target, batch.partition_count)
@@ -1073,6 +1125,33 @@ mod tests {
         let sites = connections.sites.lock().expect("lock");
         assert_eq!(sites.get("branch-1"), None, "empty entries are removed");
         assert_eq!(sites.get("branch-2"), Some(&1));
+    }
+
+    #[test]
+    fn the_highest_common_version_is_chosen() {
+        let with = |min, max| Hello {
+            min_version: min,
+            max_version: max,
+            ..hello("s", 0)
+        };
+        // A version 1 agent keeps version 1 (no dictionaries); a newer one gets 2.
+        assert_eq!(negotiated_version(&with(1, 1)), 1);
+        assert_eq!(negotiated_version(&with(1, 2)), 2);
+        assert_eq!(negotiated_version(&with(2, 9)), 2);
+        check_hello(&with(1, 2), "s", 1).expect("overlap");
+        check_hello(&with(2, 9), "s", 1).expect("overlap");
+        for (min, max) in [(3, 9), (0, 0), (2, 1)] {
+            let error = check_hello(&with(min, max), "s", 1).expect_err("no overlap");
+            assert!(matches!(error, SessionError::Version { .. }), "{error}");
+            assert_eq!(error.reject_reason(), Some(crate::fleet::reject::PROTOCOL));
+        }
+        let above = SessionError::AboveVersion {
+            frame: "Dictionary",
+            frame_version: 2,
+            version: 1,
+        };
+        assert_eq!(above.reject_reason(), Some(crate::fleet::reject::PROTOCOL));
+        assert_eq!(above.close_code(), close_code::PROTOCOL_ERROR);
     }
 
     fn hello(site: &str, partitions: usize) -> Hello {

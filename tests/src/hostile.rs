@@ -286,7 +286,7 @@ pub fn extreme_heartbeat(entries: i32) -> Frame {
 pub fn future_hello(site: &str) -> Frame {
     let mut frame = hello(site);
     if let Frame::Hello(hello) = &mut frame {
-        hello.min_version = PROTOCOL_VERSION + 1;
+        hello.min_version = spoke_proto::MAX_PROTOCOL_VERSION + 1;
         hello.max_version = u8::MAX;
     }
     frame

@@ -18,7 +18,7 @@
 //! A chunk and the source position after it are written in **one** atomic sled batch, so after a
 //! crash either both are there or neither is: reading resumes exactly where the spool ends.
 //!
-//! # On-disk format (sled, default tree, format version 1)
+//! # On-disk format (sled, default tree, chunk format version 2)
 //!
 //! All integers are big-endian. Signed integers used in keys are stored with the sign bit flipped
 //! (`x ^ i64::MIN`), so that byte order equals numeric order. A Kafka topic name never contains a
@@ -28,11 +28,11 @@
 //! * Position: key `b'p' ++ topic ++ 0x00 ++ partition (i32, flipped)`; value: the next source
 //!   offset (`i64`, 8 bytes, not flipped).
 //! * Chunk: key `b'c' ++ topic ++ 0x00 ++ partition (i32, flipped) ++ first_offset (i64,
-//!   flipped)`; value, a 46-byte header then the payload exactly as it will be shipped:
+//!   flipped)`; value, a 51-byte header then the payload exactly as it will be shipped:
 //!
 //!   | bytes  | field                                                     |
 //!   |--------|-----------------------------------------------------------|
-//!   | 0      | format version, `1`                                       |
+//!   | 0      | format version, `2`                                       |
 //!   | 1..9   | `last_offset` (i64)                                       |
 //!   | 9..17  | `next_offset` (i64)                                       |
 //!   | 17..21 | `record_count` (u32)                                      |
@@ -40,14 +40,26 @@
 //!   | 22..26 | `uncompressed_len` (u32)                                  |
 //!   | 26..34 | `spooled_at_ms` (u64, wall clock)                         |
 //!   | 34..42 | append sequence number (u64)                              |
-//!   | 42..46 | CRC32 (IEEE) over the key, value bytes 0..42 and payload  |
-//!   | 46..   | payload                                                   |
+//!   | 42     | `1` if the payload needs a dictionary, else `0`           |
+//!   | 43..47 | dictionary id (u32; 0 when byte 42 is 0)                  |
+//!   | 47..51 | CRC32 (IEEE) over the key, value bytes 0..47 and payload  |
+//!   | 51..   | payload                                                   |
 //!
 //!   The checksum covers the key too, so a value found under the wrong key is detected. It is
-//!   verified on every read and on open; a mismatch is [`SpoolError::Corrupt`].
+//!   verified on every read and on open; a mismatch is [`SpoolError::Corrupt`]. Format
+//!   version 1 (written before dictionaries existed) is the same without bytes 42..47 (a
+//!   46-byte header); it is still read, as a chunk without a dictionary, so an upgraded agent
+//!   ships what an older one spooled. Every write uses version 2.
+//! * Dictionary: key `b'd' ++ id (u32)`; value: format version `1` (u8), CRC32 (u32) over the
+//!   key and the rest of the value, topic length (u16), topic, then the zstd dictionary. A
+//!   dictionary is written (and flushed) before the first chunk that names it, and deleted
+//!   only once no chunk names it ([`Spool::remove_unused_dictionaries`]), so every spooled
+//!   chunk stays decodable across restarts. An agent older than the dictionary support
+//!   refuses such a spool on open (unknown key) rather than misreading it.
 //!
 //! The append sequence number orders chunks globally for [`Spool::pop_oldest`]; on open it
-//! continues after the largest one stored.
+//! continues after the largest one stored. Dictionary ids likewise continue after the largest
+//! stored, and are never reused while the process runs.
 //!
 //! # Accounting
 //!
@@ -96,6 +108,8 @@ pub struct Chunk {
     pub record_count: u32,
     /// wire codec id, opaque to the spool
     pub codec: u8,
+    /// the stored dictionary the payload was compressed with, if any
+    pub dictionary: Option<u32>,
     pub uncompressed_len: u32,
     /// wall clock when spooled, for "oldest unacked" age
     pub spooled_at_ms: u64,
@@ -119,6 +133,15 @@ impl Chunk {
             )))
         }
     }
+}
+
+/// A zstd dictionary kept in the spool for the chunks that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDictionary {
+    pub id: u32,
+    /// the source topic it was trained on
+    pub topic: String,
+    pub bytes: bytes::Bytes,
 }
 
 /// What the spool holds: chunks only (positions are not counted).
@@ -159,6 +182,16 @@ pub enum SpoolError {
     /// Another process still held the spool's lock after `open` waited for it.
     #[error("spool {0} is locked by another process (is another spoke-agent running?)")]
     Locked(String),
+    /// `append` of a chunk naming a dictionary the spool does not hold.
+    #[error("chunk for {partition}:{first} names dictionary {id}, which is not in the spool")]
+    UnknownDictionary {
+        partition: String,
+        first: i64,
+        id: u32,
+    },
+    /// Every dictionary id is taken (2^32 dictionaries in one process).
+    #[error("no dictionary id left")]
+    DictionaryIds,
     /// `append` of a chunk that starts before the partition's spooled position.
     #[error("chunk for {partition}:{first} does not follow the spooled position {position}")]
     OutOfOrder {
@@ -211,9 +244,30 @@ pub trait Spool: Send + Sync + 'static {
     fn oldest_spooled_at_ms(&self) -> Result<Option<u64>, SpoolError>;
     /// Byte accounting (see [`SpoolStats`]); kept in memory, rebuilt by scanning on open.
     fn stats(&self) -> SpoolStats;
+    /// Stores a zstd dictionary trained on `topic` under a new id, which it returns. Not
+    /// durable until flush; flush before appending a chunk that names it.
+    fn add_dictionary(&self, topic: &str, bytes: &[u8]) -> Result<u32, SpoolError>;
+    /// The dictionary `id`, if stored.
+    fn dictionary(&self, id: u32) -> Result<Option<StoredDictionary>, SpoolError>;
+    /// Every stored dictionary, by id.
+    fn dictionaries(&self) -> Result<Vec<StoredDictionary>, SpoolError>;
+    /// Deletes each dictionary that no chunk names and `keep` does not claim; returns their
+    /// ids. Not durable until flush.
+    fn remove_unused_dictionaries(
+        &self,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<Vec<u32>, SpoolError>;
     /// Makes every earlier write durable (sled: `Db::flush`). Only after this returns may the
     /// caller treat appended data as safely spooled / source positions as safe.
     fn flush(&self) -> Result<(), SpoolError>;
+}
+
+fn unknown_dictionary(chunk: &Chunk, id: u32) -> SpoolError {
+    SpoolError::UnknownDictionary {
+        partition: chunk.partition.to_string(),
+        first: chunk.first_offset,
+        id,
+    }
 }
 
 fn out_of_order(chunk: &Chunk, position: i64) -> SpoolError {
@@ -247,6 +301,7 @@ mod tests {
             next_offset: next,
             record_count: u32::try_from(last - first + 1).unwrap_or(u32::MAX),
             codec: 4,
+            dictionary: None,
             uncompressed_len: 1000,
             spooled_at_ms: at,
             payload: Bytes::from(payload),
@@ -542,6 +597,65 @@ mod tests {
         assert_eq!(s.chunks_from(&a, 10, 1).expect("spool op"), vec![e]);
     }
     both!(stats, stats_count);
+
+    fn dictionaries_live_as_long_as_their_chunks(s: &dyn Spool) {
+        let a = sp("a", 0);
+        let first = s.add_dictionary("a", b"dict-one").expect("spool op");
+        let second = s.add_dictionary("a", b"dict-two").expect("spool op");
+        assert_ne!(first, second);
+        assert_eq!(
+            s.dictionary(first).expect("spool op"),
+            Some(StoredDictionary {
+                id: first,
+                topic: "a".into(),
+                bytes: Bytes::from_static(b"dict-one")
+            })
+        );
+        let mut c = chunk(&a, 0, 4, 5, 1);
+        c.dictionary = Some(first);
+        s.append(&c).expect("spool op");
+        let mut orphan = chunk(&a, 5, 5, 6, 1);
+        orphan.dictionary = Some(second + 100);
+        assert!(matches!(
+            s.append(&orphan),
+            Err(SpoolError::UnknownDictionary { .. })
+        ));
+        assert_eq!(s.chunks_from(&a, 0, 10).expect("spool op"), vec![c.clone()]);
+        // Only the dictionary no chunk names, and not kept, goes.
+        assert_eq!(
+            s.remove_unused_dictionaries(&|id| id == second)
+                .expect("spool op"),
+            Vec::<u32>::new()
+        );
+        assert_eq!(
+            s.remove_unused_dictionaries(&|_| false).expect("spool op"),
+            vec![second]
+        );
+        assert_eq!(s.dictionaries().expect("spool op").len(), 1);
+        s.remove_acked(&a, 5).expect("spool op");
+        assert_eq!(
+            s.remove_unused_dictionaries(&|_| false).expect("spool op"),
+            vec![first]
+        );
+        assert_eq!(s.dictionary(first).expect("spool op"), None);
+        // Ids are not reused.
+        assert!(s.add_dictionary("b", b"dict-three").expect("spool op") > second);
+        // A popped chunk frees its dictionary too.
+        let third = s.dictionaries().expect("spool op")[0].id;
+        let mut c = chunk(&a, 10, 10, 11, 1);
+        c.dictionary = Some(third);
+        s.append(&c).expect("spool op");
+        assert_eq!(
+            s.remove_unused_dictionaries(&|_| false).expect("spool op"),
+            Vec::<u32>::new()
+        );
+        assert_eq!(s.pop_oldest(&|_, _| false).expect("spool op"), Some(c));
+        assert_eq!(
+            s.remove_unused_dictionaries(&|_| false).expect("spool op"),
+            vec![third]
+        );
+    }
+    both!(dictionaries, dictionaries_live_as_long_as_their_chunks);
 
     // ---- model-based property test: SledSpool against MemorySpool ----
 

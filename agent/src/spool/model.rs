@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{out_of_order, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats};
+use super::{
+    out_of_order, unknown_dictionary, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats,
+    StoredDictionary,
+};
 
 /// In-memory spool: the reference model [`super::SledSpool`] is tested against. Nothing is
 /// durable; `flush` does nothing. Never returns [`SpoolError::Storage`].
@@ -18,6 +21,8 @@ struct Inner {
     /// (partition, first_offset) → (append sequence, chunk)
     chunks: BTreeMap<(SourcePartition, i64), (u64, Chunk)>,
     next_seq: u64,
+    dictionaries: BTreeMap<u32, StoredDictionary>,
+    next_dictionary: u32,
 }
 
 impl MemorySpool {
@@ -38,6 +43,11 @@ impl Spool for MemorySpool {
         if let Some(&position) = inner.positions.get(&chunk.partition) {
             if chunk.first_offset < position {
                 return Err(out_of_order(chunk, position));
+            }
+        }
+        if let Some(id) = chunk.dictionary {
+            if !inner.dictionaries.contains_key(&id) {
+                return Err(unknown_dictionary(chunk, id));
             }
         }
         let seq = inner.next_seq;
@@ -146,6 +156,51 @@ impl Spool for MemorySpool {
             stats.records += u64::from(c.record_count);
         }
         stats
+    }
+
+    fn add_dictionary(&self, topic: &str, bytes: &[u8]) -> Result<u32, SpoolError> {
+        let mut inner = self.lock();
+        let id = inner.next_dictionary;
+        inner.next_dictionary = id.checked_add(1).ok_or(SpoolError::DictionaryIds)?;
+        inner.dictionaries.insert(
+            id,
+            StoredDictionary {
+                id,
+                topic: topic.to_owned(),
+                bytes: bytes::Bytes::copy_from_slice(bytes),
+            },
+        );
+        Ok(id)
+    }
+
+    fn dictionary(&self, id: u32) -> Result<Option<StoredDictionary>, SpoolError> {
+        Ok(self.lock().dictionaries.get(&id).cloned())
+    }
+
+    fn dictionaries(&self) -> Result<Vec<StoredDictionary>, SpoolError> {
+        Ok(self.lock().dictionaries.values().cloned().collect())
+    }
+
+    fn remove_unused_dictionaries(
+        &self,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<Vec<u32>, SpoolError> {
+        let mut inner = self.lock();
+        let used: std::collections::BTreeSet<u32> = inner
+            .chunks
+            .values()
+            .filter_map(|(_, c)| c.dictionary)
+            .collect();
+        let unused: Vec<u32> = inner
+            .dictionaries
+            .keys()
+            .copied()
+            .filter(|id| !used.contains(id) && !keep(*id))
+            .collect();
+        for id in &unused {
+            inner.dictionaries.remove(id);
+        }
+        Ok(unused)
     }
 
     fn flush(&self) -> Result<(), SpoolError> {

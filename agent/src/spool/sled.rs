@@ -9,18 +9,26 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use ::sled::{Batch, Db, IVec};
 use bytes::Bytes;
 
-use super::{out_of_order, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats};
+use super::{
+    out_of_order, unknown_dictionary, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats,
+    StoredDictionary,
+};
 
 /// sled's page cache; the spool is written once and read about once, so it need not be big.
 const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 
 const CHUNK_TAG: u8 = b'c';
 const POSITION_TAG: u8 = b'p';
-const FORMAT_VERSION: u8 = 1;
-/// version, last, next, record_count, codec, uncompressed_len, spooled_at_ms, seq, crc
-const HEADER_LEN: usize = 1 + 8 + 8 + 4 + 1 + 4 + 8 + 8 + 4;
+const DICTIONARY_TAG: u8 = b'd';
+const FORMAT_VERSION: u8 = 2;
+/// version, last, next, record_count, codec, uncompressed_len, spooled_at_ms, seq,
+/// has_dictionary, dictionary id, crc
+const HEADER_LEN: usize = 1 + 8 + 8 + 4 + 1 + 4 + 8 + 8 + 1 + 4 + 4;
 /// the CRC is stored at `CRC_AT..HEADER_LEN` and covers the key, `0..CRC_AT` and the payload
 const CRC_AT: usize = HEADER_LEN - 4;
+/// Format version 1: the same without the dictionary fields; still read.
+const V1_HEADER_LEN: usize = HEADER_LEN - 5;
+const DICTIONARY_FORMAT_VERSION: u8 = 1;
 
 /// The spool on sled (one database, its default tree). See the module doc of [`super`].
 ///
@@ -43,6 +51,9 @@ struct State {
     by_age: BTreeSet<(u64, u64)>,
     stats: SpoolStats,
     next_seq: u64,
+    /// dictionary id → chunks naming it (0 for a stored dictionary no chunk names)
+    dictionaries: BTreeMap<u32, u64>,
+    next_dictionary: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +63,7 @@ struct Meta {
     record_count: u32,
     spooled_at_ms: u64,
     bytes: u64,
+    dictionary: Option<u32>,
 }
 
 impl State {
@@ -63,6 +75,9 @@ impl State {
             .insert(meta.seq, (partition.clone(), first_offset));
         self.by_age.insert((meta.spooled_at_ms, meta.seq));
         self.next_seq = self.next_seq.max(meta.seq + 1);
+        if let Some(id) = meta.dictionary {
+            *self.dictionaries.entry(id).or_default() += 1;
+        }
         self.chunks.insert((partition, first_offset), meta);
     }
 
@@ -73,6 +88,12 @@ impl State {
         self.stats.records -= u64::from(meta.record_count);
         self.by_seq.remove(&meta.seq);
         self.by_age.remove(&(meta.spooled_at_ms, meta.seq));
+        if let Some(refs) = meta
+            .dictionary
+            .and_then(|id| self.dictionaries.get_mut(&id))
+        {
+            *refs = refs.saturating_sub(1);
+        }
         Some(meta)
     }
 }
@@ -133,6 +154,11 @@ impl SledSpool {
                     let offset = decode_position(&partition, &value)?;
                     state.positions.insert(partition, offset);
                 }
+                Some(&DICTIONARY_TAG) => {
+                    let dictionary = decode_dictionary(&key, &value)?;
+                    state.dictionaries.entry(dictionary.id).or_default();
+                    state.next_dictionary = state.next_dictionary.max(dictionary.id + 1);
+                }
                 _ => {
                     return Err(SpoolError::Corrupt(format!(
                         "unknown key {key:?} in spool {}",
@@ -140,6 +166,22 @@ impl SledSpool {
                     )))
                 }
             }
+        }
+        // Chunks sort before dictionaries ('c' < 'd'), so check their references once all
+        // are read: a chunk must never outlive the dictionary it needs.
+        let stored: BTreeSet<u32> = db
+            .scan_prefix([DICTIONARY_TAG])
+            .keys()
+            .map(|key| {
+                key.map_err(SpoolError::from)
+                    .and_then(|k| decode_dictionary_key(&k))
+            })
+            .collect::<Result<_, _>>()?;
+        if let Some(missing) = state.dictionaries.keys().find(|id| !stored.contains(id)) {
+            return Err(SpoolError::Corrupt(format!(
+                "chunks name dictionary {missing}, which is not in spool {}",
+                path.display()
+            )));
         }
         tracing::debug!(
             path = %path.display(),
@@ -168,6 +210,11 @@ impl Spool for SledSpool {
         if let Some(&position) = state.positions.get(&chunk.partition) {
             if chunk.first_offset < position {
                 return Err(out_of_order(chunk, position));
+            }
+        }
+        if let Some(id) = chunk.dictionary {
+            if !state.dictionaries.contains_key(&id) {
+                return Err(unknown_dictionary(chunk, id));
             }
         }
         let seq = state.next_seq;
@@ -335,6 +382,61 @@ impl Spool for SledSpool {
         self.lock().stats
     }
 
+    fn add_dictionary(&self, topic: &str, bytes: &[u8]) -> Result<u32, SpoolError> {
+        let mut state = self.lock();
+        let id = state.next_dictionary;
+        let next = id.checked_add(1).ok_or(SpoolError::DictionaryIds)?;
+        let key = dictionary_key(id);
+        let value = encode_dictionary(&key, topic, bytes)?;
+        self.db.insert(key, value)?;
+        state.dictionaries.insert(id, 0);
+        state.next_dictionary = next;
+        Ok(id)
+    }
+
+    fn dictionary(&self, id: u32) -> Result<Option<StoredDictionary>, SpoolError> {
+        let key = dictionary_key(id);
+        match self.db.get(key)? {
+            Some(value) => decode_dictionary(&key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn dictionaries(&self) -> Result<Vec<StoredDictionary>, SpoolError> {
+        self.db
+            .scan_prefix([DICTIONARY_TAG])
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode_dictionary(&key, &value)
+            })
+            .collect()
+    }
+
+    fn remove_unused_dictionaries(
+        &self,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<Vec<u32>, SpoolError> {
+        let mut state = self.lock();
+        let unused: Vec<u32> = state
+            .dictionaries
+            .iter()
+            .filter(|&(&id, &refs)| refs == 0 && !keep(id))
+            .map(|(&id, _)| id)
+            .collect();
+        if unused.is_empty() {
+            return Ok(unused);
+        }
+        let mut batch = Batch::default();
+        for &id in &unused {
+            batch.remove(&dictionary_key(id));
+        }
+        self.db.apply_batch(batch)?;
+        for id in &unused {
+            state.dictionaries.remove(id);
+        }
+        Ok(unused)
+    }
+
     fn flush(&self) -> Result<(), SpoolError> {
         self.db.flush()?;
         Ok(())
@@ -348,7 +450,66 @@ fn meta(chunk: &Chunk, seq: u64) -> Meta {
         record_count: chunk.record_count,
         spooled_at_ms: chunk.spooled_at_ms,
         bytes: chunk.accounted_bytes(),
+        dictionary: chunk.dictionary,
     }
+}
+
+// ---- dictionaries ----
+
+fn dictionary_key(id: u32) -> [u8; 5] {
+    let [a, b, c, d] = id.to_be_bytes();
+    [DICTIONARY_TAG, a, b, c, d]
+}
+
+fn decode_dictionary_key(key: &[u8]) -> Result<u32, SpoolError> {
+    match *key {
+        [DICTIONARY_TAG, a, b, c, d] => Ok(u32::from_be_bytes([a, b, c, d])),
+        _ => Err(SpoolError::Corrupt(format!(
+            "malformed dictionary key {key:?}"
+        ))),
+    }
+}
+
+/// `version u8, crc32 u32 (key ++ the rest), topic_len u16, topic, dictionary`
+fn encode_dictionary(key: &[u8], topic: &str, bytes: &[u8]) -> Result<Vec<u8>, SpoolError> {
+    let topic_len = u16::try_from(topic.len())
+        .map_err(|_| SpoolError::Corrupt(format!("topic name of {} bytes", topic.len())))?;
+    let mut rest = Vec::with_capacity(2 + topic.len() + bytes.len());
+    rest.extend_from_slice(&topic_len.to_be_bytes());
+    rest.extend_from_slice(topic.as_bytes());
+    rest.extend_from_slice(bytes);
+    let mut v = Vec::with_capacity(5 + rest.len());
+    v.push(DICTIONARY_FORMAT_VERSION);
+    v.extend_from_slice(&checksum(key, &[], &rest).to_be_bytes());
+    v.extend_from_slice(&rest);
+    Ok(v)
+}
+
+fn decode_dictionary(key: &[u8], value: &[u8]) -> Result<StoredDictionary, SpoolError> {
+    let id = decode_dictionary_key(key)?;
+    let corrupt = |why: &str| SpoolError::Corrupt(format!("dictionary {id}: {why}"));
+    let (&version, rest) = value.split_first().ok_or_else(|| corrupt("empty"))?;
+    if version != DICTIONARY_FORMAT_VERSION {
+        return Err(corrupt(&format!("unknown format version {version}")));
+    }
+    let (crc, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    if checksum(key, &[], rest) != u32::from_be_bytes(*crc) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let (len, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    let (topic, bytes) = rest
+        .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+        .ok_or_else(|| corrupt("topic runs past the end"))?;
+    let topic = std::str::from_utf8(topic).map_err(|_| corrupt("topic is not UTF-8"))?;
+    Ok(StoredDictionary {
+        id,
+        topic: topic.to_owned(),
+        bytes: Bytes::copy_from_slice(bytes),
+    })
 }
 
 // ---- keys ----
@@ -449,6 +610,8 @@ fn encode_chunk(key: &[u8], chunk: &Chunk, seq: u64) -> Vec<u8> {
     v.extend_from_slice(&chunk.uncompressed_len.to_be_bytes());
     v.extend_from_slice(&chunk.spooled_at_ms.to_be_bytes());
     v.extend_from_slice(&seq.to_be_bytes());
+    v.push(u8::from(chunk.dictionary.is_some()));
+    v.extend_from_slice(&chunk.dictionary.unwrap_or(0).to_be_bytes());
     debug_assert_eq!(v.len(), CRC_AT);
     let crc = checksum(key, &v, &chunk.payload);
     v.extend_from_slice(&crc.to_be_bytes());
@@ -478,16 +641,24 @@ fn decode_chunk(
 ) -> Result<(Chunk, u64), SpoolError> {
     let corrupt =
         |why: &str| SpoolError::Corrupt(format!("chunk {partition}:{first_offset}: {why}"));
-    if value.len() < HEADER_LEN {
+    let header_len = match value.first() {
+        Some(&FORMAT_VERSION) => HEADER_LEN,
+        Some(1) => V1_HEADER_LEN,
+        Some(other) => {
+            return Err(corrupt(&format!(
+                "unknown format version {other} (written by a newer spoke-agent?)"
+            )))
+        }
+        None => return Err(corrupt("empty")),
+    };
+    if value.len() < header_len {
         return Err(corrupt("shorter than its header"));
     }
-    let (header, payload) = value.split_at(HEADER_LEN);
-    if header[0] != FORMAT_VERSION {
-        return Err(corrupt(&format!("unknown format version {}", header[0])));
-    }
-    let mut f = Fields(&header[..CRC_AT]);
-    let stored_crc = Fields(&header[CRC_AT..]).take::<4>();
-    if checksum(key, &header[..CRC_AT], payload) != u32::from_be_bytes(stored_crc) {
+    let (header, payload) = value.split_at(header_len);
+    let crc_at = header_len - 4;
+    let mut f = Fields(&header[..crc_at]);
+    let stored_crc = Fields(&header[crc_at..]).take::<4>();
+    if checksum(key, &header[..crc_at], payload) != u32::from_be_bytes(stored_crc) {
         return Err(corrupt("checksum mismatch"));
     }
     let _version = f.take::<1>();
@@ -498,6 +669,12 @@ fn decode_chunk(
     let uncompressed_len = u32::from_be_bytes(f.take());
     let spooled_at_ms = u64::from_be_bytes(f.take());
     let seq = u64::from_be_bytes(f.take());
+    // Version 1 ends here: its chunks need no dictionary.
+    let dictionary = match f.take::<1>() {
+        [0] => None,
+        [1] => Some(u32::from_be_bytes(f.take())),
+        _ => return Err(corrupt("dictionary flag is neither 0 nor 1")),
+    };
     let chunk = Chunk {
         partition,
         first_offset,
@@ -505,6 +682,7 @@ fn decode_chunk(
         next_offset,
         record_count,
         codec,
+        dictionary,
         uncompressed_len,
         spooled_at_ms,
         payload: Bytes::copy_from_slice(payload),
@@ -557,10 +735,11 @@ mod tests {
         let mut c = chunk(&p, 5, 6, 7, 0x0102);
         c.codec = 9;
         let key = chunk_key(&p, 5);
+        c.dictionary = Some(0x0A0B_0C0D);
         let v = encode_chunk(&key, &c, 3);
-        assert_eq!(HEADER_LEN, 46);
-        assert_eq!(v.len(), 46 + c.payload.len());
-        assert_eq!(v[0], 1);
+        assert_eq!(HEADER_LEN, 51);
+        assert_eq!(v.len(), 51 + c.payload.len());
+        assert_eq!(v[0], 2);
         assert_eq!(v[1..9], 6i64.to_be_bytes());
         assert_eq!(v[9..17], 7i64.to_be_bytes());
         assert_eq!(v[17..21], 2u32.to_be_bytes());
@@ -568,9 +747,80 @@ mod tests {
         assert_eq!(v[22..26], 1000u32.to_be_bytes());
         assert_eq!(v[26..34], 0x0102u64.to_be_bytes());
         assert_eq!(v[34..42], 3u64.to_be_bytes());
-        assert_eq!(v[46..], c.payload[..]);
+        assert_eq!(v[42], 1);
+        assert_eq!(v[43..47], 0x0A0B_0C0Du32.to_be_bytes());
+        assert_eq!(v[51..], c.payload[..]);
         let (back, seq) = decode_chunk(&key, p.clone(), 5, &IVec::from(v)).expect("spool op");
+        assert_eq!((back, seq), (c.clone(), 3));
+    }
+
+    #[test]
+    fn format_version_1_chunks_are_still_read() {
+        let p = sp("t", 2);
+        let c = chunk(&p, 5, 6, 7, 0x0102);
+        let key = chunk_key(&p, 5);
+        // A version 1 value: the version 2 header without bytes 42..47, its own CRC.
+        let v2 = encode_chunk(&key, &c, 3);
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&v2[1..42]);
+        let crc = checksum(&key, &v1, &c.payload);
+        v1.extend_from_slice(&crc.to_be_bytes());
+        v1.extend_from_slice(&c.payload);
+        assert_eq!(v1.len(), 46 + c.payload.len());
+        let (back, seq) = decode_chunk(&key, p.clone(), 5, &IVec::from(v1)).expect("v1 reads");
         assert_eq!((back, seq), (c, 3));
+        let mut v9 = v2.to_vec();
+        v9[0] = 9;
+        let error = decode_chunk(&key, p, 5, &IVec::from(v9)).expect_err("unknown version");
+        assert!(
+            error.to_string().contains("unknown format version 9"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_dictionary_and_its_chunks_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = sp("a", 0);
+        let mut c = chunk(&a, 0, 4, 5, 1);
+        let id = {
+            let s = SledSpool::open(dir.path()).expect("spool op");
+            let id = s
+                .add_dictionary("a", b"zstd dictionary bytes")
+                .expect("spool op");
+            c.dictionary = Some(id);
+            s.append(&c).expect("spool op");
+            s.flush().expect("spool op");
+            id
+        };
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(s.chunks_from(&a, 0, 10).expect("spool op"), vec![c]);
+        let stored = s.dictionary(id).expect("spool op").expect("kept");
+        assert_eq!(stored.topic, "a");
+        assert_eq!(&stored.bytes[..], b"zstd dictionary bytes");
+        // Still named by a chunk after the restart: not removable.
+        assert!(s
+            .remove_unused_dictionaries(&|_| false)
+            .expect("spool op")
+            .is_empty());
+        assert!(s.add_dictionary("a", b"next").expect("spool op") > id);
+        s.remove_acked(&a, 5).expect("spool op");
+        assert!(s
+            .remove_unused_dictionaries(&|_| false)
+            .expect("spool op")
+            .contains(&id));
+        // A chunk whose dictionary vanished behind the spool's back fails the open.
+        let mut orphan = chunk(&a, 5, 5, 6, 1);
+        let spare = s.add_dictionary("a", b"spare").expect("spool op");
+        orphan.dictionary = Some(spare);
+        s.append(&orphan).expect("spool op");
+        s.db.remove(dictionary_key(spare)).expect("spool op");
+        s.flush().expect("spool op");
+        drop(s);
+        assert!(matches!(
+            SledSpool::open(dir.path()),
+            Err(SpoolError::Corrupt(m)) if m.contains("dictionary")
+        ));
     }
 
     #[test]

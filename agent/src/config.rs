@@ -106,9 +106,14 @@ pub struct ShipConfig {
     pub linger: Duration,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
-    /// Batches sent but not yet acknowledged.
+    /// Batches sent but not yet acknowledged ...
     #[serde(default = "default_window")]
     pub window: u32,
+    /// ... and their bytes on the wire, whichever bound is reached first. The relay confirms a
+    /// batch only once the hub has it, so a link is kept busy only if this covers the link
+    /// rate × (RTT + a loss recovery + the hub's write time); see docs/benchmarks.md.
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: ByteSize,
     /// Bytes per second on the wire; 0 = unlimited.
     #[serde(default = "default_bandwidth")]
     pub max_bandwidth: ByteSize,
@@ -124,6 +129,7 @@ impl Default for ShipConfig {
             linger: default_linger(),
             zstd_level: default_zstd_level(),
             window: default_window(),
+            window_bytes: default_window_bytes(),
             max_bandwidth: default_bandwidth(),
             dictionary: DictionaryMode::default(),
         }
@@ -161,7 +167,10 @@ fn default_zstd_level() -> i32 {
     3
 }
 fn default_window() -> u32 {
-    8
+    64
+}
+fn default_window_bytes() -> ByteSize {
+    ByteSize::mib(16)
 }
 fn default_bandwidth() -> ByteSize {
     ByteSize::b(0)
@@ -222,6 +231,9 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     }
     if config.ship.window == 0 {
         return Err(invalid("ship.window", "must be at least 1".into()));
+    }
+    if config.ship.window_bytes.as_u64() == 0 {
+        return Err(invalid("ship.window_bytes", "must be at least 1 byte".into()));
     }
     if !(1..=22).contains(&config.ship.zstd_level) {
         return Err(invalid(
@@ -335,7 +347,8 @@ key = "/site.key"
         assert_eq!(c.ship.batch_max_bytes, ByteSize::mib(1));
         assert_eq!(c.ship.linger, Duration::from_millis(20));
         assert_eq!(c.ship.zstd_level, 3);
-        assert_eq!(c.ship.window, 8);
+        assert_eq!(c.ship.window, 64);
+        assert_eq!(c.ship.window_bytes, ByteSize::mib(16));
         assert_eq!(c.ship.max_bandwidth.as_u64(), 0);
         assert_eq!(c.ship.dictionary, DictionaryMode::Auto);
         assert_eq!(c.admin.listen.port(), 9464);

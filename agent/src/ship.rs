@@ -222,6 +222,8 @@ async fn connect(
 /// A batch sent and not yet acknowledged.
 struct InFlight {
     seq: u64,
+    /// Its frame's bytes on the wire.
+    bytes: u64,
     partition: SourcePartition,
     next_offset: i64,
     records: u32,
@@ -309,6 +311,7 @@ impl Session<'_> {
         }));
 
         let window = usize::try_from(self.loaded.config.ship.window).unwrap_or(usize::MAX);
+        let window_bytes = self.loaded.config.ship.window_bytes.as_u64();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         // Per partition, the offset the next chunk to send starts at or after.
         let mut cursors: HashMap<SourcePartition, i64> = HashMap::new();
@@ -322,7 +325,12 @@ impl Session<'_> {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(self.loaded.config.ship.max_bandwidth.as_u64());
         loop {
-            while in_flight.len() < window {
+            // At least one batch goes out whatever its size, so a chunk larger than the byte
+            // window still ships.
+            while in_flight.len() < window
+                && (in_flight.is_empty()
+                    || in_flight.iter().map(|f| f.bytes).sum::<u64>() < window_bytes)
+            {
                 let chunk = self.progress.with_unsettled(|unsettled| {
                     let chunk = self.next_chunk(&cursors, &refused, &mut round_robin)?;
                     if let Some(chunk) = &chunk {
@@ -376,6 +384,7 @@ impl Session<'_> {
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
                 in_flight.push_back(InFlight {
                     seq,
+                    bytes: bytes.len() as u64,
                     partition: chunk.partition,
                     next_offset: chunk.next_offset,
                     records: chunk.record_count,

@@ -55,7 +55,11 @@ pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
         .set("fetch.wait.max.ms", "100")
         // High watermarks for the lag metric come from librdkafka's statistics.
         .set("statistics.interval.ms", "1000")
-        .set("queued.max.messages.kbytes", "65536");
+        // The prefetch queue was the largest part of the agent's memory: 16 MiB is more than a
+        // second of records at the rates the spool takes, and keeps the agent within 64 MiB.
+        // One fetch response may overshoot it, so that is bounded too.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.max.bytes", "16777216");
     for (key, value) in &source.kafka {
         config.set(key, value);
     }

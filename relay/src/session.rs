@@ -32,8 +32,10 @@ use crate::hub::{
 use crate::tls::DenyList;
 use spoke_io::wire::{read_frame_within, write_frame_within, WireError};
 
-/// Batches decoded and handed to the producer but not yet confirmed by the hub.
-const UNCONFIRMED_BATCHES: usize = 32;
+/// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
+/// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
+/// bounded by the session producer's queue (64 MiB), not by this count.
+const UNCONFIRMED_BATCHES: usize = 64;
 
 /// QUIC application close codes.
 pub mod close_code {

@@ -180,6 +180,37 @@ pub struct Figures {
     pub agent_cpu_s: Option<f64>,
     /// Agent CPU while nothing is produced, in % of one core.
     pub agent_idle_cpu_pct: Option<f64>,
+    /// Over an emulated link, while the backlog moved: packets that entered it, and those
+    /// dropped at its bottleneck queue and lost at random, both directions.
+    pub link_packets: Option<LinkCounts>,
+}
+
+/// Packet counters of an emulated link over an interval, both directions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkCounts {
+    pub packets: u64,
+    pub queue_dropped: u64,
+    pub lost: u64,
+}
+
+impl LinkCounts {
+    fn of(link: &Link) -> LinkCounts {
+        let s = link.stats();
+        let (a, b) = (s.edge_to_hub, s.hub_to_edge);
+        LinkCounts {
+            packets: a.packets_in + b.packets_in,
+            queue_dropped: a.queue_dropped + b.queue_dropped,
+            lost: a.lost + b.lost,
+        }
+    }
+
+    fn since(self, before: LinkCounts) -> LinkCounts {
+        LinkCounts {
+            packets: self.packets - before.packets,
+            queue_dropped: self.queue_dropped - before.queue_dropped,
+            lost: self.lost - before.lost,
+        }
+    }
 }
 
 /// Run sizes.
@@ -514,6 +545,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let hub_topic = format!("{SITE}.{TOPIC}");
     let _relay = env.start_relay(&[TOPIC])?;
     let link_before = scenario.link_bytes();
+    let counts_before = scenario.link.map(LinkCounts::of);
     let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
     let pid = agent.pid().context("agent has no pid")?;
     let agent_admin = env.agent_admin();
@@ -546,6 +578,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         },
     )?;
     let link_after = scenario.link_bytes();
+    let counts = scenario.link.map(LinkCounts::of).zip(counts_before);
     let rate = rate(scenario.records, first_read, last)?;
     let metrics = scrape()?;
     let app_wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
@@ -566,6 +599,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         agent_rss_mib: rss,
         agent_cpu_s: cpu,
         agent_idle_cpu_pct: idle_cpu,
+        link_packets: counts.map(|(after, before)| after.since(before)),
     })
 }
 
@@ -624,6 +658,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let rx = Arc::new(AtomicU64::new(0));
     let first_read = Arc::new(std::sync::OnceLock::new());
     let link_before = scenario.link_bytes();
+    let counts_before = scenario.link.map(LinkCounts::of);
     // Spawned from this hub-side thread, the mirror's clients live on the hub side.
     let mirror = {
         let (edge, hub, stop, rx, first_read) = (
@@ -644,8 +679,9 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     )
     .and_then(|last| {
         let link_after = scenario.link_bytes();
+        let counts = scenario.link.map(LinkCounts::of).zip(counts_before);
         let rate = rate(scenario.records, first_read.get().copied(), last)?;
-        Ok((rate, link_after))
+        Ok((rate, link_after, counts))
     });
     let latency = match &moved {
         Ok(_) => measure_latency(env, scenario, &hub_topic, scenario.records),
@@ -655,7 +691,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
-    let (rate, link_after) = moved?;
+    let (rate, link_after, counts) = moved?;
     let latency = latency?;
     let wire = match (link_before, link_after) {
         (Some(before), Some(after)) => (after - before) as f64,
@@ -667,6 +703,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
         latency_rate: Some(scenario.latency_rate),
+        link_packets: counts.map(|(after, before)| after.since(before)),
         ..Figures::default()
     })
 }
@@ -1036,6 +1073,9 @@ pub fn result_json(
         "agent_rss_mib": figures.agent_rss_mib.map(round),
         "agent_cpu_s": figures.agent_cpu_s.map(round),
         "agent_idle_cpu_pct": figures.agent_idle_cpu_pct.map(round),
+        "link_packets": figures.link_packets.map(|c| c.packets),
+        "link_queue_dropped": figures.link_packets.map(|c| c.queue_dropped),
+        "link_lost": figures.link_packets.map(|c| c.lost),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
     })

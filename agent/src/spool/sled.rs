@@ -14,8 +14,9 @@ use super::{
     StoredDictionary,
 };
 
-/// sled's page cache; the spool is written once and read about once, so it need not be big.
-const CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+/// sled's page cache; the spool is written once and read about once, so it need not be big,
+/// and it counts against the agent's memory (edge boxes are small; the target is 64 MiB).
+const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 
 const CHUNK_TAG: u8 = b'c';
 const POSITION_TAG: u8 = b'p';

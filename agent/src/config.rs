@@ -233,7 +233,10 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         return Err(invalid("ship.window", "must be at least 1".into()));
     }
     if config.ship.window_bytes.as_u64() == 0 {
-        return Err(invalid("ship.window_bytes", "must be at least 1 byte".into()));
+        return Err(invalid(
+            "ship.window_bytes",
+            "must be at least 1 byte".into(),
+        ));
     }
     if !(1..=22).contains(&config.ship.zstd_level) {
         return Err(invalid(

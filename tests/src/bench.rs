@@ -168,8 +168,9 @@ fn now_ms() -> i64 {
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
     pub records_per_s: f64,
-    /// Over an emulated link: every IP byte that entered the link, both directions, per
-    /// record moved. On loopback: the application's own count.
+    /// Over an emulated link: the IP bytes the link delivered, both directions, per record
+    /// moved (packets the sender overran the bottleneck queue with are in `link_packets`,
+    /// not here). On loopback: the application's own count.
     pub wire_bytes_per_record: Option<f64>,
     pub spool_bytes_per_record: Option<f64>,
     pub p50_ms: Option<f64>,
@@ -183,14 +184,20 @@ pub struct Figures {
     /// Over an emulated link, while the backlog moved: packets that entered it, and those
     /// dropped at its bottleneck queue and lost at random, both directions.
     pub link_packets: Option<LinkCounts>,
+    /// The records moved, for per-record link figures.
+    pub records: usize,
 }
 
-/// Packet counters of an emulated link over an interval, both directions.
+/// Counters of an emulated link over an interval, both directions.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LinkCounts {
     pub packets: u64,
     pub queue_dropped: u64,
     pub lost: u64,
+    /// IP bytes senders offered to the link, dropped ones included.
+    pub offered_bytes: u64,
+    /// IP bytes the link delivered.
+    pub delivered_bytes: u64,
 }
 
 impl LinkCounts {
@@ -201,6 +208,8 @@ impl LinkCounts {
             packets: a.packets_in + b.packets_in,
             queue_dropped: a.queue_dropped + b.queue_dropped,
             lost: a.lost + b.lost,
+            offered_bytes: a.bytes_in + b.bytes_in,
+            delivered_bytes: a.delivered_bytes + b.delivered_bytes,
         }
     }
 
@@ -209,6 +218,8 @@ impl LinkCounts {
             packets: self.packets - before.packets,
             queue_dropped: self.queue_dropped - before.queue_dropped,
             lost: self.lost - before.lost,
+            offered_bytes: self.offered_bytes - before.offered_bytes,
+            delivered_bytes: self.delivered_bytes - before.delivered_bytes,
         }
     }
 }
@@ -263,6 +274,9 @@ pub struct Scenario<'a> {
     pub records: usize,
     pub latency_rate: f64,
     pub latency_secs: u64,
+    /// TOML appended to the agent's configuration, for tuning experiments (e.g.
+    /// `[ship]` + `window_bytes = "4MiB"`); empty for the defaults.
+    pub agent_extra: &'a str,
 }
 
 impl Scenario<'_> {
@@ -271,14 +285,6 @@ impl Scenario<'_> {
             self.link
                 .map_or_else(Placement::loopback, Placement::across),
         )
-    }
-
-    /// IP bytes that entered the link so far, both directions.
-    fn link_bytes(&self) -> Option<u64> {
-        self.link.map(|link| {
-            let stats = link.stats();
-            stats.edge_to_hub.bytes_in + stats.hub_to_edge.bytes_in
-        })
     }
 }
 
@@ -404,13 +410,14 @@ fn drained(
     }
 }
 
-/// Records per second from the system's first read at the edge to the last record in the
-/// hub: process start-up, handshakes and consumer joins are left out for every system alike,
-/// and the backlog's whole journey is in.
-fn rate(records: usize, first_read: Option<Instant>, last: Instant) -> anyhow::Result<f64> {
-    let first = first_read.context("the system never read from the edge")?;
-    let secs = last.duration_since(first).as_secs_f64().max(0.001);
-    Ok(records as f64 / secs)
+/// Records per second from the system's start to the last record in the hub: connection
+/// set-up is in for every system alike (a few round trips over a long link), as is the
+/// backlog's whole journey. Timing from a system's first record read would favour the mirror
+/// over a slow link: its first fetch response crosses the link before the first record is
+/// handed to it, while spoke reads at the edge before anything crosses.
+fn rate(records: usize, started: Instant, last: Instant) -> f64 {
+    let secs = last.duration_since(started).as_secs_f64().max(0.001);
+    records as f64 / secs
 }
 
 /// Peak RSS (VmHWM) in MiB and CPU seconds (user + system) of a process.
@@ -544,32 +551,31 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     edge_backlog(env, scenario)?;
     let hub_topic = format!("{SITE}.{TOPIC}");
     let _relay = env.start_relay(&[TOPIC])?;
-    let link_before = scenario.link_bytes();
     let counts_before = scenario.link.map(LinkCounts::of);
-    let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
+    let mut options = AgentOptions::include(&[TOPIC]);
+    options.extra = scenario.agent_extra.to_owned();
+    let started = Instant::now();
+    let agent = env.start_agent(&options)?;
     let pid = agent.pid().context("agent has no pid")?;
     let agent_admin = env.agent_admin();
     let scrape = || env.on_edge(|| admin::scrape(&agent_admin));
-    // Sample the spool while the backlog moves: bytes per spooled record on disk.
+    // Sample the spool while the backlog moves (every tenth poll, to leave the CPU to the
+    // system): bytes per spooled record on disk.
     let mut spool_per_record: Option<f64> = None;
     let mut polls = 0u32;
-    let mut first_read = None;
     let last = drained(
         &env.hub.bootstrap(),
         &hub_topic,
         scenario.records as i64,
-        |now| {
+        |_| {
             polls += 1;
-            if first_read.is_some() && polls % 5 != 0 {
+            if polls % 10 != 0 {
                 return;
             }
             let Ok(m) = scrape() else {
                 return;
             };
             let spooled = admin::sum(&m, "spoke_agent_records_spooled_total", &[]);
-            if spooled > 0.0 && first_read.is_none() {
-                first_read = Some(now);
-            }
             let bytes = admin::sum(&m, "spoke_agent_spool_bytes", &[]);
             let held = spooled - admin::sum(&m, "spoke_agent_records_acked_total", &[]);
             if held >= 100.0 && bytes > 0.0 {
@@ -577,14 +583,16 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
             }
         },
     )?;
-    let link_after = scenario.link_bytes();
-    let counts = scenario.link.map(LinkCounts::of).zip(counts_before);
-    let rate = rate(scenario.records, first_read, last)?;
+    let counts = scenario
+        .link
+        .map(LinkCounts::of)
+        .zip(counts_before)
+        .map(|(after, before)| after.since(before));
+    let rate = rate(scenario.records, started, last);
     let metrics = scrape()?;
-    let app_wire = admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]);
-    let wire = match (link_before, link_after) {
-        (Some(before), Some(after)) => (after - before) as f64,
-        _ => app_wire,
+    let wire = match counts {
+        Some(counts) => counts.delivered_bytes as f64,
+        None => admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]),
     };
     let latency = measure_latency(env, scenario, &hub_topic, scenario.records)?;
     let (rss, cpu) = process_figures(pid);
@@ -599,7 +607,8 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         agent_rss_mib: rss,
         agent_cpu_s: cpu,
         agent_idle_cpu_pct: idle_cpu,
-        link_packets: counts.map(|(after, before)| after.since(before)),
+        link_packets: counts,
+        records: scenario.records,
     })
 }
 
@@ -656,20 +665,18 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let rx = Arc::new(AtomicU64::new(0));
-    let first_read = Arc::new(std::sync::OnceLock::new());
-    let link_before = scenario.link_bytes();
     let counts_before = scenario.link.map(LinkCounts::of);
+    let started = Instant::now();
     // Spawned from this hub-side thread, the mirror's clients live on the hub side.
     let mirror = {
-        let (edge, hub, stop, rx, first_read) = (
+        let (edge, hub, stop, rx) = (
             env.edge.bootstrap(),
             env.hub.bootstrap(),
             stop.clone(),
             rx.clone(),
-            first_read.clone(),
         );
         let hub_topic = hub_topic.clone();
-        std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx, &first_read))
+        std::thread::spawn(move || mirror_loop(&edge, &hub, &hub_topic, &stop, rx))
     };
     let moved = drained(
         &env.hub.bootstrap(),
@@ -677,11 +684,13 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         scenario.records as i64,
         |_| {},
     )
-    .and_then(|last| {
-        let link_after = scenario.link_bytes();
-        let counts = scenario.link.map(LinkCounts::of).zip(counts_before);
-        let rate = rate(scenario.records, first_read.get().copied(), last)?;
-        Ok((rate, link_after, counts))
+    .map(|last| {
+        let counts = scenario
+            .link
+            .map(LinkCounts::of)
+            .zip(counts_before)
+            .map(|(after, before)| after.since(before));
+        (rate(scenario.records, started, last), counts)
     });
     let latency = match &moved {
         Ok(_) => measure_latency(env, scenario, &hub_topic, scenario.records),
@@ -691,11 +700,11 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
-    let (rate, link_after, counts) = moved?;
+    let (rate, counts) = moved?;
     let latency = latency?;
-    let wire = match (link_before, link_after) {
-        (Some(before), Some(after)) => (after - before) as f64,
-        _ => rx.load(Ordering::Relaxed) as f64,
+    let wire = match counts {
+        Some(counts) => counts.delivered_bytes as f64,
+        None => rx.load(Ordering::Relaxed) as f64,
     };
     Ok(Figures {
         records_per_s: rate,
@@ -703,7 +712,8 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
         latency_rate: Some(scenario.latency_rate),
-        link_packets: counts.map(|(after, before)| after.since(before)),
+        link_packets: counts,
+        records: scenario.records,
         ..Figures::default()
     })
 }
@@ -714,7 +724,6 @@ fn mirror_loop(
     hub_topic: &str,
     stop: &AtomicBool,
     rx: Arc<AtomicU64>,
-    first_read: &std::sync::OnceLock<Instant>,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer<RxBytes> =
         tuned_consumer(edge, "spoke-bench-mirror").create_with_context(RxBytes(rx))?;
@@ -738,7 +747,6 @@ fn mirror_loop(
             continue;
         };
         let message = message?;
-        first_read.get_or_init(Instant::now);
         let mut headers = OwnedHeaders::new();
         if let Some(source) = message.headers() {
             for header in source.iter() {
@@ -878,9 +886,11 @@ pub struct Outage {
     /// Hub records/s from that first record to zero lag (new records included).
     pub drain_per_s: f64,
     pub limit_per_s: f64,
-    /// From the link's return to zero lag: the hub holds everything produced up to one
-    /// second earlier.
+    /// From the link's return to zero lag: the lag (records produced, not yet in the hub) is
+    /// back within what it was in steady flow before the cut, the pipeline's own depth.
     pub time_to_zero_lag_s: f64,
+    /// The largest lag seen in steady flow before the cut, in records.
+    pub steady_lag: i64,
     /// The longest the hub's count stood still between the first record after the link's
     /// return and zero lag: new records kept flowing if this is short.
     pub longest_stall_s: f64,
@@ -909,6 +919,7 @@ pub fn run_outage(
         records: 0,
         latency_rate: 0.0,
         latency_secs: 0,
+        agent_extra: "",
     };
     let env = scenario.env()?;
     let cut = Cut {
@@ -975,7 +986,16 @@ fn outage_phases(
     scrape: &dyn Fn() -> anyhow::Result<std::collections::BTreeMap<String, f64>>,
 ) -> anyhow::Result<Outage> {
     let mut hub = Counter::new(&env.hub.bootstrap(), hub_topic)?;
-    std::thread::sleep(cut.before);
+    // The pipeline's own depth: records in flight between edge and hub in steady flow, over
+    // the second half of the time before the cut (the first lets the session start).
+    std::thread::sleep(cut.before / 2);
+    let mut steady_lag = 0i64;
+    let steady_until = Instant::now() + cut.before / 2;
+    while Instant::now() < steady_until {
+        let produced_before = produced.load(Ordering::Relaxed) as i64;
+        steady_lag = steady_lag.max(produced_before - hub.total()?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     link.set_down(true);
     let mut spool_per_record = None;
     let cut_until = Instant::now() + cut.outage;
@@ -995,8 +1015,6 @@ fn outage_phases(
     link.set_down(false);
     let back = Instant::now();
 
-    // (instant, produced then) a second back, to judge "zero lag" against.
-    let mut history: std::collections::VecDeque<(Instant, i64)> = Default::default();
     let mut last_count = at_return;
     let mut last_change: Option<Instant> = None;
     let mut first_change: Option<Instant> = None;
@@ -1006,13 +1024,8 @@ fn outage_phases(
     let deadline = back + cut.outage * 6 + Duration::from_secs(120);
     loop {
         let now = Instant::now();
-        history.push_back((now, produced.load(Ordering::Relaxed) as i64));
-        while history
-            .get(1)
-            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
-        {
-            history.pop_front();
-        }
+        // Produced is read before the hub, so the lag is never understated.
+        let produced_now = produced.load(Ordering::Relaxed) as i64;
         let count = hub.total()?;
         if count != last_count {
             if let Some(since) = last_change {
@@ -1022,13 +1035,12 @@ fn outage_phases(
             first_change.get_or_insert(now);
             last_count = count;
         }
-        let (then, produced_then) = history[0];
-        if now.duration_since(then) >= Duration::from_secs(1) && count >= produced_then {
+        if first_change.is_some() && produced_now - count <= steady_lag {
             let secs = now.duration_since(back).as_secs_f64();
             let first = first_change.unwrap_or(now);
             let draining = now.duration_since(first).as_secs_f64().max(0.001);
-            let produced_now = produced.load(Ordering::Relaxed) as i64;
             return Ok(Outage {
+                steady_lag,
                 outage_secs: cut.outage.as_secs_f64(),
                 backlog: produced_at_return - at_return,
                 reconnect_s: first.duration_since(back).as_secs_f64(),
@@ -1043,7 +1055,7 @@ fn outage_phases(
         }
         if now > deadline {
             bail!(
-                "no zero lag {:.0} s after the link came back: hub {count}, produced {produced_then}",
+                "no zero lag {:.0} s after the link came back: hub {count}, produced {produced_now}, steady lag {steady_lag}",
                 now.duration_since(back).as_secs_f64()
             );
         }
@@ -1076,6 +1088,9 @@ pub fn result_json(
         "link_packets": figures.link_packets.map(|c| c.packets),
         "link_queue_dropped": figures.link_packets.map(|c| c.queue_dropped),
         "link_lost": figures.link_packets.map(|c| c.lost),
+        "link_offered_bytes_per_record": figures
+            .link_packets
+            .map(|c| round(c.offered_bytes as f64 / figures.records.max(1) as f64)),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
     })
@@ -1094,6 +1109,7 @@ pub fn outage_json(scenario: &str, link: &str, o: &Outage) -> serde_json::Value 
         "backlog_records": o.backlog,
         "reconnect_s": round(o.reconnect_s),
         "time_to_zero_lag_s": round(o.time_to_zero_lag_s),
+        "steady_lag_records": o.steady_lag,
         "longest_hub_stall_during_drain_s": round(o.longest_stall_s),
         "produced_during_drain": o.produced_during_drain,
         "spool_bytes_per_record": o.spool_bytes_per_record.map(round),

@@ -88,7 +88,8 @@ impl Broker {
     }
 
     /// A broker on `host`, e.g. one side of an emulated WAN link. Call it from a thread in the
-    /// namespace that owns `host`: the process inherits it.
+    /// namespace that owns `host`: the process inherits it (so does a [`Broker::restart`]:
+    /// call that from the same namespace).
     pub fn start_on(dir: &Path, name: &str, host: Ipv4Addr) -> anyhow::Result<Broker> {
         let mut broker = Broker {
             name: name.to_owned(),

@@ -100,6 +100,12 @@ pub enum WanError {
         #[source]
         source: std::io::Error,
     },
+    #[error("inside namespace {name}: {source}")]
+    Inside {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the forwarder: {0}")]
     Thread(#[source] std::io::Error),
 }

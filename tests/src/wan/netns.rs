@@ -111,13 +111,19 @@ where
         scope
             .spawn(|| {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                f()
+                    .map_err(|e| enter_error(std::io::Error::from(e)))?;
+                f().map_err(|source| WanError::Inside {
+                    name: name.to_owned(),
+                    source,
+                })
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("panicked inside the namespace")))
+            .unwrap_or_else(|_| {
+                Err(enter_error(std::io::Error::other(
+                    "panicked inside the namespace",
+                )))
+            })
     })
-    .map_err(enter_error)
 }
 
 impl Drop for Namespace {

@@ -148,13 +148,10 @@ fn version_2_layouts_in_a_version_1_header_are_refused() {
     );
 }
 
-#[test]
-fn dictionary_chunks_round_trip_and_shrink_small_chunks() {
-    let dict = trained();
-    let encoder = EncoderDictionary::new(42, &dict, 3).expect("prepare");
-    let recs = records(7, 1_000_000);
+/// A chunk builder holding `recs` (headerless records).
+fn builder_of(recs: &[Record]) -> ChunkBuilder {
     let mut builder = ChunkBuilder::new();
-    for r in &recs {
+    for r in recs {
         builder
             .push(
                 r.offset,
@@ -165,21 +162,16 @@ fn dictionary_chunks_round_trip_and_shrink_small_chunks() {
             )
             .expect("push");
     }
-    let plain = {
-        let mut again = ChunkBuilder::new();
-        for r in &recs {
-            again
-                .push(
-                    r.offset,
-                    r.timestamp,
-                    r.key.as_deref(),
-                    r.value.as_deref(),
-                    &[],
-                )
-                .expect("push");
-        }
-        again.finish(Codec::Zstd, 3).expect("finish")
-    };
+    builder
+}
+
+#[test]
+fn dictionary_chunks_round_trip_and_shrink_small_chunks() {
+    let dict = trained();
+    let encoder = EncoderDictionary::new(42, &dict, 3).expect("prepare");
+    let recs = records(7, 1_000_000);
+    let mut builder = builder_of(&recs);
+    let plain = builder_of(&recs).finish(Codec::Zstd, 3).expect("finish");
     let chunk = builder.finish_with_dictionary(&encoder).expect("finish");
     assert_eq!(chunk.codec, Codec::ZstdDict(42));
     assert!(builder.is_empty(), "the builder is reset");

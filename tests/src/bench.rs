@@ -280,6 +280,18 @@ pub struct Scenario<'a> {
 }
 
 impl Scenario<'_> {
+    /// The link's counters now, to measure an interval from (None on loopback).
+    fn link_counts(&self) -> Option<LinkCounts> {
+        self.link.map(LinkCounts::of)
+    }
+
+    /// The link's counters since `before` was taken.
+    fn link_counts_since(&self, before: Option<LinkCounts>) -> Option<LinkCounts> {
+        self.link_counts()
+            .zip(before)
+            .map(|(after, before)| after.since(before))
+    }
+
     fn env(&self) -> anyhow::Result<Env> {
         Env::placed(
             self.link
@@ -551,7 +563,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     edge_backlog(env, scenario)?;
     let hub_topic = format!("{SITE}.{TOPIC}");
     let _relay = env.start_relay(&[TOPIC])?;
-    let counts_before = scenario.link.map(LinkCounts::of);
+    let counts_before = scenario.link_counts();
     let mut options = AgentOptions::include(&[TOPIC]);
     options.extra = scenario.agent_extra.to_owned();
     let started = Instant::now();
@@ -583,11 +595,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
             }
         },
     )?;
-    let counts = scenario
-        .link
-        .map(LinkCounts::of)
-        .zip(counts_before)
-        .map(|(after, before)| after.since(before));
+    let counts = scenario.link_counts_since(counts_before);
     let rate = rate(scenario.records, started, last);
     let metrics = scrape()?;
     let wire = match counts {
@@ -665,7 +673,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let rx = Arc::new(AtomicU64::new(0));
-    let counts_before = scenario.link.map(LinkCounts::of);
+    let counts_before = scenario.link_counts();
     let started = Instant::now();
     // Spawned from this hub-side thread, the mirror's clients live on the hub side.
     let mirror = {
@@ -685,11 +693,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         |_| {},
     )
     .map(|last| {
-        let counts = scenario
-            .link
-            .map(LinkCounts::of)
-            .zip(counts_before)
-            .map(|(after, before)| after.since(before));
+        let counts = scenario.link_counts_since(counts_before);
         (rate(scenario.records, started, last), counts)
     });
     let latency = match &moved {

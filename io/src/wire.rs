@@ -35,7 +35,7 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
 ) -> Result<Option<Frame>, WireError> {
-    read(recv, limits, None).await
+    read(recv, limits, None, None).await
 }
 
 /// As [`read_frame`], but each wait for more bytes, between frames or inside one, ends after
@@ -45,17 +45,35 @@ pub async fn read_frame_within(
     limits: &Limits,
     stall: Duration,
 ) -> Result<Option<Frame>, WireError> {
-    read(recv, limits, Some(stall)).await
+    read(recv, limits, Some(stall), Some(stall)).await
+}
+
+/// As [`read_frame_within`], but the wait for a frame to begin is unbounded: for a stream that
+/// may rightly stay quiet (a data stream whose partitions have nothing to send) while the
+/// connection's liveness is watched elsewhere. Once a frame has begun, each wait for more of
+/// it ends after `stall`.
+pub async fn read_frame_when_it_comes(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+    stall: Duration,
+) -> Result<Option<Frame>, WireError> {
+    read(recv, limits, None, Some(stall)).await
 }
 
 async fn read(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
-    stall: Option<Duration>,
+    between_frames: Option<Duration>,
+    inside_frame: Option<Duration>,
 ) -> Result<Option<Frame>, WireError> {
     let mut header = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
+        let stall = if filled == 0 {
+            between_frames
+        } else {
+            inside_frame
+        };
         let Some(chunk) = next_chunk(recv, HEADER_LEN - filled, stall).await? else {
             if filled == 0 {
                 return Ok(None);
@@ -69,7 +87,7 @@ async fn read(
     let len = header.body_len as usize;
     let mut body = BytesMut::with_capacity(len.min(INITIAL_BODY_CAPACITY));
     while body.len() < len {
-        let Some(chunk) = next_chunk(recv, len - body.len(), stall).await? else {
+        let Some(chunk) = next_chunk(recv, len - body.len(), inside_frame).await? else {
             return Err(quinn::ReadExactError::FinishedEarly(body.len()).into());
         };
         body.extend_from_slice(&chunk);

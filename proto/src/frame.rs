@@ -40,6 +40,18 @@
 //! stream before the first `Batch` that names `id`, once per connection; the relay keeps them
 //! in memory for that connection only (see [`crate::dictionary`]).
 //!
+//! # Streams
+//!
+//! The agent opens the connection's first bidirectional stream, the *control stream*, for
+//! `Hello` and `Welcome`, `Heartbeat`s, `Goodbye`s and the relay's `Ack`s and `Nack`s. Up to
+//! version 2 its `Batch` and `Dictionary` frames go there too. From version 3 the agent may also
+//! open unidirectional *data streams* after `Welcome` and send `Batch` and `Dictionary` frames
+//! on them, so that a lost packet stalls only the partitions of one stream. Each source
+//! partition stays on one stream for the whole connection, so its batches keep their order; a
+//! dictionary is sent on each stream before the first batch there that names it, and is known
+//! on that stream only. Acknowledgements still come back on the control stream: in order for
+//! the batches of one stream, in no promised order across streams.
+//!
 //! Decoding is *check, then parse*: [`Frame::decode`] returns `Ok(None)` until a whole frame is
 //! buffered, and the body length is checked against [`Limits`] before anything is allocated.
 //! This layer checks syntax only (lengths, UTF-8, enums, checksum); whether a batch's offsets

@@ -24,8 +24,9 @@ pub const ALPN: &[u8] = b"spoke/1";
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// The highest protocol version this build speaks. Version 2 adds the `Dictionary` frame and
-/// the dictionary codec ([`Codec::ZstdDict`]).
-pub const MAX_PROTOCOL_VERSION: u8 = 2;
+/// the dictionary codec ([`Codec::ZstdDict`]); version 3 adds no frame but lets the agent send
+/// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]).
+pub const MAX_PROTOCOL_VERSION: u8 = 3;
 
 /// Default UDP port of the relay.
 pub const DEFAULT_PORT: u16 = 7000;

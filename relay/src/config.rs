@@ -67,8 +67,9 @@ pub struct LimitsConfig {
     /// a heartbeat every 5 s) or inside one.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
-    /// Concurrent bidirectional streams a peer may open. An agent uses one; the relay reads
-    /// only that one, and each further stream could park a stream window of unread data.
+    /// Concurrent streams a peer may open: its control stream and up to this minus one data
+    /// streams (protocol version 3). Each lets a peer park a stream window (16 MiB) of unread
+    /// data, and all of them together at most the connection window (64 MiB).
     pub max_streams_per_connection: u32,
     /// Source partitions one `Hello` may list; each allowed one costs a resume scan of the hub.
     pub max_partitions_per_hello: u32,
@@ -82,8 +83,8 @@ pub struct LimitsConfig {
     pub max_headers_per_record: u32,
     /// Header keys plus values of one record.
     pub max_header_bytes: ByteSize,
-    /// zstd dictionaries one connection may define (protocol version 2); kept in memory for
-    /// the connection only.
+    /// zstd dictionaries one stream of a connection may define (protocol version 2); kept in
+    /// memory for the connection only.
     pub max_dictionaries: u32,
     /// Largest zstd dictionary an agent may send.
     pub max_dictionary_bytes: ByteSize,
@@ -102,7 +103,7 @@ impl Default for LimitsConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(30),
-            max_streams_per_connection: 1,
+            max_streams_per_connection: 9,
             max_partitions_per_hello: 10_000,
             max_partitions_per_topic: 10_000,
             max_frame_bytes: ByteSize::b(u64::from(frame.max_frame_bytes)),
@@ -496,7 +497,7 @@ allow = ["orders", "telemetry\\..*"]
         assert_eq!(limits.hello_timeout, Duration::from_secs(10));
         assert_eq!(limits.idle_timeout, Duration::from_secs(30));
         assert_eq!(limits.read_timeout, Duration::from_secs(30));
-        assert_eq!(limits.max_streams_per_connection, 1);
+        assert_eq!(limits.max_streams_per_connection, 9);
         assert_eq!(limits.max_partitions_per_hello, 10_000);
         assert_eq!(limits.max_partitions_per_topic, 10_000);
         assert_eq!(limits.frame_limits(), spoke_proto::Limits::default());

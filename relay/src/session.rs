@@ -1,14 +1,17 @@
 //! One agent connection: authenticate the site, answer `Hello` with resume points, then turn
 //! `Batch` frames into hub records and answer each with `Ack` once the hub confirmed all of it.
 //!
-//! Two tasks share a session: the reader decodes batches and hands them to the producer in
-//! order; the acker awaits the hub's confirmations in the same order and writes `Ack`/`Nack`.
-//! A bounded queue between them limits how much unconfirmed data one site can hold in memory.
+//! A session reads each of the agent's streams (the control stream, and from protocol version
+//! 3 its data streams) with its own reader, which decodes batches and hands them to the
+//! producer in order; one acker awaits the hub's confirmations in the order the readers handed
+//! batches over and writes `Ack`/`Nack` on the control stream. A bounded queue between them
+//! limits how much unconfirmed data one site can hold in memory.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -18,7 +21,7 @@ use spoke_proto::{
     GoodbyeCode, Hello, Limits, Nack, NackCode, ResumePoint, Welcome, MAX_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -30,12 +33,15 @@ use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
 use crate::tls::DenyList;
-use spoke_io::wire::{read_frame_within, write_frame_within, WireError};
+use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_within, WireError};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
 /// bounded by the session producer's queue (64 MiB), not by this count.
 const UNCONFIRMED_BATCHES: usize = 64;
+
+/// The protocol version from which an agent may send batches on data streams.
+const DATA_STREAMS_VERSION: u8 = 3;
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -440,7 +446,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         transactional,
     };
     tokio::select! {
-        result = serve_site(session, &allow, hello, send, recv) => result,
+        result = serve_site(session, connection, &allow, hello, send, recv) => result,
         () = superseded.cancelled() => Err(SessionError::Superseded),
     }
 }
@@ -457,6 +463,7 @@ struct Session<'a> {
 
 async fn serve_site(
     session: Session<'_>,
+    connection: &quinn::Connection,
     allow: &[Regex],
     hello: Hello,
     mut send: quinn::SendStream,
@@ -514,33 +521,66 @@ async fn serve_site(
     )
     .await?;
 
+    let version = negotiated_version(&hello);
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
-    // With transactions one batch is open at a time: the reader waits for its commit.
-    let (committed_tx, committed_rx) = if session.transactional {
-        let (tx, rx) = mpsc::channel(1);
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
-    let acker = acknowledge(send, confirmations, progress, committed_tx);
-    let reader = Reader {
-        session,
+    let acker = acknowledge(send, confirmations, progress);
+    let shared = Mutex::new(Partitions {
         resume,
+        stream: HashMap::new(),
+    });
+    // With transactions one batch is open at a time, whichever stream it came on: its reader
+    // holds this until the acker committed it.
+    let transaction = session
+        .transactional
+        .then(|| Arc::new(tokio::sync::Mutex::new(())));
+    let reader = |stream: u64, queue: mpsc::Sender<Outcome>| Reader {
+        session,
+        stream,
+        partitions: &shared,
         queue,
-        committed: committed_rx,
-        version: negotiated_version(&hello),
+        transaction: transaction.clone(),
+        version,
         dictionaries: Dictionaries::new(context.dictionary_limits),
     };
-    // The reader ending (the agent finished its stream or said Goodbye) drops the queue, and
-    // the acker then drains what is still unconfirmed; the acker failing ends the session.
+    let mut readers = FuturesUnordered::new();
+    readers.push(reader(CONTROL_STREAM, queue.clone()).run(recv));
+    // Dropped once no new reader can start, so that the acker sees the queue close when the
+    // last reader ends.
+    let mut queue = Some(queue);
+    let mut next_stream = CONTROL_STREAM + 1;
+    // Every reader ending (the agent finished its streams, or said Goodbye on the control
+    // stream) closes the queue, and the acker then drains what is still unconfirmed; a reader
+    // or the acker failing ends the session.
     tokio::pin!(acker);
-    tokio::select! {
-        result = reader.run(recv) => {
-            result?;
-            acker.await
+    // Once the agent said Goodbye its data streams must finish within `read_timeout`: the
+    // session's checkpoints and Goodbye wait for them.
+    let stall = context.limits.read_timeout;
+    let leaving = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(leaving);
+    loop {
+        let accepting = version >= DATA_STREAMS_VERSION && queue.is_some();
+        tokio::select! {
+            accepted = connection.accept_uni(), if accepting => {
+                let Some(sender) = queue.clone() else { continue };
+                readers.push(reader(next_stream, sender).run(accepted?));
+                next_stream += 1;
+            }
+            ended = readers.next() => match ended {
+                Some(Ok(stream)) => {
+                    if stream == CONTROL_STREAM {
+                        queue = None;
+                        leaving.as_mut().reset(tokio::time::Instant::now() + stall);
+                    }
+                }
+                Some(Err(error)) => return Err(error),
+                None => break,
+            },
+            result = &mut acker => return result,
+            () = &mut leaving => return Err(SessionError::Wire(WireError::Stalled(stall))),
         }
-        result = &mut acker => result,
     }
+    drop(queue);
+    acker.await
 }
 
 fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), SessionError> {
@@ -601,33 +641,51 @@ enum Outcome {
         /// For the first batch of a partition the Hello did not name: the checkpoint that
         /// held before it.
         base: Option<Checkpoint>,
+        /// Transactions only: the batch's open transaction, released once it is committed.
+        transaction: Option<OwnedMutexGuard<()>>,
     },
     Refused(Nack),
 }
 
+/// The stream the agent opened first, which carries `Hello`, heartbeats and `Goodbye`.
+const CONTROL_STREAM: u64 = 0;
+
+/// What the readers of one session share, per source partition.
+struct Partitions {
+    /// The first offset not yet handed to the producer in this session; records below it are
+    /// already in the hub (a chunk may straddle the resume point).
+    resume: HashMap<(String, i32), i64>,
+    /// The stream its batches arrive on: one, so that they reach the producer in order.
+    stream: HashMap<(String, i32), u64>,
+}
+
 struct Reader<'a> {
     session: Session<'a>,
-    /// Per source partition, the first offset not yet handed to the producer in this session;
-    /// records below it are already in the hub (a chunk may straddle the resume point).
-    resume: HashMap<(String, i32), i64>,
+    /// Which of the session's streams this reads ([`CONTROL_STREAM`] or a data stream).
+    stream: u64,
+    partitions: &'a Mutex<Partitions>,
     queue: mpsc::Sender<Outcome>,
-    /// Transactions only: one message per committed batch.
-    committed: Option<mpsc::Receiver<()>>,
+    /// Transactions only: held from a batch's `begin_transaction` to its commit.
+    transaction: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Protocol version chosen in `Welcome`: frames above it are the peer's error.
     version: u8,
-    /// Dictionaries the agent sent on this connection (relays keep no state beyond it).
+    /// Dictionaries the agent sent on this stream (relays keep no state beyond the connection).
     dictionaries: Dictionaries,
 }
 
 impl Reader<'_> {
-    async fn run(mut self, mut recv: quinn::RecvStream) -> Result<(), SessionError> {
+    /// Reads the stream to its end; returns which stream it was.
+    async fn run(mut self, mut recv: quinn::RecvStream) -> Result<u64, SessionError> {
+        let limits = &self.session.context.frame_limits;
+        let stall = self.session.context.limits.read_timeout;
         loop {
-            let frame = read_frame_within(
-                &mut recv,
-                &self.session.context.frame_limits,
-                self.session.context.limits.read_timeout,
-            )
-            .await?;
+            // The control stream carries a heartbeat every 5 s, so silence there means a lost
+            // agent; a data stream is quiet whenever its partitions have nothing to send.
+            let frame = if self.stream == CONTROL_STREAM {
+                read_frame_within(&mut recv, limits, stall).await?
+            } else {
+                read_frame_when_it_comes(&mut recv, limits, stall).await?
+            };
             if let Some(frame) = &frame {
                 if frame.version() > self.version {
                     return Err(SessionError::AboveVersion {
@@ -637,8 +695,9 @@ impl Reader<'_> {
                     });
                 }
             }
+            let on_control = self.stream == CONTROL_STREAM;
             let outcome = match frame {
-                None => return Ok(()),
+                None => return Ok(self.stream),
                 Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
                 Some(Frame::Dictionary(dictionary)) => {
                     self.dictionaries.insert(&dictionary).map_err(|source| {
@@ -654,7 +713,7 @@ impl Reader<'_> {
                     );
                     continue;
                 }
-                Some(Frame::Heartbeat(heartbeat)) => {
+                Some(Frame::Heartbeat(heartbeat)) if on_control => {
                     debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
                     self.session
                         .context
@@ -662,26 +721,24 @@ impl Reader<'_> {
                         .heartbeat(self.session.site, heartbeat);
                     continue;
                 }
-                Some(Frame::Goodbye(goodbye)) => {
+                Some(Frame::Goodbye(goodbye)) if on_control => {
                     info!(reason = %goodbye.reason, "agent said goodbye");
-                    return Ok(());
+                    return Ok(self.stream);
                 }
                 Some(other) => {
                     return Err(SessionError::Unexpected {
-                        expected: "Batch, Dictionary, Heartbeat or Goodbye",
+                        expected: if on_control {
+                            "Batch, Dictionary, Heartbeat or Goodbye"
+                        } else {
+                            "Batch or Dictionary on a data stream"
+                        },
                         got: other.name(),
                     })
                 }
             };
-            let produced = matches!(outcome, Outcome::Produced { .. });
             if self.queue.send(outcome).await.is_err() {
                 // The acker ended; its result is what the session reports.
-                return Ok(());
-            }
-            if let (true, Some(committed)) = (produced, self.committed.as_mut()) {
-                if committed.recv().await.is_none() {
-                    return Ok(());
-                }
+                return Ok(self.stream);
             }
         }
     }
@@ -744,7 +801,17 @@ impl Reader<'_> {
             .await?;
         let hub_partition = (batch.partition < hub_partitions).then_some(batch.partition);
         let key = (batch.topic.clone(), batch.partition);
-        let resume_from = self.resume.get(&key).copied();
+        let resume_from = {
+            let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            let stream = *partitions.stream.entry(key.clone()).or_insert(self.stream);
+            if stream != self.stream {
+                // Two readers would hand its records to the producer in no sure order.
+                return Err(bad_batch(format!(
+                    "partition already sent on stream {stream} of this connection"
+                )));
+            }
+            partitions.resume.get(&key).copied()
+        };
         // A partition the Hello did not name had nothing unacknowledged: all its earlier
         // records are in the hub, below the partitions' current ends.
         let base = match (resume_from, context.delivery) {
@@ -757,12 +824,17 @@ impl Reader<'_> {
         };
         let resume_from = resume_from.unwrap_or(0);
 
-        if self.session.transactional {
-            self.session
-                .producer
-                .begin_transaction()
-                .map_err(SessionError::Transaction)?;
-        }
+        let transaction = match &self.transaction {
+            Some(lock) => {
+                let open = lock.clone().lock_owned().await;
+                self.session
+                    .producer
+                    .begin_transaction()
+                    .map_err(SessionError::Transaction)?;
+                Some(open)
+            }
+            None => None,
+        };
         let partition_text = batch.partition.to_string();
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records.iter().filter(|r| r.offset >= resume_from) {
@@ -803,7 +875,11 @@ impl Reader<'_> {
             }
             deliveries.push(enqueue(self.session.producer, hub_record).await?);
         }
-        self.resume.insert(key, batch.next_offset);
+        self.partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resume
+            .insert(key, batch.next_offset);
         Ok(Outcome::Produced {
             seq: batch.seq,
             topic: batch.topic,
@@ -811,6 +887,7 @@ impl Reader<'_> {
             next_offset: batch.next_offset,
             deliveries,
             base,
+            transaction,
         })
     }
 }
@@ -838,7 +915,6 @@ async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
     mut progress: Progress<'_>,
-    committed: Option<mpsc::Sender<()>>,
 ) -> Result<(), SessionError> {
     // An agent that stops taking our frames (no flow-control credit) while keeping the
     // connection alive would otherwise hold this session, and all queued behind it, forever:
@@ -853,6 +929,7 @@ async fn acknowledge(
                 next_offset,
                 deliveries,
                 base,
+                transaction,
             } => {
                 if let Some(base) = base {
                     progress.track(&topic, partition, base);
@@ -877,10 +954,8 @@ async fn acknowledge(
                 if !session.transactional {
                     progress.write_if_due((topic, partition));
                 }
-                if let Some(committed) = &committed {
-                    // The reader may begin the next transaction; it is gone if it ended.
-                    let _ = committed.send(()).await;
-                }
+                // A reader may begin the next transaction.
+                drop(transaction);
                 Frame::Ack(Ack { seq, next_offset })
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
@@ -1136,13 +1211,15 @@ mod tests {
             max_version: max,
             ..hello("s", 0)
         };
-        // A version 1 agent keeps version 1 (no dictionaries); a newer one gets 2.
+        // A version 1 agent keeps version 1 (no dictionaries), a version 2 one gets
+        // dictionaries but no data streams, and a newer one gets 3.
         assert_eq!(negotiated_version(&with(1, 1)), 1);
         assert_eq!(negotiated_version(&with(1, 2)), 2);
-        assert_eq!(negotiated_version(&with(2, 9)), 2);
+        assert_eq!(negotiated_version(&with(1, 3)), 3);
+        assert_eq!(negotiated_version(&with(2, 9)), 3);
         check_hello(&with(1, 2), "s", 1).expect("overlap");
         check_hello(&with(2, 9), "s", 1).expect("overlap");
-        for (min, max) in [(3, 9), (0, 0), (2, 1)] {
+        for (min, max) in [(4, 9), (0, 0), (2, 1)] {
             let error = check_hello(&with(min, max), "s", 1).expect_err("no overlap");
             assert!(matches!(error, SessionError::Version { .. }), "{error}");
             assert_eq!(error.reject_reason(), Some(crate::fleet::reject::PROTOCOL));

@@ -114,6 +114,11 @@ pub struct ShipConfig {
     /// rate × (RTT + a loss recovery + the hub's write time); see docs/benchmarks.md.
     #[serde(default = "default_window_bytes")]
     pub window_bytes: ByteSize,
+    /// QUIC streams batches are spread over, each partition on one of them, so that a lost
+    /// packet holds up only the partitions of its stream. A relay that allows fewer (its
+    /// `limits.max_streams_per_connection` counts the control stream too) gets fewer.
+    #[serde(default = "default_streams")]
+    pub streams: u32,
     /// Bytes per second on the wire; 0 = unlimited.
     #[serde(default = "default_bandwidth")]
     pub max_bandwidth: ByteSize,
@@ -130,6 +135,7 @@ impl Default for ShipConfig {
             zstd_level: default_zstd_level(),
             window: default_window(),
             window_bytes: default_window_bytes(),
+            streams: default_streams(),
             max_bandwidth: default_bandwidth(),
             dictionary: DictionaryMode::default(),
         }
@@ -171,6 +177,9 @@ fn default_window() -> u32 {
 }
 fn default_window_bytes() -> ByteSize {
     ByteSize::mib(16)
+}
+fn default_streams() -> u32 {
+    4
 }
 fn default_bandwidth() -> ByteSize {
     ByteSize::b(0)
@@ -231,6 +240,9 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     }
     if config.ship.window == 0 {
         return Err(invalid("ship.window", "must be at least 1".into()));
+    }
+    if !(1..=64).contains(&config.ship.streams) {
+        return Err(invalid("ship.streams", "must be between 1 and 64".into()));
     }
     if config.ship.window_bytes.as_u64() == 0 {
         return Err(invalid(
@@ -352,6 +364,7 @@ key = "/site.key"
         assert_eq!(c.ship.zstd_level, 3);
         assert_eq!(c.ship.window, 64);
         assert_eq!(c.ship.window_bytes, ByteSize::mib(16));
+        assert_eq!(c.ship.streams, 4);
         assert_eq!(c.ship.max_bandwidth.as_u64(), 0);
         assert_eq!(c.ship.dictionary, DictionaryMode::Auto);
         assert_eq!(c.admin.listen.port(), 9464);
@@ -406,6 +419,16 @@ key = "/site.key"
                 "relay.endpoints",
             ),
             ("site = \"branch-042\"", "site = \"Branch 42\"", "site"),
+            (
+                "key = \"/site.key\"",
+                "key = \"/site.key\"\n[ship]\nstreams = 0",
+                "ship.streams",
+            ),
+            (
+                "key = \"/site.key\"",
+                "key = \"/site.key\"\n[ship]\nstreams = 65",
+                "ship.streams",
+            ),
         ] {
             let text = MINIMAL.replace(from, to);
             assert_ne!(text, MINIMAL, "{from}");

@@ -2,6 +2,10 @@
 //! them unacknowledged, and deletes a chunk from the spool only when the relay's `Ack` says
 //! the hub holds it. Connection failures rotate through `relay.endpoints` with capped
 //! exponential backoff; nothing is lost meanwhile because the spool still holds every chunk.
+//!
+//! Batches travel on `ship.streams` data streams, each partition on one of them, so that a
+//! lost packet holds up only the partitions of its stream; the control stream carries the
+//! handshake, heartbeats and the relay's acknowledgements (proto's `frame` docs, "Streams").
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -10,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use spoke_proto::{
     decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
     Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicPartition,
@@ -39,6 +44,8 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Frames read ahead of the session loop.
 const INBOUND_QUEUE: usize = 64;
+/// The protocol version from which batches may go on data streams.
+const DATA_STREAMS_VERSION: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -229,6 +236,119 @@ struct InFlight {
     records: u32,
 }
 
+/// Where batches go: data streams, or the control stream alone when the relay allows none
+/// (or speaks a version before [`DATA_STREAMS_VERSION`]).
+struct Lanes {
+    lanes: Vec<Lane>,
+    /// Each partition's lane, dealt in turn as partitions first ship in this session, so that
+    /// a few partitions spread over all lanes.
+    assigned: HashMap<SourcePartition, usize>,
+    /// Over all lanes.
+    in_flight_batches: usize,
+    in_flight_bytes: u64,
+}
+
+struct Lane {
+    /// `None`: the control stream.
+    send: Option<quinn::SendStream>,
+    /// Dictionaries sent on this stream: a relay knows them per stream.
+    dictionaries_sent: HashSet<u32>,
+    /// In the order sent, which is the order the relay acknowledges them in.
+    in_flight: VecDeque<InFlight>,
+}
+
+impl Lane {
+    fn new(send: Option<quinn::SendStream>) -> Self {
+        Self {
+            send,
+            dictionaries_sent: HashSet::new(),
+            in_flight: VecDeque::new(),
+        }
+    }
+}
+
+impl Lanes {
+    /// Opens up to `wanted` data streams if the session's version allows them. Stream credit
+    /// is known from the handshake, so an open that cannot complete at once never will: the
+    /// relay allows fewer, and the session makes do with those it got.
+    fn open(connection: &quinn::Connection, version: u8, wanted: u32) -> Result<Self, ShipError> {
+        let mut lanes = Vec::new();
+        if version >= DATA_STREAMS_VERSION {
+            for _ in 0..wanted {
+                match connection.open_uni().now_or_never() {
+                    Some(opened) => lanes.push(Lane::new(Some(opened?))),
+                    None => break,
+                }
+            }
+        }
+        if lanes.len() < wanted as usize {
+            info!(
+                wanted,
+                data_streams = lanes.len(),
+                version,
+                "the relay allows fewer data streams"
+            );
+        }
+        if lanes.is_empty() {
+            lanes.push(Lane::new(None));
+        }
+        Ok(Self {
+            lanes,
+            assigned: HashMap::new(),
+            in_flight_batches: 0,
+            in_flight_bytes: 0,
+        })
+    }
+
+    fn lane_of(&mut self, partition: &SourcePartition) -> usize {
+        let next = self.assigned.len() % self.lanes.len();
+        *self.assigned.entry(partition.clone()).or_insert(next)
+    }
+
+    fn sent(&mut self, lane: usize, batch: InFlight) {
+        self.in_flight_batches += 1;
+        self.in_flight_bytes += batch.bytes;
+        self.lanes[lane].in_flight.push_back(batch);
+    }
+
+    /// The batch `seq` answers: the oldest in flight on its stream.
+    fn answered(&mut self, seq: u64) -> Result<InFlight, ShipError> {
+        let lane = self
+            .lanes
+            .iter_mut()
+            .find(|lane| lane.in_flight.front().is_some_and(|f| f.seq == seq));
+        let Some(batch) = lane.and_then(|lane| lane.in_flight.pop_front()) else {
+            let expected = self
+                .lanes
+                .iter()
+                .filter_map(|lane| lane.in_flight.front().map(|f| f.seq))
+                .min()
+                .unwrap_or(0);
+            return Err(ShipError::AckOrder { expected, got: seq });
+        };
+        self.in_flight_batches -= 1;
+        self.in_flight_bytes -= batch.bytes;
+        Ok(batch)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.in_flight_batches == 0
+    }
+
+    fn data_streams(&self) -> usize {
+        self.lanes.iter().filter(|lane| lane.send.is_some()).count()
+    }
+
+    /// Ends every data stream: the relay's readers see the end once all sent is read.
+    fn finish(&mut self) {
+        for lane in &mut self.lanes {
+            if let Some(send) = lane.send.as_mut() {
+                let _ = send.finish();
+            }
+        }
+    }
+}
+
 struct Session<'a> {
     loaded: &'a Loaded,
     spool: &'a dyn Spool,
@@ -297,7 +417,6 @@ impl Session<'_> {
         }));
         self.welcomed = true;
         self.progress.relay_connected.store(true, Ordering::Relaxed);
-        info!(relay = %welcome.relay, "connected");
 
         let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
         let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
@@ -310,26 +429,26 @@ impl Session<'_> {
             }
         }));
 
-        let window = usize::try_from(self.loaded.config.ship.window).unwrap_or(usize::MAX);
-        let window_bytes = self.loaded.config.ship.window_bytes.as_u64();
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let ship = &self.loaded.config.ship;
+        let window = usize::try_from(ship.window).unwrap_or(usize::MAX);
+        let window_bytes = ship.window_bytes.as_u64();
+        let mut lanes = Lanes::open(connection, welcome.version, ship.streams)?;
+        info!(relay = %welcome.relay, version = welcome.version, data_streams = lanes.data_streams(), "connected");
         // Per partition, the offset the next chunk to send starts at or after.
         let mut cursors: HashMap<SourcePartition, i64> = HashMap::new();
         // Partitions whose topic the relay refused: not sent again in this session.
         let mut refused: HashSet<SourcePartition> = HashSet::new();
         let mut round_robin = 0usize;
         let mut seq = 0u64;
-        // Dictionaries go in-band, once per connection, to relays that speak version 2.
+        // Dictionaries go in-band, once per stream, to relays that speak version 2.
         let dictionaries_supported = welcome.version >= 2;
-        let mut dictionaries_sent: HashSet<u32> = HashSet::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-        let mut pacer = Pacer::new(self.loaded.config.ship.max_bandwidth.as_u64());
+        let mut pacer = Pacer::new(ship.max_bandwidth.as_u64());
         loop {
             // At least one batch goes out whatever its size, so a chunk larger than the byte
             // window still ships.
-            while in_flight.len() < window
-                && (in_flight.is_empty()
-                    || in_flight.iter().map(|f| f.bytes).sum::<u64>() < window_bytes)
+            while lanes.in_flight_batches < window
+                && (lanes.is_empty() || lanes.in_flight_bytes < window_bytes)
             {
                 let chunk = self.progress.with_unsettled(|unsettled| {
                     let chunk = self.next_chunk(&cursors, &refused, &mut round_robin)?;
@@ -352,6 +471,8 @@ impl Session<'_> {
                     .partition_count(&chunk.partition.topic)
                     .unwrap_or(0);
                 seq += 1;
+                let lane_index = lanes.lane_of(&chunk.partition);
+                let lane = &mut lanes.lanes[lane_index];
                 let mut batch = batch_frame(seq, partition_count, &chunk)?;
                 let mut dictionary_frame = None;
                 if let Some(id) = chunk.dictionary {
@@ -364,7 +485,7 @@ impl Session<'_> {
                             })?;
                     if !dictionaries_supported {
                         batch = self.without_dictionary(batch, &chunk, stored.bytes)?;
-                    } else if dictionaries_sent.insert(id) {
+                    } else if lane.dictionaries_sent.insert(id) {
                         dictionary_frame = Some(frame_bytes(&Frame::Dictionary(Dictionary {
                             id,
                             dictionary: stored.bytes,
@@ -374,34 +495,42 @@ impl Session<'_> {
                 let bytes = frame_bytes(&batch)?;
                 pacer.wait(bytes.len()).await;
                 self.extend_fence(&welcome.relay)?;
+                let stream = lane.send.as_mut().unwrap_or(&mut send);
                 if let Some(dictionary) = dictionary_frame {
                     // Before the first batch that names it, on the same (ordered) stream.
-                    send.write_all(&dictionary).await.map_err(WireError::from)?;
+                    stream
+                        .write_all(&dictionary)
+                        .await
+                        .map_err(WireError::from)?;
                     self.progress.wire_bytes.inc_by(dictionary.len() as u64);
                 }
-                send.write_all(&bytes).await.map_err(WireError::from)?;
+                stream.write_all(&bytes).await.map_err(WireError::from)?;
                 self.progress.wire_bytes.inc_by(bytes.len() as u64);
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
-                in_flight.push_back(InFlight {
-                    seq,
-                    bytes: bytes.len() as u64,
-                    partition: chunk.partition,
-                    next_offset: chunk.next_offset,
-                    records: chunk.record_count,
-                });
+                lanes.sent(
+                    lane_index,
+                    InFlight {
+                        seq,
+                        bytes: bytes.len() as u64,
+                        partition: chunk.partition,
+                        next_offset: chunk.next_offset,
+                        records: chunk.record_count,
+                    },
+                );
             }
             tokio::select! {
                 frame = inbound.recv() => {
                     let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
                     Progress::touch(&self.progress.relay_seen_ms);
-                    self.handle(frame?, &mut in_flight, &mut refused)?;
+                    self.handle(frame?, &mut lanes, &mut refused)?;
                 }
                 () = self.progress.spooled.notified() => {}
                 _ = heartbeat.tick() => {
                     write_frame(&mut send, &Frame::Heartbeat(self.heartbeat())).await?;
                 }
                 () = self.stop.cancelled() => {
-                    self.drain(&mut inbound, &mut in_flight, &mut refused).await;
+                    self.drain(&mut inbound, &mut lanes, &mut refused).await;
+                    lanes.finish();
                     let goodbye = Goodbye { code: GoodbyeCode::Shutdown, reason: "agent stopping".into() };
                     let _ = write_frame(&mut send, &Frame::Goodbye(goodbye)).await;
                     let _ = send.finish();
@@ -539,21 +668,12 @@ impl Session<'_> {
     fn handle(
         &self,
         frame: Option<Frame>,
-        in_flight: &mut VecDeque<InFlight>,
+        lanes: &mut Lanes,
         refused: &mut HashSet<SourcePartition>,
     ) -> Result<(), ShipError> {
         match frame {
             Some(Frame::Ack(ack)) => {
-                let oldest = in_flight.pop_front().ok_or(ShipError::AckOrder {
-                    expected: 0,
-                    got: ack.seq,
-                })?;
-                if oldest.seq != ack.seq {
-                    return Err(ShipError::AckOrder {
-                        expected: oldest.seq,
-                        got: ack.seq,
-                    });
-                }
+                let oldest = lanes.answered(ack.seq)?;
                 self.spool
                     .remove_acked(&oldest.partition, oldest.next_offset)?;
                 self.progress
@@ -562,10 +682,7 @@ impl Session<'_> {
                 Ok(())
             }
             Some(Frame::Nack(nack)) => {
-                let oldest = in_flight.pop_front().ok_or(ShipError::AckOrder {
-                    expected: 0,
-                    got: nack.seq,
-                })?;
+                let oldest = lanes.answered(nack.seq)?;
                 if nack.code == NackCode::NotAllowed {
                     error!(topic = %oldest.partition.topic, partition = oldest.partition.partition, message = %nack.message,
                         "relay refuses this topic; it stays spooled until the relay's ACL allows it");
@@ -591,21 +708,21 @@ impl Session<'_> {
     async fn drain(
         &self,
         inbound: &mut mpsc::Receiver<Result<Option<Frame>, WireError>>,
-        in_flight: &mut VecDeque<InFlight>,
+        lanes: &mut Lanes,
         refused: &mut HashSet<SourcePartition>,
     ) {
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-        while !in_flight.is_empty() {
+        while !lanes.is_empty() {
             match tokio::time::timeout_at(deadline, inbound.recv()).await {
                 Ok(Some(Ok(frame))) => {
-                    if let Err(error) = self.handle(frame, in_flight, refused) {
+                    if let Err(error) = self.handle(frame, lanes, refused) {
                         debug!(%error, "while draining");
                         return;
                     }
                 }
                 _ => {
                     warn!(
-                        batches = in_flight.len(),
+                        batches = lanes.in_flight_batches,
                         "stopping with unacknowledged batches; they stay spooled"
                     );
                     return;

@@ -163,11 +163,21 @@ impl Session {
         relay: SocketAddr,
         site: &str,
     ) -> anyhow::Result<Session> {
+        Self::open_with(endpoint, config, relay, &hello(site)).await
+    }
+
+    /// As [`Session::open`], with the `Hello` given.
+    pub async fn open_with(
+        endpoint: &quinn::Endpoint,
+        config: &quinn::ClientConfig,
+        relay: SocketAddr,
+        hello: &Frame,
+    ) -> anyhow::Result<Session> {
         let connection = connect(endpoint, config, relay)
             .await?
             .context("relay refused a valid certificate")?;
         let (mut send, mut recv) = connection.open_bi().await?;
-        send.write_all(&encode(&hello(site))?).await?;
+        send.write_all(&encode(hello)?).await?;
         let mut buf = Vec::new();
         let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv, &mut buf))
             .await
@@ -241,6 +251,15 @@ pub fn hello(site: &str) -> Frame {
         software: "spoke-tests hostile peer".to_owned(),
         partitions: Vec::new(),
     })
+}
+
+/// A `Hello` offering protocol versions 1 to `max_version`.
+pub fn hello_speaking(site: &str, max_version: u8) -> Frame {
+    let mut frame = hello(site);
+    if let Frame::Hello(hello) = &mut frame {
+        hello.max_version = max_version;
+    }
+    frame
 }
 
 /// A `Hello` asking for resume points of `count` partitions of `topic`: each one costs the

@@ -1,0 +1,186 @@
+//! Data streams (protocol version 3, issue #6): batches of different partitions travel on
+//! different QUIC streams, so one stalled stream holds up only its own partitions; a relay
+//! that allows no data streams still gets everything over the control stream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use spoke_proto::{Frame, MAX_PROTOCOL_VERSION};
+use spoke_tests::eventually;
+use spoke_tests::hostile::{self, Session, CLOSE_PROTOCOL_ERROR};
+use spoke_tests::kafka::{self, Rec};
+use spoke_tests::pki::Identity;
+use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
+
+const TOPIC: &str = "orders";
+const PEER: &str = "peer";
+
+/// A valid batch of `count` records of `partition` (of two), starting at offset `first`.
+fn batch(seq: u64, partition: i32, first: i64, count: usize) -> anyhow::Result<Vec<u8>> {
+    let mut frame = hostile::valid_batch(seq, TOPIC, first, count)?;
+    if let Frame::Batch(batch) = &mut frame {
+        batch.partition = partition;
+        batch.partition_count = 2;
+    }
+    hostile::encode(&frame)
+}
+
+async fn answer(session: &mut Session, buf: &mut Vec<u8>) -> anyhow::Result<Frame> {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        hostile::read_frame(&mut session.recv, buf),
+    )
+    .await
+    .context("no answer within 60 s")??
+    .context("the relay finished the control stream")
+}
+
+fn hub_records(env: &Env, site: &str, partitions: i32) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (low, high) =
+            kafka::watermarks(&env.hub.bootstrap(), &format!("{site}.{TOPIC}"), partition)?;
+        total += high - low;
+    }
+    Ok(total)
+}
+
+#[test]
+fn a_stalled_data_stream_holds_up_only_its_own_partitions() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let (pem, key) = env.issue_cert(PEER)?;
+    let identity = Identity::load(&pem, &key)?;
+    let options = RelayOptions {
+        extra: format!("[sites.{PEER}]\nallow = [\"{TOPIC}\"]\n"),
+        ..RelayOptions::default()
+    };
+    let mut relay = env.start_relay_with(&[TOPIC], &options)?;
+    let ca = std::fs::read_to_string(env.pki().join("ca.pem"))?;
+    let config = hostile::client_config(&ca, Some(&identity), Some(Duration::from_secs(1)))?;
+    let address = SocketAddr::from(([127, 0, 0, 1], env.relay_port));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let endpoint = hostile::endpoint()?;
+        let hello = hostile::hello_speaking(PEER, MAX_PROTOCOL_VERSION);
+        let mut session = Session::open_with(&endpoint, &config, address, &hello).await?;
+        let mut buf = Vec::new();
+
+        // Partition 0's batch stops halfway on one data stream, as if a packet were lost ...
+        let held = batch(1, 0, 0, 20)?;
+        let mut held_stream = session.connection.open_uni().await?;
+        held_stream.write_all(&held[..held.len() / 2]).await?;
+        // ... while partition 1's goes whole on another: it is acknowledged all the same.
+        let mut flowing = session.connection.open_uni().await?;
+        flowing.write_all(&batch(2, 1, 0, 20)?).await?;
+        let first = answer(&mut session, &mut buf).await?;
+        ensure!(
+            matches!(first, Frame::Ack(ref ack) if ack.seq == 2 && ack.next_offset == 20),
+            "expected partition 1's batch acknowledged past the stalled stream, got {first:?}"
+        );
+
+        // The rest of the held batch arrives, and it is acknowledged in turn.
+        held_stream.write_all(&held[held.len() / 2..]).await?;
+        let second = answer(&mut session, &mut buf).await?;
+        ensure!(
+            matches!(second, Frame::Ack(ref ack) if ack.seq == 1 && ack.next_offset == 20),
+            "expected the held batch acknowledged once complete, got {second:?}"
+        );
+
+        // A partition stays on the stream it started on: two streams could hand its records
+        // to the hub out of order.
+        held_stream.write_all(&batch(3, 1, 20, 10)?).await?;
+        let (code, reason) = session.closed_by_relay(Duration::from_secs(30)).await?;
+        ensure!(
+            code == u64::from(CLOSE_PROTOCOL_ERROR) && reason.contains("already sent on stream"),
+            "a partition moved to another stream: closed with {code} ({reason})"
+        );
+        anyhow::Ok(())
+    })?;
+    let held = hub_records(&env, PEER, 2)?;
+    ensure!(
+        held == 40,
+        "the hub holds {held} records, expected the 40 acknowledged"
+    );
+    ensure!(relay.is_running(), "the relay exited");
+    relay.stop()?;
+    Ok(())
+}
+
+#[test]
+fn an_agent_ships_on_data_streams_or_on_the_control_stream_as_the_relay_allows(
+) -> anyhow::Result<()> {
+    const PARTITIONS: i32 = 3;
+    const PER_PARTITION: usize = 200;
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), TOPIC, PARTITIONS)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let produce = |round: usize| -> anyhow::Result<()> {
+        for partition in 0..PARTITIONS {
+            let records: Vec<Rec> = (0..PER_PARTITION)
+                .map(|i| Rec {
+                    key: None,
+                    value: Some(format!("round {round} partition {partition} record {i}").into()),
+                    headers: Vec::new(),
+                    timestamp: None,
+                })
+                .collect();
+            kafka::produce(&producer, TOPIC, partition, &records)?;
+        }
+        Ok(())
+    };
+    let replicated = |rounds: usize| {
+        let expected = (rounds * PER_PARTITION) as i64 * i64::from(PARTITIONS);
+        eventually(
+            &format!("{expected} records in the hub"),
+            Duration::from_secs(120),
+            || {
+                let n = hub_records(&env, SITE, PARTITIONS)?;
+                ensure!(
+                    n <= expected,
+                    "hub holds {n}, more than {expected} produced"
+                );
+                Ok(n == expected)
+            },
+        )
+    };
+
+    // A relay that allows the control stream only.
+    let only_control = RelayOptions {
+        extra: "[limits]\nmax_streams_per_connection = 1\n".into(),
+        ..RelayOptions::default()
+    };
+    let mut relay = env.start_relay_with(&[TOPIC], &only_control)?;
+    let mut agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
+    produce(0)?;
+    replicated(1)?;
+    let log = agent.log();
+    ensure!(
+        log.contains("data_streams=0") && log.contains("the relay allows fewer data streams"),
+        "the agent did not fall back to the control stream:\n{log}"
+    );
+
+    // The same agent, once the relay allows the default: four data streams.
+    relay.stop()?;
+    let mut relay = env.start_relay(&[TOPIC])?;
+    eventually("the agent on data streams", Duration::from_secs(60), || {
+        Ok(agent.log().contains("data_streams=4"))
+    })?;
+    produce(1)?;
+    replicated(2)?;
+    for partition in 0..PARTITIONS {
+        kafka::assert_replicated(
+            &env.edge.bootstrap(),
+            &env.hub.bootstrap(),
+            SITE,
+            TOPIC,
+            partition,
+        )?;
+    }
+    agent.stop()?;
+    relay.stop()?;
+    Ok(())
+}

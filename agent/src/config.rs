@@ -173,7 +173,7 @@ fn default_zstd_level() -> i32 {
     3
 }
 fn default_window() -> u32 {
-    64
+    256
 }
 fn default_window_bytes() -> ByteSize {
     ByteSize::mib(16)
@@ -362,7 +362,7 @@ key = "/site.key"
         assert_eq!(c.ship.batch_max_bytes, ByteSize::mib(1));
         assert_eq!(c.ship.linger, Duration::from_millis(20));
         assert_eq!(c.ship.zstd_level, 3);
-        assert_eq!(c.ship.window, 64);
+        assert_eq!(c.ship.window, 256);
         assert_eq!(c.ship.window_bytes, ByteSize::mib(16));
         assert_eq!(c.ship.streams, 4);
         assert_eq!(c.ship.max_bandwidth.as_u64(), 0);

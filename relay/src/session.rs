@@ -38,7 +38,7 @@ use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_wi
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
 /// bounded by the session producer's queue (64 MiB), not by this count.
-const UNCONFIRMED_BATCHES: usize = 64;
+const UNCONFIRMED_BATCHES: usize = 256;
 
 /// The protocol version from which an agent may send batches on data streams.
 const DATA_STREAMS_VERSION: u8 = 3;

@@ -916,6 +916,7 @@ pub fn run_outage(
     produce_rate: f64,
     outage: Duration,
     before: Duration,
+    agent_extra: &str,
 ) -> anyhow::Result<Outage> {
     let scenario = Scenario {
         mix: *mix,
@@ -923,7 +924,7 @@ pub fn run_outage(
         records: 0,
         latency_rate: 0.0,
         latency_secs: 0,
-        agent_extra: "",
+        agent_extra,
     };
     let env = scenario.env()?;
     let cut = Cut {
@@ -932,7 +933,7 @@ pub fn run_outage(
         outage,
         before,
     };
-    env.on_hub(|| outage_on_hub(&env, link, mix, &cut))
+    env.on_hub(|| outage_on_hub(&env, link, mix, &cut, agent_extra))
 }
 
 /// The outage scenario's settings.
@@ -944,12 +945,20 @@ struct Cut {
     before: Duration,
 }
 
-fn outage_on_hub(env: &Env, link: &Link, mix: &Mix, cut: &Cut) -> anyhow::Result<Outage> {
+fn outage_on_hub(
+    env: &Env,
+    link: &Link,
+    mix: &Mix,
+    cut: &Cut,
+    agent_extra: &str,
+) -> anyhow::Result<Outage> {
     let bootstrap = env.edge.bootstrap();
     env.on_edge(|| kafka::create_topic(&bootstrap, TOPIC, PARTITIONS))?;
     let hub_topic = format!("{SITE}.{TOPIC}");
     let _relay = env.start_relay(&[TOPIC])?;
-    let agent = env.start_agent(&AgentOptions::include(&[TOPIC]))?;
+    let mut options = AgentOptions::include(&[TOPIC]);
+    options.extra = agent_extra.to_owned();
+    let agent = env.start_agent(&options)?;
     let pid = agent.pid().context("agent has no pid")?;
     let agent_admin = env.agent_admin();
     let scrape = || env.on_edge(|| admin::scrape(&agent_admin));

@@ -211,6 +211,7 @@ fn run_outage_scenario(args: &Args, plan: &Plan) -> anyhow::Result<serde_json::V
         produce_rate,
         Duration::from_secs(plan.outage_secs),
         Duration::from_secs(10),
+        &args.agent_extra,
     )?;
     let name = format!("outage-{}s-{}", plan.outage_secs, mix.name());
     println!(

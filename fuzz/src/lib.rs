@@ -320,6 +320,10 @@ pub fn check_batch_error(error: &BatchError, codec: Codec, limits: &BatchLimits)
     }
 }
 
+/// The protocol version that added the `Dictionary` frame: its layout version for ever, however
+/// many versions come after.
+const DICTIONARY_LAYOUT_VERSION: u8 = 2;
+
 /// Wraps `body` in a valid header (type, length, CRC), so the body parsers see hostile input
 /// instead of bouncing off the checksum.
 pub fn frame_with_body(frame_type: u8, body: &[u8]) -> Vec<u8> {
@@ -328,7 +332,7 @@ pub fn frame_with_body(frame_type: u8, body: &[u8]) -> Vec<u8> {
     // The header version is the frame layout's own: 2 for `Dictionary` (type 8), else 1. (A
     // dictionary batch body under version 1 is refused after parsing, which is fuzzed too.)
     bytes.push(if frame_type == 8 {
-        spoke_proto::MAX_PROTOCOL_VERSION
+        DICTIONARY_LAYOUT_VERSION
     } else {
         spoke_proto::PROTOCOL_VERSION
     });

@@ -851,3 +851,73 @@ impl Pacer {
         self.next_send = self.next_send.max(now) + cost;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lanes without streams: the bookkeeping alone.
+    fn lanes(count: usize) -> Lanes {
+        Lanes {
+            lanes: (0..count).map(|_| Lane::new(None)).collect(),
+            assigned: HashMap::new(),
+            in_flight_batches: 0,
+            in_flight_bytes: 0,
+        }
+    }
+
+    fn partition(n: i32) -> SourcePartition {
+        SourcePartition {
+            topic: "orders".into(),
+            partition: n,
+        }
+    }
+
+    fn batch(seq: u64, partition: SourcePartition) -> InFlight {
+        InFlight {
+            seq,
+            bytes: 100,
+            partition,
+            next_offset: 0,
+            records: 1,
+        }
+    }
+
+    #[test]
+    fn partitions_are_dealt_over_the_lanes_and_keep_theirs() {
+        let mut lanes = lanes(2);
+        assert_eq!(lanes.lane_of(&partition(7)), 0);
+        assert_eq!(lanes.lane_of(&partition(3)), 1);
+        assert_eq!(lanes.lane_of(&partition(5)), 0);
+        assert_eq!(
+            lanes.lane_of(&partition(3)),
+            1,
+            "a partition keeps its lane"
+        );
+    }
+
+    #[test]
+    fn acks_come_in_order_per_lane_and_in_any_order_across_lanes() {
+        let mut lanes = lanes(2);
+        for (seq, lane) in [(1, 0), (2, 1), (3, 0), (4, 1)] {
+            lanes.sent(lane, batch(seq, partition(lane as i32)));
+        }
+        assert_eq!((lanes.in_flight_batches, lanes.in_flight_bytes), (4, 400));
+        // Lane 1 overtakes lane 0: a lost packet held up only lane 0.
+        assert_eq!(lanes.answered(2).map(|b| b.seq).ok(), Some(2));
+        assert_eq!(lanes.answered(4).map(|b| b.seq).ok(), Some(4));
+        // Within a lane, order holds: 3 before 1 is the relay's error.
+        match lanes.answered(3) {
+            Err(ShipError::AckOrder { expected, got }) => assert_eq!((expected, got), (1, 3)),
+            other => panic!("expected AckOrder, got {:?}", other.map(|b| b.seq)),
+        }
+        assert_eq!(lanes.answered(1).map(|b| b.seq).ok(), Some(1));
+        assert_eq!(lanes.answered(3).map(|b| b.seq).ok(), Some(3));
+        assert!(lanes.is_empty());
+        assert_eq!(lanes.in_flight_bytes, 0);
+        assert!(matches!(
+            lanes.answered(5),
+            Err(ShipError::AckOrder { got: 5, .. })
+        ));
+    }
+}

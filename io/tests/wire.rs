@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spoke_io::wire::{read_frame, read_frame_within, write_frame, write_frame_within, WireError};
+use spoke_io::wire::{
+    read_frame, read_frame_when_it_comes, read_frame_within, write_frame, write_frame_within,
+    WireError,
+};
 use spoke_proto::{Frame, Goodbye, GoodbyeCode, Limits, HEADER_LEN};
 
 /// A connected pair: the client's send half and the server's receive half of one stream.
@@ -136,6 +139,33 @@ async fn a_peer_that_keeps_sending_is_not_stalled_by_a_slow_frame() {
     assert!(
         started.elapsed() > STALL,
         "the frame took longer than one stall timeout"
+    );
+    let _send = writer.await.expect("writer");
+}
+
+#[tokio::test]
+async fn a_quiet_data_stream_may_wait_for_its_next_frame_but_not_stop_inside_one() {
+    let mut pair = pair().await;
+    let frame = goodbye();
+    let bytes = frame.to_bytes().expect("encode");
+    let mut send = pair.send;
+    // Silent for several stall timeouts, then a whole frame, then half of one.
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(STALL * 3).await;
+        send.write_all(&bytes).await.expect("write");
+        send.write_all(&bytes[..HEADER_LEN + 100])
+            .await
+            .expect("write");
+        send
+    });
+    let got = read_frame_when_it_comes(&mut pair.recv, &Limits::default(), STALL)
+        .await
+        .expect("a frame after a long silence");
+    assert_eq!(got, Some(frame));
+    let result = read_frame_when_it_comes(&mut pair.recv, &Limits::default(), STALL).await;
+    assert!(
+        matches!(result, Err(WireError::Stalled(d)) if d == STALL),
+        "{result:?}"
     );
     let _send = writer.await.expect("writer");
 }

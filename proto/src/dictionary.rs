@@ -2,7 +2,8 @@
 //!
 //! Relays keep no local state, so a relay knows only the dictionaries an agent sent on the
 //! current connection ([`Dictionary`] frames, protocol version 2), on the stream it sent them
-//! on (version 3's data streams each have their own). [`Dictionaries`] is that per-stream set, bounded in count and size by [`DictionaryLimits`]; a batch that names an
+//! on (version 3's data streams each have their own). [`Dictionaries`] is that per-stream set,
+//! bounded in count and size by [`DictionaryLimits`]; a batch that names an
 //! id it does not hold fails with [`BatchError::UnknownDictionary`].
 //!
 //! [`Codec::ZstdDict`]: crate::Codec::ZstdDict

@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use spoke_proto::{
     decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
     Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicPartition,
-    MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,8 +44,6 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Frames read ahead of the session loop.
 const INBOUND_QUEUE: usize = 64;
-/// The protocol version from which batches may go on data streams.
-const DATA_STREAMS_VERSION: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {

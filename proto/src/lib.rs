@@ -28,5 +28,8 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]).
 pub const MAX_PROTOCOL_VERSION: u8 = 3;
 
+/// The protocol version from which the agent may send batches on data streams.
+pub const DATA_STREAMS_VERSION: u8 = 3;
+
 /// Default UDP port of the relay.
 pub const DEFAULT_PORT: u16 = 7000;

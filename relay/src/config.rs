@@ -68,8 +68,8 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
     /// Concurrent streams a peer may open: its control stream and up to this minus one data
-    /// streams (protocol version 3). Each lets a peer park a stream window (16 MiB) of unread
-    /// data, and all of them together at most the connection window (64 MiB).
+    /// streams (protocol version 3). However many it opens, they share one stream window
+    /// (16 MiB) of unread data the peer can park in the relay.
     pub max_streams_per_connection: u32,
     /// Source partitions one `Hello` may list; each allowed one costs a resume scan of the hub.
     pub max_partitions_per_hello: u32,

@@ -18,8 +18,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use regex::Regex;
 use spoke_proto::{
     Ack, Batch, BatchLimits, Dictionaries, DictionaryError, DictionaryLimits, Frame, Goodbye,
-    GoodbyeCode, Hello, Limits, Nack, NackCode, ResumePoint, Welcome, MAX_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    GoodbyeCode, Hello, Limits, Nack, NackCode, ResumePoint, Welcome, DATA_STREAMS_VERSION,
+    MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -39,9 +39,6 @@ use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_wi
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
 /// bounded by the session producer's queue (64 MiB), not by this count.
 const UNCONFIRMED_BATCHES: usize = 256;
-
-/// The protocol version from which an agent may send batches on data streams.
-const DATA_STREAMS_VERSION: u8 = 3;
 
 /// QUIC application close codes.
 pub mod close_code {

@@ -3,6 +3,7 @@
 
 pub mod admin_client;
 pub mod config_file;
+pub mod congestion;
 pub mod logging;
 pub mod pem;
 pub mod transport;

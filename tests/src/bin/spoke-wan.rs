@@ -3,9 +3,11 @@
 //!   spoke-wan link --rate-mbit 20 --delay 50ms --loss-pct 1
 //!       two namespaces joined by an emulated link until Ctrl-C; run programs inside with
 //!       `ip netns exec <name> ...` (the names are printed).
-//!   spoke-wan bench [--profile NAME]... [--warmup 4s] [--measure 12s] [--json PATH]
+//!   spoke-wan bench [--profile NAME]... [--congestion NAME]... [--windows NAME]...
+//!                   [--warmup 4s] [--measure 12s] [--json PATH]
 //!       bulk throughput over the link profiles: TCP, and QUIC with quinn's default
-//!       windows, bandwidth-delay sized windows and spoke's own, under Cubic and BBR.
+//!       windows, bandwidth-delay sized windows and spoke's own, under Cubic, quinn's BBR and
+//!       spoke's capped BBR; with the share of packets the bottleneck queue dropped.
 //!
 //! Needs root and /dev/net/tun. The namespaces are deleted on exit, Ctrl-C or SIGTERM.
 
@@ -50,6 +52,14 @@ enum Cmd {
         /// Profiles to run (default: all): fast, medium, slow.
         #[arg(long)]
         profile: Vec<String>,
+        /// Congestion controllers to run (default: all): cubic, bbr (TCP's and quinn's),
+        /// capped-bbr (spoke's; QUIC only).
+        #[arg(long)]
+        congestion: Vec<String>,
+        /// QUIC window sizings to run (default: all): quinn, bdp, bdp2, spoke. TCP runs
+        /// unless this is given.
+        #[arg(long)]
+        windows: Vec<String>,
         /// Time from the first byte before measuring (slow start, window growth).
         #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
         warmup: Duration,
@@ -128,11 +138,18 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Bench {
             profile,
+            congestion,
+            windows,
             warmup,
             measure,
             json,
         } => {
-            let results = bench_profiles(&profile, warmup, measure).await?;
+            let wanted = Wanted {
+                profiles: profile,
+                congestion,
+                windows,
+            };
+            let results = bench_profiles(&wanted, warmup, measure).await?;
             if let Some(path) = json {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
@@ -157,24 +174,55 @@ struct Row {
     goodput_mbit: f64,
     pct_of_rate: f64,
     wire_mbit: f64,
+    queue_drop_pct: f64,
+}
+
+/// Which cases to run; an empty list means all of that kind.
+struct Wanted {
+    profiles: Vec<String>,
+    congestion: Vec<String>,
+    windows: Vec<String>,
+}
+
+impl Wanted {
+    fn check(&self) -> anyhow::Result<()> {
+        let known: [(&[String], &[&str]); 3] = [
+            (&self.profiles, &["fast", "medium", "slow"]),
+            (&self.congestion, &["cubic", "bbr", "capped-bbr"]),
+            (&self.windows, &["quinn", "bdp", "bdp2", "spoke"]),
+        ];
+        for (given, names) in known {
+            if let Some(unknown) = given.iter().find(|g| !names.contains(&g.as_str())) {
+                anyhow::bail!("unknown choice {unknown}; known: {}", names.join(", "));
+            }
+        }
+        Ok(())
+    }
+
+    fn includes(list: &[String], name: &str) -> bool {
+        list.is_empty() || list.iter().any(|w| w == name)
+    }
+}
+
+fn congestion_name(congestion: Congestion) -> &'static str {
+    match congestion {
+        Congestion::Cubic => "cubic",
+        Congestion::Bbr => "bbr",
+        Congestion::CappedBbr => "capped-bbr",
+    }
 }
 
 async fn bench_profiles(
-    wanted: &[String],
+    wanted: &Wanted,
     warmup: Duration,
     measure: Duration,
 ) -> anyhow::Result<Vec<Row>> {
-    for name in wanted {
-        anyhow::ensure!(
-            PROFILES.iter().any(|(known, ..)| known == name),
-            "unknown profile {name}; known: fast, medium, slow"
-        );
-    }
+    wanted.check()?;
     let mut rows = Vec::new();
-    println!("| link | transport | windows | congestion | streams | goodput Mbit/s | % of rate | wire Mbit/s |");
-    println!("|---|---|---|---|---|---:|---:|---:|");
+    println!("| link | transport | windows | congestion | streams | goodput Mbit/s | % of rate | wire Mbit/s | queue drops |");
+    println!("|---|---|---|---|---|---:|---:|---:|---:|");
     for (name, rate_bps, delay_ms, loss) in PROFILES {
-        if !wanted.is_empty() && !wanted.iter().any(|w| w == name) {
+        if !Wanted::includes(&wanted.profiles, name) {
             continue;
         }
         let spec = LinkSpec::new(rate_bps, Duration::from_millis(delay_ms), loss);
@@ -186,12 +234,21 @@ async fn bench_profiles(
         );
         let mut cases = Vec::new();
         for congestion in ["cubic", "bbr"] {
+            if !wanted.windows.is_empty() || !Wanted::includes(&wanted.congestion, congestion) {
+                continue;
+            }
             for streams in [1, 4] {
                 cases.push(Case::Tcp(congestion, streams));
             }
         }
         for windows in [Windows::Quinn, Windows::Bdp, Windows::Bdp2, Windows::Spoke] {
-            for congestion in [Congestion::Cubic, Congestion::Bbr] {
+            if !Wanted::includes(&wanted.windows, &format!("{windows:?}").to_lowercase()) {
+                continue;
+            }
+            for congestion in [Congestion::Cubic, Congestion::Bbr, Congestion::CappedBbr] {
+                if !Wanted::includes(&wanted.congestion, congestion_name(congestion)) {
+                    continue;
+                }
                 for streams in [1, 4] {
                     cases.push(Case::Quic(QuicCase {
                         windows,
@@ -216,7 +273,7 @@ async fn bench_profiles(
                     (
                         "quic",
                         format!("{:?}", quic.windows).to_lowercase(),
-                        format!("{:?}", quic.congestion).to_lowercase(),
+                        congestion_name(quic.congestion).to_owned(),
                         quic.streams,
                     ),
                 ),
@@ -232,9 +289,10 @@ async fn bench_profiles(
                 goodput_mbit: result.goodput_bps / 1e6,
                 pct_of_rate: result.goodput_bps / rate_bps as f64 * 100.0,
                 wire_mbit: result.wire_bps / 1e6,
+                queue_drop_pct: result.queue_drop_ratio * 100.0,
             };
             println!(
-                "| {} | {} | {} | {} | {} | {:.2} | {:.0}% | {:.2} |",
+                "| {} | {} | {} | {} | {} | {:.2} | {:.0}% | {:.2} | {:.1}% |",
                 row.link,
                 row.transport,
                 row.windows,
@@ -242,7 +300,8 @@ async fn bench_profiles(
                 row.streams,
                 row.goodput_mbit,
                 row.pct_of_rate,
-                row.wire_mbit
+                row.wire_mbit,
+                row.queue_drop_pct
             );
             rows.push(row);
         }

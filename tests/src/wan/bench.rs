@@ -126,6 +126,8 @@ pub struct Throughput {
     pub goodput_bps: f64,
     /// IP bytes the link delivered edge → hub per second, in bits.
     pub wire_bps: f64,
+    /// Share of the packets sent edge → hub that the bottleneck queue dropped.
+    pub queue_drop_ratio: f64,
 }
 
 /// Waits out `warmup` (slow start, window growth), then counts what was received and what the
@@ -137,21 +139,24 @@ async fn measure_window(
     measure: Duration,
 ) -> Throughput {
     tokio::time::sleep(warmup).await;
-    let (bytes0, wire0, t0) = (
+    let (bytes0, link0, t0) = (
         received.load(Ordering::Relaxed),
-        link.stats().edge_to_hub.delivered_bytes,
+        link.stats().edge_to_hub,
         Instant::now(),
     );
     tokio::time::sleep(measure).await;
-    let (bytes1, wire1, t1) = (
+    let (bytes1, link1, t1) = (
         received.load(Ordering::Relaxed),
-        link.stats().edge_to_hub.delivered_bytes,
+        link.stats().edge_to_hub,
         Instant::now(),
     );
     let seconds = (t1 - t0).as_secs_f64();
+    let packets = link1.packets_in - link0.packets_in;
     Throughput {
         goodput_bps: (bytes1 - bytes0) as f64 * 8.0 / seconds,
-        wire_bps: (wire1 - wire0) as f64 * 8.0 / seconds,
+        wire_bps: (link1.delivered_bytes - link0.delivered_bytes) as f64 * 8.0 / seconds,
+        queue_drop_ratio: (link1.queue_dropped - link0.queue_dropped) as f64
+            / packets.max(1) as f64,
     }
 }
 
@@ -214,7 +219,10 @@ pub enum Windows {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Congestion {
     Cubic,
+    /// quinn's BBR as it comes.
     Bbr,
+    /// `spoke_io::congestion::CappedBbr`: BBR with its window capped at the delivery rate.
+    CappedBbr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +259,9 @@ fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
             .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
         Congestion::Bbr => transport
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::CappedBbr => transport.congestion_controller_factory(Arc::new(
+            spoke_io::congestion::CappedBbrConfig::default(),
+        )),
     };
     transport
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::congestion::CappedBbrConfig;
+use crate::congestion::BdpWindowConfig;
 
 /// Receive window of one stream: what a peer may send before the reader takes any of it.
 pub const STREAM_WINDOW: u32 = 16 << 20;
@@ -19,11 +19,11 @@ pub const CONNECTION_WINDOW: u64 = 64 << 20;
 /// BBR instead of quinn's default Cubic: edge links lose packets that were never congestion
 /// (radio, long paths), and a loss-based controller collapses on them. Measured over the
 /// emulated links of docs/benchmarks.md, Cubic reached 5% of 100 Mbit/s at 100 ms RTT with
-/// 0.1% random loss and 5% of 20 Mbit/s at 200 ms with 1% loss; BBR reached 95% on both. It
-/// is BBR with its window capped at the measured delivery rate ([`crate::congestion`]): quinn's
-/// BBR alone had 29–55% of its packets dropped at the links' one-BDP queues, the capped one
-/// none, at the same or a higher rate. The congestion controller acts on the sending side: the
-/// agent, for data.
+/// 0.1% random loss and 5% of 20 Mbit/s at 200 ms with 1% loss; BBR reached 95% on both. Not
+/// quinn's BBR, though, which overran the links' queues (29–55% of its packets dropped there),
+/// but spoke's window from the measured bandwidth-delay product ([`crate::congestion`]), which
+/// kept BBR's goodput with none dropped. The congestion controller acts on the sending side:
+/// the agent, for data.
 pub fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
@@ -34,6 +34,6 @@ pub fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig 
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
     transport.keep_alive_interval(keep_alive);
-    transport.congestion_controller_factory(Arc::new(CappedBbrConfig::default()));
+    transport.congestion_controller_factory(Arc::new(BdpWindowConfig));
     transport
 }

@@ -7,7 +7,7 @@
 //!                   [--warmup 4s] [--measure 12s] [--json PATH]
 //!       bulk throughput over the link profiles: TCP, and QUIC with quinn's default
 //!       windows, bandwidth-delay sized windows and spoke's own, under Cubic, quinn's BBR and
-//!       spoke's capped BBR; with the share of packets the bottleneck queue dropped.
+//!       spoke's BDP window; with the share of packets the bottleneck queue dropped.
 //!
 //! Needs root and /dev/net/tun. The namespaces are deleted on exit, Ctrl-C or SIGTERM.
 
@@ -53,7 +53,7 @@ enum Cmd {
         #[arg(long)]
         profile: Vec<String>,
         /// Congestion controllers to run (default: all): cubic, bbr (TCP's and quinn's),
-        /// capped-bbr (spoke's; QUIC only).
+        /// bdp-window (spoke's; QUIC only).
         #[arg(long)]
         congestion: Vec<String>,
         /// QUIC window sizings to run (default: all): quinn, bdp, bdp2, spoke. TCP runs
@@ -188,7 +188,7 @@ impl Wanted {
     fn check(&self) -> anyhow::Result<()> {
         let known: [(&[String], &[&str]); 3] = [
             (&self.profiles, &["fast", "medium", "slow"]),
-            (&self.congestion, &["cubic", "bbr", "capped-bbr"]),
+            (&self.congestion, &["cubic", "bbr", "bdp-window"]),
             (&self.windows, &["quinn", "bdp", "bdp2", "spoke"]),
         ];
         for (given, names) in known {
@@ -208,7 +208,7 @@ fn congestion_name(congestion: Congestion) -> &'static str {
     match congestion {
         Congestion::Cubic => "cubic",
         Congestion::Bbr => "bbr",
-        Congestion::CappedBbr => "capped-bbr",
+        Congestion::BdpWindow => "bdp-window",
     }
 }
 
@@ -245,7 +245,7 @@ async fn bench_profiles(
             if !Wanted::includes(&wanted.windows, &format!("{windows:?}").to_lowercase()) {
                 continue;
             }
-            for congestion in [Congestion::Cubic, Congestion::Bbr, Congestion::CappedBbr] {
+            for congestion in [Congestion::Cubic, Congestion::Bbr, Congestion::BdpWindow] {
                 if !Wanted::includes(&wanted.congestion, congestion_name(congestion)) {
                     continue;
                 }

@@ -221,8 +221,8 @@ pub enum Congestion {
     Cubic,
     /// quinn's BBR as it comes.
     Bbr,
-    /// `spoke_io::congestion::CappedBbr`: BBR with its window capped at the delivery rate.
-    CappedBbr,
+    /// `spoke_io::congestion::BdpWindow`: spoke's window from the measured bandwidth-delay product.
+    BdpWindow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,9 +259,9 @@ fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
             .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
         Congestion::Bbr => transport
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        Congestion::CappedBbr => transport.congestion_controller_factory(Arc::new(
-            spoke_io::congestion::CappedBbrConfig::default(),
-        )),
+        Congestion::BdpWindow => {
+            transport.congestion_controller_factory(Arc::new(spoke_io::congestion::BdpWindowConfig))
+        }
     };
     transport
 }

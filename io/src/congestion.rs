@@ -55,8 +55,8 @@ pub const STARTUP_GAIN: f64 = 2.0;
 const ROUNDS_WITHOUT_GROWTH: u32 = 3;
 /// The delivery rate is the best of this many round-trip samples (BBR's bandwidth filter).
 const SAMPLES: usize = 10;
-/// A floor on the measuring interval, so that a sub-millisecond loopback RTT still averages
-/// over many ACK frames.
+/// A floor on the measuring interval and on the RTT the window is sized from, so that a
+/// sub-millisecond loopback RTT still averages over many ACK frames and leaves room for them.
 const MIN_INTERVAL: Duration = Duration::from_millis(5);
 /// Initial window in full-size packets: 38 kB, as Google's QUIC used. RFC 9002's 10 would add
 /// about three rounds to every start-up, and a start-up after an outage is when the agent has
@@ -118,9 +118,13 @@ impl BdpWindow {
             .on_ack(now, bytes, app_limited, packet_rtt, min_rtt);
     }
 
-    /// Estimated bandwidth-delay product, in bytes.
+    /// Estimated bandwidth-delay product, in bytes, over at least [`MIN_INTERVAL`]: on loopback
+    /// or a LAN, ACK delays and the peer's scheduling stretch the round trip many times over
+    /// its sub-millisecond minimum, and a window of 1.25 × that minimum would deliver less
+    /// each round than the one before.
     fn bdp(&self) -> Option<f64> {
-        Some(self.rate.best()? as f64 * self.min_rtt?.as_secs_f64())
+        let rtt = self.min_rtt?.max(MIN_INTERVAL);
+        Some(self.rate.best()? as f64 * rtt.as_secs_f64())
     }
 }
 
@@ -443,6 +447,20 @@ mod tests {
         assert_near(
             window.window() as f64,
             400_000.0 * STARTUP_GAIN,
+            "window in bytes",
+        );
+    }
+
+    #[test]
+    fn a_sub_millisecond_rtt_sizes_the_window_from_the_floor() {
+        let mut window = BdpWindow::new(1200);
+        deliver(&mut window.rate, Instant::now(), 250_000, 12);
+        assert!(window.rate.pipe_full());
+        window.min_rtt = Some(Duration::from_micros(100));
+        let bytes_per_s = window.rate.best().expect("samples") as f64;
+        assert_near(
+            window.window() as f64,
+            bytes_per_s * MIN_INTERVAL.as_secs_f64() * STEADY_GAIN,
             "window in bytes",
         );
     }

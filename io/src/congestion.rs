@@ -1,6 +1,6 @@
 //! A congestion window sized from the measured bandwidth-delay product.
 //!
-//! spoke used quinn 0.11's BBR, which overran the bottleneck queue: 29–55% of its packets were
+//! spoke used quinn 0.11's BBR, which overran the bottleneck queue: 34–55% of its packets were
 //! dropped at the one-BDP queues of the emulated links (docs/benchmarks.md), where TCP lost a
 //! few percent. Two things in quinn together cause that:
 //! - its pacer sends at 1.25 × window ÷ smoothed RTT and never reads BBR's pacing rate, so the
@@ -29,7 +29,7 @@
 //!   from the initial window.
 //!
 //! Measured with `spoke-wan bench` (docs/benchmarks.md): no packet dropped at the queue on the
-//! three links, at the goodput quinn's BBR reached there with 29–55% dropped.
+//! three links, at the goodput quinn's BBR reached there with 34–55% dropped.
 //!
 //! The minimum RTT is quinn's, over the connection's life. A path whose RTT grows for good
 //! keeps a window sized for the old RTT, and with it a lower rate, until the agent reconnects.
@@ -48,8 +48,8 @@ pub const STEADY_GAIN: f64 = 1.25;
 /// Bound on slow start over the estimated BDP. The estimate lags the window by up to two
 /// rounds, so this slows start-up to about √2 per round where rounds and samples fall apart;
 /// in exchange, the delay test's round of lag can overshoot to at most twice the BDP, which a
-/// one-BDP bottleneck buffer holds (with 2.89, BBR's start-up gain, 1.5% of the packets were
-/// dropped at 2 Mbit/s).
+/// one-BDP bottleneck buffer holds (with 2.89, BBR's start-up gain, 1.5% of a benchmark run's
+/// packets were dropped at 2 Mbit/s and 4% at 20 Mbit/s).
 pub const STARTUP_GAIN: f64 = 2.0;
 /// The pipe counts as full after this many round trips without 25% more delivered (BBR's rule).
 const ROUNDS_WITHOUT_GROWTH: u32 = 3;

@@ -20,7 +20,7 @@ pub const CONNECTION_WINDOW: u64 = 64 << 20;
 /// (radio, long paths), and a loss-based controller collapses on them. Measured over the
 /// emulated links of docs/benchmarks.md, Cubic reached 5% of 100 Mbit/s at 100 ms RTT with
 /// 0.1% random loss and 5% of 20 Mbit/s at 200 ms with 1% loss; BBR reached 95% on both. Not
-/// quinn's BBR, though, which overran the links' queues (29–55% of its packets dropped there),
+/// quinn's BBR, though, which overran the links' queues (34–55% of its packets dropped there),
 /// but spoke's window from the measured bandwidth-delay product ([`crate::congestion`]), which
 /// kept BBR's goodput with none dropped. The congestion controller acts on the sending side:
 /// the agent, for data.

@@ -45,11 +45,20 @@ where
     }
 }
 
-/// A free TCP/UDP port on loopback (bound and released; good enough for tests).
+/// A port free on loopback for both TCP and UDP (bound and released; good enough for tests).
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    // Also make sure UDP (QUIC) can take it.
-    std::net::UdpSocket::bind(("127.0.0.1", port))?;
-    Ok(port)
+    // The kernel picks a port free for TCP; UDP may hold the same number, since concurrent
+    // tests open many ephemeral UDP sockets (QUIC clients, the flood of bogus clients), so a
+    // taken one means trying another rather than failing the test.
+    const ATTEMPTS: usize = 64;
+    for _ in 0..ATTEMPTS {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        match std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(port),
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    anyhow::bail!("no loopback port free for both TCP and UDP in {ATTEMPTS} attempts")
 }

@@ -215,10 +215,21 @@ fn a_failed_commit_aborts_and_the_site_resumes_without_loss() -> anyhow::Result<
             Ok(offsets == (0..600).collect::<Vec<i64>>())
         },
     )?;
-    let log = relay.log();
+    // The relay logs the abort after it closed the session, and the agent's next session can
+    // finish the work before that line reaches the file, so wait for it rather than read once.
+    let aborted = eventually(
+        "the relay's log of the aborted transaction",
+        Duration::from_secs(10),
+        || {
+            Ok(relay
+                .log()
+                .contains("hub transaction failed; aborting the session"))
+        },
+    );
     assert!(
-        log.contains("hub transaction failed; aborting the session"),
-        "the injected commit failure must abort the transaction:\n{log}"
+        aborted.is_ok(),
+        "the injected commit failure must abort the transaction:\n{}",
+        relay.log()
     );
     Ok(())
 }

@@ -52,7 +52,10 @@ pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
     config
         .set("bootstrap.servers", &source.bootstrap)
         .set("group.id", format!("spoke-agent-{}", loaded.config.site))
-        .set("fetch.wait.max.ms", "100")
+        // A broker that honours fetch.min.bytes answers as soon as records arrive, so this
+        // only sets how often an idle agent asks. tansu holds every fetch for the whole wait
+        // (docs/benchmarks.md, "Latency"), which makes it the floor under the latency.
+        .set("fetch.wait.max.ms", "20")
         // High watermarks for the lag metric come from librdkafka's statistics.
         .set("statistics.interval.ms", "1000")
         // The prefetch queue was the largest part of the agent's memory: 16 MiB is more than a

@@ -104,8 +104,15 @@ pub struct ShipConfig {
     /// ... or once its first record waited this long.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
+    /// zstd level of chunks while the link keeps up ...
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
+    /// ... and while it is behind (the spool holds over 4 MiB, or its oldest chunk waited over
+    /// 2 s for its acknowledgement), where the CPU would otherwise wait for the link.
+    /// Dictionary chunks keep `zstd_level`: they are small ones, written while the link keeps
+    /// up.
+    #[serde(default = "default_zstd_level_backlog")]
+    pub zstd_level_backlog: i32,
     /// Batches sent but not yet acknowledged ...
     #[serde(default = "default_window")]
     pub window: u32,
@@ -133,6 +140,7 @@ impl Default for ShipConfig {
             batch_max_bytes: default_batch_max(),
             linger: default_linger(),
             zstd_level: default_zstd_level(),
+            zstd_level_backlog: default_zstd_level_backlog(),
             window: default_window(),
             window_bytes: default_window_bytes(),
             streams: default_streams(),
@@ -171,6 +179,9 @@ fn default_linger() -> Duration {
 }
 fn default_zstd_level() -> i32 {
     3
+}
+fn default_zstd_level_backlog() -> i32 {
+    6
 }
 fn default_window() -> u32 {
     256
@@ -250,11 +261,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             "must be at least 1 byte".into(),
         ));
     }
-    if !(1..=22).contains(&config.ship.zstd_level) {
-        return Err(invalid(
-            "ship.zstd_level",
-            "must be between 1 and 22".into(),
-        ));
+    for (key, level) in [
+        ("ship.zstd_level", config.ship.zstd_level),
+        ("ship.zstd_level_backlog", config.ship.zstd_level_backlog),
+    ] {
+        if !(1..=22).contains(&level) {
+            return Err(invalid(key, "must be between 1 and 22".into()));
+        }
     }
     if config.ship.batch_max_bytes.as_u64() == 0 || config.ship.batch_max_bytes > ByteSize::mib(16)
     {
@@ -362,6 +375,7 @@ key = "/site.key"
         assert_eq!(c.ship.batch_max_bytes, ByteSize::mib(1));
         assert_eq!(c.ship.linger, Duration::from_millis(20));
         assert_eq!(c.ship.zstd_level, 3);
+        assert_eq!(c.ship.zstd_level_backlog, 6);
         assert_eq!(c.ship.window, 256);
         assert_eq!(c.ship.window_bytes, ByteSize::mib(16));
         assert_eq!(c.ship.streams, 4);
@@ -428,6 +442,11 @@ key = "/site.key"
                 "key = \"/site.key\"",
                 "key = \"/site.key\"\n[ship]\nstreams = 65",
                 "ship.streams",
+            ),
+            (
+                "key = \"/site.key\"",
+                "key = \"/site.key\"\n[ship]\nzstd_level_backlog = 23",
+                "ship.zstd_level_backlog",
             ),
         ] {
             let text = MINIMAL.replace(from, to);

@@ -178,6 +178,7 @@ pub struct Tailer {
     batch_max_bytes: usize,
     linger: Duration,
     zstd_level: i32,
+    zstd_level_backlog: i32,
     dictionaries: Dictionaries,
     max_spool_bytes: u64,
     when_full: WhenFull,
@@ -254,6 +255,7 @@ impl Tailer {
                 .unwrap_or(usize::MAX),
             linger: config.ship.linger,
             zstd_level: config.ship.zstd_level,
+            zstd_level_backlog: config.ship.zstd_level_backlog,
             dictionaries,
             max_spool_bytes: config.spool.max_bytes.as_u64(),
             when_full: config.spool.when_full,
@@ -301,6 +303,7 @@ impl Tailer {
             usize::try_from(config.ship.batch_max_bytes.as_u64()).unwrap_or(usize::MAX);
         self.linger = config.ship.linger;
         self.zstd_level = config.ship.zstd_level;
+        self.zstd_level_backlog = config.ship.zstd_level_backlog;
         self.dictionaries.set_level(self.zstd_level);
         self.max_spool_bytes = config.spool.max_bytes.as_u64();
         self.when_full = config.spool.when_full;
@@ -485,6 +488,15 @@ impl Tailer {
         let now = Instant::now();
         let mut spooled_records = 0u64;
         let mut wrote = false;
+        let backlog = Backlog {
+            oldest_spooled_at_ms: self.spool.oldest_spooled_at_ms()?,
+            spool_bytes: self.spool.stats().bytes,
+        };
+        let level = if backlog.link_is_behind(crate::now_ms()) {
+            self.zstd_level_backlog
+        } else {
+            self.zstd_level
+        };
         for (key, open) in &mut self.partitions {
             let due = open.opened_at.is_some_and(|t| now >= t + self.linger)
                 || open.builder.uncompressed_len() >= self.batch_max_bytes;
@@ -508,7 +520,7 @@ impl Tailer {
                 .for_chunk(&key.topic, open.builder.uncompressed_len())
             {
                 Some(dictionary) => open.builder.finish_with_dictionary(&dictionary)?,
-                None => open.builder.finish(Codec::Zstd, self.zstd_level)?,
+                None => open.builder.finish(Codec::Zstd, level)?,
             };
             let chunk = Chunk {
                 partition: key.clone(),
@@ -536,6 +548,35 @@ impl Tailer {
             self.progress.spooled.notify_one();
         }
         Ok(())
+    }
+}
+
+/// How long the oldest chunk may wait for its acknowledgement before the link counts as
+/// behind: a few round trips with a loss recovery and the hub's write on the slowest links
+/// spoke is tuned for (600 ms RTT), so that a link that keeps up is not taken for one that
+/// does not.
+const BACKLOG_AGE_MS: u64 = 2_000;
+
+/// ... or how much the spool may hold: above what is in flight on a 100 Mbit/s link with
+/// 100 ms RTT that keeps up (about 2.5 MB with the hub's write). A backlog read from the local
+/// broker fills the spool in a second or two, long before its oldest chunk is 2 s old.
+const BACKLOG_BYTES: u64 = 4 << 20;
+
+/// What the spool says about the link. While it is behind, chunks take
+/// `ship.zstd_level_backlog`: every byte saved is a record more per second, and the CPU
+/// would otherwise wait for the link. While it keeps up, they take `ship.zstd_level`: the CPU
+/// is then all there is to save.
+struct Backlog {
+    oldest_spooled_at_ms: Option<u64>,
+    spool_bytes: u64,
+}
+
+impl Backlog {
+    fn link_is_behind(&self, now_ms: u64) -> bool {
+        self.spool_bytes > BACKLOG_BYTES
+            || self
+                .oldest_spooled_at_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) > BACKLOG_AGE_MS)
     }
 }
 
@@ -630,5 +671,29 @@ mod tests {
         assert_eq!(limiter.allow(), None);
         limiter.last = Some(Instant::now() - Duration::from_secs(7200));
         assert_eq!(limiter.allow(), Some(2));
+    }
+
+    #[test]
+    fn the_link_is_behind_once_the_oldest_chunk_waited_too_long_or_the_spool_is_too_full() {
+        let now = 1_000_000;
+        let behind = |oldest_spooled_at_ms, spool_bytes| {
+            Backlog {
+                oldest_spooled_at_ms,
+                spool_bytes,
+            }
+            .link_is_behind(now)
+        };
+        assert!(!behind(None, 0), "empty spool");
+        assert!(!behind(Some(now - 10), 1 << 20), "a fresh chunk");
+        assert!(
+            !behind(Some(now - BACKLOG_AGE_MS), BACKLOG_BYTES),
+            "at both bounds"
+        );
+        assert!(
+            behind(Some(now - BACKLOG_AGE_MS - 1), 1 << 20),
+            "past the age"
+        );
+        assert!(behind(Some(now - 10), BACKLOG_BYTES + 1), "past the bytes");
+        assert!(!behind(Some(now + 5), 1 << 20), "clock stepped back");
     }
 }

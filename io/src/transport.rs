@@ -9,6 +9,11 @@ use crate::congestion::BdpWindowConfig;
 pub const STREAM_WINDOW: u32 = 16 << 20;
 /// Receive window of a whole connection, over all its streams.
 pub const CONNECTION_WINDOW: u64 = 64 << 20;
+/// What a sender keeps written but unacknowledged, over all streams: the agent's memory for
+/// data in flight. A batch window of 16 MiB (`ship.window_bytes`) written at once would
+/// otherwise all wait here, in the agent's memory, for a link that moves 2.5 MB/s; 8 MiB still
+/// covers a round trip and a loss recovery at 100 Mbit/s and 300 ms RTT.
+pub const SEND_WINDOW: u64 = 8 << 20;
 
 /// Windows sized for a long fat link: quinn's defaults (~1.25 MB per stream) would cap one
 /// stream near 100 Mbit/s at 100 ms RTT, and after a loss the receiver also holds up to a
@@ -29,7 +34,7 @@ pub fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig 
     transport.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     transport
         .receive_window(quinn::VarInt::from_u64(CONNECTION_WINDOW).unwrap_or(quinn::VarInt::MAX));
-    transport.send_window(64 << 20);
+    transport.send_window(SEND_WINDOW);
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));

@@ -64,9 +64,9 @@ pub async fn run(
         path: spool_path.clone(),
         source,
     };
-    let client_config = tls::client_config(&loaded.config.relay)?;
-    let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(&spool_path).map_err(spool_err)?);
     let progress = Arc::new(Progress::default());
+    let client_config = tls::client_config(&loaded.config.relay, progress.link_limited.clone())?;
+    let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(&spool_path).map_err(spool_err)?);
     let stats = spool.stats();
     info!(site = %loaded.config.site, spooled_bytes = stats.bytes, spooled_records = stats.records, "agent starting");
 

@@ -80,7 +80,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
-    tls::client_config(&loaded.config.relay)
+    tls::client_config(&loaded.config.relay, Default::default())
         .with_context(|| format!("{}: [relay] certificates", path.display()))?;
     let consumer: BaseConsumer = tail::consumer_config(&loaded)
         .create()

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +40,8 @@ pub struct Progress {
     pub local_broker_seen_ms: AtomicU64,
     /// Unix ms of the last frame received from a relay.
     pub relay_seen_ms: AtomicU64,
+    /// When the congestion window last held the shipper back: the link was the bottleneck.
+    pub link_limited: Arc<spoke_io::congestion::LinkLimited>,
     /// Source topic → partition count, from the tailer's metadata refreshes. The relay needs
     /// it to create a missing hub topic with the same partitioning.
     partition_counts: Mutex<HashMap<String, i32>>,

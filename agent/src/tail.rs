@@ -6,6 +6,7 @@
 //! open chunks into the spool and flushing it first, so nothing it read is read twice.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -489,8 +490,9 @@ impl Tailer {
         let mut spooled_records = 0u64;
         let mut wrote = false;
         let backlog = Backlog {
+            link_limited: self.progress.link_limited.within(LINK_LIMITED_WITHIN, now),
+            relay_connected: self.progress.relay_connected.load(Ordering::Relaxed),
             oldest_spooled_at_ms: self.spool.oldest_spooled_at_ms()?,
-            spool_bytes: self.spool.stats().bytes,
         };
         let level = if backlog.link_is_behind(crate::now_ms()) {
             self.zstd_level_backlog
@@ -551,32 +553,33 @@ impl Tailer {
     }
 }
 
-/// How long the oldest chunk may wait for its acknowledgement before the link counts as
-/// behind: a few round trips with a loss recovery and the hub's write on the slowest links
-/// spoke is tuned for (600 ms RTT), so that a link that keeps up is not taken for one that
-/// does not.
+/// The link counts as behind for this long after the congestion window last held the
+/// shipper back: long enough to bridge the gaps between the window's rounds on a 600 ms link.
+const LINK_LIMITED_WITHIN: Duration = Duration::from_secs(1);
+/// ... and, while no relay is connected, once the oldest chunk has waited this long: a few
+/// round trips with a loss recovery on the slowest links spoke is tuned for (600 ms RTT), so
+/// that a reconnect is not taken for an outage.
 const BACKLOG_AGE_MS: u64 = 2_000;
 
-/// ... or how much the spool may hold: above what is in flight on a 100 Mbit/s link with
-/// 100 ms RTT that keeps up (about 2.5 MB with the hub's write). A backlog read from the local
-/// broker fills the spool in a second or two, long before its oldest chunk is 2 s old.
-const BACKLOG_BYTES: u64 = 4 << 20;
-
-/// What the spool says about the link. While it is behind, chunks take
-/// `ship.zstd_level_backlog`: every byte saved is a record more per second, and the CPU
-/// would otherwise wait for the link. While it keeps up, they take `ship.zstd_level`: the CPU
-/// is then all there is to save.
+/// Whether the link is behind. Chunks then take `ship.zstd_level_backlog`: every byte saved
+/// is a record more per second, and the CPU would otherwise wait for the link. Otherwise they
+/// take `ship.zstd_level`, the CPU being then all there is to save. A spool that fills
+/// because the hub is slow does not count: the CPU that compresses harder may be what the
+/// hub's side needs, and fewer bytes would not move more records.
 struct Backlog {
+    /// The congestion window, not a lack of data, held the shipper back lately.
+    link_limited: bool,
+    relay_connected: bool,
     oldest_spooled_at_ms: Option<u64>,
-    spool_bytes: u64,
 }
 
 impl Backlog {
     fn link_is_behind(&self, now_ms: u64) -> bool {
-        self.spool_bytes > BACKLOG_BYTES
-            || self
-                .oldest_spooled_at_ms
-                .is_some_and(|at| now_ms.saturating_sub(at) > BACKLOG_AGE_MS)
+        self.link_limited
+            || (!self.relay_connected
+                && self
+                    .oldest_spooled_at_ms
+                    .is_some_and(|at| now_ms.saturating_sub(at) > BACKLOG_AGE_MS))
     }
 }
 
@@ -674,26 +677,28 @@ mod tests {
     }
 
     #[test]
-    fn the_link_is_behind_once_the_oldest_chunk_waited_too_long_or_the_spool_is_too_full() {
+    fn the_link_is_behind_while_the_window_limits_or_chunks_age_with_no_relay() {
         let now = 1_000_000;
-        let behind = |oldest_spooled_at_ms, spool_bytes| {
+        let behind = |link_limited, relay_connected, oldest_spooled_at_ms| {
             Backlog {
+                link_limited,
+                relay_connected,
                 oldest_spooled_at_ms,
-                spool_bytes,
             }
             .link_is_behind(now)
         };
-        assert!(!behind(None, 0), "empty spool");
-        assert!(!behind(Some(now - 10), 1 << 20), "a fresh chunk");
+        let old = Some(now - BACKLOG_AGE_MS - 1);
+        assert!(behind(true, true, Some(now - 10)), "window-limited");
+        assert!(!behind(false, true, None), "empty spool, link keeps up");
         assert!(
-            !behind(Some(now - BACKLOG_AGE_MS), BACKLOG_BYTES),
-            "at both bounds"
+            !behind(false, true, old),
+            "old chunks with a relay connected: the hub is what is slow"
         );
+        assert!(behind(false, false, old), "old chunks, no relay: an outage");
         assert!(
-            behind(Some(now - BACKLOG_AGE_MS - 1), 1 << 20),
-            "past the age"
+            !behind(false, false, Some(now - BACKLOG_AGE_MS)),
+            "not past the age yet"
         );
-        assert!(behind(Some(now - 10), BACKLOG_BYTES + 1), "past the bytes");
-        assert!(!behind(Some(now + 5), 1 << 20), "clock stepped back");
+        assert!(!behind(false, false, Some(now + 5)), "clock stepped back");
     }
 }

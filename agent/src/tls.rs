@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
+use spoke_io::congestion::{BdpWindowConfig, LinkLimited};
 use spoke_io::pem::{load_certs, load_key, PemError};
 use spoke_io::transport::transport_config;
 
@@ -20,7 +21,11 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-pub fn client_config(relay: &RelayConfig) -> Result<quinn::ClientConfig, TlsError> {
+/// `link_limited` hears from the congestion controller when the link is the bottleneck.
+pub fn client_config(
+    relay: &RelayConfig,
+    link_limited: Arc<LinkLimited>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&relay.ca)? {
@@ -40,6 +45,8 @@ pub fn client_config(relay: &RelayConfig) -> Result<quinn::ClientConfig, TlsErro
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     // Keep-alives keep NAT bindings open between batches: the agent is the side that dials.
-    client.transport_config(Arc::new(transport_config(Some(Duration::from_secs(5)))));
+    let mut transport = transport_config(Some(Duration::from_secs(5)));
+    transport.congestion_controller_factory(Arc::new(BdpWindowConfig::reporting_to(link_limited)));
+    client.transport_config(Arc::new(transport));
     Ok(client)
 }

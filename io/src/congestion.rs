@@ -36,6 +36,7 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,12 +67,66 @@ const INITIAL_WINDOW_PACKETS: u64 = 32;
 const MIN_WINDOW_PACKETS: u64 = 4;
 
 /// Builds [`BdpWindow`] controllers: the congestion controller spoke's connections use.
-#[derive(Debug, Clone, Copy)]
-pub struct BdpWindowConfig;
+#[derive(Debug, Clone, Default)]
+pub struct BdpWindowConfig {
+    link_limited: Option<Arc<LinkLimited>>,
+}
+
+impl BdpWindowConfig {
+    /// Controllers that tell `link_limited` whenever the window, not a lack of data, held the
+    /// sender back.
+    pub fn reporting_to(link_limited: Arc<LinkLimited>) -> BdpWindowConfig {
+        BdpWindowConfig {
+            link_limited: Some(link_limited),
+        }
+    }
+}
 
 impl ControllerFactory for BdpWindowConfig {
     fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(BdpWindow::new(current_mtu))
+        let mut controller = BdpWindow::new(current_mtu);
+        controller.link_limited = self.link_limited.clone();
+        Box::new(controller)
+    }
+}
+
+/// When a connection last had a packet acknowledged that the congestion window, rather than a
+/// lack of data, had held back: the link was then the bottleneck, not the sender or whatever
+/// it waits for (the agent: the hub's confirmations).
+#[derive(Debug)]
+pub struct LinkLimited {
+    origin: Instant,
+    /// Milliseconds from `origin`, plus one; 0: never.
+    last_ms: AtomicU64,
+}
+
+impl Default for LinkLimited {
+    fn default() -> Self {
+        LinkLimited {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LinkLimited {
+    fn note(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.origin).as_millis();
+        self.last_ms.store(
+            u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The link was the bottleneck at some time in the `period` before `now`.
+    pub fn within(&self, period: Duration, now: Instant) -> bool {
+        match self.last_ms.load(Ordering::Relaxed) {
+            0 => false,
+            stamp => {
+                let at = self.origin + Duration::from_millis(stamp - 1);
+                now.saturating_duration_since(at) <= period
+            }
+        }
     }
 }
 
@@ -84,6 +139,7 @@ pub struct BdpWindow {
     /// The window slow start has reached; `None` once the pipe was first full, after which a
     /// path that gains capacity grows at the start-up gain alone.
     slow_start_window: Option<u64>,
+    link_limited: Option<Arc<LinkLimited>>,
 }
 
 impl BdpWindow {
@@ -93,6 +149,7 @@ impl BdpWindow {
             min_rtt: None,
             mtu,
             slow_start_window: Some(INITIAL_WINDOW_PACKETS * u64::from(mtu)),
+            link_limited: None,
         }
     }
 
@@ -106,6 +163,11 @@ impl BdpWindow {
         min_rtt: Duration,
     ) {
         self.min_rtt = Some(min_rtt);
+        if !app_limited {
+            if let Some(link_limited) = &self.link_limited {
+                link_limited.note(now);
+            }
+        }
         if self.rate.pipe_full() {
             self.slow_start_window = None;
         } else if let Some(window) = self.slow_start_window.as_mut() {
@@ -148,7 +210,9 @@ impl Controller for BdpWindow {
         _lost_bytes: u64,
     ) {
         if is_persistent_congestion {
+            let link_limited = self.link_limited.take();
             *self = BdpWindow::new(self.mtu);
+            self.link_limited = link_limited;
         }
     }
 
@@ -475,5 +539,30 @@ mod tests {
         assert!(window.window() > 250_000);
         window.on_congestion_event(now, now, true, 1200);
         assert_eq!(window.window(), window.initial_window());
+    }
+
+    #[test]
+    fn only_acks_of_window_limited_packets_say_the_link_is_the_bottleneck() {
+        let link_limited = Arc::new(LinkLimited::default());
+        let config = Arc::new(BdpWindowConfig::reporting_to(link_limited.clone()));
+        let window = config.build(Instant::now(), 1200);
+        let start = Instant::now();
+        let mut window_state = window
+            .into_any()
+            .downcast::<BdpWindow>()
+            .expect("a BdpWindow");
+        window_state.on_acked(start, start, 1200, true, RTT);
+        assert!(
+            !link_limited.within(Duration::from_secs(1), start),
+            "app-limited"
+        );
+        let later = start + RTT;
+        window_state.on_acked(later, start, 1200, false, RTT);
+        assert!(link_limited.within(Duration::from_secs(1), later + Duration::from_millis(999)));
+        assert!(!link_limited.within(Duration::from_secs(1), later + Duration::from_millis(1_001)));
+        // Persistent congestion starts the window over, not the report.
+        window_state.on_congestion_event(later, later, true, 1200);
+        window_state.on_acked(later + RTT * 20, later, 1200, false, RTT);
+        assert!(link_limited.within(Duration::from_millis(1), later + RTT * 20));
     }
 }

@@ -39,6 +39,6 @@ pub fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig 
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
     transport.keep_alive_interval(keep_alive);
-    transport.congestion_controller_factory(Arc::new(BdpWindowConfig));
+    transport.congestion_controller_factory(Arc::new(BdpWindowConfig::default()));
     transport
 }

@@ -259,9 +259,9 @@ fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
             .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
         Congestion::Bbr => transport
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        Congestion::BdpWindow => {
-            transport.congestion_controller_factory(Arc::new(spoke_io::congestion::BdpWindowConfig))
-        }
+        Congestion::BdpWindow => transport.congestion_controller_factory(Arc::new(
+            spoke_io::congestion::BdpWindowConfig::default(),
+        )),
     };
     transport
 }

@@ -37,6 +37,7 @@ struct Admin {
     lag: Family<Labels, Gauge>,
     oldest_unacked: Gauge<f64, AtomicU64>,
     relay_connected: Gauge,
+    link_bottleneck: Gauge,
 }
 
 impl Admin {
@@ -50,6 +51,7 @@ impl Admin {
         let lag = Family::<Labels, Gauge>::default();
         let oldest_unacked = Gauge::<f64, AtomicU64>::default();
         let relay_connected = Gauge::default();
+        let link_bottleneck = Gauge::default();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "spoke_agent_records_spooled",
@@ -91,6 +93,11 @@ impl Admin {
             "1 while a relay session is up",
             relay_connected.clone(),
         );
+        registry.register(
+            "spoke_agent_link_bottleneck",
+            "1 while the link is what holds shipping back: the congestion window, not a lack of data, limited it most of the last second or so",
+            link_bottleneck.clone(),
+        );
         Self {
             live,
             spool,
@@ -100,6 +107,7 @@ impl Admin {
             lag,
             oldest_unacked,
             relay_connected,
+            link_bottleneck,
         }
     }
 
@@ -118,6 +126,9 @@ impl Admin {
             .set(i64::try_from(status.spool_bytes).unwrap_or(i64::MAX));
         self.oldest_unacked.set(status.oldest_unacked_seconds);
         self.relay_connected.set(i64::from(status.relay_connected));
+        self.link_bottleneck.set(i64::from(
+            self.progress.link_is_bottleneck(std::time::Instant::now()),
+        ));
         self.lag.clear();
         for p in &status.partitions {
             let labels = vec![

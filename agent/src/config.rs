@@ -107,9 +107,9 @@ pub struct ShipConfig {
     /// zstd level of chunks while the link keeps up ...
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
-    /// ... and while it is behind (its congestion window held the shipper back in the last
-    /// second, or no relay is connected and the oldest chunk waited over 2 s), where the CPU
-    /// would otherwise wait for the link. Dictionary chunks keep `zstd_level`: they are small
+    /// ... and while it is behind (its congestion window held the shipper back most of the
+    /// last second or so, or no relay is connected and the oldest chunk waited over 2 s),
+    /// where the CPU would otherwise wait for the link. Dictionary chunks keep `zstd_level`: they are small
     /// ones, written while the link keeps up.
     #[serde(default = "default_zstd_level_backlog")]
     pub zstd_level_backlog: i32,

@@ -27,6 +27,11 @@ pub mod loss {
 
 pub type LossLabels = Vec<(String, String)>;
 
+/// A report of the congestion controller older than this says nothing about the link: with
+/// no acknowledgements the shipper is idle or has no connection. Longer than the gaps between
+/// acknowledgements on a 600 ms link.
+pub const LINK_REPORT_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Default)]
 pub struct Progress {
     pub records_spooled: Counter,
@@ -40,7 +45,7 @@ pub struct Progress {
     pub local_broker_seen_ms: AtomicU64,
     /// Unix ms of the last frame received from a relay.
     pub relay_seen_ms: AtomicU64,
-    /// When the congestion window last held the shipper back: the link was the bottleneck.
+    /// How much of the recent time the congestion window held the shipper back.
     pub link_limited: Arc<spoke_io::congestion::LinkLimited>,
     /// Source topic → partition count, from the tailer's metadata refreshes. The relay needs
     /// it to create a missing hub topic with the same partitioning.
@@ -125,6 +130,12 @@ impl Progress {
 
     pub fn set_high_watermark(&self, partition: SourcePartition, offset: i64) {
         lock(&self.high_watermarks).insert(partition, offset);
+    }
+
+    /// The congestion window, not a lack of data, held the shipper back most of the recent
+    /// time: the link is what limits shipping.
+    pub fn link_is_bottleneck(&self, now: std::time::Instant) -> bool {
+        self.link_limited.is_bottleneck(LINK_REPORT_FRESH, now)
     }
 
     pub fn touch(stamp: &AtomicU64) {

@@ -489,12 +489,12 @@ impl Tailer {
         let now = Instant::now();
         let mut spooled_records = 0u64;
         let mut wrote = false;
-        let backlog = Backlog {
-            link_limited: self.progress.link_limited.within(LINK_LIMITED_WITHIN, now),
+        let link = LinkState {
+            window_limited: self.progress.link_is_bottleneck(now),
             relay_connected: self.progress.relay_connected.load(Ordering::Relaxed),
             oldest_spooled_at_ms: self.spool.oldest_spooled_at_ms()?,
         };
-        let level = if backlog.link_is_behind(crate::now_ms()) {
+        let level = if link.is_behind(crate::now_ms()) {
             self.zstd_level_backlog
         } else {
             self.zstd_level
@@ -553,29 +553,26 @@ impl Tailer {
     }
 }
 
-/// The link counts as behind for this long after the congestion window last held the
-/// shipper back: long enough to bridge the gaps between the window's rounds on a 600 ms link.
-const LINK_LIMITED_WITHIN: Duration = Duration::from_secs(1);
-/// ... and, while no relay is connected, once the oldest chunk has waited this long: a few
-/// round trips with a loss recovery on the slowest links spoke is tuned for (600 ms RTT), so
-/// that a reconnect is not taken for an outage.
+/// While no relay is connected, the link counts as behind once the oldest chunk has waited
+/// this long: a few round trips with a loss recovery on the slowest links spoke is tuned for
+/// (600 ms RTT), so that a reconnect is not taken for an outage.
 const BACKLOG_AGE_MS: u64 = 2_000;
 
-/// Whether the link is behind. Chunks then take `ship.zstd_level_backlog`: every byte saved
+/// What tells whether the link is behind. Chunks then take `ship.zstd_level_backlog`: every byte saved
 /// is a record more per second, and the CPU would otherwise wait for the link. Otherwise they
 /// take `ship.zstd_level`, the CPU being then all there is to save. A spool that fills
 /// because the hub is slow does not count: the CPU that compresses harder may be what the
 /// hub's side needs, and fewer bytes would not move more records.
-struct Backlog {
+struct LinkState {
     /// The congestion window, not a lack of data, held the shipper back lately.
-    link_limited: bool,
+    window_limited: bool,
     relay_connected: bool,
     oldest_spooled_at_ms: Option<u64>,
 }
 
-impl Backlog {
-    fn link_is_behind(&self, now_ms: u64) -> bool {
-        self.link_limited
+impl LinkState {
+    fn is_behind(&self, now_ms: u64) -> bool {
+        self.window_limited
             || (!self.relay_connected
                 && self
                     .oldest_spooled_at_ms
@@ -679,13 +676,13 @@ mod tests {
     #[test]
     fn the_link_is_behind_while_the_window_limits_or_chunks_age_with_no_relay() {
         let now = 1_000_000;
-        let behind = |link_limited, relay_connected, oldest_spooled_at_ms| {
-            Backlog {
-                link_limited,
+        let behind = |window_limited, relay_connected, oldest_spooled_at_ms| {
+            LinkState {
+                window_limited,
                 relay_connected,
                 oldest_spooled_at_ms,
             }
-            .link_is_behind(now)
+            .is_behind(now)
         };
         let old = Some(now - BACKLOG_AGE_MS - 1);
         assert!(behind(true, true, Some(now - 10)), "window-limited");

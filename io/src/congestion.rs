@@ -90,43 +90,57 @@ impl ControllerFactory for BdpWindowConfig {
     }
 }
 
-/// When a connection last had a packet acknowledged that the congestion window, rather than a
-/// lack of data, had held back: the link was then the bottleneck, not the sender or whatever
-/// it waits for (the agent: the hub's confirmations).
+/// How much of the recent time a connection's congestion window, rather than a lack of data,
+/// held its sender back: near 1 while the link is the bottleneck; near 0 while the sender
+/// waits for data (the agent: for the hub's confirmations), even if its bursts fill the window
+/// for a moment. Written by the connection's controller on every acknowledgement, read by
+/// whoever wants to know (the agent's tailer and metrics).
 #[derive(Debug)]
 pub struct LinkLimited {
     origin: Instant,
-    /// Milliseconds from `origin`, plus one; 0: never.
-    last_ms: AtomicU64,
+    /// Milliseconds from `origin` plus one of the last report, shifted left by
+    /// [`SHARE_BITS`], and the share in thousandths below them: one word, so a reader never
+    /// sees the share of one report with the time of another. 0: never reported.
+    report: AtomicU64,
 }
+
+/// Bits of [`LinkLimited::report`] that hold the share (0–1000).
+const SHARE_BITS: u32 = 10;
+/// The time constant of the share's moving average: long enough that the bursts of a sender
+/// waiting on something else average out, short enough to follow a backlog within a second.
+const SHARE_TIME_CONSTANT: Duration = Duration::from_secs(1);
 
 impl Default for LinkLimited {
     fn default() -> Self {
         LinkLimited {
             origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            report: AtomicU64::new(0),
         }
     }
 }
 
 impl LinkLimited {
-    fn note(&self, now: Instant) {
-        let ms = now.saturating_duration_since(self.origin).as_millis();
-        self.last_ms.store(
-            u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1),
+    fn publish(&self, now: Instant, share: f64) {
+        let ms = u64::try_from(now.saturating_duration_since(self.origin).as_millis())
+            .unwrap_or(u64::MAX >> SHARE_BITS);
+        let permille = (share.clamp(0.0, 1.0) * 1000.0).round() as u64;
+        self.report.store(
+            (ms.saturating_add(1) << SHARE_BITS) | permille,
             Ordering::Relaxed,
         );
     }
 
-    /// The link was the bottleneck at some time in the `period` before `now`.
-    pub fn within(&self, period: Duration, now: Instant) -> bool {
-        match self.last_ms.load(Ordering::Relaxed) {
-            0 => false,
-            stamp => {
-                let at = self.origin + Duration::from_millis(stamp - 1);
-                now.saturating_duration_since(at) <= period
-            }
+    /// The window held the sender back more than half of the recent time, by a report at most
+    /// `fresh` old: without acknowledgements (idle, or no connection) there is no report.
+    pub fn is_bottleneck(&self, fresh: Duration, now: Instant) -> bool {
+        let report = self.report.load(Ordering::Relaxed);
+        let stamp = report >> SHARE_BITS;
+        if stamp == 0 {
+            return false;
         }
+        let at = self.origin + Duration::from_millis(stamp - 1);
+        let permille = report & ((1 << SHARE_BITS) - 1);
+        now.saturating_duration_since(at) <= fresh && permille > 500
     }
 }
 
@@ -140,6 +154,10 @@ pub struct BdpWindow {
     /// path that gains capacity grows at the start-up gain alone.
     slow_start_window: Option<u64>,
     link_limited: Option<Arc<LinkLimited>>,
+    /// Moving share of the time the window held the sender back (see [`LinkLimited`]), and
+    /// the last acknowledgement: when, and whether the window was holding the sender back.
+    window_limited_share: f64,
+    last_ack: Option<(Instant, bool)>,
 }
 
 impl BdpWindow {
@@ -150,6 +168,8 @@ impl BdpWindow {
             mtu,
             slow_start_window: Some(INITIAL_WINDOW_PACKETS * u64::from(mtu)),
             link_limited: None,
+            window_limited_share: 0.0,
+            last_ack: None,
         }
     }
 
@@ -163,10 +183,17 @@ impl BdpWindow {
         min_rtt: Duration,
     ) {
         self.min_rtt = Some(min_rtt);
-        if !app_limited {
-            if let Some(link_limited) = &self.link_limited {
-                link_limited.note(now);
+        if let Some(link_limited) = &self.link_limited {
+            // The time since the last acknowledgement counts as that acknowledgement found the
+            // sender: an idle gap after a burst as not window-limited.
+            if let Some((at, limited)) = self.last_ack {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                let weight = 1.0 - (-elapsed / SHARE_TIME_CONSTANT.as_secs_f64()).exp();
+                let sample = if limited { 1.0 } else { 0.0 };
+                self.window_limited_share += (sample - self.window_limited_share) * weight;
             }
+            self.last_ack = Some((now, !app_limited));
+            link_limited.publish(now, self.window_limited_share);
         }
         if self.rate.pipe_full() {
             self.slow_start_window = None;
@@ -210,9 +237,12 @@ impl Controller for BdpWindow {
         _lost_bytes: u64,
     ) {
         if is_persistent_congestion {
-            let link_limited = self.link_limited.take();
-            *self = BdpWindow::new(self.mtu);
-            self.link_limited = link_limited;
+            *self = BdpWindow {
+                link_limited: self.link_limited.take(),
+                window_limited_share: self.window_limited_share,
+                last_ack: self.last_ack,
+                ..BdpWindow::new(self.mtu)
+            };
         }
     }
 
@@ -541,28 +571,67 @@ mod tests {
         assert_eq!(window.window(), window.initial_window());
     }
 
+    /// Acknowledgements every `gap` for `span`, the window holding the sender back at each
+    /// (`limited`) or not.
+    fn ack_every(
+        window: &mut BdpWindow,
+        from: Instant,
+        gap: Duration,
+        span: Duration,
+        limited: bool,
+    ) -> Instant {
+        let mut now = from;
+        while now < from + span {
+            now += gap;
+            window.on_acked(now, now - RTT, 1200, !limited, RTT);
+        }
+        now
+    }
+
     #[test]
-    fn only_acks_of_window_limited_packets_say_the_link_is_the_bottleneck() {
+    fn the_link_is_the_bottleneck_while_the_window_holds_the_sender_back_most_of_the_time() {
         let link_limited = Arc::new(LinkLimited::default());
         let config = Arc::new(BdpWindowConfig::reporting_to(link_limited.clone()));
-        let window = config.build(Instant::now(), 1200);
-        let start = Instant::now();
-        let mut window_state = window
+        let mut window = config
+            .build(Instant::now(), 1200)
             .into_any()
             .downcast::<BdpWindow>()
             .expect("a BdpWindow");
-        window_state.on_acked(start, start, 1200, true, RTT);
+        let fresh = Duration::from_secs(1);
+        let start = Instant::now();
+        assert!(!link_limited.is_bottleneck(fresh, start), "no report yet");
+
+        // A backlog: every acknowledgement finds the sender window-limited.
+        let now = ack_every(&mut window, start, RTT / 10, Duration::from_secs(2), true);
         assert!(
-            !link_limited.within(Duration::from_secs(1), start),
-            "app-limited"
+            link_limited.is_bottleneck(fresh, now),
+            "a backlog over the link"
         );
-        let later = start + RTT;
-        window_state.on_acked(later, start, 1200, false, RTT);
-        assert!(link_limited.within(Duration::from_secs(1), later + Duration::from_millis(999)));
-        assert!(!link_limited.within(Duration::from_secs(1), later + Duration::from_millis(1_001)));
-        // Persistent congestion starts the window over, not the report.
-        window_state.on_congestion_event(later, later, true, 1200);
-        window_state.on_acked(later + RTT * 20, later, 1200, false, RTT);
-        assert!(link_limited.within(Duration::from_millis(1), later + RTT * 20));
+
+        // A sender waiting for something else: a burst that fills the window for 8 ms and is
+        // all sent by its last acknowledgement, then 90 ms with nothing to send, over and over.
+        let mut now = now;
+        for _ in 0..30 {
+            let ms = Duration::from_millis;
+            now = ack_every(&mut window, now, ms(2), ms(8), true);
+            now = ack_every(&mut window, now, ms(2), ms(2), false) + ms(90);
+        }
+        assert!(
+            !link_limited.is_bottleneck(fresh, now),
+            "bursts that fill the window"
+        );
+
+        // Back to a backlog, then silence: the report goes stale.
+        let now = ack_every(&mut window, now, RTT / 10, Duration::from_secs(3), true);
+        assert!(link_limited.is_bottleneck(fresh, now));
+        assert!(
+            !link_limited.is_bottleneck(fresh, now + fresh + Duration::from_millis(2)),
+            "stale"
+        );
+
+        // Persistent congestion starts the window over, not the share.
+        window.on_congestion_event(now, now, true, 1200);
+        let now = ack_every(&mut window, now, RTT / 10, RTT / 10, true);
+        assert!(link_limited.is_bottleneck(fresh, now));
     }
 }

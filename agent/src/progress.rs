@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,7 +30,7 @@ pub type LossLabels = Vec<(String, String)>;
 /// A report of the congestion controller older than this says nothing about the link: with
 /// no acknowledgements the shipper is idle or has no connection. Longer than the gaps between
 /// acknowledgements on a 600 ms link.
-pub const LINK_REPORT_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+pub const LINK_REPORT_FRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -134,7 +134,7 @@ impl Progress {
 
     /// The congestion window, not a lack of data, held the shipper back most of the recent
     /// time: the link is what limits shipping.
-    pub fn link_is_bottleneck(&self, now: std::time::Instant) -> bool {
+    pub fn link_is_bottleneck(&self, now: Instant) -> bool {
         self.link_limited.is_bottleneck(LINK_REPORT_FRESH, now)
     }
 

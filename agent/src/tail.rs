@@ -489,16 +489,9 @@ impl Tailer {
         let now = Instant::now();
         let mut spooled_records = 0u64;
         let mut wrote = false;
-        let link = LinkState {
-            window_limited: self.progress.link_is_bottleneck(now),
-            relay_connected: self.progress.relay_connected.load(Ordering::Relaxed),
-            oldest_spooled_at_ms: self.spool.oldest_spooled_at_ms()?,
-        };
-        let level = if link.is_behind(crate::now_ms()) {
-            self.zstd_level_backlog
-        } else {
-            self.zstd_level
-        };
+        // Asked once per call, and only when a chunk is compressed without a dictionary: this
+        // runs after every poll, mostly with no chunk due.
+        let mut level = None;
         for (key, open) in &mut self.partitions {
             let due = open.opened_at.is_some_and(|t| now >= t + self.linger)
                 || open.builder.uncompressed_len() >= self.batch_max_bytes;
@@ -522,7 +515,21 @@ impl Tailer {
                 .for_chunk(&key.topic, open.builder.uncompressed_len())
             {
                 Some(dictionary) => open.builder.finish_with_dictionary(&dictionary)?,
-                None => open.builder.finish(Codec::Zstd, level)?,
+                None => {
+                    let level = match level {
+                        Some(level) => level,
+                        None => {
+                            let link = LinkState::now(&self.progress, &*self.spool)?;
+                            let chosen = if link.is_behind(crate::now_ms()) {
+                                self.zstd_level_backlog
+                            } else {
+                                self.zstd_level
+                            };
+                            *level.insert(chosen)
+                        }
+                    };
+                    open.builder.finish(Codec::Zstd, level)?
+                }
             };
             let chunk = Chunk {
                 partition: key.clone(),
@@ -571,6 +578,14 @@ struct LinkState {
 }
 
 impl LinkState {
+    fn now(progress: &Progress, spool: &dyn Spool) -> Result<LinkState, SpoolError> {
+        Ok(LinkState {
+            window_limited: progress.link_is_bottleneck(Instant::now()),
+            relay_connected: progress.relay_connected.load(Ordering::Relaxed),
+            oldest_spooled_at_ms: spool.oldest_spooled_at_ms()?,
+        })
+    }
+
     fn is_behind(&self, now_ms: u64) -> bool {
         self.window_limited
             || (!self.relay_connected

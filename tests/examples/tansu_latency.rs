@@ -11,16 +11,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use spoke_tests::bench::now_ms;
 use spoke_tests::broker::Broker;
 
 const RATE: u64 = 1_000;
 const SECS: u64 = 8;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -158,7 +158,8 @@ fn json_value(i: usize, size: usize, rng: &mut XorShift) -> Vec<u8> {
     out.into_bytes()
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock milliseconds, as Kafka record timestamps count them.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

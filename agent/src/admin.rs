@@ -59,6 +59,11 @@ impl Admin {
             progress.records_spooled.clone(),
         );
         registry.register(
+            "spoke_agent_chunks_spooled",
+            "Chunks durably written to the spool",
+            progress.chunks_spooled.clone(),
+        );
+        registry.register(
             "spoke_agent_records_acked",
             "Records the relay confirmed in the hub",
             progress.records_acked.clone(),

@@ -104,6 +104,11 @@ pub struct ShipConfig {
     /// ... or once its first record waited this long.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
+    /// ... or this long while the link is behind (see `zstd_level_backlog`; never shorter than
+    /// `linger`): records then wait for the backlog anyway, and fewer, larger chunks compress
+    /// better and keep more records in the window, so a backlog drains faster.
+    #[serde(default = "default_linger_backlog", with = "humantime_serde")]
+    pub linger_backlog: Duration,
     /// zstd level of chunks while the link keeps up ...
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
@@ -139,6 +144,7 @@ impl Default for ShipConfig {
         Self {
             batch_max_bytes: default_batch_max(),
             linger: default_linger(),
+            linger_backlog: default_linger_backlog(),
             zstd_level: default_zstd_level(),
             zstd_level_backlog: default_zstd_level_backlog(),
             window: default_window(),
@@ -176,6 +182,9 @@ fn default_batch_max() -> ByteSize {
 }
 fn default_linger() -> Duration {
     Duration::from_millis(20)
+}
+fn default_linger_backlog() -> Duration {
+    Duration::from_millis(500)
 }
 fn default_zstd_level() -> i32 {
     3
@@ -374,6 +383,7 @@ key = "/site.key"
         assert_eq!(c.relay.fence_delay, Duration::from_secs(15));
         assert_eq!(c.ship.batch_max_bytes, ByteSize::mib(1));
         assert_eq!(c.ship.linger, Duration::from_millis(20));
+        assert_eq!(c.ship.linger_backlog, Duration::from_millis(500));
         assert_eq!(c.ship.zstd_level, 3);
         assert_eq!(c.ship.zstd_level_backlog, 6);
         assert_eq!(c.ship.window, 256);

@@ -35,6 +35,8 @@ pub const LINK_REPORT_FRESH: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Progress {
     pub records_spooled: Counter,
+    /// Records per chunk is what the linger and the batch size make of the edge's rate.
+    pub chunks_spooled: Counter,
     pub records_acked: Counter,
     pub wire_bytes: Counter,
     pub lost: Family<LossLabels, Counter>,

@@ -178,6 +178,10 @@ pub struct Tailer {
     partitions: HashMap<SourcePartition, Open>,
     batch_max_bytes: usize,
     linger: Duration,
+    /// Never shorter than `linger`.
+    linger_backlog: Duration,
+    /// What the last look at the link found; sets how long the tailer may sleep.
+    link_behind: bool,
     zstd_level: i32,
     zstd_level_backlog: i32,
     dictionaries: Dictionaries,
@@ -255,6 +259,8 @@ impl Tailer {
             batch_max_bytes: usize::try_from(config.ship.batch_max_bytes.as_u64())
                 .unwrap_or(usize::MAX),
             linger: config.ship.linger,
+            linger_backlog: config.ship.linger_backlog.max(config.ship.linger),
+            link_behind: false,
             zstd_level: config.ship.zstd_level,
             zstd_level_backlog: config.ship.zstd_level_backlog,
             dictionaries,
@@ -303,6 +309,7 @@ impl Tailer {
         self.batch_max_bytes =
             usize::try_from(config.ship.batch_max_bytes.as_u64()).unwrap_or(usize::MAX);
         self.linger = config.ship.linger;
+        self.linger_backlog = config.ship.linger_backlog.max(config.ship.linger);
         self.zstd_level = config.ship.zstd_level;
         self.zstd_level_backlog = config.ship.zstd_level_backlog;
         self.dictionaries.set_level(self.zstd_level);
@@ -474,31 +481,38 @@ impl Tailer {
     /// Waits no longer than the earliest chunk deadline.
     fn poll_timeout(&self) -> Duration {
         let now = Instant::now();
+        let linger = if self.link_behind {
+            self.linger_backlog
+        } else {
+            self.linger
+        };
         self.partitions
             .values()
             .filter_map(|open| open.opened_at)
-            .map(|opened| (opened + self.linger).saturating_duration_since(now))
+            .map(|opened| (opened + linger).saturating_duration_since(now))
             .min()
             .unwrap_or(POLL_SLICE)
             .min(POLL_SLICE)
     }
 
     /// Writes every chunk that is full or past its linger (all of them when `all`), then makes
-    /// them durable with one flush before the shipper hears of them.
+    /// them durable with one flush before the shipper hears of them. While the link is behind
+    /// chunks linger `linger_backlog`: their records wait for the backlog anyway, and fewer,
+    /// larger chunks compress better and keep more records in the shipper's window.
     fn close_chunks(&mut self, all: bool) -> Result<(), TailError> {
         let now = Instant::now();
         let mut spooled_records = 0u64;
+        let mut spooled_chunks = 0u64;
         let mut wrote = false;
-        // Asked once per call, and only when a chunk is compressed without a dictionary: this
+        // Asked once per call, and only when a chunk's deadline or level depends on it: this
         // runs after every poll, mostly with no chunk due.
-        let mut level = None;
+        let mut behind = None;
         for (key, open) in &mut self.partitions {
-            let due = open.opened_at.is_some_and(|t| now >= t + self.linger)
-                || open.builder.uncompressed_len() >= self.batch_max_bytes;
+            let lingered = |linger| open.opened_at.is_some_and(|t| now >= t + linger);
             if open.builder.is_empty() {
                 // Only filtered records arrived: move the position past them.
                 if open.next_offset > open.spooled_offset
-                    && (all || due || open.opened_at.is_none())
+                    && (all || lingered(self.linger) || open.opened_at.is_none())
                 {
                     self.spool.advance(key, open.next_offset)?;
                     open.spooled_offset = open.next_offset;
@@ -507,7 +521,12 @@ impl Tailer {
                 open.opened_at = None;
                 continue;
             }
-            if !(all || due) {
+            let due = all
+                || open.builder.uncompressed_len() >= self.batch_max_bytes
+                || lingered(self.linger_backlog)
+                || (lingered(self.linger)
+                    && !link_behind(&mut behind, &self.progress, &*self.spool)?);
+            if !due {
                 continue;
             }
             let encoded = match self
@@ -516,17 +535,10 @@ impl Tailer {
             {
                 Some(dictionary) => open.builder.finish_with_dictionary(&dictionary)?,
                 None => {
-                    let level = match level {
-                        Some(level) => level,
-                        None => {
-                            let link = LinkState::now(&self.progress, &*self.spool)?;
-                            let chosen = if link.is_behind(crate::now_ms()) {
-                                self.zstd_level_backlog
-                            } else {
-                                self.zstd_level
-                            };
-                            *level.insert(chosen)
-                        }
+                    let level = if link_behind(&mut behind, &self.progress, &*self.spool)? {
+                        self.zstd_level_backlog
+                    } else {
+                        self.zstd_level
                     };
                     open.builder.finish(Codec::Zstd, level)?
                 }
@@ -547,6 +559,7 @@ impl Tailer {
             open.spooled_offset = open.next_offset;
             open.opened_at = None;
             spooled_records += u64::from(chunk.record_count);
+            spooled_chunks += 1;
             wrote = true;
             debug!(topic = %key.topic, partition = key.partition, records = chunk.record_count, bytes = chunk.payload.len(), "spooled chunk");
         }
@@ -554,26 +567,48 @@ impl Tailer {
             // Durable before reported: only now do the records count as spooled.
             self.spool.flush()?;
             self.progress.records_spooled.inc_by(spooled_records);
+            self.progress.chunks_spooled.inc_by(spooled_chunks);
             self.progress.spooled.notify_one();
+        }
+        if let Some(behind) = behind {
+            self.link_behind = behind;
         }
         Ok(())
     }
 }
 
-/// While no relay is connected, the link counts as behind once the oldest chunk has waited
-/// this long: a few round trips with a loss recovery on the slowest links spoke is tuned for
+/// Whether the link is behind, asked of `progress` and `spool` the first time only.
+fn link_behind(
+    asked: &mut Option<bool>,
+    progress: &Progress,
+    spool: &dyn Spool,
+) -> Result<bool, SpoolError> {
+    if let Some(behind) = *asked {
+        return Ok(behind);
+    }
+    let behind = LinkState::now(progress, spool)?.is_behind(crate::now_ms());
+    Ok(*asked.insert(behind))
+}
+
+/// With no word from a relay, the link counts as behind once the oldest chunk has waited this
+/// long: a few round trips with a loss recovery on the slowest links spoke is tuned for
 /// (600 ms RTT), so that a reconnect is not taken for an outage.
 const BACKLOG_AGE_MS: u64 = 2_000;
 
-/// What tells whether the link is behind. Chunks then take `ship.zstd_level_backlog`: every byte saved
-/// is a record more per second, and the CPU would otherwise wait for the link. Otherwise they
-/// take `ship.zstd_level`, the CPU being then all there is to save. A spool that fills
-/// because the hub is slow does not count: the CPU that compresses harder may be what the
-/// hub's side needs, and fewer bytes would not move more records.
+/// What tells whether the link is behind. Chunks then take `ship.zstd_level_backlog` and
+/// `ship.linger_backlog`: every byte saved is a record more per second, the CPU would
+/// otherwise wait for the link, and the records wait for the backlog anyway. Otherwise they
+/// take `ship.zstd_level` and `ship.linger`, the CPU and the latency being then all there is
+/// to save. A spool that fills because the hub is slow does not count: the CPU that
+/// compresses harder may be what the hub's side needs, and fewer bytes would not move more
+/// records.
 struct LinkState {
     /// The congestion window, not a lack of data, held the shipper back lately.
     window_limited: bool,
     relay_connected: bool,
+    /// Unix ms of the last frame from a relay. A link that went dark keeps its connection
+    /// until the idle timeout (30 s), silent: the first half minute of an outage.
+    relay_seen_ms: u64,
     oldest_spooled_at_ms: Option<u64>,
 }
 
@@ -582,16 +617,19 @@ impl LinkState {
         Ok(LinkState {
             window_limited: progress.link_is_bottleneck(Instant::now()),
             relay_connected: progress.relay_connected.load(Ordering::Relaxed),
+            relay_seen_ms: progress.relay_seen_ms.load(Ordering::Relaxed),
             oldest_spooled_at_ms: spool.oldest_spooled_at_ms()?,
         })
     }
 
     fn is_behind(&self, now_ms: u64) -> bool {
+        let older_than_backlog_age = |at_ms: u64| now_ms.saturating_sub(at_ms) > BACKLOG_AGE_MS;
+        let relay_silent = !self.relay_connected || older_than_backlog_age(self.relay_seen_ms);
         self.window_limited
-            || (!self.relay_connected
+            || (relay_silent
                 && self
                     .oldest_spooled_at_ms
-                    .is_some_and(|at| now_ms.saturating_sub(at) > BACKLOG_AGE_MS))
+                    .is_some_and(older_than_backlog_age))
     }
 }
 
@@ -689,28 +727,48 @@ mod tests {
     }
 
     #[test]
-    fn the_link_is_behind_while_the_window_limits_or_chunks_age_with_no_relay() {
+    fn the_link_is_behind_while_the_window_limits_or_chunks_age_with_no_word_from_a_relay() {
         let now = 1_000_000;
-        let behind = |window_limited, relay_connected, oldest_spooled_at_ms| {
+        let old = Some(now - BACKLOG_AGE_MS - 1);
+        let behind = |window_limited, relay_connected, relay_seen_ms, oldest_spooled_at_ms| {
             LinkState {
                 window_limited,
                 relay_connected,
+                relay_seen_ms,
                 oldest_spooled_at_ms,
             }
             .is_behind(now)
         };
-        let old = Some(now - BACKLOG_AGE_MS - 1);
-        assert!(behind(true, true, Some(now - 10)), "window-limited");
-        assert!(!behind(false, true, None), "empty spool, link keeps up");
+        let heard = now - 10;
+        let silent = now - BACKLOG_AGE_MS - 1;
+        assert!(behind(true, true, heard, Some(now - 10)), "window-limited");
         assert!(
-            !behind(false, true, old),
-            "old chunks with a relay connected: the hub is what is slow"
+            !behind(false, true, heard, None),
+            "empty spool, link keeps up"
         );
-        assert!(behind(false, false, old), "old chunks, no relay: an outage");
         assert!(
-            !behind(false, false, Some(now - BACKLOG_AGE_MS)),
+            !behind(false, true, silent, None),
+            "an idle relay says nothing, and nothing waits"
+        );
+        assert!(
+            !behind(false, true, heard, old),
+            "old chunks with a relay answering: the hub is what is slow"
+        );
+        assert!(
+            behind(false, false, heard, old),
+            "old chunks, no relay: an outage"
+        );
+        assert!(
+            behind(false, true, silent, old),
+            "old chunks, a connection gone silent: an outage before the idle timeout"
+        );
+        assert!(
+            !behind(false, false, heard, Some(now - BACKLOG_AGE_MS)),
             "not past the age yet"
         );
-        assert!(!behind(false, false, Some(now + 5)), "clock stepped back");
+        assert!(
+            !behind(false, false, heard, Some(now + 5)),
+            "clock stepped back"
+        );
     }
 }

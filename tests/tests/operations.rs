@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use rdkafka::producer::Producer;
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::site::{AgentOptions, Env, SITE};
 use spoke_tests::{admin, eventually, process};
@@ -125,6 +126,55 @@ fn metrics_follow_an_outage_and_the_fleet_view_shows_the_lag() -> anyhow::Result
     );
     drop(relay);
     drop(agent);
+    Ok(())
+}
+
+/// With no relay the link is behind once the oldest chunk waited 2 s: chunks then linger
+/// `ship.linger_backlog` (500 ms) instead of `ship.linger` (20 ms), so a backlog built at a
+/// live rate ships as few, large batches (issue 6: the drain after an outage).
+#[test]
+fn chunks_linger_longer_while_the_relay_is_away_and_still_all_arrive() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let spooled = || -> anyhow::Result<(f64, f64)> {
+        let m = admin::scrape(&env.agent_admin())?;
+        Ok((
+            admin::sum(&m, "spoke_agent_records_spooled_total", &[]),
+            admin::sum(&m, "spoke_agent_chunks_spooled_total", &[]),
+        ))
+    };
+    // About 50 records/s: one per 20 ms linger, so a chunk per record unless chunks linger.
+    const RECORDS: usize = 400;
+    let mut before = None;
+    let started = std::time::Instant::now();
+    for i in 0..RECORDS {
+        kafka::send(&producer, record(i).to("orders", 0))?;
+        std::thread::sleep(Duration::from_millis(20));
+        if before.is_none() && started.elapsed() > Duration::from_secs(4) {
+            before = Some(spooled()?);
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (records_before, chunks_before) = before.context("producing took under 4 s")?;
+    let (records_after, chunks_after) = spooled()?;
+    let per_chunk = (records_after - records_before) / (chunks_after - chunks_before).max(1.0);
+    assert!(
+        per_chunk >= 8.0,
+        "{per_chunk:.1} records per chunk spooled while the relay was away: chunks did not \
+         linger ({} records in {} chunks)",
+        records_after - records_before,
+        chunks_after - chunks_before
+    );
+
+    let _relay = env.start_relay(&["orders"])?;
+    eventually(
+        "every record to reach the hub",
+        Duration::from_secs(60),
+        || Ok(hub_records(&env, "orders")? == RECORDS as i64),
+    )?;
     Ok(())
 }
 

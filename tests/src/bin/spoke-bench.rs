@@ -49,6 +49,10 @@ fn parse_args() -> anyhow::Result<Args> {
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--quick" => args.quick = true,
             "--outage-only" => args.outage_only = true,
             "--records" => args.plan.records = value("--records")?.parse()?,

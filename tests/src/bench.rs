@@ -499,6 +499,10 @@ fn measure_latency(
     first: usize,
 ) -> anyhow::Result<Option<(f64, f64)>> {
     let count = (scenario.latency_rate * scenario.latency_secs as f64) as usize;
+    if count == 0 {
+        // `--latency-secs 0`: no latency phase.
+        return Ok(None);
+    }
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", env.hub.bootstrap())
         .set("group.id", "spoke-bench-latency")

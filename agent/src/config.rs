@@ -104,9 +104,10 @@ pub struct ShipConfig {
     /// ... or once its first record waited this long.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
-    /// ... or this long while the link is behind (see `zstd_level_backlog`; never shorter than
-    /// `linger`): records then wait for the backlog anyway, and fewer, larger chunks compress
-    /// better and keep more records in the window, so a backlog drains faster.
+    /// ... or this long while the link is behind (see `zstd_level_backlog`) and the oldest
+    /// chunk has waited over 2 s (never shorter than `linger`): records then wait for the
+    /// backlog anyway, and fewer, larger chunks compress better and keep more records in the
+    /// window, so a backlog drains faster.
     #[serde(default = "default_linger_backlog", with = "humantime_serde")]
     pub linger_backlog: Duration,
     /// zstd level of chunks while the link keeps up ...

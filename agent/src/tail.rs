@@ -181,7 +181,7 @@ pub struct Tailer {
     /// Never shorter than `linger`.
     linger_backlog: Duration,
     /// What the last look at the link found; sets how long the tailer may sleep.
-    link_behind: bool,
+    link_backlogged: bool,
     zstd_level: i32,
     zstd_level_backlog: i32,
     dictionaries: Dictionaries,
@@ -260,7 +260,7 @@ impl Tailer {
                 .unwrap_or(usize::MAX),
             linger: config.ship.linger,
             linger_backlog: config.ship.linger_backlog.max(config.ship.linger),
-            link_behind: false,
+            link_backlogged: false,
             zstd_level: config.ship.zstd_level,
             zstd_level_backlog: config.ship.zstd_level_backlog,
             dictionaries,
@@ -481,7 +481,7 @@ impl Tailer {
     /// Waits no longer than the earliest chunk deadline.
     fn poll_timeout(&self) -> Duration {
         let now = Instant::now();
-        let linger = if self.link_behind {
+        let linger = if self.link_backlogged {
             self.linger_backlog
         } else {
             self.linger
@@ -506,7 +506,7 @@ impl Tailer {
         let mut wrote = false;
         // Asked once per call, and only when a chunk's deadline or level depends on it: this
         // runs after every poll, mostly with no chunk due.
-        let mut behind = None;
+        let mut link = None;
         for (key, open) in &mut self.partitions {
             let lingered = |linger| open.opened_at.is_some_and(|t| now >= t + linger);
             if open.builder.is_empty() {
@@ -525,7 +525,7 @@ impl Tailer {
                 || open.builder.uncompressed_len() >= self.batch_max_bytes
                 || lingered(self.linger_backlog)
                 || (lingered(self.linger)
-                    && !link_behind(&mut behind, &self.progress, &*self.spool)?);
+                    && !look(&mut link, &self.progress, &*self.spool)?.backlogged);
             if !due {
                 continue;
             }
@@ -535,7 +535,7 @@ impl Tailer {
             {
                 Some(dictionary) => open.builder.finish_with_dictionary(&dictionary)?,
                 None => {
-                    let level = if link_behind(&mut behind, &self.progress, &*self.spool)? {
+                    let level = if look(&mut link, &self.progress, &*self.spool)?.behind {
                         self.zstd_level_backlog
                     } else {
                         self.zstd_level
@@ -570,24 +570,37 @@ impl Tailer {
             self.progress.chunks_spooled.inc_by(spooled_chunks);
             self.progress.spooled.notify_one();
         }
-        if let Some(behind) = behind {
-            self.link_behind = behind;
+        if let Some(link) = link {
+            self.link_backlogged = link.backlogged;
         }
         Ok(())
     }
 }
 
-/// Whether the link is behind, asked of `progress` and `spool` the first time only.
-fn link_behind(
-    asked: &mut Option<bool>,
+/// What the tailer makes of the link for the chunks it closes now.
+#[derive(Debug, Clone, Copy)]
+struct LinkView {
+    /// Chunks take `ship.zstd_level_backlog`.
+    behind: bool,
+    /// Chunks linger `ship.linger_backlog`.
+    backlogged: bool,
+}
+
+/// The link as `progress` and `spool` show it, asked of them the first time only.
+fn look(
+    asked: &mut Option<LinkView>,
     progress: &Progress,
     spool: &dyn Spool,
-) -> Result<bool, SpoolError> {
-    if let Some(behind) = *asked {
-        return Ok(behind);
+) -> Result<LinkView, SpoolError> {
+    if let Some(view) = *asked {
+        return Ok(view);
     }
-    let behind = LinkState::now(progress, spool)?.is_behind(crate::now_ms());
-    Ok(*asked.insert(behind))
+    let state = LinkState::now(progress, spool)?;
+    let now_ms = crate::now_ms();
+    Ok(*asked.insert(LinkView {
+        behind: state.is_behind(now_ms),
+        backlogged: state.is_backlogged(now_ms),
+    }))
 }
 
 /// With no word from a relay, the link counts as behind once the oldest chunk has waited this
@@ -623,14 +636,26 @@ impl LinkState {
     }
 
     fn is_behind(&self, now_ms: u64) -> bool {
-        let older_than_backlog_age = |at_ms: u64| now_ms.saturating_sub(at_ms) > BACKLOG_AGE_MS;
-        let relay_silent = !self.relay_connected || older_than_backlog_age(self.relay_seen_ms);
-        self.window_limited
-            || (relay_silent
-                && self
-                    .oldest_spooled_at_ms
-                    .is_some_and(older_than_backlog_age))
+        let relay_silent =
+            !self.relay_connected || older_than_backlog_age(self.relay_seen_ms, now_ms);
+        self.window_limited || (relay_silent && self.oldest_waited(now_ms))
     }
+
+    /// Behind with chunks that waited past the backlog age: a backlog, not a link that now
+    /// and then holds a sender back at a live rate (a loss shrinks the window), where a
+    /// longer linger would add its wait to every record.
+    fn is_backlogged(&self, now_ms: u64) -> bool {
+        self.is_behind(now_ms) && self.oldest_waited(now_ms)
+    }
+
+    fn oldest_waited(&self, now_ms: u64) -> bool {
+        self.oldest_spooled_at_ms
+            .is_some_and(|at_ms| older_than_backlog_age(at_ms, now_ms))
+    }
+}
+
+fn older_than_backlog_age(at_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(at_ms) > BACKLOG_AGE_MS
 }
 
 /// Records from `expected` up to the partition's low watermark were deleted by the local
@@ -770,5 +795,34 @@ mod tests {
             !behind(false, false, heard, Some(now + 5)),
             "clock stepped back"
         );
+    }
+
+    #[test]
+    fn chunks_linger_longer_only_behind_a_backlog_that_has_waited() {
+        let now = 1_000_000;
+        let state = |window_limited, relay_connected, oldest_spooled_at_ms| LinkState {
+            window_limited,
+            relay_connected,
+            relay_seen_ms: now - 10,
+            oldest_spooled_at_ms,
+        };
+        let fresh = Some(now - 100);
+        let old = Some(now - BACKLOG_AGE_MS - 1);
+        let limited_at_a_live_rate = state(true, true, fresh);
+        assert!(limited_at_a_live_rate.is_behind(now));
+        assert!(
+            !limited_at_a_live_rate.is_backlogged(now),
+            "a window that holds back a live rate now and then must not add the long linger"
+        );
+        assert!(
+            state(true, true, old).is_backlogged(now),
+            "a backlog the link holds back"
+        );
+        assert!(state(false, false, old).is_backlogged(now), "an outage");
+        assert!(
+            !state(false, true, old).is_backlogged(now),
+            "the hub is what is slow"
+        );
+        assert!(!state(false, true, None).is_backlogged(now));
     }
 }

@@ -496,9 +496,10 @@ impl Tailer {
     }
 
     /// Writes every chunk that is full or past its linger (all of them when `all`), then makes
-    /// them durable with one flush before the shipper hears of them. While the link is behind
-    /// chunks linger `linger_backlog`: their records wait for the backlog anyway, and fewer,
-    /// larger chunks compress better and keep more records in the shipper's window.
+    /// them durable with one flush before the shipper hears of them. Behind a backlog the link
+    /// holds back ([`LinkState::is_backlogged`]) chunks linger `linger_backlog`: their records
+    /// wait for the backlog anyway, and fewer, larger chunks compress better and keep more
+    /// records in the shipper's window.
     fn close_chunks(&mut self, all: bool) -> Result<(), TailError> {
         let now = Instant::now();
         let mut spooled_records = 0u64;

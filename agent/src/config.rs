@@ -114,9 +114,9 @@ pub struct ShipConfig {
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     /// ... and while it is behind (its congestion window held the shipper back most of the
-    /// last second or so, or no relay is connected and the oldest chunk waited over 2 s),
-    /// where the CPU would otherwise wait for the link. Dictionary chunks keep `zstd_level`: they are small
-    /// ones, written while the link keeps up.
+    /// last second or so, or no relay has been heard from for 2 s and the oldest chunk waited
+    /// as long), where the CPU would otherwise wait for the link. Dictionary chunks keep
+    /// `zstd_level`: they are small ones, written while the link keeps up.
     #[serde(default = "default_zstd_level_backlog")]
     pub zstd_level_backlog: i32,
     /// Batches sent but not yet acknowledged ...

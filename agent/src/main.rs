@@ -49,8 +49,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: no thread may exist yet.
+    let malloc = spoke_agent::malloc::tune();
     let cli = Cli::parse();
     spoke_io::logging::init(cli.log_format);
+    match malloc {
+        spoke_agent::malloc::Tuning::Refused(setting) => {
+            tracing::warn!(
+                setting,
+                "glibc refused an allocator setting; memory use may be higher"
+            );
+        }
+        other => tracing::debug!(malloc = ?other, "glibc allocator"),
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

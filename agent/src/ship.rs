@@ -224,6 +224,27 @@ async fn connect(
         .map_err(|e| connect_err(e.to_string()))
 }
 
+/// The connection's send window, kept near what its congestion window can use
+/// ([`spoke_io::transport::send_window_for`]): the rest of a backlog waits in the spool, not
+/// written ahead in memory.
+#[derive(Default)]
+struct SendWindow {
+    set: Option<u64>,
+}
+
+impl SendWindow {
+    /// Before each write. Changes under an eighth are left, to spare the connection's task a
+    /// wake-up per batch.
+    fn follow(&mut self, connection: &quinn::Connection) {
+        let wanted = spoke_io::transport::send_window_for(connection.congestion_state().window());
+        let moved = self.set.is_none_or(|set| set.abs_diff(wanted) > set / 8);
+        if moved {
+            connection.set_send_window(wanted);
+            self.set = Some(wanted);
+        }
+    }
+}
+
 /// A batch sent and not yet acknowledged.
 struct InFlight {
     seq: u64,
@@ -442,6 +463,7 @@ impl Session<'_> {
         let dictionaries_supported = welcome.version >= 2;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(ship.max_bandwidth.as_u64());
+        let mut send_window = SendWindow::default();
         loop {
             // At least one batch goes out whatever its size, so a chunk larger than the byte
             // window still ships.
@@ -502,6 +524,7 @@ impl Session<'_> {
                         .map_err(WireError::from)?;
                     self.progress.wire_bytes.inc_by(dictionary.len() as u64);
                 }
+                send_window.follow(connection);
                 stream.write_all(&bytes).await.map_err(WireError::from)?;
                 self.progress.wire_bytes.inc_by(bytes.len() as u64);
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);

@@ -65,7 +65,10 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("spoke-agent: error: {error:#}");
+            eprintln!(
+                "spoke-agent: error: {}",
+                spoke_io::logging::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -81,7 +81,10 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("spoke-relay: error: {error:#}");
+            eprintln!(
+                "spoke-relay: error: {}",
+                spoke_io::logging::error_chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::admin::Admin;
 use crate::checkpoint::Checkpoints;
-use crate::config::Loaded;
+use crate::config::{Delivery, Loaded};
 use crate::fleet::{reject, Fleet};
 use crate::hub::Hub;
 use crate::session::{self, SessionContext};
@@ -82,6 +82,7 @@ pub async fn run(
     background.spawn(follow_checkpoints(
         hub.clone(),
         checkpoints.clone(),
+        config.hub.delivery == Delivery::ExactlyOnce,
         shutdown.clone(),
     ));
     let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
@@ -267,10 +268,14 @@ async fn probe_hub(hub: Arc<Hub>, admin: Arc<Admin>, shutdown: CancellationToken
     }
 }
 
-/// Creates the offsets topic if needed, then keeps this relay's view of it current.
+/// Creates the offsets topic if needed, then keeps this relay's view of it current. With
+/// `probe_transactions`, it also asks the hub whether it has transactions (once the topic the
+/// probe names exists) while the follower starts, so that a relay's first session does not
+/// wait for the probe.
 async fn follow_checkpoints(
     hub: Arc<Hub>,
     checkpoints: Arc<Checkpoints>,
+    probe_transactions: bool,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -283,7 +288,16 @@ async fn follow_checkpoints(
             () = shutdown.cancelled() => return,
         }
     }
-    let follower = tokio::task::spawn_blocking(move || checkpoints.follow(&hub, &shutdown));
+    let follower = {
+        let hub = hub.clone();
+        let checkpoints = checkpoints.clone();
+        tokio::task::spawn_blocking(move || checkpoints.follow(&hub, &shutdown))
+    };
+    if probe_transactions {
+        if let Err(error) = hub.transactional(&checkpoints.topic).await {
+            warn!(%error, "transaction probe failed; the first session asks again");
+        }
+    }
     if let Err(error) = follower.await {
         warn!(%error, "checkpoint follower failed");
     }

@@ -176,6 +176,20 @@ fn auto_falls_back_to_fencing_on_a_hub_without_transactions() -> anyhow::Result<
     Ok(())
 }
 
+/// The probe runs when the relay starts, not in its first site's session: that session would
+/// otherwise wait for a transaction's round trips to the hub before its Welcome.
+#[test]
+fn a_relay_asks_the_hub_about_transactions_before_any_site_connects() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let relay = start_relay(&env, &env.hub.bootstrap(), "auto")?;
+    eventually(
+        "the relay's transaction probe, with no site connected",
+        Duration::from_secs(60),
+        || Ok(relay.log().contains("the hub has no transactions")),
+    )?;
+    Ok(())
+}
+
 /// A commit that fails is aborted and the session starts over with a new producer and a new
 /// resume point. The mock cluster shows aborted records to every reader, so this checks that
 /// nothing is lost and that the relay recovers, not that nothing is duplicated.

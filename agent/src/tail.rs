@@ -59,11 +59,18 @@ pub fn consumer_config(loaded: &Loaded) -> ClientConfig {
         .set("fetch.wait.max.ms", "20")
         // High watermarks for the lag metric come from librdkafka's statistics.
         .set("statistics.interval.ms", "1000")
-        // The prefetch queue was the largest part of the agent's memory: 16 MiB is more than a
-        // second of records at the rates the spool takes, and keeps the agent within 64 MiB.
-        // One fetch response may overshoot it, so that is bounded too.
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.max.bytes", "16777216");
+        // The prefetch queue is the largest part of the agent's memory where edge topics are
+        // compressed: librdkafka holds each fetched batch decompressed while any of its
+        // records waits here, 31 MB of the heap at the peak of a 20 Mbit/s backlog with
+        // 16 MiB (25 MB with 4 MiB; docs/benchmarks.md). 4 MiB is still a quarter second of
+        // 1 KiB records at the fastest rate the spool took on the test machine, many local
+        // fetches. One fetch response may overshoot it, so that is bounded too.
+        .set("queued.max.messages.kbytes", "4096")
+        .set("fetch.max.bytes", "4194304")
+        // A partition whose queue is full is not fetched again for this long: librdkafka's
+        // 1 s left the tailer idle with a backlog at the edge, and 100,000 records took 15 s
+        // to spool instead of 2 (20 Mbit/s bench row, 4,874 records/s against 8,310).
+        .set("fetch.queue.backoff.ms", "20");
     for (key, value) in &source.kafka {
         config.set(key, value);
     }

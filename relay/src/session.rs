@@ -7,7 +7,7 @@
 //! batches over and writes `Ack`/`Nack` on the control stream. A bounded queue between them
 //! limits how much unconfirmed data one site can hold in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,6 +75,8 @@ pub struct SessionContext {
 const FLOORS_WAIT: Duration = Duration::from_secs(5);
 /// How long a session of a just-started relay waits for the checkpoint view.
 const CHECKPOINTS_WAIT: Duration = Duration::from_secs(10);
+/// Resume scans of one Hello that run at once, each on a hub client of its own.
+const RESUME_SCANS_AT_ONCE: usize = 8;
 /// How long a new session waits for the previous session of its site to drain.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing session waits for its in-flight hub deliveries to resolve.
@@ -473,37 +475,54 @@ async fn serve_site(
     if context.delivery == Delivery::ExactlyOnce {
         context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
     }
-    for tp in &hello.partitions {
-        // A partition listed twice gets one resume scan and one resume point.
-        if !Acl::allows(allow, &tp.topic) || resume.contains_key(&(tp.topic.clone(), tp.partition))
-        {
-            continue;
-        }
-        let next_offset = match context.delivery {
-            Delivery::ExactlyOnce => {
-                let target = hub_topic(&context.topic_template, site, &tp.topic);
-                let known = context
-                    .checkpoints
-                    .get(site, &tp.topic, tp.partition, &target);
-                let found = context
-                    .hub
-                    .resume_point(site, &target, tp.partition, known)
-                    .await?;
+    // A partition listed twice gets one resume scan and one resume point.
+    let mut seen = HashSet::new();
+    let wanted: Vec<(String, i32)> = hello
+        .partitions
+        .iter()
+        .filter(|tp| Acl::allows(allow, &tp.topic) && seen.insert((&tp.topic, tp.partition)))
+        .map(|tp| (tp.topic.clone(), tp.partition))
+        .collect();
+    // The scans run side by side, a few at a time: each asks the hub a round trip or two on a
+    // client of its own, and the agent waits for all of them before its first batch.
+    let scans =
+        futures_util::stream::iter(wanted.into_iter().map(|(topic, partition)| async move {
+            let found = match context.delivery {
+                Delivery::ExactlyOnce => {
+                    let target = hub_topic(&context.topic_template, site, &topic);
+                    let known = context.checkpoints.get(site, &topic, partition, &target);
+                    let found = context
+                        .hub
+                        .resume_point(site, &target, partition, known)
+                        .await?;
+                    Some(found)
+                }
+                Delivery::AtLeastOnce => None,
+            };
+            Ok::<_, HubError>((topic, partition, found))
+        }))
+        .buffered(RESUME_SCANS_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    for scan in scans {
+        let (topic, partition, found) = scan?;
+        let next_offset = match found {
+            Some(found) => {
                 context.checkpoints.counted_scan(found.scanned);
-                debug!(topic = %tp.topic, partition = tp.partition, next_offset = found.next_offset, scanned = found.scanned, "resume point");
+                debug!(%topic, partition, next_offset = found.next_offset, scanned = found.scanned, "resume point");
                 // Written now, before any data: the next session's scan then starts at this
                 // session's beginning even if no later checkpoint makes it to the hub.
-                progress.start(&tp.topic, tp.partition, found.progress);
+                progress.start(&topic, partition, found.progress);
                 found.next_offset
             }
-            Delivery::AtLeastOnce => 0,
+            None => 0,
         };
-        resume.insert((tp.topic.clone(), tp.partition), next_offset);
         resume_points.push(ResumePoint {
-            topic: tp.topic.clone(),
-            partition: tp.partition,
+            topic: topic.clone(),
+            partition,
             next_offset,
         });
+        resume.insert((topic, partition), next_offset);
     }
     info!(partitions = resume_points.len(), "site connected");
     let welcome = Welcome {

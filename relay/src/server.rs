@@ -288,14 +288,21 @@ async fn follow_checkpoints(
             () = shutdown.cancelled() => return,
         }
     }
+    let shutdown_probe = shutdown.clone();
     let follower = {
         let hub = hub.clone();
         let checkpoints = checkpoints.clone();
         tokio::task::spawn_blocking(move || checkpoints.follow(&hub, &shutdown))
     };
     if probe_transactions {
-        if let Err(error) = hub.transactional(&checkpoints.topic).await {
-            warn!(%error, "transaction probe failed; the first session asks again");
+        tokio::select! {
+            probed = hub.transactional(&checkpoints.topic) => {
+                if let Err(error) = probed {
+                    warn!(%error, "transaction probe failed; the first session asks again");
+                }
+            }
+            // A hub that does not answer holds the probe for its transaction timeout.
+            () = shutdown_probe.cancelled() => {}
         }
     }
     if let Err(error) = follower.await {

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -502,10 +502,9 @@ async fn serve_site(
             Ok::<_, HubError>((topic, partition, found))
         }))
         .buffered(RESUME_SCANS_AT_ONCE)
-        .collect::<Vec<_>>()
-        .await;
-    for scan in scans {
-        let (topic, partition, found) = scan?;
+        .try_collect::<Vec<_>>()
+        .await?;
+    for (topic, partition, found) in scans {
         let next_offset = match found {
             Some(found) => {
                 context.checkpoints.counted_scan(found.scanned);

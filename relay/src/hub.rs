@@ -69,6 +69,12 @@ pub struct Hub {
     bootstrap: String,
     passthrough: BTreeMap<String, String>,
     admin: AdminClient<DefaultClientContext>,
+    /// Metadata and watermarks for every session, the health probe and topic creation: one
+    /// connected client instead of a new one (its threads, connection and bootstrap round
+    /// trips) per question, of which a Hello asks two per partition before its Welcome.
+    /// Configured as a scan consumer, so its high watermarks are the read_committed ones the
+    /// scans read up to.
+    metadata: Arc<BaseConsumer>,
     /// Hub topic → partition count, learned once per relay process.
     partitions: Mutex<HashMap<String, i32>>,
     transactions: Transactions,
@@ -93,6 +99,10 @@ impl Hub {
                 .set("bootstrap.servers", &config.bootstrap)
                 .create()
                 .map_err(HubError::Client)?,
+            metadata: Arc::new(scan_consumer(client_config(
+                &config.bootstrap,
+                &config.kafka,
+            ))?),
             partitions: Mutex::new(HashMap::new()),
             transactions: config.transactions,
             transactions_probed: tokio::sync::OnceCell::new(),
@@ -101,12 +111,18 @@ impl Hub {
     }
 
     fn client_config(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.bootstrap);
-        for (key, value) in &self.passthrough {
-            config.set(key, value);
-        }
-        config
+        client_config(&self.bootstrap, &self.passthrough)
+    }
+
+    /// Answers `ask` with the shared metadata client on a blocking thread: librdkafka's
+    /// metadata and watermark calls wait for the broker.
+    async fn ask<T, F>(&self, ask: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&BaseConsumer) -> Result<T, HubError> + Send + 'static,
+    {
+        let client = self.metadata.clone();
+        tokio::task::spawn_blocking(move || ask(&client)).await?
     }
 
     /// The transactional id of a site's sessions.
@@ -301,10 +317,8 @@ impl Hub {
 
     /// Asks the hub for its metadata: succeeds when the hub answers.
     pub async fn probe(&self) -> Result<(), HubError> {
-        let config = self.client_config();
-        tokio::task::spawn_blocking(move || {
-            let consumer = scan_consumer(config)?;
-            consumer
+        self.ask(|client| {
+            client
                 .fetch_metadata(None, METADATA_TIMEOUT)
                 .map(|_| ())
                 .map_err(|source| HubError::Metadata {
@@ -312,16 +326,14 @@ impl Hub {
                     source,
                 })
         })
-        .await?
+        .await
     }
 
     /// Partition count of `topic`, 0 when it does not exist.
     async fn fetch_partition_count(&self, topic: &str) -> Result<i32, HubError> {
-        let config = self.client_config();
         let name = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = scan_consumer(config)?;
-            let metadata = consumer
+        self.ask(move |client| {
+            let metadata = client
                 .fetch_metadata(Some(&name), METADATA_TIMEOUT)
                 .map_err(|source| HubError::Metadata {
                     topic: name.clone(),
@@ -334,19 +346,17 @@ impl Hub {
                 .map_or(0, |t| t.partitions().len());
             Ok(i32::try_from(count).unwrap_or(i32::MAX))
         })
-        .await?
+        .await
     }
 
     /// The end (high watermark) of every partition of `topic`.
     pub async fn partition_ends(&self, topic: &str) -> Result<BTreeMap<i32, i64>, HubError> {
         let count = self.fetch_partition_count(topic).await?;
-        let config = self.client_config();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer = scan_consumer(config)?;
+        self.ask(move |client| {
             (0..count)
                 .map(|partition| {
-                    consumer
+                    client
                         .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
                         .map(|(_, high)| (partition, high))
                         .map_err(|source| HubError::Scan {
@@ -357,7 +367,7 @@ impl Hub {
                 })
                 .collect()
         })
-        .await?
+        .await
     }
 
     /// Where a site's source partition resumes: the first source offset that `hub_topic`
@@ -389,77 +399,101 @@ impl Hub {
                 scanned: 0,
             });
         }
-        let config = self.client_config();
-        let site = site.to_owned();
         let topic = hub_topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer = scan_consumer(config)?;
-            let hub_partitions: Vec<i32> = if source_partition < count {
-                vec![source_partition]
-            } else {
-                (0..count).collect()
-            };
-            let mut marks = Vec::with_capacity(hub_partitions.len());
-            for &hub_partition in &hub_partitions {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
-                    .map_err(|source| HubError::Scan {
-                        topic: topic.clone(),
-                        partition: hub_partition,
-                        source,
-                    })?;
-                marks.push((hub_partition, low, high));
-            }
-            let checkpoint = checkpoint.filter(|checkpoint| {
-                // A floor above the partition's end means the hub topic was recreated: the
-                // checkpoint describes data that is gone.
-                let fits = marks.iter().all(|&(q, _, high)| {
-                    checkpoint
-                        .scan_from
-                        .get(&q)
-                        .is_none_or(|&floor| floor <= high)
-                });
-                if !fits {
-                    tracing::warn!(topic, "checkpoint is ahead of the hub topic; ignoring it");
-                }
-                fits
+        let hub_partitions: Vec<i32> = if source_partition < count {
+            vec![source_partition]
+        } else {
+            (0..count).collect()
+        };
+        let marks = self
+            .ask(move |client| {
+                hub_partitions
+                    .into_iter()
+                    .map(|hub_partition| {
+                        let (low, high) = client
+                            .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
+                            .map_err(|source| HubError::Scan {
+                                topic: topic.clone(),
+                                partition: hub_partition,
+                                source,
+                            })?;
+                        Ok((hub_partition, low, high))
+                    })
+                    .collect::<Result<Vec<_>, HubError>>()
+            })
+            .await?;
+        let checkpoint = checkpoint.filter(|checkpoint| {
+            // A floor above the partition's end means the hub topic was recreated: the
+            // checkpoint describes data that is gone.
+            let fits = marks.iter().all(|&(q, _, high)| {
+                checkpoint
+                    .scan_from
+                    .get(&q)
+                    .is_none_or(|&floor| floor <= high)
             });
-            let mut newest: Option<i64> = None;
-            let mut scanned = 0;
-            for &(hub_partition, low, high) in &marks {
+            if !fits {
+                tracing::warn!(
+                    topic = hub_topic,
+                    "checkpoint is ahead of the hub topic; ignoring it"
+                );
+            }
+            fits
+        });
+        let ranges: Vec<(i32, i64, i64)> = marks
+            .iter()
+            .map(|&(hub_partition, low, high)| {
                 let floor = checkpoint
                     .as_ref()
                     .and_then(|c| c.scan_from.get(&hub_partition).copied())
                     .unwrap_or(low)
                     .max(low);
-                let found = scan_partition(
-                    &consumer,
-                    &topic,
-                    hub_partition,
-                    (floor, high),
-                    &site,
-                    source_partition,
-                    &mut scanned,
-                )?;
-                newest = newest.max(found);
-            }
-            let next_offset = newest
-                .map_or(0, |offset| offset + 1)
-                .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
-            // Everything below each partition's end as of now is older than `next_offset`:
-            // no other session of the site is producing while this one starts.
-            let progress = Checkpoint {
-                hub_topic: topic,
-                next_offset,
-                scan_from: marks.iter().map(|&(q, _, high)| (q, high)).collect(),
-            };
-            Ok(Resume {
-                next_offset,
-                progress,
-                scanned,
+                (hub_partition, floor, high)
             })
+            .filter(|&(_, floor, high)| floor < high)
+            .collect();
+        let (newest, scanned) = if ranges.is_empty() {
+            // Nothing landed after the checkpoint (a session that ended cleanly): no records
+            // to read, so no consumer of its own to set up.
+            (None, 0)
+        } else {
+            let config = self.client_config();
+            let site = site.to_owned();
+            let topic = hub_topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let consumer = scan_consumer(config)?;
+                let mut newest: Option<i64> = None;
+                let mut scanned = 0;
+                for (hub_partition, floor, high) in ranges {
+                    let found = scan_partition(
+                        &consumer,
+                        &topic,
+                        hub_partition,
+                        (floor, high),
+                        &site,
+                        source_partition,
+                        &mut scanned,
+                    )?;
+                    newest = newest.max(found);
+                }
+                Ok::<_, HubError>((newest, scanned))
+            })
+            .await??
+        };
+        let next_offset = newest
+            .map_or(0, |offset| offset + 1)
+            .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
+        // Everything below each partition's end as of now is older than `next_offset`: no
+        // other session of the site is producing while this one starts.
+        let progress = Checkpoint {
+            hub_topic: hub_topic.to_owned(),
+            next_offset,
+            scan_from: marks.iter().map(|&(q, _, high)| (q, high)).collect(),
+        };
+        Ok(Resume {
+            next_offset,
+            progress,
+            scanned,
         })
-        .await?
     }
 }
 
@@ -471,6 +505,16 @@ pub struct Resume {
     pub progress: Checkpoint,
     /// Hub records read to find it.
     pub scanned: u64,
+}
+
+/// The hub's address and the operator's `[hub.kafka]` settings, for any hub client.
+fn client_config(bootstrap: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (key, value) in passthrough {
+        config.set(key, value);
+    }
+    config
 }
 
 fn scan_consumer(mut config: ClientConfig) -> Result<BaseConsumer, HubError> {

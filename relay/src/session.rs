@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -381,6 +381,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     .await
     .map_err(|_| SessionError::HelloTimeout(hello_timeout))??;
     let (mut send, recv, hello) = hello;
+    let hello_at = Instant::now();
     let hello = match hello {
         Some(Frame::Hello(hello)) => hello,
         Some(other) => {
@@ -443,6 +444,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         context,
         producer: &producer,
         transactional,
+        hello_at,
     };
     tokio::select! {
         result = serve_site(session, connection, &allow, hello, send, recv) => result,
@@ -458,6 +460,8 @@ struct Session<'a> {
     producer: &'a FutureProducer,
     /// Data and checkpoint of each batch are committed in one Kafka transaction.
     transactional: bool,
+    /// When the Hello arrived: the agent ships nothing until its Welcome.
+    hello_at: Instant,
 }
 
 async fn serve_site(
@@ -523,7 +527,11 @@ async fn serve_site(
         });
         resume.insert((topic, partition), next_offset);
     }
-    info!(partitions = resume_points.len(), "site connected");
+    info!(
+        partitions = resume_points.len(),
+        welcome_after_ms = session.hello_at.elapsed().as_millis(),
+        "site connected"
+    );
     let welcome = Welcome {
         version: negotiated_version(&hello),
         relay: context.relay_name.clone(),

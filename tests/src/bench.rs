@@ -169,6 +169,8 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
     pub records_per_s: f64,
+    /// See [`middle_half_rate`]; 0 where not measured (the limit).
+    pub middle_half_per_s: f64,
     /// Over an emulated link: the IP bytes the link delivered, both directions, per record
     /// moved (packets the sender overran the bottleneck queue with are in `link_packets`,
     /// not here). On loopback: the application's own count.
@@ -400,24 +402,39 @@ impl Counter {
     }
 }
 
-/// Waits until `topic` holds `expected` records and returns when the last one was seen.
-/// `on_poll` runs between checks.
+/// How a backlog reached the hub: when its last record did, and the hub's count at each poll
+/// while it held between a quarter and three quarters of it.
+#[derive(Debug, Clone)]
+struct Arrival {
+    last: Instant,
+    middle_half: Vec<(Instant, i64)>,
+}
+
+/// Waits until `topic` holds `expected` records and returns how they arrived. `on_poll` runs
+/// between checks.
 fn drained(
     bootstrap: &str,
     topic: &str,
     expected: i64,
     mut on_poll: impl FnMut(Instant),
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Arrival> {
     let mut counter = Counter::new(bootstrap, topic)?;
     let deadline = Instant::now() + Duration::from_secs(1_800);
+    let mut middle_half = Vec::new();
     loop {
         let n = counter.total()?;
         let now = Instant::now();
         if n > expected {
             bail!("{topic} holds {n} records, more than the {expected} sent: duplicates");
         }
+        if n * 4 >= expected && n * 4 <= expected * 3 {
+            middle_half.push((now, n));
+        }
         if n == expected {
-            return Ok(now);
+            return Ok(Arrival {
+                last: now,
+                middle_half,
+            });
         }
         if now > deadline {
             bail!("{topic} holds {n} of {expected} records after 30 min");
@@ -435,6 +452,39 @@ fn drained(
 fn rate(records: usize, started: Instant, last: Instant) -> f64 {
     let secs = last.duration_since(started).as_secs_f64().max(0.001);
     records as f64 / secs
+}
+
+/// Records per second over the backlog's middle half (while the hub held a quarter to three
+/// quarters of it): a system's pace once its start (the connection, the first round trips of
+/// its windows) is behind it, which a backlog of a few tens of seconds of link time cannot
+/// hide in [`rate`]. The least-squares slope of the hub's count over time, because the count
+/// moves a batch at a time (a chunk: up to a second of a slow link) and with the hub's own
+/// stalls, so that two readings alone would be off by as much. Not the second half: what is
+/// in flight when the hub holds half would count as moved in it.
+fn middle_half_rate(arrival: &Arrival) -> f64 {
+    let Some(&(origin, _)) = arrival.middle_half.first() else {
+        return 0.0;
+    };
+    let points: Vec<(f64, f64)> = arrival
+        .middle_half
+        .iter()
+        .map(|&(at, n)| (at.duration_since(origin).as_secs_f64(), n as f64))
+        .collect();
+    let count = points.len() as f64;
+    let (mean_t, mean_n) = points
+        .iter()
+        .fold((0.0, 0.0), |(t, n), p| (t + p.0 / count, n + p.1 / count));
+    let (covariance, variance) = points.iter().fold((0.0, 0.0), |(c, v), p| {
+        (
+            c + (p.0 - mean_t) * (p.1 - mean_n),
+            v + (p.0 - mean_t).powi(2),
+        )
+    });
+    if variance > 0.0 {
+        covariance / variance
+    } else {
+        0.0
+    }
 }
 
 /// Peak RSS (VmHWM) in MiB and CPU seconds (user + system) of a process.
@@ -604,7 +654,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let mut spool_per_record: Option<f64> = None;
     let mut most_held = 0.0;
     let mut polls = 0u32;
-    let last = drained(
+    let arrival = drained(
         &env.hub.bootstrap(),
         &hub_topic,
         scenario.records as i64,
@@ -626,7 +676,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         },
     )?;
     let counts = scenario.link_counts_since(counts_before);
-    let rate = rate(scenario.records, started, last);
+    let rate = rate(scenario.records, started, arrival.last);
     let metrics = scrape()?;
     let wire = match counts {
         Some(counts) => counts.delivered_bytes as f64,
@@ -637,6 +687,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let idle_cpu = idle_cpu_pct(pid, Duration::from_secs(5));
     Ok(Figures {
         records_per_s: rate,
+        middle_half_per_s: middle_half_rate(&arrival),
         wire_bytes_per_record: Some(wire / scenario.records as f64),
         spool_bytes_per_record: spool_per_record,
         p50_ms: latency.map(|l| l.0),
@@ -722,9 +773,9 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         scenario.records as i64,
         |_| {},
     )
-    .map(|last| {
+    .map(|arrival| {
         let counts = scenario.link_counts_since(counts_before);
-        (rate(scenario.records, started, last), counts)
+        (arrival, counts)
     });
     let latency = match &moved {
         Ok(_) => measure_latency(env, scenario, &hub_topic, scenario.records),
@@ -734,14 +785,15 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
-    let (rate, counts) = moved?;
+    let (arrival, counts) = moved?;
     let latency = latency?;
     let wire = match counts {
         Some(counts) => counts.delivered_bytes as f64,
         None => rx.load(Ordering::Relaxed) as f64,
     };
     Ok(Figures {
-        records_per_s: rate,
+        records_per_s: rate(scenario.records, started, arrival.last),
+        middle_half_per_s: middle_half_rate(&arrival),
         wire_bytes_per_record: Some(wire / scenario.records as f64),
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
@@ -1136,6 +1188,10 @@ pub fn result_json(
             .map(|c| round(c.offered_bytes as f64 / figures.records.max(1) as f64)),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
+        "middle_half_per_s": (figures.middle_half_per_s > 0.0)
+            .then(|| round(figures.middle_half_per_s)),
+        "middle_half_pct_of_limit": (figures.middle_half_per_s > 0.0)
+            .then(|| round(100.0 * figures.middle_half_per_s / limit)),
     })
 }
 
@@ -1206,6 +1262,31 @@ mod tests {
             &mix.record(7).value.unwrap_or_default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn the_middle_half_rate_is_the_slope_of_batches_landing() {
+        // 1,000 records land every 100 ms, polled every 20 ms: 10,000 records/s, whatever
+        // the phase of the polls against the batches.
+        let start = Instant::now();
+        let middle_half = (0..200)
+            .map(|poll| {
+                let at = Duration::from_millis(20 * poll);
+                let landed = 25_000 + 1_000 * (at.as_millis() as i64 / 100);
+                (start + at, landed)
+            })
+            .collect();
+        let arrival = Arrival {
+            last: start + Duration::from_secs(5),
+            middle_half,
+        };
+        let rate = middle_half_rate(&arrival);
+        assert!((rate - 10_000.0).abs() < 300.0, "{rate}");
+        let none = Arrival {
+            last: start,
+            middle_half: Vec::new(),
+        };
+        assert_eq!(middle_half_rate(&none), 0.0);
     }
 
     #[test]

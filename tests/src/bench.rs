@@ -169,8 +169,6 @@ pub fn now_ms() -> i64 {
 #[derive(Debug, Clone, Default)]
 pub struct Figures {
     pub records_per_s: f64,
-    /// See [`middle_half_rate`]; 0 where not measured (the limit).
-    pub middle_half_per_s: f64,
     /// Over an emulated link: the IP bytes the link delivered, both directions, per record
     /// moved (packets the sender overran the bottleneck queue with are in `link_packets`,
     /// not here). On loopback: the application's own count.
@@ -402,45 +400,24 @@ impl Counter {
     }
 }
 
-/// How a backlog reached the hub: when its last record did, and the hub's count when it
-/// first held a quarter and three quarters of it (records land a batch at a time, so the
-/// count then is somewhat more).
-#[derive(Debug, Clone, Copy)]
-struct Arrival {
-    last: Instant,
-    quarter: (Instant, i64),
-    three_quarters: (Instant, i64),
-}
-
-/// Waits until `topic` holds `expected` records and returns how they arrived. `on_poll` runs
-/// between checks.
+/// Waits until `topic` holds `expected` records and returns when the last one was seen.
+/// `on_poll` runs between checks.
 fn drained(
     bootstrap: &str,
     topic: &str,
     expected: i64,
     mut on_poll: impl FnMut(Instant),
-) -> anyhow::Result<Arrival> {
+) -> anyhow::Result<Instant> {
     let mut counter = Counter::new(bootstrap, topic)?;
     let deadline = Instant::now() + Duration::from_secs(1_800);
-    let (mut quarter, mut three_quarters) = (None, None);
     loop {
         let n = counter.total()?;
         let now = Instant::now();
         if n > expected {
             bail!("{topic} holds {n} records, more than the {expected} sent: duplicates");
         }
-        if n * 4 >= expected {
-            quarter.get_or_insert((now, n));
-        }
-        if n * 4 >= expected * 3 {
-            three_quarters.get_or_insert((now, n));
-        }
         if n == expected {
-            return Ok(Arrival {
-                last: now,
-                quarter: quarter.unwrap_or((now, n)),
-                three_quarters: three_quarters.unwrap_or((now, n)),
-            });
+            return Ok(now);
         }
         if now > deadline {
             bail!("{topic} holds {n} of {expected} records after 30 min");
@@ -458,23 +435,6 @@ fn drained(
 fn rate(records: usize, started: Instant, last: Instant) -> f64 {
     let secs = last.duration_since(started).as_secs_f64().max(0.001);
     records as f64 / secs
-}
-
-/// Records per second over the backlog's middle half: a system's pace once its start (the
-/// connection, the first round trips of its windows) is behind it, which a backlog of a few
-/// tens of seconds of link time cannot hide in [`rate`]. From the batch that took the hub to
-/// a quarter of the backlog to the one that took it to three quarters, with the records that
-/// landed in between: the count moves a batch at a time (up to a second of a slow link, and
-/// several seconds for the mirror), so the hub's count within those bounds is a staircase
-/// whose fitted slope depends on where its steps fall (tried: 1% of the limit for the
-/// mirror's 2 Mbit/s run). Not the second half: what is in flight when the hub holds half
-/// would count as moved in it. 0 when one batch spans the whole middle.
-fn middle_half_rate(arrival: &Arrival) -> f64 {
-    let ((from, at_from), (to, at_to)) = (arrival.quarter, arrival.three_quarters);
-    if to <= from {
-        return 0.0;
-    }
-    rate(usize::try_from(at_to - at_from).unwrap_or(0), from, to)
 }
 
 /// Peak RSS (VmHWM) in MiB and CPU seconds (user + system) of a process.
@@ -644,7 +604,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let mut spool_per_record: Option<f64> = None;
     let mut most_held = 0.0;
     let mut polls = 0u32;
-    let arrival = drained(
+    let last = drained(
         &env.hub.bootstrap(),
         &hub_topic,
         scenario.records as i64,
@@ -666,7 +626,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         },
     )?;
     let counts = scenario.link_counts_since(counts_before);
-    let rate = rate(scenario.records, started, arrival.last);
+    let rate = rate(scenario.records, started, last);
     let metrics = scrape()?;
     let wire = match counts {
         Some(counts) => counts.delivered_bytes as f64,
@@ -677,7 +637,6 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let idle_cpu = idle_cpu_pct(pid, Duration::from_secs(5));
     Ok(Figures {
         records_per_s: rate,
-        middle_half_per_s: middle_half_rate(&arrival),
         wire_bytes_per_record: Some(wire / scenario.records as f64),
         spool_bytes_per_record: spool_per_record,
         p50_ms: latency.map(|l| l.0),
@@ -763,9 +722,9 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         scenario.records as i64,
         |_| {},
     )
-    .map(|arrival| {
+    .map(|last| {
         let counts = scenario.link_counts_since(counts_before);
-        (arrival, counts)
+        (rate(scenario.records, started, last), counts)
     });
     let latency = match &moved {
         Ok(_) => measure_latency(env, scenario, &hub_topic, scenario.records),
@@ -775,15 +734,14 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     mirror
         .join()
         .map_err(|_| anyhow::anyhow!("mirror thread panicked"))??;
-    let (arrival, counts) = moved?;
+    let (rate, counts) = moved?;
     let latency = latency?;
     let wire = match counts {
         Some(counts) => counts.delivered_bytes as f64,
         None => rx.load(Ordering::Relaxed) as f64,
     };
     Ok(Figures {
-        records_per_s: rate(scenario.records, started, arrival.last),
-        middle_half_per_s: middle_half_rate(&arrival),
+        records_per_s: rate,
         wire_bytes_per_record: Some(wire / scenario.records as f64),
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
@@ -1178,10 +1136,6 @@ pub fn result_json(
             .map(|c| round(c.offered_bytes as f64 / figures.records.max(1) as f64)),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
-        "middle_half_per_s": (figures.middle_half_per_s > 0.0)
-            .then(|| round(figures.middle_half_per_s)),
-        "middle_half_pct_of_limit": (figures.middle_half_per_s > 0.0)
-            .then(|| round(100.0 * figures.middle_half_per_s / limit)),
     })
 }
 
@@ -1252,32 +1206,6 @@ mod tests {
             &mix.record(7).value.unwrap_or_default()
         )
         .is_ok());
-    }
-
-    #[test]
-    fn the_middle_half_rate_counts_from_batch_to_batch() {
-        // 1,000 records land every 100 ms; the polls see the batches that cross a quarter
-        // and three quarters of 100,000 records 20 ms late: 10,000 records/s.
-        let start = Instant::now();
-        let landed = |batches: u32| {
-            (
-                start + Duration::from_millis(100) * batches,
-                1_000 * i64::from(batches),
-            )
-        };
-        let seen = |(at, n): (Instant, i64)| (at + Duration::from_millis(20), n);
-        let arrival = Arrival {
-            last: start + Duration::from_secs(10),
-            quarter: seen(landed(25)),
-            three_quarters: seen(landed(75)),
-        };
-        assert!((middle_half_rate(&arrival) - 10_000.0).abs() < 1.0);
-        // One batch took the hub from under a quarter to over three quarters.
-        let one_batch = Arrival {
-            quarter: arrival.three_quarters,
-            ..arrival
-        };
-        assert_eq!(middle_half_rate(&one_batch), 0.0);
     }
 
     #[test]

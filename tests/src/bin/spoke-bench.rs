@@ -362,16 +362,6 @@ fn print_row(
         baseline.map_or("-".to_owned(), |b| format!("{:.2}", f.records_per_s / b)),
         100.0 * f.records_per_s / limit,
     );
-    if f.middle_half_per_s > 0.0 {
-        println!(
-            "{:<26} {:<17} {:<6} middle half of the backlog: {:.0} records/s, {:.0}% of the limit",
-            "",
-            "",
-            "",
-            f.middle_half_per_s,
-            100.0 * f.middle_half_per_s / limit
-        );
-    }
     if let Some(c) = f.link_packets {
         println!(
             "{:<26} {:<17} {:<6} link: {} packets, {} dropped at the queue, {} lost, {:.1} B/record offered",

@@ -69,7 +69,7 @@ pub struct Hub {
     bootstrap: String,
     passthrough: BTreeMap<String, String>,
     admin: AdminClient<DefaultClientContext>,
-    /// Metadata and watermarks for every session, the health probe and topic creation: one
+    /// Metadata and watermarks for every session, the health probe and topic checks: one
     /// connected client instead of a new one (its threads, connection and bootstrap round
     /// trips) per question, of which a Hello asks two per partition before its Welcome.
     /// Configured as a scan consumer, so its high watermarks are the read_committed ones the

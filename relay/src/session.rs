@@ -75,7 +75,8 @@ pub struct SessionContext {
 const FLOORS_WAIT: Duration = Duration::from_secs(5);
 /// How long a session of a just-started relay waits for the checkpoint view.
 const CHECKPOINTS_WAIT: Duration = Duration::from_secs(10);
-/// Resume scans of one Hello that run at once, each on a hub client of its own.
+/// Resume scans of one Hello that run at once: each asks the hub for watermarks, and one with
+/// records to read opens a consumer of its own.
 const RESUME_SCANS_AT_ONCE: usize = 8;
 /// How long a new session waits for the previous session of its site to drain.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
@@ -487,8 +488,8 @@ async fn serve_site(
         .filter(|tp| Acl::allows(allow, &tp.topic) && seen.insert((&tp.topic, tp.partition)))
         .map(|tp| (tp.topic.clone(), tp.partition))
         .collect();
-    // The scans run side by side, a few at a time: each asks the hub a round trip or two on a
-    // client of its own, and the agent waits for all of them before its first batch.
+    // The scans run side by side, a few at a time: each asks the hub a round trip or two, and
+    // the agent waits for all of them before its first batch.
     let scans =
         futures_util::stream::iter(wanted.into_iter().map(|(topic, partition)| async move {
             let found = match context.delivery {

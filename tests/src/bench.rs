@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::admin;
 use crate::kafka;
-use crate::site::{AgentOptions, Env, Placement, SITE};
+use crate::site::{AgentOptions, Env, Placement, RelayOptions, SITE};
 use crate::wan::{Link, LinkSpec};
 
 pub const TOPIC: &str = "bench";
@@ -185,6 +185,9 @@ pub struct Figures {
     /// Over an emulated link, while the backlog moved: packets that entered it, and those
     /// dropped at its bottleneck queue and lost at random, both directions.
     pub link_packets: Option<LinkCounts>,
+    /// Over an emulated link, the records/s once the system's start is behind it: see
+    /// [`LinkPace`].
+    pub pace_per_s: Option<f64>,
     /// The records moved, for per-record link figures.
     pub records: usize,
 }
@@ -222,6 +225,62 @@ impl LinkCounts {
             offered_bytes: self.offered_bytes - before.offered_bytes,
             delivered_bytes: self.delivered_bytes - before.delivered_bytes,
         }
+    }
+}
+
+/// The bytes an emulated link delivered over time while a backlog moved, for the pace of a
+/// system once its start (connection set-up, the congestion window's first round trips) is
+/// behind it: a short backlog's rate from the start cannot tell that start from the pace.
+///
+/// The hub's record count cannot give the pace either: between the link and the count sit a
+/// window of unacknowledged batches and a producer queue whose fill differs between any two
+/// readings (a rate between two such readings came out at 123% of the link). The link's byte
+/// counters are exact to a packet.
+#[derive(Debug)]
+pub struct LinkPace {
+    /// (when, bytes delivered both directions since the link started); one sample per poll of
+    /// the hub, whose 30-minute deadline bounds them.
+    samples: Vec<(Instant, u64)>,
+}
+
+impl LinkPace {
+    /// Starts sampling now, or never on loopback.
+    fn start(link: Option<&Link>) -> Option<LinkPace> {
+        link.map(|link| LinkPace {
+            samples: vec![(Instant::now(), LinkCounts::of(link).delivered_bytes)],
+        })
+    }
+
+    fn sample(&mut self, link: &Link, at: Instant) {
+        self.samples
+            .push((at, LinkCounts::of(link).delivered_bytes));
+    }
+
+    /// Records per second over the middle half of the bytes: from the instant a quarter of
+    /// them had crossed to the instant three quarters had, at `bytes_per_record` (the run's
+    /// own, so retransmissions and headers are charged as in its wire figure).
+    fn middle_half_per_s(&self, bytes_per_record: f64) -> Option<f64> {
+        let (&(_, first), &(_, last)) = (self.samples.first()?, self.samples.last()?);
+        let total = last.checked_sub(first)? as f64;
+        let quarter = self.crossing(first as f64 + total / 4.0)?;
+        let three_quarters = self.crossing(first as f64 + total * 3.0 / 4.0)?;
+        let secs = three_quarters.duration_since(quarter).as_secs_f64();
+        (secs > 0.0 && bytes_per_record > 0.0).then(|| total / 2.0 / secs / bytes_per_record)
+    }
+
+    /// When the delivered bytes reached `bytes`, interpolated between the samples around it.
+    fn crossing(&self, bytes: f64) -> Option<Instant> {
+        let after = self.samples.iter().position(|&(_, b)| b as f64 >= bytes)?;
+        let (at, b) = self.samples[after];
+        let Some(&(before_at, before_b)) = after.checked_sub(1).map(|i| &self.samples[i]) else {
+            return Some(at);
+        };
+        let fraction = (bytes - before_b as f64) / (b - before_b).max(1) as f64;
+        Some(
+            before_at
+                + at.duration_since(before_at)
+                    .mul_f64(fraction.clamp(0.0, 1.0)),
+        )
     }
 }
 
@@ -278,6 +337,9 @@ pub struct Scenario<'a> {
     /// TOML appended to the agent's configuration, for tuning experiments (e.g.
     /// `[ship]` + `window_bytes = "4MiB"`); empty for the defaults.
     pub agent_extra: &'a str,
+    /// TOML appended to the relay's configuration, likewise (e.g. `[hub.kafka]` +
+    /// `"linger.ms" = "20"`).
+    pub relay_extra: &'a str,
 }
 
 impl Scenario<'_> {
@@ -589,10 +651,15 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     // As for the mirror: the hub topic exists before the clock starts. A relay creates a
     // missing one once in a site's life, and against tansu that took 1.6 s of a 25 s run.
     kafka::create_topic(&env.hub.bootstrap(), &hub_topic, PARTITIONS)?;
-    let _relay = env.start_relay(&[TOPIC])?;
+    let relay_options = RelayOptions {
+        extra: scenario.relay_extra.to_owned(),
+        ..RelayOptions::default()
+    };
+    let _relay = env.start_relay_with(&[TOPIC], &relay_options)?;
     let counts_before = scenario.link_counts();
     let mut options = AgentOptions::include(&[TOPIC]);
     options.extra = scenario.agent_extra.to_owned();
+    let mut pace = LinkPace::start(scenario.link);
     let started = Instant::now();
     let agent = env.start_agent(&options)?;
     let pid = agent.pid().context("agent has no pid")?;
@@ -608,7 +675,10 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         &env.hub.bootstrap(),
         &hub_topic,
         scenario.records as i64,
-        |_| {
+        |now| {
+            if let Some((pace, link)) = pace.as_mut().zip(scenario.link) {
+                pace.sample(link, now);
+            }
             polls += 1;
             if polls % 10 != 0 {
                 return;
@@ -632,12 +702,14 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         Some(counts) => counts.delivered_bytes as f64,
         None => admin::sum(&metrics, "spoke_agent_wire_bytes_total", &[]),
     };
+    let wire_per_record = wire / scenario.records as f64;
+    let pace_per_s = pace.and_then(|p| p.middle_half_per_s(wire_per_record));
     let latency = measure_latency(env, scenario, &hub_topic, scenario.records)?;
     let (rss, cpu) = process_figures(pid);
     let idle_cpu = idle_cpu_pct(pid, Duration::from_secs(5));
     Ok(Figures {
         records_per_s: rate,
-        wire_bytes_per_record: Some(wire / scenario.records as f64),
+        wire_bytes_per_record: Some(wire_per_record),
         spool_bytes_per_record: spool_per_record,
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
@@ -646,6 +718,7 @@ fn spoke_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         agent_cpu_s: cpu,
         agent_idle_cpu_pct: idle_cpu,
         link_packets: counts,
+        pace_per_s,
         records: scenario.records,
     })
 }
@@ -704,6 +777,7 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
     let stop = Arc::new(AtomicBool::new(false));
     let rx = Arc::new(AtomicU64::new(0));
     let counts_before = scenario.link_counts();
+    let mut pace = LinkPace::start(scenario.link);
     let started = Instant::now();
     // Spawned from this hub-side thread, the mirror's clients live on the hub side.
     let mirror = {
@@ -720,7 +794,11 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         &env.hub.bootstrap(),
         &hub_topic,
         scenario.records as i64,
-        |_| {},
+        |now| {
+            if let Some((pace, link)) = pace.as_mut().zip(scenario.link) {
+                pace.sample(link, now);
+            }
+        },
     )
     .map(|last| {
         let counts = scenario.link_counts_since(counts_before);
@@ -740,13 +818,15 @@ fn mirror_on_hub(env: &Env, scenario: &Scenario) -> anyhow::Result<Figures> {
         Some(counts) => counts.delivered_bytes as f64,
         None => rx.load(Ordering::Relaxed) as f64,
     };
+    let wire_per_record = wire / scenario.records as f64;
     Ok(Figures {
         records_per_s: rate,
-        wire_bytes_per_record: Some(wire / scenario.records as f64),
+        wire_bytes_per_record: Some(wire_per_record),
         p50_ms: latency.map(|l| l.0),
         p99_ms: latency.map(|l| l.1),
         latency_rate: Some(scenario.latency_rate),
         link_packets: counts,
+        pace_per_s: pace.and_then(|p| p.middle_half_per_s(wire_per_record)),
         records: scenario.records,
         ..Figures::default()
     })
@@ -955,6 +1035,7 @@ pub fn run_outage(
         latency_rate: 0.0,
         latency_secs: 0,
         agent_extra,
+        relay_extra: "",
     };
     let env = scenario.env()?;
     let cut = Cut {
@@ -1136,6 +1217,8 @@ pub fn result_json(
             .map(|c| round(c.offered_bytes as f64 / figures.records.max(1) as f64)),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
+        "pace_records_per_s": figures.pace_per_s.map(round),
+        "pace_pct_of_limit": figures.pace_per_s.map(|p| round(100.0 * p / limit)),
     })
 }
 
@@ -1206,6 +1289,41 @@ mod tests {
             &mix.record(7).value.unwrap_or_default()
         )
         .is_ok());
+    }
+
+    /// A run as a short backlog over a slow link looks: 2 s of set-up with a trickle of
+    /// handshake bytes, 2 s of the window opening at half the link's rate, 8 s at the link's
+    /// 1 MB/s, a trickle at the end; sampled every 20 ms.
+    #[test]
+    fn the_pace_is_the_links_rate_once_the_start_is_behind() {
+        let t0 = Instant::now();
+        let mut bytes = 0u64;
+        let mut samples = vec![(t0, bytes)];
+        for tick in 1..=650u32 {
+            let rate = match tick {
+                0..=100 => 2_000,
+                101..=200 => 500_000,
+                201..=600 => 1_000_000,
+                _ => 10_000,
+            };
+            bytes += rate / 50;
+            samples.push((t0 + Duration::from_millis(20) * tick, bytes));
+        }
+        let pace = LinkPace { samples };
+        let per_s = pace.middle_half_per_s(100.0).expect("pace");
+        // 1 MB/s at 100 B a record; the whole run averages 0.67 MB/s.
+        assert!((per_s - 10_000.0).abs() < 100.0, "{per_s:.0} records/s");
+        assert_eq!(
+            LinkPace {
+                samples: Vec::new()
+            }
+            .middle_half_per_s(100.0),
+            None
+        );
+        let idle = LinkPace {
+            samples: vec![(t0, 5), (t0 + Duration::from_secs(1), 5)],
+        };
+        assert_eq!(idle.middle_half_per_s(100.0), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use spoke_tests::wan::Link;
 const USAGE: &str = "usage: spoke-bench [--quick] [--records N] [--latency-secs S] \
 [--latency-rate R] [--link-secs S] [--mix NAME]... [--link NAME|loopback]... \
 [--outage-secs S] [--outage-link NAME] [--outage-mix NAME] [--outage-only] \
-[--agent-extra TOML] [--json PATH]";
+[--agent-extra TOML] [--relay-extra TOML] [--json PATH]";
 
 struct Args {
     quick: bool,
@@ -22,8 +22,9 @@ struct Args {
     links: Vec<String>,
     outage_link: String,
     outage_mix: String,
-    /// Appended to spoke's agent configuration, for tuning experiments.
+    /// Appended to spoke's agent and relay configurations, for tuning experiments.
     agent_extra: String,
+    relay_extra: String,
     json: PathBuf,
 }
 
@@ -43,6 +44,7 @@ fn parse_args() -> anyhow::Result<Args> {
         outage_link: "2Mbit-300ms-3%".into(),
         outage_mix: "json-1KiB-edge-plain".into(),
         agent_extra: String::new(),
+        relay_extra: String::new(),
         json: PathBuf::from("target/bench/latest.json"),
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--outage-mix" => args.outage_mix = value("--outage-mix")?,
             "--mix" => args.mixes.push(value("--mix")?),
             "--agent-extra" => args.agent_extra = value("--agent-extra")?,
+            "--relay-extra" => args.relay_extra = value("--relay-extra")?,
             "--link" => args.links.push(value("--link")?),
             "--json" => args.json = PathBuf::from(value("--json")?),
             other => anyhow::bail!("unknown argument {other}\n{USAGE}"),
@@ -155,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             }),
         );
         for (link_name, profile) in &links {
-            let rows = run_pair(mix, &ceiling, profile.as_ref(), &plan, &args.agent_extra)
+            let rows = run_pair(mix, &ceiling, profile.as_ref(), &plan, &args)
                 .with_context(|| format!("{scenario_name} over {link_name}"))?;
             for (system, figures, baseline, limit) in rows {
                 print_row(&scenario_name, link_name, system, &figures, baseline, limit);
@@ -275,7 +278,7 @@ fn run_pair(
     ceiling: &Ceiling,
     profile: Option<&Profile>,
     plan: &Plan,
-    agent_extra: &str,
+    args: &Args,
 ) -> anyhow::Result<Vec<Row>> {
     let spec = profile.map(|p| p.spec);
     let limit = ceiling.limit(spec.as_ref());
@@ -294,7 +297,8 @@ fn run_pair(
             records,
             latency_rate: plan.latency_rate.min(limit / 2.0),
             latency_secs: plan.latency_secs,
-            agent_extra,
+            agent_extra: &args.agent_extra,
+            relay_extra: &args.relay_extra,
         };
         match system {
             "mirror" => bench::run_mirror(&scenario),
@@ -323,7 +327,7 @@ fn opt(v: Option<f64>) -> String {
 
 fn print_header() {
     println!(
-        "{:<26} {:<17} {:<6} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6}",
+        "{:<26} {:<17} {:<6} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6}",
         "scenario",
         "link",
         "system",
@@ -335,7 +339,8 @@ fn print_header() {
         "RSS MiB",
         "idle %",
         "x base",
-        "%limit"
+        "%limit",
+        "%pace"
     );
 }
 
@@ -348,7 +353,7 @@ fn print_row(
     limit: f64,
 ) {
     println!(
-        "{:<26} {:<17} {:<6} {:>9.0} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6.0}",
+        "{:<26} {:<17} {:<6} {:>9.0} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6.0} {:>6}",
         scenario,
         link,
         system,
@@ -361,6 +366,8 @@ fn print_row(
         opt(f.agent_idle_cpu_pct),
         baseline.map_or("-".to_owned(), |b| format!("{:.2}", f.records_per_s / b)),
         100.0 * f.records_per_s / limit,
+        f.pace_per_s
+            .map_or("-".to_owned(), |p| format!("{:.0}", 100.0 * p / limit)),
     );
     if let Some(c) = f.link_packets {
         println!(

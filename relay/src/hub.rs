@@ -198,7 +198,11 @@ impl Hub {
             // Each session has its own producer: librdkafka's 1 GiB default queue would let
             // one site pin that much relay memory while the hub is slow. When this fills,
             // the session waits (see `session::enqueue`) and QUIC flow control stops the agent.
-            .set("queue.buffering.max.kbytes", "65536");
+            .set("queue.buffering.max.kbytes", "65536")
+            // The groups a session hands over at a time are sized to fit one request
+            // (`handoff`); a smaller `batch.size` passed through splits them, which costs
+            // the broker thread's idle waits again but nothing else.
+            .set("batch.size", crate::handoff::BATCH_SIZE.to_string());
         for (key, value) in &self.passthrough {
             config.set(key, value);
         }

@@ -2,13 +2,14 @@
 //! records into the hub Kafka cluster, keeping all progress in the hub itself.
 //!
 //! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
-//! batches → [`hub`] produces them and finds resume points. [`tls`] and [`pki`] handle
+//! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces them and finds resume points. [`tls`] and [`pki`] handle
 //! identities, [`config`] the relay.toml contract.
 
 pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod fleet;
+pub mod handoff;
 pub mod hub;
 pub mod pki;
 pub mod server;

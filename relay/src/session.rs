@@ -29,6 +29,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::checkpoint::{self, Checkpoint, Checkpoints};
 use crate::config::LimitsConfig;
 use crate::config::{hub_topic, Acl, Delivery};
+use crate::handoff::{self, Gates, Pending};
 use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
@@ -565,6 +566,7 @@ async fn serve_site(
         transaction: transaction.clone(),
         version,
         dictionaries: Dictionaries::new(context.dictionary_limits),
+        gates: Gates::default(),
     };
     let mut readers = FuturesUnordered::new();
     readers.push(reader(CONTROL_STREAM, queue.clone()).run(recv));
@@ -661,7 +663,7 @@ enum Outcome {
         topic: String,
         partition: i32,
         next_offset: i64,
-        deliveries: Vec<DeliveryFuture>,
+        deliveries: Vec<Pending>,
         /// For the first batch of a partition the Hello did not name: the checkpoint that
         /// held before it.
         base: Option<Checkpoint>,
@@ -695,6 +697,8 @@ struct Reader<'a> {
     version: u8,
     /// Dictionaries the agent sent on this stream (relays keep no state beyond the connection).
     dictionaries: Dictionaries,
+    /// Per partition of this stream, the last group of records handed to the producer.
+    gates: Gates,
 }
 
 impl Reader<'_> {
@@ -848,6 +852,9 @@ impl Reader<'_> {
         };
         let resume_from = resume_from.unwrap_or(0);
 
+        // Outside the transaction lock: with transactions the previous batch was committed,
+        // so its records landed, before the lock is free.
+        self.gates.wait(&key).await;
         let transaction = match &self.transaction {
             Some(lock) => {
                 let open = lock.clone().lock_owned().await;
@@ -861,8 +868,32 @@ impl Reader<'_> {
         };
         let partition_text = batch.partition.to_string();
         let mut deliveries = Vec::with_capacity(records.len());
+        let mut grouping = handoff::Grouping::default();
+        let mut last: Option<DeliveryFuture> = None;
         for record in records.iter().filter(|r| r.offset >= resume_from) {
             let offset_text = record.offset.to_string();
+            let header_bytes: usize = record
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
+                .sum::<usize>()
+                + HEADER_ORIGIN.len()
+                + site.len()
+                + HEADER_PARTITION.len()
+                + partition_text.len()
+                + HEADER_OFFSET.len()
+                + offset_text.len();
+            let bytes = handoff::record_bytes(
+                record.key.as_ref().map_or(0, |k| k.len()),
+                record.value.as_ref().map_or(0, |v| v.len()),
+                header_bytes,
+            );
+            if grouping.starts_group(bytes) {
+                if let Some(last) = last.take() {
+                    deliveries.push(self.gates.close(key.clone(), last));
+                }
+                self.gates.wait(&key).await;
+            }
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
             for header in &record.headers {
                 headers = headers.insert(KafkaHeader {
@@ -897,7 +928,13 @@ impl Reader<'_> {
             if let Some(timestamp) = record.timestamp {
                 hub_record = hub_record.timestamp(timestamp);
             }
-            deliveries.push(enqueue(self.session.producer, hub_record).await?);
+            let delivery = enqueue(self.session.producer, hub_record).await?;
+            if let Some(previous) = last.replace(delivery) {
+                deliveries.push(Pending::Record(previous));
+            }
+        }
+        if let Some(last) = last {
+            deliveries.push(self.gates.close(key.clone(), last));
         }
         self.partitions
             .lock()
@@ -966,11 +1003,7 @@ async fn acknowledge(
                 let records = deliveries.len() as u64;
                 let mut landed = Vec::with_capacity(deliveries.len());
                 for delivery in deliveries {
-                    match delivery.await {
-                        Ok(Ok(delivered)) => landed.push((delivered.partition, delivered.offset)),
-                        Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
-                        Err(_canceled) => return Err(SessionError::Delivery(KafkaError::Canceled)),
-                    }
+                    landed.push(delivery.landed().await.map_err(SessionError::Delivery)?);
                 }
                 let session = progress.session;
                 session.context.fleet.records(session.site, records);

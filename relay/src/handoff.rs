@@ -1,0 +1,202 @@
+//! Handing a partition's records to the hub producer one produce request at a time.
+//!
+//! librdkafka's idempotent producer keeps one ProduceRequest in flight per partition: it
+//! compares the partition's in-flight *messages* with the limit of 5 requests, so a batch of
+//! more than 4 records holds the next back until it is answered. And while it waits, a queued
+//! record older than `linger.ms` sets its broker thread's next wake-up to "now": the thread
+//! polls its socket without sleeping until the response comes. Behind a hub slower than the
+//! link that is a core spinning per session, taken from the hub brokers where they share the
+//! machine (docs/benchmarks.md, "The relay's producer").
+//!
+//! So a reader hands the producer one group of a partition's records at a time, each group
+//! small enough for one produce request (`batch.size`), and the next group only once the last
+//! record of the one before landed. Nothing then waits in librdkafka's queue behind a request
+//! in flight, and the partition moves as fast as it did: one request per round trip to the
+//! hub either way.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::DeliveryFuture;
+
+/// The producer's `batch.size`, set explicitly so that the groups below fit it.
+pub const BATCH_SIZE: usize = 1_000_000;
+
+/// Bytes of records per group: a tenth under `batch.size`, the margin for the estimate of
+/// [`record_bytes`] against librdkafka's own framing.
+pub const GROUP_BYTES: usize = BATCH_SIZE / 10 * 9;
+
+/// A record's size in a produce request, as near as the relay can tell before librdkafka
+/// frames it: key, value, header names and values, and the record's own framing (lengths,
+/// deltas and attributes, at most a few dozen bytes).
+pub fn record_bytes(key: usize, value: usize, headers: usize) -> usize {
+    const FRAMING: usize = 64;
+    key + value + headers + FRAMING
+}
+
+/// Counts a partition's records into groups of at most [`GROUP_BYTES`] (a single larger
+/// record is a group of its own).
+#[derive(Debug, Default)]
+pub struct Grouping {
+    bytes: usize,
+}
+
+impl Grouping {
+    /// Counts a record of `bytes`; true if it starts a new group, so that the one before must
+    /// be closed (and waited for) first.
+    pub fn starts_group(&mut self, bytes: usize) -> bool {
+        let starts = self.bytes > 0 && self.bytes + bytes > GROUP_BYTES;
+        if starts {
+            self.bytes = 0;
+        }
+        self.bytes += bytes;
+        starts
+    }
+}
+
+/// Where a record landed in the hub (partition, offset), or why it did not.
+pub type Landing = Result<(i32, i64), KafkaError>;
+
+/// The last record of a group: awaited by the reader before the partition's next group, and
+/// by the acker with the rest of its batch.
+type Tail = Shared<BoxFuture<'static, Landing>>;
+
+/// A record handed to the producer, not yet confirmed.
+pub enum Pending {
+    Record(DeliveryFuture),
+    Last(Tail),
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Record(_) => "Pending::Record",
+            Pending::Last(_) => "Pending::Last",
+        })
+    }
+}
+
+impl Pending {
+    pub async fn landed(self) -> Landing {
+        match self {
+            Pending::Record(delivery) => landing(delivery.await),
+            Pending::Last(tail) => tail.await,
+        }
+    }
+}
+
+/// A delivery's outcome; the error side of `result` is its sender dropped unanswered.
+fn landing<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Landing {
+    match result {
+        Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+        Ok(Err((error, _))) => Err(error),
+        Err(_canceled) => Err(KafkaError::Canceled),
+    }
+}
+
+/// One reader's record of the group each of its partitions last handed over.
+#[derive(Default)]
+pub struct Gates {
+    tails: HashMap<(String, i32), Tail>,
+}
+
+impl std::fmt::Debug for Gates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gates")
+            .field("partitions", &self.tails.len())
+            .finish()
+    }
+}
+
+impl Gates {
+    /// Waits until the last record of `partition`'s previous group landed (or failed: the
+    /// acker reports that).
+    pub async fn wait(&self, partition: &(String, i32)) {
+        if let Some(tail) = self.tails.get(partition) {
+            let _ = tail.clone().await;
+        }
+    }
+
+    /// Closes a group with its last record's delivery: the partition's next group waits for
+    /// it.
+    pub fn close<Canceled: 'static>(
+        &mut self,
+        partition: (String, i32),
+        last: impl Future<Output = Result<OwnedDeliveryResult, Canceled>> + Send + 'static,
+    ) -> Pending {
+        let tail: Tail = last.map(landing).boxed().shared();
+        self.tails.insert(partition, tail.clone());
+        Pending::Last(tail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::future_producer::Delivery;
+    use rdkafka::Timestamp;
+    use std::time::Duration;
+
+    #[test]
+    fn a_chunk_is_handed_over_in_groups_that_fit_one_request() {
+        let mut grouping = Grouping::default();
+        let record = record_bytes(8, 1_024, 60);
+        let mut groups = vec![0usize];
+        // A 1 MiB chunk of 1 KiB records: more than one request holds.
+        for _ in 0..1_024 {
+            if grouping.starts_group(record) {
+                groups.push(0);
+            }
+            *groups.last_mut().expect("a group") += record;
+        }
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        assert!(groups.iter().all(|&g| g <= GROUP_BYTES), "{groups:?}");
+        assert!(groups[0] > GROUP_BYTES - record, "{groups:?}");
+        // A record larger than a group is one of its own, between two others.
+        let mut grouping = Grouping::default();
+        assert!(!grouping.starts_group(record));
+        assert!(grouping.starts_group(2 * BATCH_SIZE));
+        assert!(grouping.starts_group(record));
+    }
+
+    #[tokio::test]
+    async fn a_partitions_next_group_waits_for_the_last_record_of_the_one_before() {
+        let partition = ("orders".to_owned(), 2);
+        let mut gates = Gates::default();
+        // No group before: nothing to wait for.
+        tokio::time::timeout(Duration::from_millis(100), gates.wait(&partition))
+            .await
+            .expect("no wait for a partition's first group");
+
+        let (land, landed) = tokio::sync::oneshot::channel::<OwnedDeliveryResult>();
+        let pending = gates.close(partition.clone(), landed);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), gates.wait(&partition))
+                .await
+                .is_err(),
+            "the next group went ahead of a record still in flight"
+        );
+        // Another partition's groups are not held.
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            gates.wait(&("orders".into(), 3)),
+        )
+        .await
+        .expect("another partition waited");
+
+        let delivered = Delivery {
+            partition: 2,
+            offset: 41,
+            timestamp: Timestamp::NotAvailable,
+        };
+        land.send(Ok(delivered)).expect("receiver alive");
+        tokio::time::timeout(Duration::from_secs(5), gates.wait(&partition))
+            .await
+            .expect("the gate opens once the record landed");
+        // The acker still learns where it landed.
+        assert_eq!(pending.landed().await.expect("landed"), (2, 41));
+    }
+}

@@ -21,6 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::DeliveryFuture;
+use spoke_proto::Record;
 
 /// The producer's `batch.size`, set explicitly so that the groups below fit it.
 pub const BATCH_SIZE: usize = 1_000_000;
@@ -30,11 +31,17 @@ pub const BATCH_SIZE: usize = 1_000_000;
 pub const GROUP_BYTES: usize = BATCH_SIZE / 10 * 9;
 
 /// A record's size in a produce request, as near as the relay can tell before librdkafka
-/// frames it: key, value, header names and values, and the record's own framing (lengths,
-/// deltas and attributes, at most a few dozen bytes).
-pub fn record_bytes(key: usize, value: usize, headers: usize) -> usize {
+/// frames it: key, value, header names and values (its own and `provenance` bytes of the
+/// relay's), and the record's framing (lengths, deltas and attributes, a few dozen bytes).
+pub fn record_bytes(record: &Record, provenance: usize) -> usize {
     const FRAMING: usize = 64;
-    key + value + headers + FRAMING
+    let len = |bytes: &Option<bytes::Bytes>| bytes.as_ref().map_or(0, |b| b.len());
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|h| h.key.len() + len(&h.value))
+        .sum();
+    len(&record.key) + len(&record.value) + headers + provenance + FRAMING
 }
 
 /// Counts a partition's records into groups of at most [`GROUP_BYTES`] (a single larger
@@ -143,7 +150,15 @@ mod tests {
     #[test]
     fn a_chunk_is_handed_over_in_groups_that_fit_one_request() {
         let mut grouping = Grouping::default();
-        let record = record_bytes(8, 1_024, 60);
+        let one = Record {
+            offset: 7,
+            timestamp: None,
+            key: Some(bytes::Bytes::from_static(b"order-17")),
+            value: Some(bytes::Bytes::from(vec![b'x'; 1_024])),
+            headers: Vec::new(),
+        };
+        let record = record_bytes(&one, 60);
+        assert_eq!(record, 8 + 1_024 + 60 + 64);
         let mut groups = vec![0usize];
         // A 1 MiB chunk of 1 KiB records: more than one request holds.
         for _ in 0..1_024 {

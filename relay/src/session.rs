@@ -872,23 +872,13 @@ impl Reader<'_> {
         let mut last: Option<DeliveryFuture> = None;
         for record in records.iter().filter(|r| r.offset >= resume_from) {
             let offset_text = record.offset.to_string();
-            let header_bytes: usize = record
-                .headers
-                .iter()
-                .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
-                .sum::<usize>()
-                + HEADER_ORIGIN.len()
+            let provenance = HEADER_ORIGIN.len()
                 + site.len()
                 + HEADER_PARTITION.len()
                 + partition_text.len()
                 + HEADER_OFFSET.len()
                 + offset_text.len();
-            let bytes = handoff::record_bytes(
-                record.key.as_ref().map_or(0, |k| k.len()),
-                record.value.as_ref().map_or(0, |v| v.len()),
-                header_bytes,
-            );
-            if grouping.starts_group(bytes) {
+            if grouping.starts_group(handoff::record_bytes(record, provenance)) {
                 if let Some(last) = last.take() {
                     deliveries.push(self.gates.close(key.clone(), last));
                 }

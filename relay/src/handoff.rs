@@ -11,8 +11,9 @@
 //! So a reader hands the producer one group of a partition's records at a time, each group
 //! small enough for one produce request (`batch.size`), and the next group only once the last
 //! record of the one before landed. Nothing then waits in librdkafka's queue behind a request
-//! in flight, and the partition moves as fast as it did: one request per round trip to the
-//! hub either way.
+//! in flight, and the partition still moves one request per round trip to the hub, as before;
+//! what it adds per request is the hand-over of the next group and, for a group under
+//! `batch.size`, the producer's `linger.ms` (5 ms) before it goes out.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -2,8 +2,9 @@
 //! records into the hub Kafka cluster, keeping all progress in the hub itself.
 //!
 //! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
-//! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces them and finds resume points. [`tls`] and [`pki`] handle
-//! identities, [`config`] the relay.toml contract.
+//! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces
+//! them and finds resume points. [`tls`] and [`pki`] handle identities, [`config`] the
+//! relay.toml contract.
 
 pub mod admin;
 pub mod checkpoint;

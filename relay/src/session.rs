@@ -870,15 +870,16 @@ impl Reader<'_> {
         let mut deliveries = Vec::with_capacity(records.len());
         let mut grouping = handoff::Grouping::default();
         let mut last: Option<DeliveryFuture> = None;
+        // The provenance headers' bytes but the offset's, which differ per record.
+        let provenance = HEADER_ORIGIN.len()
+            + site.len()
+            + HEADER_PARTITION.len()
+            + partition_text.len()
+            + HEADER_OFFSET.len();
         for record in records.iter().filter(|r| r.offset >= resume_from) {
             let offset_text = record.offset.to_string();
-            let provenance = HEADER_ORIGIN.len()
-                + site.len()
-                + HEADER_PARTITION.len()
-                + partition_text.len()
-                + HEADER_OFFSET.len()
-                + offset_text.len();
-            if grouping.starts_group(handoff::record_bytes(record, provenance)) {
+            let record_bytes = handoff::record_bytes(record, provenance + offset_text.len());
+            if grouping.starts_group(record_bytes) {
                 if let Some(last) = last.take() {
                     deliveries.push(self.gates.close(key.clone(), last));
                 }

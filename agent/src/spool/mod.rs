@@ -18,7 +18,7 @@
 //! A chunk and the source position after it are written in **one** atomic sled batch, so after a
 //! crash either both are there or neither is: reading resumes exactly where the spool ends.
 //!
-//! # On-disk format (sled, default tree, chunk format version 2)
+//! # On-disk format (sled, default tree, chunk format versions 2 and 3)
 //!
 //! All integers are big-endian. Signed integers used in keys are stored with the sign bit flipped
 //! (`x ^ i64::MIN`), so that byte order equals numeric order. A Kafka topic name never contains a
@@ -49,7 +49,17 @@
 //!   verified on every read and on open; a mismatch is [`SpoolError::Corrupt`]. Format
 //!   version 1 (written before dictionaries existed) is the same without bytes 42..47 (a
 //!   46-byte header); it is still read, as a chunk without a dictionary, so an upgraded agent
-//!   ships what an older one spooled. Every write uses version 2.
+//!   ships what an older one spooled. Every write of a payload up to 4 KiB uses version 2.
+//! * A longer payload is stored in pieces (chunk format version 3): the chunk's value is the
+//!   version 2 header with `3` in byte 0 and the payload's length (u32) at 47..51, then the
+//!   CRC32 at 51..55 over the key, value bytes 0..51 and the whole payload; no payload follows.
+//!   Piece `i` (from 0) holds payload bytes `4096 i .. 4096 (i + 1)` under the key
+//!   `b'q' ++ topic ++ 0x00 ++ partition (i32, flipped) ++ first_offset (i64, flipped) ++ i
+//!   (u32)`; the chunk, its pieces and the position are written in one batch and removed
+//!   together. Why: sled 0.34 stores a page over about 128 KiB as a blob and counts only the blob's
+//!   pointer against its cache, so a backlog of chunks in single values stayed resident in
+//!   full (see `sled.rs`, `PIECE_BYTES`). An agent older than version 3 refuses such a spool on
+//!   open (unknown key) rather than misreading it.
 //! * Dictionary: key `b'd' ++ id (u32)`; value: format version `1` (u8), CRC32 (u32) over the
 //!   key and the rest of the value, topic length (u16), topic, then the zstd dictionary. A
 //!   dictionary is written (and flushed) before the first chunk that names it, and deleted
@@ -699,11 +709,21 @@ mod tests {
         Reopen,
     }
 
+    /// Mostly a few bytes; sometimes around the size above which the sled spool stores a
+    /// payload in 4 KiB pieces (inline, two pieces, three), with bytes that tell pieces apart.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => prop::collection::vec(any::<u8>(), 0..12),
+            1 => (4094usize..8195, any::<u8>())
+                .prop_map(|(len, seed)| (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()),
+        ]
+    }
+
     fn op() -> impl Strategy<Value = Op> {
         let part = 0..PARTS.len();
         prop_oneof![
             6 => (part.clone(), -3i64..4, 0i64..4, 1i64..3, prop::bool::weighted(0.05), 0u64..100,
-                  prop::collection::vec(any::<u8>(), 0..12))
+                  payload())
                 .prop_map(|(part, delta, span, gap, bad, at, payload)| Op::Append {
                     part, delta, span, gap, bad, at, payload
                 }),

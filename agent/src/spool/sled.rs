@@ -21,7 +21,11 @@ const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 const CHUNK_TAG: u8 = b'c';
 const POSITION_TAG: u8 = b'p';
 const DICTIONARY_TAG: u8 = b'd';
+const PIECE_TAG: u8 = b'q';
+/// A chunk whose payload follows its header in the same value.
 const FORMAT_VERSION: u8 = 2;
+/// A chunk whose payload is stored in pieces under keys of their own.
+const PIECES_FORMAT_VERSION: u8 = 3;
 /// version, last, next, record_count, codec, uncompressed_len, spooled_at_ms, seq,
 /// has_dictionary, dictionary id, crc
 const HEADER_LEN: usize = 1 + 8 + 8 + 4 + 1 + 4 + 8 + 8 + 1 + 4 + 4;
@@ -29,6 +33,20 @@ const HEADER_LEN: usize = 1 + 8 + 8 + 4 + 1 + 4 + 8 + 8 + 1 + 4 + 4;
 const CRC_AT: usize = HEADER_LEN - 4;
 /// Format version 1: the same without the dictionary fields; still read.
 const V1_HEADER_LEN: usize = HEADER_LEN - 5;
+/// Format version 3: version 2's fields, the payload length (u32), then the CRC.
+const PIECES_HEADER_LEN: usize = HEADER_LEN + 4;
+
+/// Payloads longer than this are stored in pieces of this size. sled 0.34 writes any page
+/// over a quarter of its 512 KiB segment as a separate blob and then counts only the blob's
+/// pointer against the cache, so a leaf holding backlog chunks (100 KB–1 MB each) is never
+/// evicted and the spool's whole backlog stays resident: 1.5 GiB of RSS for a 1.5 GiB spool
+/// (agent/examples/spool_memory.rs). A leaf holds at most 17 entries, and 17 pieces of 4 KiB
+/// stay under the blob threshold, so the cache bound holds (docs/benchmarks.md, "The spool's
+/// memory"); pieces of 8 KiB do not.
+const PIECE_BYTES: usize = 4096;
+/// The most `read_pieces` allocates ahead: the largest chunk (`ship.batch_max_bytes` is at most
+/// 16 MiB) compressed, with room to spare.
+const MAX_PAYLOAD_PREALLOCATION: usize = 17 * 1024 * 1024;
 const DICTIONARY_FORMAT_VERSION: u8 = 1;
 
 /// The spool on sled (one database, its default tree). See the module doc of [`super`].
@@ -65,6 +83,8 @@ struct Meta {
     spooled_at_ms: u64,
     bytes: u64,
     dictionary: Option<u32>,
+    /// pieces the payload is stored in; 0 when it follows the header
+    pieces: u32,
 }
 
 impl State {
@@ -142,13 +162,62 @@ impl SledSpool {
     pub fn open(path: &Path) -> Result<SledSpool, SpoolError> {
         let db = open_db(path)?;
         let mut state = State::default();
+        // Pieces sort after every chunk ('q' > 'c'): their checksums are completed as the
+        // scan meets them, so every byte is read once.
+        let mut in_pieces: BTreeMap<(SourcePartition, i64), PiecesCheck> = BTreeMap::new();
         for entry in db.iter() {
             let (key, value) = entry?;
             match key.first() {
                 Some(&CHUNK_TAG) => {
                     let (partition, first_offset) = decode_chunk_key(&key)?;
-                    let (chunk, seq) = decode_chunk(&key, partition, first_offset, &value)?;
-                    state.insert(chunk.partition.clone(), first_offset, meta(&chunk, seq));
+                    let header = decode_header(&partition, first_offset, &value)?;
+                    let payload_len = match header.payload {
+                        Stored::Inline(payload) => {
+                            if checksum(&key, header.covered, payload) != header.crc {
+                                return Err(corrupt_chunk(
+                                    &partition,
+                                    first_offset,
+                                    "checksum mismatch",
+                                ));
+                            }
+                            payload.len() as u64
+                        }
+                        Stored::Pieces(len) => {
+                            let mut hasher = crc32fast::Hasher::new();
+                            hasher.update(&key);
+                            hasher.update(header.covered);
+                            let check = PiecesCheck {
+                                hasher,
+                                crc: header.crc,
+                                len,
+                                received: 0,
+                                next_index: 0,
+                            };
+                            in_pieces.insert((partition.clone(), first_offset), check);
+                            u64::from(len)
+                        }
+                    };
+                    state.insert(partition, first_offset, header.meta(payload_len));
+                }
+                Some(&PIECE_TAG) => {
+                    let (partition, first_offset, index) = decode_piece_key(&key)?;
+                    let Some(check) = in_pieces.get_mut(&(partition.clone(), first_offset)) else {
+                        return Err(corrupt_chunk(
+                            &partition,
+                            first_offset,
+                            &format!("piece {index} is stored, the chunk is not"),
+                        ));
+                    };
+                    if index != check.next_index {
+                        return Err(corrupt_chunk(
+                            &partition,
+                            first_offset,
+                            &format!("piece {} is missing", check.next_index),
+                        ));
+                    }
+                    check.hasher.update(&value);
+                    check.received += value.len() as u64;
+                    check.next_index = index.saturating_add(1);
                 }
                 Some(&POSITION_TAG) => {
                     let partition = decode_position_key(&key)?;
@@ -167,6 +236,9 @@ impl SledSpool {
                     )))
                 }
             }
+        }
+        for ((partition, first_offset), check) in in_pieces {
+            check.finish(&partition, first_offset)?;
         }
         // Chunks sort before dictionaries ('c' < 'd'), so check their references once all
         // are read: a chunk must never outlive the dictionary it needs.
@@ -198,6 +270,65 @@ impl SledSpool {
         })
     }
 
+    /// Decodes the chunk stored under `key` as `value`, reading its pieces if it has any, and
+    /// verifies its checksum; returns the chunk and its append sequence.
+    fn read_chunk(
+        &self,
+        key: &[u8],
+        partition: SourcePartition,
+        first_offset: i64,
+        value: &IVec,
+    ) -> Result<(Chunk, u64), SpoolError> {
+        let header = decode_header(&partition, first_offset, value)?;
+        let payload = match header.payload {
+            Stored::Inline(payload) => Bytes::copy_from_slice(payload),
+            Stored::Pieces(len) => self.read_pieces(&partition, first_offset, len)?,
+        };
+        if checksum(key, header.covered, &payload) != header.crc {
+            return Err(corrupt_chunk(&partition, first_offset, "checksum mismatch"));
+        }
+        let seq = header.seq;
+        Ok((header.into_chunk(partition, first_offset, payload), seq))
+    }
+
+    fn read_pieces(
+        &self,
+        partition: &SourcePartition,
+        first_offset: i64,
+        len: u32,
+    ) -> Result<Bytes, SpoolError> {
+        let count = piece_count(len as usize);
+        // The length is not yet checked against the checksum: never allocate more than a
+        // chunk can hold on its word.
+        let mut payload = Vec::with_capacity((len as usize).min(MAX_PAYLOAD_PREALLOCATION));
+        let mut pieces = 0;
+        let range =
+            piece_key(partition, first_offset, 0)..piece_key(partition, first_offset, count);
+        for (index, entry) in (0u32..).zip(self.db.range(range)) {
+            let (key, piece) = entry?;
+            if decode_piece_key(&key)?.2 != index {
+                return Err(corrupt_chunk(
+                    partition,
+                    first_offset,
+                    &format!("piece {index} of {count} is missing"),
+                ));
+            }
+            payload.extend_from_slice(&piece);
+            pieces = index + 1;
+        }
+        if pieces != count || payload.len() != len as usize {
+            return Err(corrupt_chunk(
+                partition,
+                first_offset,
+                &format!(
+                    "{} of its {len} bytes in {pieces} of {count} pieces are stored",
+                    payload.len()
+                ),
+            ));
+        }
+        Ok(Bytes::from(payload))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // the state is only changed after the sled write succeeded, by code that does not panic
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -220,9 +351,12 @@ impl Spool for SledSpool {
         }
         let seq = state.next_seq;
         let key = chunk_key(&chunk.partition, chunk.first_offset);
-        let value = encode_chunk(&key, chunk, seq);
+        let encoded = encode_chunk(&key, chunk, seq)?;
         let mut batch = Batch::default();
-        batch.insert(key, value);
+        batch.insert(key, encoded.value);
+        for (piece_key, piece) in encoded.pieces {
+            batch.insert(piece_key, &piece[..]);
+        }
         batch.insert(
             position_key(&chunk.partition),
             &chunk.next_offset.to_be_bytes(),
@@ -282,7 +416,7 @@ impl Spool for SledSpool {
         for entry in self.db.range(start..=end) {
             let (key, value) = entry?;
             let (_, first_offset) = decode_chunk_key(&key)?;
-            let (chunk, _) = decode_chunk(&key, partition.clone(), first_offset, &value)?;
+            let (chunk, _) = self.read_chunk(&key, partition.clone(), first_offset, &value)?;
             chunks.push(chunk);
             if chunks.len() == limit {
                 break;
@@ -331,7 +465,11 @@ impl Spool for SledSpool {
         }
         let mut batch = Batch::default();
         for (p, first) in &acked {
-            batch.remove(chunk_key(p, *first));
+            let pieces = state
+                .chunks
+                .get(&(p.clone(), *first))
+                .map_or(0, |m| m.pieces);
+            remove_chunk(&mut batch, p, *first, pieces);
         }
         self.db.apply_batch(batch)?;
         for key in &acked {
@@ -358,14 +496,23 @@ impl Spool for SledSpool {
         };
         let (partition, first_offset) = (partition.clone(), *first_offset);
         let key = chunk_key(&partition, first_offset);
-        let value = self.db.remove(&key)?;
+        let value = self.db.get(&key)?;
+        let read = value
+            .as_ref()
+            .map(|value| self.read_chunk(&key, partition.clone(), first_offset, value));
+        let pieces = state
+            .chunks
+            .get(&(partition.clone(), first_offset))
+            .map_or(0, |m| m.pieces);
+        let mut batch = Batch::default();
+        remove_chunk(&mut batch, &partition, first_offset, pieces);
+        self.db.apply_batch(batch)?;
         let meta = state.remove(&(partition.clone(), first_offset));
-        let value = value.ok_or_else(|| {
+        let (chunk, seq) = read.ok_or_else(|| {
             SpoolError::Corrupt(format!(
                 "chunk {partition}:{first_offset} is indexed but not stored"
             ))
-        })?;
-        let (chunk, seq) = decode_chunk(&key, partition, first_offset, &value)?;
+        })??;
         if meta.map(|m| m.seq) != Some(seq) {
             return Err(SpoolError::Corrupt(format!(
                 "chunk {}:{first_offset} has sequence {seq}, not the indexed one",
@@ -444,6 +591,14 @@ impl Spool for SledSpool {
     }
 }
 
+/// Adds the removal of a chunk and its pieces to `batch`.
+fn remove_chunk(batch: &mut Batch, partition: &SourcePartition, first_offset: i64, pieces: u32) {
+    batch.remove(chunk_key(partition, first_offset));
+    for index in 0..pieces {
+        batch.remove(piece_key(partition, first_offset, index));
+    }
+}
+
 fn meta(chunk: &Chunk, seq: u64) -> Meta {
     Meta {
         seq,
@@ -452,6 +607,7 @@ fn meta(chunk: &Chunk, seq: u64) -> Meta {
         spooled_at_ms: chunk.spooled_at_ms,
         bytes: chunk.accounted_bytes(),
         dictionary: chunk.dictionary,
+        pieces: piece_count(chunk.payload.len()),
     }
 }
 
@@ -569,6 +725,24 @@ fn decode_partition(key: &[u8]) -> Result<SourcePartition, SpoolError> {
     })
 }
 
+/// `b'q' ++ topic ++ 0x00 ++ partition (flipped) ++ first_offset (flipped) ++ index (u32)`:
+/// sorts after every chunk key, and a chunk's pieces in order.
+fn piece_key(partition: &SourcePartition, first_offset: i64, index: u32) -> Vec<u8> {
+    let mut key = partition_key(PIECE_TAG, partition, 8 + 4);
+    key.extend_from_slice(&flip64(first_offset));
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn decode_piece_key(key: &[u8]) -> Result<(SourcePartition, i64, u32), SpoolError> {
+    let corrupt = || SpoolError::Corrupt(format!("malformed piece key {key:?}"));
+    let split = key.len().checked_sub(4).ok_or_else(corrupt)?;
+    let (chunk, index) = key.split_at(split);
+    let index: [u8; 4] = index.try_into().map_err(|_| corrupt())?;
+    let (partition, first_offset) = decode_chunk_key(chunk)?;
+    Ok((partition, first_offset, u32::from_be_bytes(index)))
+}
+
 fn decode_position_key(key: &[u8]) -> Result<SourcePartition, SpoolError> {
     decode_partition(key)
 }
@@ -601,9 +775,31 @@ fn checksum(key: &[u8], header: &[u8], payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn encode_chunk(key: &[u8], chunk: &Chunk, seq: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER_LEN + chunk.payload.len());
-    v.push(FORMAT_VERSION);
+/// A chunk as stored: the value under its chunk key, and the pieces of its payload under keys
+/// of their own when it is longer than [`PIECE_BYTES`] (none otherwise: the value holds it).
+struct Encoded {
+    value: Vec<u8>,
+    pieces: Vec<(Vec<u8>, Bytes)>,
+}
+
+/// How many pieces a payload of `len` bytes is stored in; 0 when it follows the header.
+fn piece_count(len: usize) -> u32 {
+    if len <= PIECE_BYTES {
+        0
+    } else {
+        u32::try_from(len.div_ceil(PIECE_BYTES)).unwrap_or(u32::MAX)
+    }
+}
+
+fn encode_chunk(key: &[u8], chunk: &Chunk, seq: u64) -> Result<Encoded, SpoolError> {
+    let in_pieces = piece_count(chunk.payload.len()) > 0;
+    let inline_len = if in_pieces { 0 } else { chunk.payload.len() };
+    let mut v = Vec::with_capacity(PIECES_HEADER_LEN + inline_len);
+    v.push(if in_pieces {
+        PIECES_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    });
     v.extend_from_slice(&chunk.last_offset.to_be_bytes());
     v.extend_from_slice(&chunk.next_offset.to_be_bytes());
     v.extend_from_slice(&chunk.record_count.to_be_bytes());
@@ -614,10 +810,32 @@ fn encode_chunk(key: &[u8], chunk: &Chunk, seq: u64) -> Vec<u8> {
     v.push(u8::from(chunk.dictionary.is_some()));
     v.extend_from_slice(&chunk.dictionary.unwrap_or(0).to_be_bytes());
     debug_assert_eq!(v.len(), CRC_AT);
+    let mut pieces = Vec::new();
+    if in_pieces {
+        let len = u32::try_from(chunk.payload.len()).map_err(|_| {
+            SpoolError::Corrupt(format!(
+                "chunk {}:{} has a payload of {} bytes",
+                chunk.partition,
+                chunk.first_offset,
+                chunk.payload.len()
+            ))
+        })?;
+        v.extend_from_slice(&len.to_be_bytes());
+        let starts = (0..chunk.payload.len()).step_by(PIECE_BYTES);
+        for (index, start) in (0u32..).zip(starts) {
+            let end = (start + PIECE_BYTES).min(chunk.payload.len());
+            pieces.push((
+                piece_key(&chunk.partition, chunk.first_offset, index),
+                chunk.payload.slice(start..end),
+            ));
+        }
+    }
     let crc = checksum(key, &v, &chunk.payload);
     v.extend_from_slice(&crc.to_be_bytes());
-    v.extend_from_slice(&chunk.payload);
-    v
+    if !in_pieces {
+        v.extend_from_slice(&chunk.payload);
+    }
+    Ok(Encoded { value: v, pieces })
 }
 
 /// Reads fixed-size big-endian fields off the front of a header.
@@ -633,17 +851,81 @@ impl Fields<'_> {
     }
 }
 
-/// Decodes and verifies a chunk value; returns the chunk and its append sequence.
-fn decode_chunk(
-    key: &[u8],
-    partition: SourcePartition,
+/// Where a chunk's payload is.
+#[derive(Debug, Clone, Copy)]
+enum Stored<'a> {
+    /// after the header, in the same value (format versions 1 and 2)
+    Inline(&'a [u8]),
+    /// in this many bytes of pieces under [`piece_key`]s (format version 3)
+    Pieces(u32),
+}
+
+/// A chunk's value, decoded but not yet checked against its payload.
+struct Header<'a> {
+    last_offset: i64,
+    next_offset: i64,
+    record_count: u32,
+    codec: u8,
+    uncompressed_len: u32,
+    spooled_at_ms: u64,
+    seq: u64,
+    dictionary: Option<u32>,
+    /// the header bytes the CRC covers (after the key, before the payload)
+    covered: &'a [u8],
+    crc: u32,
+    payload: Stored<'a>,
+}
+
+impl Header<'_> {
+    fn pieces(&self) -> u32 {
+        match self.payload {
+            Stored::Inline(_) => 0,
+            Stored::Pieces(len) => piece_count(len as usize),
+        }
+    }
+
+    fn meta(&self, payload_len: u64) -> Meta {
+        Meta {
+            seq: self.seq,
+            last_offset: self.last_offset,
+            record_count: self.record_count,
+            spooled_at_ms: self.spooled_at_ms,
+            bytes: payload_len + super::CHUNK_OVERHEAD_BYTES,
+            dictionary: self.dictionary,
+            pieces: self.pieces(),
+        }
+    }
+
+    fn into_chunk(self, partition: SourcePartition, first_offset: i64, payload: Bytes) -> Chunk {
+        Chunk {
+            partition,
+            first_offset,
+            last_offset: self.last_offset,
+            next_offset: self.next_offset,
+            record_count: self.record_count,
+            codec: self.codec,
+            dictionary: self.dictionary,
+            uncompressed_len: self.uncompressed_len,
+            spooled_at_ms: self.spooled_at_ms,
+            payload,
+        }
+    }
+}
+
+fn corrupt_chunk(partition: &SourcePartition, first_offset: i64, why: &str) -> SpoolError {
+    SpoolError::Corrupt(format!("chunk {partition}:{first_offset}: {why}"))
+}
+
+/// Decodes a chunk's value; the checksum is left to the caller, who has the whole payload.
+fn decode_header<'a>(
+    partition: &SourcePartition,
     first_offset: i64,
-    value: &IVec,
-) -> Result<(Chunk, u64), SpoolError> {
-    let corrupt =
-        |why: &str| SpoolError::Corrupt(format!("chunk {partition}:{first_offset}: {why}"));
+    value: &'a [u8],
+) -> Result<Header<'a>, SpoolError> {
+    let corrupt = |why: &str| corrupt_chunk(partition, first_offset, why);
     let header_len = match value.first() {
         Some(&FORMAT_VERSION) => HEADER_LEN,
+        Some(&PIECES_FORMAT_VERSION) => PIECES_HEADER_LEN,
         Some(1) => V1_HEADER_LEN,
         Some(other) => {
             return Err(corrupt(&format!(
@@ -655,14 +937,12 @@ fn decode_chunk(
     if value.len() < header_len {
         return Err(corrupt("shorter than its header"));
     }
-    let (header, payload) = value.split_at(header_len);
+    let (header, rest) = value.split_at(header_len);
     let crc_at = header_len - 4;
-    let mut f = Fields(&header[..crc_at]);
-    let stored_crc = Fields(&header[crc_at..]).take::<4>();
-    if checksum(key, &header[..crc_at], payload) != u32::from_be_bytes(stored_crc) {
-        return Err(corrupt("checksum mismatch"));
-    }
-    let _version = f.take::<1>();
+    let covered = &header[..crc_at];
+    let mut f = Fields(covered);
+    let crc = u32::from_be_bytes(Fields(&header[crc_at..]).take::<4>());
+    let [version] = f.take::<1>();
     let last_offset = i64::from_be_bytes(f.take());
     let next_offset = i64::from_be_bytes(f.take());
     let record_count = u32::from_be_bytes(f.take());
@@ -670,25 +950,85 @@ fn decode_chunk(
     let uncompressed_len = u32::from_be_bytes(f.take());
     let spooled_at_ms = u64::from_be_bytes(f.take());
     let seq = u64::from_be_bytes(f.take());
-    // Version 1 ends here: its chunks need no dictionary.
-    let dictionary = match f.take::<1>() {
+    // Version 1 ends here (`Fields` reads zeros past the end): its chunks need no dictionary.
+    let has_dictionary = f.take::<1>();
+    let dictionary_id = u32::from_be_bytes(f.take());
+    let dictionary = match has_dictionary {
         [0] => None,
-        [1] => Some(u32::from_be_bytes(f.take())),
+        [1] => Some(dictionary_id),
         _ => return Err(corrupt("dictionary flag is neither 0 nor 1")),
     };
-    let chunk = Chunk {
-        partition,
-        first_offset,
+    let payload = if version == PIECES_FORMAT_VERSION {
+        if !rest.is_empty() {
+            return Err(corrupt("payload both inline and in pieces"));
+        }
+        Stored::Pieces(u32::from_be_bytes(f.take()))
+    } else {
+        Stored::Inline(rest)
+    };
+    Ok(Header {
         last_offset,
         next_offset,
         record_count,
         codec,
-        dictionary,
         uncompressed_len,
         spooled_at_ms,
-        payload: Bytes::copy_from_slice(payload),
+        seq,
+        dictionary,
+        covered,
+        crc,
+        payload,
+    })
+}
+
+/// Decodes and verifies a chunk whose payload follows its header; returns the chunk and its
+/// append sequence.
+#[cfg(test)]
+fn decode_chunk(
+    key: &[u8],
+    partition: SourcePartition,
+    first_offset: i64,
+    value: &IVec,
+) -> Result<(Chunk, u64), SpoolError> {
+    let header = decode_header(&partition, first_offset, value)?;
+    let Stored::Inline(payload) = header.payload else {
+        return Err(corrupt_chunk(&partition, first_offset, "payload in pieces"));
     };
-    Ok((chunk, seq))
+    if checksum(key, header.covered, payload) != header.crc {
+        return Err(corrupt_chunk(&partition, first_offset, "checksum mismatch"));
+    }
+    let seq = header.seq;
+    let payload = Bytes::copy_from_slice(payload);
+    Ok((header.into_chunk(partition, first_offset, payload), seq))
+}
+
+/// The checksum of a chunk stored in pieces, computed as open() meets its pieces in key order.
+struct PiecesCheck {
+    hasher: crc32fast::Hasher,
+    crc: u32,
+    len: u32,
+    received: u64,
+    next_index: u32,
+}
+
+impl PiecesCheck {
+    fn finish(self, partition: &SourcePartition, first_offset: i64) -> Result<(), SpoolError> {
+        if self.received != u64::from(self.len) || self.next_index != piece_count(self.len as usize)
+        {
+            return Err(corrupt_chunk(
+                partition,
+                first_offset,
+                &format!(
+                    "{} of its {} bytes in {} pieces are stored",
+                    self.received, self.len, self.next_index
+                ),
+            ));
+        }
+        if self.hasher.finalize() != self.crc {
+            return Err(corrupt_chunk(partition, first_offset, "checksum mismatch"));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -737,7 +1077,7 @@ mod tests {
         c.codec = 9;
         let key = chunk_key(&p, 5);
         c.dictionary = Some(0x0A0B_0C0D);
-        let v = encode_chunk(&key, &c, 3);
+        let v = encode_chunk(&key, &c, 3).expect("encodes").value;
         assert_eq!(HEADER_LEN, 51);
         assert_eq!(v.len(), 51 + c.payload.len());
         assert_eq!(v[0], 2);
@@ -755,13 +1095,203 @@ mod tests {
         assert_eq!((back, seq), (c.clone(), 3));
     }
 
+    fn big_chunk(p: &SourcePartition, first: i64, len: usize) -> Chunk {
+        let mut c = chunk(p, first, first + 9, first + 10, 0x0102);
+        c.payload = (0..len)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        c
+    }
+
+    fn stored_pieces(s: &SledSpool) -> usize {
+        s.db.scan_prefix([PIECE_TAG]).count()
+    }
+
+    #[test]
+    fn a_payload_over_a_piece_is_stored_in_pieces_as_documented() {
+        let p = sp("t", 2);
+        let key = chunk_key(&p, 5);
+        let inline = encode_chunk(&key, &big_chunk(&p, 5, PIECE_BYTES), 3).expect("encodes");
+        assert_eq!(inline.value[0], 2);
+        assert_eq!(inline.value.len(), 51 + PIECE_BYTES);
+        assert!(inline.pieces.is_empty());
+        let c = big_chunk(&p, 5, 2 * PIECE_BYTES + 1);
+        let encoded = encode_chunk(&key, &c, 3).expect("encodes");
+        let v = &encoded.value;
+        assert_eq!(PIECES_HEADER_LEN, 55);
+        assert_eq!(v.len(), 55);
+        assert_eq!(v[0], 3);
+        assert_eq!(v[1..9], c.last_offset.to_be_bytes());
+        assert_eq!(v[34..42], 3u64.to_be_bytes());
+        assert_eq!(v[47..51], (2 * PIECE_BYTES as u32 + 1).to_be_bytes());
+        assert_eq!(
+            v[51..55],
+            checksum(&key, &v[..51], &c.payload).to_be_bytes()
+        );
+        let pieces: Vec<(Vec<u8>, usize)> = encoded
+            .pieces
+            .iter()
+            .map(|(k, piece)| (k.clone(), piece.len()))
+            .collect();
+        let mut want_key = b"qt\0\x80\0\0\x02\x80\0\0\0\0\0\0\x05".to_vec();
+        want_key.extend_from_slice(&1u32.to_be_bytes());
+        assert_eq!(pieces[1].0, want_key);
+        assert_eq!(
+            pieces,
+            vec![
+                (piece_key(&p, 5, 0), PIECE_BYTES),
+                (piece_key(&p, 5, 1), PIECE_BYTES),
+                (piece_key(&p, 5, 2), 1),
+            ]
+        );
+        assert_eq!(decode_piece_key(&want_key).expect("decodes"), (p, 5, 1));
+    }
+
+    #[test]
+    fn chunks_in_pieces_are_read_restored_and_removed_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (sp("a", 0), sp("b", 1));
+        let cs = [
+            big_chunk(&a, 0, 3 * PIECE_BYTES),
+            chunk(&a, 10, 10, 11, 7),
+            big_chunk(&a, 11, PIECE_BYTES + 1),
+            big_chunk(&b, 0, 100_000),
+        ];
+        {
+            let s = SledSpool::open(dir.path()).expect("spool op");
+            for c in &cs {
+                s.append(c).expect("spool op");
+            }
+            assert_eq!(stored_pieces(&s), 3 + 2 + 25);
+            assert_eq!(
+                s.chunks_from(&a, 0, 10).expect("spool op"),
+                cs[..3].to_vec()
+            );
+            s.flush().expect("spool op");
+        }
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(
+            s.chunks_from(&a, 0, 10).expect("spool op"),
+            cs[..3].to_vec()
+        );
+        assert_eq!(
+            s.chunks_from(&b, 0, 10).expect("spool op"),
+            vec![cs[3].clone()]
+        );
+        let bytes: u64 = cs.iter().map(Chunk::accounted_bytes).sum();
+        assert_eq!(s.stats().bytes, bytes);
+        // the first two chunks of a acknowledged: the first one's pieces go with it
+        s.remove_acked(&a, 11).expect("spool op");
+        assert_eq!(stored_pieces(&s), 2 + 25);
+        assert_eq!(
+            s.pop_oldest(&|p, _| p == &a).expect("spool op"),
+            Some(cs[3].clone())
+        );
+        assert_eq!(stored_pieces(&s), 2);
+        assert_eq!(
+            s.pop_oldest(&|_, _| false).expect("spool op"),
+            Some(cs[2].clone())
+        );
+        assert_eq!(stored_pieces(&s), 0);
+        assert_eq!(s.db.len(), 2, "only the two positions are left");
+    }
+
+    #[test]
+    fn a_damaged_missing_or_orphaned_piece_is_corruption() {
+        let a = sp("a", 0);
+        let c = big_chunk(&a, 0, 3 * PIECE_BYTES);
+        /// What to do to the stored pieces, and what the error must then say.
+        type Damage = (&'static str, fn(&Db));
+        let damage: [Damage; 4] = [
+            ("checksum mismatch", |db| {
+                let key = piece_key(&sp("a", 0), 0, 1);
+                let mut piece = db.get(&key).expect("read").expect("present").to_vec();
+                piece[100] ^= 1;
+                db.insert(&key, piece).expect("write");
+            }),
+            ("missing", |db| {
+                db.remove(piece_key(&sp("a", 0), 0, 1)).expect("write");
+            }),
+            ("are stored", |db| {
+                db.remove(piece_key(&sp("a", 0), 0, 2)).expect("write");
+            }),
+            ("the chunk is not", |db| {
+                db.insert(piece_key(&sp("a", 0), 7, 0), &[1u8][..])
+                    .expect("write");
+            }),
+        ];
+        for (want, damage) in damage {
+            let dir = tempfile::tempdir().expect("tempdir");
+            {
+                let s = SledSpool::open(dir.path()).expect("spool op");
+                s.append(&c).expect("spool op");
+                damage(&s.db);
+                if want != "the chunk is not" {
+                    let error = s.chunks_from(&a, 0, 10).expect_err("must fail");
+                    assert!(matches!(&error, SpoolError::Corrupt(_)), "{want}: {error}");
+                }
+                s.flush().expect("spool op");
+            }
+            let error = SledSpool::open(dir.path()).expect_err("must fail");
+            assert!(
+                matches!(&error, SpoolError::Corrupt(m) if m.contains(want)),
+                "{want}: {error}"
+            );
+        }
+    }
+
+    /// The reason for the pieces: with each backlog chunk in one value, sled kept every chunk
+    /// written resident (its cache counts a blob page as its pointer's size), 1 MiB of RSS per
+    /// MiB spooled. 256 MiB of incompressible 220 KB chunks must leave well under that.
+    #[test]
+    fn a_backlog_does_not_stay_resident() {
+        fn rss_mib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+                .map_or(0, |kib| kib / 1024)
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let payload: Bytes = (0..220_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect::<Vec<u8>>()
+            .into();
+        let a = sp("a", 0);
+        let before = rss_mib();
+        let chunks = 256 * 1024 * 1024 / payload.len();
+        for i in 0..chunks {
+            let first = i as i64 * 100;
+            let mut c = chunk(&a, first, first + 99, first + 100, 0);
+            c.payload = payload.clone();
+            s.append(&c).expect("spool op");
+            if i % 20 == 19 {
+                s.flush().expect("spool op");
+            }
+        }
+        s.flush().expect("spool op");
+        let grown = rss_mib().saturating_sub(before);
+        assert_eq!(s.stats().chunks, chunks as u64);
+        assert!(grown < 96, "RSS grew by {grown} MiB for a 256 MiB backlog");
+    }
+
     #[test]
     fn format_version_1_chunks_are_still_read() {
         let p = sp("t", 2);
         let c = chunk(&p, 5, 6, 7, 0x0102);
         let key = chunk_key(&p, 5);
         // A version 1 value: the version 2 header without bytes 42..47, its own CRC.
-        let v2 = encode_chunk(&key, &c, 3);
+        let v2 = encode_chunk(&key, &c, 3).expect("encodes").value;
         let mut v1 = vec![1u8];
         v1.extend_from_slice(&v2[1..42]);
         let crc = checksum(&key, &v1, &c.payload);

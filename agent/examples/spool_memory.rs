@@ -1,9 +1,11 @@
 //! The spool's resident memory while a backlog accumulates, as during a long outage: appends
 //! incompressible chunks of CHUNK_BYTES (default 220,000, a 1 MiB chunk of JSON) until
 //! TOTAL_MIB (default 400) are spooled, flushing every 20 as the tailer does, then reads them
-//! back and removes them as the shipper does, printing the RSS as it goes.
+//! back and removes them as the shipper does, printing the RSS as it goes. In between it
+//! reopens the spool, as an agent restarting with a backlog does; with `cold`, after dropping
+//! the kernel's page cache (root only), as after a reboot.
 //!
-//!     cargo run --release -p spoke-agent --example spool_memory [CHUNK_BYTES [TOTAL_MIB]]
+//!     cargo run --release -p spoke-agent --example spool_memory [CHUNK_BYTES [TOTAL_MIB [cold]]]
 
 use std::time::Instant;
 
@@ -24,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let chunk_bytes: usize = args.next().map_or(Ok(220_000), |a| a.parse())?;
     let total_mib: usize = args.next().map_or(Ok(400), |a| a.parse())?;
+    let cold = args.next().as_deref() == Some("cold");
     let dir = tempfile::tempdir()?;
     let spool = SledSpool::open(dir.path())?;
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -74,6 +77,19 @@ fn main() -> anyhow::Result<()> {
     }
     spool.flush()?;
     let written = started.elapsed();
+    // As an agent restarting with a backlog; after a reboot, with nothing in the page cache.
+    drop(spool);
+    if cold {
+        std::fs::write("/proc/sys/vm/drop_caches", "3")
+            .map_err(|e| anyhow::anyhow!("dropping the page cache (needs root): {e}"))?;
+    }
+    let started = Instant::now();
+    let spool = SledSpool::open(dir.path())?;
+    println!(
+        "reopened in {:.1} s, RSS {} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_mib()
+    );
     let started = Instant::now();
     let mut read = 0;
     for partition in &partitions {

@@ -46,20 +46,21 @@
 //!   | 51..   | payload                                                   |
 //!
 //!   The checksum covers the key too, so a value found under the wrong key is detected. It is
-//!   verified on every read and on open; a mismatch is [`SpoolError::Corrupt`]. Format
-//!   version 1 (written before dictionaries existed) is the same without bytes 42..47 (a
-//!   46-byte header); it is still read, as a chunk without a dictionary, so an upgraded agent
-//!   ships what an older one spooled. Every write of a payload up to 4 KiB uses version 2.
+//!   verified on every read, and on open for every chunk whose payload follows its header; a
+//!   mismatch is [`SpoolError::Corrupt`]. Format version 1 (written before dictionaries
+//!   existed) is the same without bytes 42..47 (a 46-byte header); it is still read, as a
+//!   chunk without a dictionary, so an upgraded agent ships what an older one spooled. Every
+//!   write of a payload up to 4 KiB uses version 2.
 //! * A longer payload is stored in pieces (chunk format version 3): the chunk's value is the
 //!   version 2 header with `3` in byte 0 and the payload's length (u32) at 47..51, then the
 //!   CRC32 at 51..55 over the key, value bytes 0..51 and the whole payload; no payload follows.
 //!   Piece `i` (from 0) holds payload bytes `4096 i .. 4096 (i + 1)` under the key
 //!   `b'q' ++ topic ++ 0x00 ++ partition (i32, flipped) ++ first_offset (i64, flipped) ++ i
 //!   (u32)`; the chunk, its pieces and the position are written in one batch and removed
-//!   together. Why: sled 0.34 stores a page over about 128 KiB as a blob and counts only the blob's
-//!   pointer against its cache, so a backlog of chunks in single values stayed resident in
-//!   full (see `sled.rs`, `PIECE_BYTES`). An agent older than version 3 refuses such a spool on
-//!   open (unknown key) rather than misreading it.
+//!   together. Why: sled 0.34 stores a page over about 128 KiB as a blob and counts only the
+//!   blob's pointer against its cache, so a backlog of chunks in single values stayed
+//!   resident in full (see `sled.rs`, `PIECE_BYTES`). An agent older than version 3 refuses
+//!   such a spool on open (unknown key) rather than misreading it.
 //! * Dictionary: key `b'd' ++ id (u32)`; value: format version `1` (u8), CRC32 (u32) over the
 //!   key and the rest of the value, topic length (u16), topic, then the zstd dictionary. A
 //!   dictionary is written (and flushed) before the first chunk that names it, and deleted
@@ -714,8 +715,9 @@ mod tests {
     fn payload() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             3 => prop::collection::vec(any::<u8>(), 0..12),
-            1 => (4094usize..8195, any::<u8>())
-                .prop_map(|(len, seed)| (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()),
+            1 => (4094usize..8195, any::<u8>()).prop_map(|(len, seed)| {
+                (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+            }),
         ]
     }
 

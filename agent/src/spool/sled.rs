@@ -248,16 +248,9 @@ impl SledSpool {
         first_offset: i64,
         value: &IVec,
     ) -> Result<(Chunk, u64), SpoolError> {
-        let header = decode_header(&partition, first_offset, value)?;
-        let payload = match header.payload {
-            Stored::Inline(payload) => Bytes::copy_from_slice(payload),
-            Stored::Pieces(len) => self.read_pieces(&partition, first_offset, len)?,
-        };
-        if checksum(key, header.covered, &payload) != header.crc {
-            return Err(corrupt_chunk(&partition, first_offset, "checksum mismatch"));
-        }
-        let seq = header.seq;
-        Ok((header.into_chunk(partition, first_offset, payload), seq))
+        decode_chunk_with(key, partition, first_offset, value, |partition, len| {
+            self.read_pieces(partition, first_offset, len)
+        })
     }
 
     fn read_pieces(
@@ -950,8 +943,28 @@ fn decode_header<'a>(
     })
 }
 
-/// Decodes and verifies a chunk whose payload follows its header; returns the chunk and its
-/// append sequence.
+/// Decodes and verifies a chunk, reading its payload's pieces, if it has any, with
+/// `read_pieces(partition, payload length)`; returns the chunk and its append sequence.
+fn decode_chunk_with(
+    key: &[u8],
+    partition: SourcePartition,
+    first_offset: i64,
+    value: &[u8],
+    read_pieces: impl FnOnce(&SourcePartition, u32) -> Result<Bytes, SpoolError>,
+) -> Result<(Chunk, u64), SpoolError> {
+    let header = decode_header(&partition, first_offset, value)?;
+    let payload = match header.payload {
+        Stored::Inline(payload) => Bytes::copy_from_slice(payload),
+        Stored::Pieces(len) => read_pieces(&partition, len)?,
+    };
+    if checksum(key, header.covered, &payload) != header.crc {
+        return Err(corrupt_chunk(&partition, first_offset, "checksum mismatch"));
+    }
+    let seq = header.seq;
+    Ok((header.into_chunk(partition, first_offset, payload), seq))
+}
+
+/// [`decode_chunk_with`] for a chunk whose payload follows its header.
 #[cfg(test)]
 fn decode_chunk(
     key: &[u8],
@@ -959,16 +972,9 @@ fn decode_chunk(
     first_offset: i64,
     value: &IVec,
 ) -> Result<(Chunk, u64), SpoolError> {
-    let header = decode_header(&partition, first_offset, value)?;
-    let Stored::Inline(payload) = header.payload else {
-        return Err(corrupt_chunk(&partition, first_offset, "payload in pieces"));
-    };
-    if checksum(key, header.covered, payload) != header.crc {
-        return Err(corrupt_chunk(&partition, first_offset, "checksum mismatch"));
-    }
-    let seq = header.seq;
-    let payload = Bytes::copy_from_slice(payload);
-    Ok((header.into_chunk(partition, first_offset, payload), seq))
+    decode_chunk_with(key, partition, first_offset, value, |partition, _| {
+        Err(corrupt_chunk(partition, first_offset, "payload in pieces"))
+    })
 }
 
 #[cfg(test)]

@@ -166,6 +166,7 @@ impl SledSpool {
     pub fn open(path: &Path) -> Result<SledSpool, SpoolError> {
         let db = open_db(path)?;
         let mut state = State::default();
+        // Every key but the pieces ('q'), which are verified when read.
         let pieces = [PIECE_TAG];
         for entry in db
             .range(..&pieces[..])
@@ -260,8 +261,8 @@ impl SledSpool {
         len: u32,
     ) -> Result<Bytes, SpoolError> {
         let count = piece_count(len as usize);
-        // The length is not yet checked against the checksum: never allocate more than a
-        // chunk can hold on its word.
+        // The length is not verified yet (the checksum needs the payload): allocate ahead at
+        // most what the largest chunk can hold.
         let mut payload = Vec::with_capacity((len as usize).min(MAX_PAYLOAD_PREALLOCATION));
         let mut pieces = 0;
         let range =

@@ -60,7 +60,7 @@
 //!   together. Why: sled 0.34 stores a page over about 128 KiB as a blob and counts only the
 //!   blob's pointer against its cache, so a backlog of chunks in single values stayed
 //!   resident in full (see `sled.rs`, `PIECE_BYTES`). An agent older than version 3 refuses
-//!   such a spool on open (unknown key) rather than misreading it.
+//!   such a spool on open (unknown format version 3) rather than misreading it.
 //! * Dictionary: key `b'd' ++ id (u32)`; value: format version `1` (u8), CRC32 (u32) over the
 //!   key and the rest of the value, topic length (u16), topic, then the zstd dictionary. A
 //!   dictionary is written (and flushed) before the first chunk that names it, and deleted

@@ -202,6 +202,10 @@ pub struct LinkCounts {
     pub offered_bytes: u64,
     /// IP bytes the link delivered.
     pub delivered_bytes: u64,
+    /// Of `packets`, those the hub side sent (acknowledgements, for both systems).
+    pub packets_back: u64,
+    /// Of `delivered_bytes`, those delivered to the edge side.
+    pub delivered_bytes_back: u64,
 }
 
 impl LinkCounts {
@@ -214,6 +218,8 @@ impl LinkCounts {
             lost: a.lost + b.lost,
             offered_bytes: a.bytes_in + b.bytes_in,
             delivered_bytes: a.delivered_bytes + b.delivered_bytes,
+            packets_back: b.packets_in,
+            delivered_bytes_back: b.delivered_bytes,
         }
     }
 
@@ -224,6 +230,8 @@ impl LinkCounts {
             lost: self.lost - before.lost,
             offered_bytes: self.offered_bytes - before.offered_bytes,
             delivered_bytes: self.delivered_bytes - before.delivered_bytes,
+            packets_back: self.packets_back - before.packets_back,
+            delivered_bytes_back: self.delivered_bytes_back - before.delivered_bytes_back,
         }
     }
 }
@@ -1215,6 +1223,10 @@ pub fn result_json(
         "link_offered_bytes_per_record": figures
             .link_packets
             .map(|c| round(c.offered_bytes as f64 / figures.records.max(1) as f64)),
+        "link_packets_back": figures.link_packets.map(|c| c.packets_back),
+        "link_bytes_back_per_record": figures
+            .link_packets
+            .map(|c| round(c.delivered_bytes_back as f64 / figures.records.max(1) as f64)),
         "ratio_to_baseline": baseline.map(|b| round(figures.records_per_s / b)),
         "pct_of_limit": round(100.0 * figures.records_per_s / limit),
         "pace_records_per_s": figures.pace_per_s.map(round),

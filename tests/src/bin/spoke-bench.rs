@@ -371,14 +371,17 @@ fn print_row(
     );
     if let Some(c) = f.link_packets {
         println!(
-            "{:<26} {:<17} {:<6} link: {} packets, {} dropped at the queue, {} lost, {:.1} B/record offered",
+            "{:<26} {:<17} {:<6} link: {} packets ({} back), {} dropped at the queue, {} lost, \
+             {:.1} B/record offered ({:.1} delivered back)",
             "",
             "",
             "",
             c.packets,
+            c.packets_back,
             c.queue_dropped,
             c.lost,
-            c.offered_bytes as f64 / f.records.max(1) as f64
+            c.offered_bytes as f64 / f.records.max(1) as f64,
+            c.delivered_bytes_back as f64 / f.records.max(1) as f64
         );
     }
 }

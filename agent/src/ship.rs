@@ -38,6 +38,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
 /// seconds on a busy hub.
 const GOODBYE_WAIT: Duration = Duration::from_secs(15);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// Longest run of frame writes before acknowledgements, a stop and heartbeats are looked at.
+const WRITE_PASS: Duration = Duration::from_millis(50);
 /// How long a graceful stop waits for in-flight batches to be acknowledged.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -243,6 +245,26 @@ impl SendWindow {
             self.set = Some(wanted);
         }
     }
+}
+
+/// The QUIC path as the connection sees it, for diagnosing a slow link from the agent's log.
+fn log_path(connection: &quinn::Connection) {
+    let stats = connection.stats();
+    debug!(
+        rtt_ms = stats.path.rtt.as_millis() as u64,
+        cwnd = stats.path.cwnd,
+        mtu = stats.path.current_mtu,
+        sent_packets = stats.path.sent_packets,
+        lost_packets = stats.path.lost_packets,
+        lost_bytes = stats.path.lost_bytes,
+        congestion_events = stats.path.congestion_events,
+        datagrams_out = stats.udp_tx.datagrams,
+        bytes_out = stats.udp_tx.bytes,
+        datagrams_in = stats.udp_rx.datagrams,
+        stream_frames_out = stats.frame_tx.stream,
+        ack_frames_out = stats.frame_tx.acks,
+        "path"
+    );
 }
 
 /// A batch sent and not yet acknowledged.
@@ -466,10 +488,18 @@ impl Session<'_> {
         let mut send_window = SendWindow::default();
         loop {
             // At least one batch goes out whatever its size, so a chunk larger than the byte
-            // window still ships.
+            // window still ships. A pass ends after WRITE_PASS so that acknowledgements and a
+            // stop are taken between frames, not only once the window is full: over a slow
+            // link a full window is minutes of writing.
+            let pass = tokio::time::Instant::now();
+            let mut more_to_write = false;
             while lanes.in_flight_batches < window
                 && (lanes.is_empty() || lanes.in_flight_bytes < window_bytes)
             {
+                if pass.elapsed() >= WRITE_PASS {
+                    more_to_write = true;
+                    break;
+                }
                 let chunk = self.progress.with_unsettled(|unsettled| {
                     let chunk = self.next_chunk(&cursors, &refused, &mut round_robin)?;
                     if let Some(chunk) = &chunk {
@@ -513,20 +543,18 @@ impl Session<'_> {
                     }
                 }
                 let bytes = frame_bytes(&batch)?;
-                pacer.wait(bytes.len()).await;
+                let start_at = pacer.reserve(bytes.len());
+                self.heartbeat_until(start_at, &mut send, &mut heartbeat)
+                    .await?;
                 self.extend_fence(&welcome.relay)?;
-                let stream = lane.send.as_mut().unwrap_or(&mut send);
-                if let Some(dictionary) = dictionary_frame {
-                    // Before the first batch that names it, on the same (ordered) stream.
-                    stream
-                        .write_all(&dictionary)
-                        .await
-                        .map_err(WireError::from)?;
-                    self.progress.wire_bytes.inc_by(dictionary.len() as u64);
-                }
                 send_window.follow(connection);
-                stream.write_all(&bytes).await.map_err(WireError::from)?;
-                self.progress.wire_bytes.inc_by(bytes.len() as u64);
+                // A dictionary goes before the first batch that names it, on the same
+                // (ordered) stream.
+                for frame in dictionary_frame.iter().chain([&bytes]) {
+                    self.write_heartbeating(lane.send.as_mut(), &mut send, &mut heartbeat, frame)
+                        .await?;
+                    self.progress.wire_bytes.inc_by(frame.len() as u64);
+                }
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
                 lanes.sent(
                     lane_index,
@@ -540,15 +568,9 @@ impl Session<'_> {
                 );
             }
             tokio::select! {
-                frame = inbound.recv() => {
-                    let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
-                    Progress::touch(&self.progress.relay_seen_ms);
-                    self.handle(frame?, &mut lanes, &mut refused)?;
-                }
-                () = self.progress.spooled.notified() => {}
-                _ = heartbeat.tick() => {
-                    write_frame(&mut send, &Frame::Heartbeat(self.heartbeat())).await?;
-                }
+                // In this order so that a steady stream of acknowledgements cannot hold off a
+                // stop or a heartbeat, and both come before more writing.
+                biased;
                 () = self.stop.cancelled() => {
                     self.drain(&mut inbound, &mut lanes, &mut refused).await;
                     lanes.finish();
@@ -568,8 +590,74 @@ impl Session<'_> {
                     let _ = tokio::time::timeout(GOODBYE_WAIT, goodbye_seen).await;
                     return Ok(Ended::Stopped);
                 }
+                _ = heartbeat.tick() => {
+                    self.send_heartbeat(&mut send).await?;
+                    log_path(connection);
+                }
+                frame = inbound.recv() => {
+                    let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
+                    Progress::touch(&self.progress.relay_seen_ms);
+                    self.handle(frame?, &mut lanes, &mut refused)?;
+                }
+                // Before `spooled`, whose permit it then leaves for the next pass.
+                () = std::future::ready(()), if more_to_write => {}
+                () = self.progress.spooled.notified() => {}
             }
         }
+    }
+
+    async fn send_heartbeat(&self, control: &mut quinn::SendStream) -> Result<(), ShipError> {
+        write_frame(control, &Frame::Heartbeat(self.heartbeat())).await?;
+        Ok(())
+    }
+
+    /// Waits for `until` (the pacer's start for the next frame), heartbeating on the control
+    /// stream meanwhile: between frames a heartbeat may go on it whatever stream the data uses.
+    async fn heartbeat_until(
+        &self,
+        until: Option<tokio::time::Instant>,
+        control: &mut quinn::SendStream,
+        heartbeat: &mut tokio::time::Interval,
+    ) -> Result<(), ShipError> {
+        let Some(until) = until else {
+            return Ok(());
+        };
+        loop {
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(until) => return Ok(()),
+                _ = heartbeat.tick() => self.send_heartbeat(control).await?,
+            }
+        }
+    }
+
+    /// Writes one frame on its data stream (`data`), or on the control stream where the relay
+    /// allows no data streams. The relay drops a session whose control stream carries nothing
+    /// for its read timeout (30 s), and a frame may wait longer than that for the send window
+    /// over a slow link (a 1 MiB frame on each of four streams is 17 s at 2 Mbit/s), so the
+    /// heartbeat goes on while a data stream waits. On the control stream the frame's own
+    /// bytes are what the relay hears: a heartbeat cannot go inside a frame.
+    async fn write_heartbeating(
+        &self,
+        data: Option<&mut quinn::SendStream>,
+        control: &mut quinn::SendStream,
+        heartbeat: &mut tokio::time::Interval,
+        frame: &[u8],
+    ) -> Result<(), ShipError> {
+        let Some(data) = data else {
+            control.write_all(frame).await.map_err(WireError::from)?;
+            return Ok(());
+        };
+        let mut written = 0;
+        while written < frame.len() {
+            tokio::select! {
+                biased;
+                // `write` is cancel-safe: it wrote nothing unless it returned.
+                n = data.write(&frame[written..]) => written += n.map_err(WireError::from)?,
+                _ = heartbeat.tick() => self.send_heartbeat(control).await?,
+            }
+        }
+        Ok(())
     }
 
     /// A version 1 relay knows no dictionaries: the chunk is decompressed with its dictionary
@@ -860,16 +948,17 @@ impl Pacer {
         }
     }
 
-    async fn wait(&mut self, bytes: usize) {
+    /// Books the link time of a frame of `bytes`; returns when it may start if that is later
+    /// than now.
+    fn reserve(&mut self, bytes: usize) -> Option<tokio::time::Instant> {
         if self.bytes_per_s == 0 {
-            return;
+            return None;
         }
         let now = tokio::time::Instant::now();
-        if self.next_send > now {
-            tokio::time::sleep_until(self.next_send).await;
-        }
+        let start = self.next_send.max(now);
         let cost = Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
-        self.next_send = self.next_send.max(now) + cost;
+        self.next_send = start + cost;
+        (start > now).then_some(start)
     }
 }
 

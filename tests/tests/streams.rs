@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use spoke_proto::{Frame, MAX_PROTOCOL_VERSION};
+use spoke_tests::bench::{Kind, Mix};
 use spoke_tests::eventually;
 use spoke_tests::hostile::{self, Session, CLOSE_PROTOCOL_ERROR};
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::pki::Identity;
-use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
+use spoke_tests::site::{AgentOptions, Env, Placement, RelayOptions, SITE};
+use spoke_tests::wan::{Link, LinkSpec};
 
 const TOPIC: &str = "orders";
 const PEER: &str = "peer";
@@ -183,4 +185,108 @@ fn an_agent_ships_on_data_streams_or_on_the_control_stream_as_the_relay_allows(
     agent.stop()?;
     relay.stop()?;
     Ok(())
+}
+
+/// Records that zstd cannot shrink, `per_partition` in each of `partitions`.
+fn produce_random(edge: &str, partitions: i32, per_partition: usize) -> anyhow::Result<()> {
+    let random = Mix {
+        kind: Kind::Random,
+        size: 1024,
+        edge_zstd: false,
+    };
+    let producer = kafka::producer(edge)?;
+    for partition in 0..partitions {
+        let first = partition as usize * per_partition;
+        let records: Vec<Rec> = (first..first + per_partition)
+            .map(|i| random.record(i))
+            .collect();
+        kafka::produce(&producer, TOPIC, partition, &records)?;
+    }
+    Ok(())
+}
+
+/// Ships what [`produce_random`] wrote through a relay whose `limits.read_timeout` is 8 s (the
+/// agent heartbeats every 5 s), and fails if the relay dropped the session for silence or the
+/// hub's count is not what was produced.
+fn ships_in_one_session(
+    env: &Env,
+    partitions: i32,
+    per_partition: usize,
+    agent_ship: &str,
+) -> anyhow::Result<()> {
+    let relay_options = RelayOptions {
+        extra: "[limits]\nread_timeout = \"8s\"\n".into(),
+        ..RelayOptions::default()
+    };
+    let mut relay = env.start_relay_with(&[TOPIC], &relay_options)?;
+    let mut options = AgentOptions::include(&[TOPIC]);
+    options.extra = format!("[ship]\n{agent_ship}");
+    let mut agent = env.start_agent(&options)?;
+    let expected = per_partition as i64 * i64::from(partitions);
+    let hub_count = || env.on_hub(|| hub_records(env, SITE, partitions));
+    eventually(
+        &format!("{expected} records in the hub"),
+        Duration::from_secs(120),
+        || Ok(hub_count()? == expected),
+    )?;
+    let relay_admin = env.relay_admin();
+    let metrics = env.on_hub(|| spoke_tests::admin::scrape(&relay_admin))?;
+    let timeouts = spoke_tests::admin::sum(
+        &metrics,
+        "spoke_relay_rejected_total",
+        &["reason=\"timeout\""],
+    );
+    let log = agent.log();
+    ensure!(
+        timeouts == 0.0 && !log.contains("relay session ended"),
+        "the relay dropped the agent's session {timeouts} time(s) for silence:\n{log}"
+    );
+    agent.stop()?;
+    relay.stop()?;
+    Ok(())
+}
+
+/// A backlog that takes longer to send than the relay's read timeout ships in one session.
+/// Over a slow link the agent's next frame waits for the link, and the control stream must
+/// keep its heartbeat meanwhile: the relay drops a session whose control stream is silent for
+/// `limits.read_timeout`, and the link then carries the batches it was in the middle of again
+/// (a 2 Mbit/s benchmark row of 10 KiB random records lost 20% of its bytes so, and fell
+/// below the direct mirror). Here the wait is the agent's bandwidth cap: 1.8 MB at 100 KiB/s.
+#[test]
+fn a_backlog_longer_than_the_read_timeout_ships_in_one_session() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), TOPIC, 3)?;
+    produce_random(&env.edge.bootstrap(), 3, 600)?;
+    ships_in_one_session(
+        &env,
+        3,
+        600,
+        "max_bandwidth = \"100KiB\"\nbatch_max_bytes = \"256KiB\"\n",
+    )?;
+    for partition in 0..3 {
+        kafka::assert_replicated(
+            &env.edge.bootstrap(),
+            &env.hub.bootstrap(),
+            SITE,
+            TOPIC,
+            partition,
+        )?;
+    }
+    Ok(())
+}
+
+/// As above, with the wait in the send window: 4 MB in 1 MiB frames over an emulated 2 Mbit/s
+/// link (16 s), where a frame waits seconds for the window to take it. Needs root and
+/// /dev/net/tun, as the WAN emulator does.
+#[test]
+fn a_backlog_longer_than_the_read_timeout_over_a_slow_link_ships_in_one_session(
+) -> anyhow::Result<()> {
+    let link = Link::start(LinkSpec::new(2_000_000, Duration::from_millis(10), 0.0))?;
+    let env = Env::placed(Placement::across(&link))?;
+    let edge = env.edge.bootstrap();
+    env.on_edge(|| -> anyhow::Result<()> {
+        kafka::create_topic(&edge, TOPIC, 4)?;
+        produce_random(&edge, 4, 1000)
+    })?;
+    ships_in_one_session(&env, 4, 1000, "")
 }

@@ -214,8 +214,8 @@ fn produce_random(edge: &str, partitions: i32, per_partition: usize) -> anyhow::
 
 /// Ships what [`produce_random`] wrote through a relay whose `limits.read_timeout` is 12 s (the
 /// agent heartbeats every 5 s; the margin is for a loaded test machine, where the emulated
-/// link also drops and delays more), and fails if the relay dropped the session for silence or the
-/// hub's count is not what was produced.
+/// link also drops and delays more), and fails if the relay dropped the session for silence
+/// or the hub does not reach the count produced.
 fn ships_in_one_session(
     env: &Env,
     partitions: i32,
@@ -275,9 +275,9 @@ fn a_backlog_longer_than_the_read_timeout_ships_in_one_session() -> anyhow::Resu
     assert_all_replicated(&env, 3)
 }
 
-/// As above, with the wait in the send window: one 7 MB frame (`batch_max_bytes` 8 MiB) over
-/// an emulated 2 Mbit/s link, 28 s, nearly all of it spent waiting for the window to take the
-/// frame's next bytes. Needs root and /dev/net/tun, as the WAN emulator does.
+/// As above, with the wait in the send window: one 7.4 MB frame (`batch_max_bytes` 8 MiB)
+/// over an emulated 2 Mbit/s link, 29 s, nearly all of it spent waiting for the window to take
+/// the frame's next bytes. Needs root and /dev/net/tun, as the WAN emulator does.
 #[test]
 fn a_backlog_longer_than_the_read_timeout_over_a_slow_link_ships_in_one_session(
 ) -> anyhow::Result<()> {

@@ -544,15 +544,21 @@ impl Session<'_> {
                 }
                 let bytes = frame_bytes(&batch)?;
                 let start_at = pacer.reserve(bytes.len());
-                self.heartbeat_until(start_at, &mut send, &mut heartbeat)
+                self.heartbeat_until(start_at, &mut send, connection, &mut heartbeat)
                     .await?;
                 self.extend_fence(&welcome.relay)?;
                 send_window.follow(connection);
                 // A dictionary goes before the first batch that names it, on the same
                 // (ordered) stream.
                 for frame in dictionary_frame.iter().chain([&bytes]) {
-                    self.write_heartbeating(lane.send.as_mut(), &mut send, &mut heartbeat, frame)
-                        .await?;
+                    self.write_heartbeating(
+                        lane.send.as_mut(),
+                        &mut send,
+                        connection,
+                        &mut heartbeat,
+                        frame,
+                    )
+                    .await?;
                     self.progress.wire_bytes.inc_by(frame.len() as u64);
                 }
                 cursors.insert(chunk.partition.clone(), chunk.next_offset);
@@ -590,10 +596,7 @@ impl Session<'_> {
                     let _ = tokio::time::timeout(GOODBYE_WAIT, goodbye_seen).await;
                     return Ok(Ended::Stopped);
                 }
-                _ = heartbeat.tick() => {
-                    self.send_heartbeat(&mut send).await?;
-                    log_path(connection);
-                }
+                _ = heartbeat.tick() => self.send_heartbeat(&mut send, connection).await?,
                 frame = inbound.recv() => {
                     let frame = frame.ok_or_else(|| ShipError::Closed("reader stopped".into()))?;
                     Progress::touch(&self.progress.relay_seen_ms);
@@ -606,8 +609,13 @@ impl Session<'_> {
         }
     }
 
-    async fn send_heartbeat(&self, control: &mut quinn::SendStream) -> Result<(), ShipError> {
+    async fn send_heartbeat(
+        &self,
+        control: &mut quinn::SendStream,
+        connection: &quinn::Connection,
+    ) -> Result<(), ShipError> {
         write_frame(control, &Frame::Heartbeat(self.heartbeat())).await?;
+        log_path(connection);
         Ok(())
     }
 
@@ -617,6 +625,7 @@ impl Session<'_> {
         &self,
         until: Option<tokio::time::Instant>,
         control: &mut quinn::SendStream,
+        connection: &quinn::Connection,
         heartbeat: &mut tokio::time::Interval,
     ) -> Result<(), ShipError> {
         let Some(until) = until else {
@@ -626,7 +635,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(until) => return Ok(()),
-                _ = heartbeat.tick() => self.send_heartbeat(control).await?,
+                _ = heartbeat.tick() => self.send_heartbeat(control, connection).await?,
             }
         }
     }
@@ -641,6 +650,7 @@ impl Session<'_> {
         &self,
         data: Option<&mut quinn::SendStream>,
         control: &mut quinn::SendStream,
+        connection: &quinn::Connection,
         heartbeat: &mut tokio::time::Interval,
         frame: &[u8],
     ) -> Result<(), ShipError> {
@@ -654,7 +664,7 @@ impl Session<'_> {
                 biased;
                 // `write` is cancel-safe: it wrote nothing unless it returned.
                 n = data.write(&frame[written..]) => written += n.map_err(WireError::from)?,
-                _ = heartbeat.tick() => self.send_heartbeat(control).await?,
+                _ = heartbeat.tick() => self.send_heartbeat(control, connection).await?,
             }
         }
         Ok(())

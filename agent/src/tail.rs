@@ -572,6 +572,8 @@ impl Tailer {
             debug!(topic = %key.topic, partition = key.partition, records = chunk.record_count, bytes = chunk.payload.len(), "spooled chunk");
         }
         if wrote {
+            // The window between a chunk's write and its flush, for the crash tests.
+            spoke_io::failpoint::hit("tail.before_flush");
             // Durable before reported: only now do the records count as spooled.
             self.spool.flush()?;
             self.progress.records_spooled.inc_by(spooled_records);

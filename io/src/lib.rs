@@ -4,6 +4,7 @@
 pub mod admin_client;
 pub mod config_file;
 pub mod congestion;
+pub mod failpoint;
 pub mod logging;
 pub mod pem;
 pub mod transport;

@@ -11,6 +11,8 @@ pub mod flood;
 pub mod hostile;
 pub mod kafka;
 pub mod load;
+pub mod markers;
+pub mod oracle;
 pub mod pki;
 pub mod process;
 pub mod site;

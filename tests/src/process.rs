@@ -56,6 +56,16 @@ pub struct Spoke {
 
 impl Spoke {
     pub fn start(name: &str, args: &[&str], log: PathBuf) -> anyhow::Result<Spoke> {
+        Self::start_with_env(name, args, log, &[])
+    }
+
+    /// As [`Spoke::start`], with extra environment variables (e.g. `SPOKE_FAILPOINTS`).
+    pub fn start_with_env(
+        name: &str,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Spoke> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -67,6 +77,7 @@ impl Spoke {
                 std::env::var("SPOKE_LOG")
                     .unwrap_or_else(|_| "info,spoke_agent=debug,librdkafka=warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

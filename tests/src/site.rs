@@ -343,13 +343,24 @@ listen = "127.0.0.1:{admin}"
     }
 
     pub fn start_agent(&self, options: &AgentOptions) -> anyhow::Result<Spoke> {
+        self.start_agent_with_env(options, &[])
+    }
+
+    /// The agent with extra environment variables, e.g. `SPOKE_FAILPOINTS` to arm failpoints
+    /// (the binaries `scripts/test` builds have them compiled in).
+    pub fn start_agent_with_env(
+        &self,
+        options: &AgentOptions,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Spoke> {
         let config = self.agent_config(options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
         self.on_edge(|| {
-            Spoke::start(
+            Spoke::start_with_env(
                 "spoke-agent",
                 &["run", "--config", config],
                 self.path("agent.log"),
+                env,
             )
         })
     }

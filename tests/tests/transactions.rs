@@ -21,7 +21,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::process::Spoke;
 use spoke_tests::site::{AgentOptions, Env, SITE};
-use spoke_tests::{admin, eventually};
+use spoke_tests::{admin, eventually, markers, oracle};
 
 const HUB_TOPIC: &str = "branch-042.orders";
 
@@ -245,5 +245,107 @@ fn a_failed_commit_aborts_and_the_site_resumes_without_loss() -> anyhow::Result<
         "the injected commit failure must abort the transaction:\n{}",
         relay.log()
     );
+    Ok(())
+}
+
+/// Scenario 1 of the correctness review: on a real Kafka hub every partition a transaction
+/// wrote ends in a commit marker, which no consumer returns. A resume scan that waits to see
+/// the partition's last offset then never finishes, and the site never ships again. The mock
+/// cluster writes no markers of its own, so the test appends real control records (a
+/// hand-made Produce request, `spoke_tests::markers`) after the first session, as the
+/// coordinator of a real hub would have, and the relay restarts so that it must scan.
+#[test]
+fn a_hub_partition_that_ends_in_a_transaction_marker_resumes() -> anyhow::Result<()> {
+    let (env, mock, producer) = edge_and_mock_hub()?;
+    let hub = mock.bootstrap_servers();
+    let records: Vec<Rec> = (0..1_000).map(record).collect();
+    for p in 0..2 {
+        kafka::produce(&producer, "orders", p, &records[..500])?;
+    }
+    let mut relay = start_relay(&env, &hub, "on")?;
+    let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually(
+        "the first 1,000 records in the hub",
+        Duration::from_secs(120),
+        || Ok(hub_total(&hub)? >= 1_000),
+    )?;
+    agent.stop()?;
+    relay.stop()?;
+    for p in 0..2 {
+        markers::append(&hub, HUB_TOPIC, p, markers::Marker::Commit, 4242)?;
+    }
+    markers::append(&hub, "spoke.offsets", 0, markers::Marker::Commit, 4242)?;
+    for p in 0..2 {
+        kafka::produce(&producer, "orders", p, &records[500..])?;
+    }
+    let _relay = start_relay(&env, &hub, "on")?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    // Each partition holds 1,000 records and a marker; the second marker (if any) of the
+    // session's own commits is not written by the mock.
+    let landed = eventually(
+        "all 2,000 records in the hub past the markers",
+        Duration::from_secs(120),
+        || {
+            let landed = oracle::read_hub(&hub, HUB_TOPIC, 2)?;
+            Ok(landed.len() >= 2_000)
+        },
+    );
+    let hub_records = oracle::read_hub(&hub, HUB_TOPIC, 2)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 2, &hub_records)?;
+    let reported = admin::scrape(&env.agent_admin())
+        .map(|s| admin::sum(&s, "spoke_agent_lost_records_total", &[]) as u64)
+        .unwrap_or(0);
+    println!("{}", tally.line("hub-transaction-markers", reported));
+    drop(agent);
+    landed?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    Ok(())
+}
+
+/// Scenario 1, second half: a checkpoint is part of its batch's transaction, so it must not
+/// count (not even in the relay's own view of `spoke.offsets`) before that transaction
+/// committed. Here the hub refuses the batch's records (a permanent produce error), the
+/// commit fails and the transaction is aborted: the next session on the same relay must
+/// resume at the refused batch, not after it, or its records are lost.
+#[test]
+fn an_aborted_batch_is_resent_not_skipped() -> anyhow::Result<()> {
+    let (env, mock, producer) = edge_and_mock_hub()?;
+    let hub = mock.bootstrap_servers();
+    let records: Vec<Rec> = (0..600).map(record).collect();
+    kafka::produce(&producer, "orders", 0, &records[..300])?;
+    let relay = start_relay(&env, &hub, "on")?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually(
+        "the first records in the hub",
+        Duration::from_secs(120),
+        || Ok(hub_total(&hub)? >= 300),
+    )?;
+    // The batch's records and, if they go in a request of their own, its checkpoint.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2],
+    );
+    kafka::produce(&producer, "orders", 0, &records[300..])?;
+    let arrived = eventually(
+        "all 600 records in the hub after the abort",
+        Duration::from_secs(90),
+        || Ok(oracle::read_hub(&hub, HUB_TOPIC, 2)?.len() >= 600),
+    );
+    let hub_records = oracle::read_hub(&hub, HUB_TOPIC, 2)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 2, &hub_records)?;
+    let reported = admin::scrape(&env.agent_admin())
+        .map(|s| admin::sum(&s, "spoke_agent_lost_records_total", &[]) as u64)
+        .unwrap_or(0);
+    println!("{}", tally.line("aborted-commit", reported));
+    drop(agent);
+    let log = relay.log();
+    anyhow::ensure!(
+        log.contains("hub transaction failed"),
+        "the injected produce errors must fail a commit:\n{log}"
+    );
+    arrived?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
     Ok(())
 }

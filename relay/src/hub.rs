@@ -380,9 +380,8 @@ impl Hub {
     /// data and checkpoint never duplicates. Without a checkpoint the scan goes back until it
     /// finds the site's newest record, or to the start of the partition.
     ///
-    /// Source partition p lands in hub partition p when that exists, so normally only the tail
-    /// of one hub partition is read; otherwise records were spread by key and every hub
-    /// partition is scanned.
+    /// Source partition p lands in hub partition [`hub_partition`]`(p, count)` and nowhere
+    /// else, so only the tail of that one hub partition is read.
     pub async fn resume_point(
         &self,
         site: &str,
@@ -404,11 +403,7 @@ impl Hub {
             });
         }
         let topic = hub_topic.to_owned();
-        let hub_partitions: Vec<i32> = if source_partition < count {
-            vec![source_partition]
-        } else {
-            (0..count).collect()
-        };
+        let hub_partitions = vec![hub_partition(source_partition, count)];
         let marks = self
             .ask(move |client| {
                 hub_partitions
@@ -499,6 +494,16 @@ impl Hub {
             scanned,
         })
     }
+}
+
+/// The one hub partition that source partition `source_partition` lands in, for a hub topic
+/// of `hub_partitions` partitions: the same number where the hub has it, else that number
+/// modulo the count. One hub partition per source partition keeps the source's order (and so
+/// per-key order, since a key lives in one source partition) and makes the resume point a
+/// scan of one partition's tail; spreading by key hash would interleave a source partition
+/// over several hub partitions, where no single newest record marks how far it got.
+pub fn hub_partition(source_partition: i32, hub_partitions: i32) -> i32 {
+    source_partition.rem_euclid(hub_partitions.max(1))
 }
 
 /// A resume point and what the session's checkpoints start from.
@@ -623,4 +628,25 @@ fn unsupported(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::ClusterAuthorizationFailed
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_source_partition_has_exactly_one_hub_partition() {
+        assert_eq!(hub_partition(2, 3), 2, "the same number where it exists");
+        assert_eq!(hub_partition(0, 8), 0);
+        assert_eq!(
+            (0..6).map(|p| hub_partition(p, 2)).collect::<Vec<_>>(),
+            [0, 1, 0, 1, 0, 1],
+            "modulo the hub's count where it has fewer"
+        );
+        assert_eq!(
+            hub_partition(5, 0),
+            0,
+            "never a partition that cannot exist"
+        );
+    }
 }

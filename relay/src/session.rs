@@ -827,7 +827,7 @@ impl Reader<'_> {
             .hub
             .ensure_topic(&target, batch.partition_count)
             .await?;
-        let hub_partition = (batch.partition < hub_partitions).then_some(batch.partition);
+        let hub_partition = crate::hub::hub_partition(batch.partition, hub_partitions);
         let key = (batch.topic.clone(), batch.partition);
         let resume_from = {
             let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
@@ -905,11 +905,9 @@ impl Reader<'_> {
                     key: HEADER_OFFSET,
                     value: Some(offset_text.as_bytes()),
                 });
-            let mut hub_record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&target).headers(headers);
-            if let Some(partition) = hub_partition {
-                hub_record = hub_record.partition(partition);
-            }
+            let mut hub_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&target)
+                .headers(headers)
+                .partition(hub_partition);
             if let Some(key) = &record.key {
                 hub_record = hub_record.key(key.as_ref());
             }

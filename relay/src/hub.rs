@@ -572,6 +572,10 @@ fn scan_partition(
                 });
             }
             let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                // On a hub with transactions a range ends in a commit or abort marker (and
+                // may hold aborted records), which this read_committed consumer never
+                // returns: only its position says that it passed them.
+                reached = reached.max(position(consumer, topic, partition).map_err(scan_err)?);
                 continue;
             };
             let message = result.map_err(scan_err)?;
@@ -591,6 +595,18 @@ fn scan_partition(
         window = window.saturating_mul(4);
     }
     Ok(None)
+}
+
+/// Where `consumer` will read `topic`/`partition` next; -1 before it has a position.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64, KafkaError> {
+    let position = consumer.position()?;
+    Ok(position
+        .find_partition(topic, partition)
+        .and_then(|element| match element.offset() {
+            Offset::Offset(next) => Some(next),
+            _ => None,
+        })
+        .unwrap_or(-1))
 }
 
 /// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).

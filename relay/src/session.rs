@@ -988,6 +988,7 @@ async fn acknowledge(
                     progress.advance(&topic, partition, next_offset, &[]);
                     progress.write((topic.clone(), partition));
                     commit(progress.session.producer).await?;
+                    progress.committed();
                 }
                 let records = deliveries.len() as u64;
                 let mut landed = Vec::with_capacity(deliveries.len());
@@ -1044,6 +1045,10 @@ async fn commit(producer: &FutureProducer) -> Result<(), SessionError> {
 struct Progress<'a> {
     session: Session<'a>,
     partitions: HashMap<(String, i32), Tracked>,
+    /// Transactions only: checkpoints written in the open transaction. They join the relay's
+    /// view of the offsets topic once it committed, never before: an aborted batch's
+    /// checkpoint would otherwise make the next session on this relay skip that batch.
+    uncommitted: Vec<(String, Checkpoint)>,
 }
 
 struct Tracked {
@@ -1057,6 +1062,14 @@ impl<'a> Progress<'a> {
         Self {
             session,
             partitions: HashMap::new(),
+            uncommitted: Vec::new(),
+        }
+    }
+
+    /// The open transaction committed: its checkpoints now hold.
+    fn committed(&mut self) {
+        for (key, checkpoint) in self.uncommitted.drain(..) {
+            self.session.context.checkpoints.merge(key, checkpoint);
         }
     }
 
@@ -1146,9 +1159,16 @@ impl<'a> Progress<'a> {
                 tracked.dirty = false;
                 tracked.written_at = Some(tokio::time::Instant::now());
                 context.checkpoints.counted_write();
-                context
-                    .checkpoints
-                    .merge(record_key, tracked.checkpoint.clone());
+                if self.session.transactional {
+                    self.uncommitted
+                        .push((record_key, tracked.checkpoint.clone()));
+                } else {
+                    // Without transactions a checkpoint describes records the hub confirmed:
+                    // it holds whether or not its own write makes it.
+                    context
+                        .checkpoints
+                        .merge(record_key, tracked.checkpoint.clone());
+                }
                 Some(delivery)
             }
             Err((error, _)) => {
@@ -1210,8 +1230,9 @@ impl<'a> Progress<'a> {
             .filter_map(|key| self.write(key))
             .collect();
         if transactional {
-            if let Err(error) = commit(self.session.producer).await {
-                debug!(%error, "final checkpoints not committed");
+            match commit(self.session.producer).await {
+                Ok(()) => self.committed(),
+                Err(error) => debug!(%error, "final checkpoints not committed"),
             }
         }
         for delivery in pending {

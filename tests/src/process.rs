@@ -66,11 +66,32 @@ impl Spoke {
         log: PathBuf,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Spoke> {
+        Self::start_under(&[], name, args, log, env)
+    }
+
+    /// As [`Spoke::start_with_env`], run by `wrapper` (e.g. `strace -f -o FILE`): the guard
+    /// then owns the wrapper, and [`Spoke::stop_wrapped`] stops the spoke process inside it.
+    pub fn start_under(
+        wrapper: &[&str],
+        name: &str,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Spoke> {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(binary(name)?)
+        let program = binary(name)?;
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(&program);
+                command
+            }
+            None => Command::new(&program),
+        };
+        let child = command
             .args(args)
             .env(
                 "SPOKE_LOG",
@@ -111,6 +132,26 @@ impl Spoke {
                 self.name,
                 tail_of(&self.log, 6000)
             );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to the processes the wrapper started, then waits for the wrapper to end.
+    pub fn stop_wrapped(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("process already stopped")?;
+        let status = Command::new("pkill")
+            .args(["-TERM", "-P", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "pkill -P {pid} found nothing to stop");
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    bail!("{} did not stop within 30 s", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         Ok(())
     }

@@ -353,10 +353,21 @@ listen = "127.0.0.1:{admin}"
         options: &AgentOptions,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Spoke> {
+        self.start_agent_under(&[], options, env)
+    }
+
+    /// The agent run by `wrapper` (e.g. strace); stop it with [`Spoke::stop_wrapped`].
+    pub fn start_agent_under(
+        &self,
+        wrapper: &[&str],
+        options: &AgentOptions,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Spoke> {
         let config = self.agent_config(options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
         self.on_edge(|| {
-            Spoke::start_with_env(
+            Spoke::start_under(
+                wrapper,
                 "spoke-agent",
                 &["run", "--config", config],
                 self.path("agent.log"),

@@ -147,3 +147,90 @@ fn nothing_leaves_the_agent_before_the_spool_made_it_durable() -> anyhow::Result
     anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
     Ok(())
 }
+
+/// Scenario 9: what "flushed" means on this kernel, traced. sled's `Db::flush` ends in
+/// `sync_file_range`, which neither flushes the disk's write cache nor commits the log's new
+/// size, and the fence file's rename was never made durable by a sync of its directory. So
+/// a power cut could take back a chunk the agent had counted as spooled, or a fence it had
+/// honoured. The agent runs under strace: every flush must `fdatasync` sled's log, and every
+/// fence rename must be followed by an `fsync` of the directory it is in.
+#[test]
+fn the_spool_and_the_fence_reach_the_disk() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    anyhow::ensure!(
+        std::process::Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok_and(|out| out.status.success()),
+        "strace is needed (scripts/test installs it)"
+    );
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..200).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, "orders", 0, &records)?;
+    let _relay = env.start_relay(&["orders"])?;
+    let trace = env.path("agent.strace");
+    let trace_arg = trace.to_str().unwrap_or_default().to_owned();
+    let mut agent = env.start_agent_under(
+        &[
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,sync_file_range,rename,renameat,renameat2",
+            "-o",
+            &trace_arg,
+        ],
+        &AgentOptions::include(&["orders"]),
+        &[],
+    )?;
+    eventually("200 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 200)
+    })?;
+    agent.stop_wrapped()?;
+    let text = std::fs::read_to_string(&trace)?;
+    let spool_log = format!("{}>", env.path("spool").join("db").display());
+    let dir = format!("<{}>", env.dir.path().display());
+    let log_syncs = text
+        .lines()
+        .filter(|l| l.contains("fdatasync(") && l.contains(&spool_log))
+        .count();
+    let lines: Vec<&str> = text.lines().collect();
+    let renames: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("rename") && lines[i].contains("spool.fence\""))
+        .collect();
+    let unsynced_renames = renames
+        .iter()
+        .filter(|&&i| {
+            // The same thread's next sync after the rename must be of the fence's directory.
+            let thread = lines[i].split_whitespace().next().unwrap_or_default();
+            !lines[i + 1..]
+                .iter()
+                .filter(|l| l.split_whitespace().next() == Some(thread))
+                .take(3)
+                .any(|l| l.contains("fsync(") && l.contains(&dir))
+        })
+        .count();
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    println!(
+        "{} log_fdatasyncs={log_syncs} fence_renames={} unsynced_renames={unsynced_renames}",
+        tally.line("spool-durability", 0),
+        renames.len()
+    );
+    anyhow::ensure!(
+        log_syncs > 0,
+        "no fdatasync of {spool_log} in the agent's trace: flush relied on sled alone"
+    );
+    anyhow::ensure!(!renames.is_empty(), "the agent wrote no fence:\n{text}");
+    anyhow::ensure!(
+        unsynced_renames == 0,
+        "{unsynced_renames} of {} fence renames not followed by an fsync of {dir}",
+        renames.len()
+    );
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    Ok(())
+}

@@ -771,11 +771,14 @@ impl Session<'_> {
                 continue;
             }
             let from = cursors.get(partition).copied().unwrap_or(i64::MIN);
+            let durable = self.spool.durable_position(partition);
             if let Some(chunk) = self
                 .spool
                 .chunks_from(partition, from, 1)?
                 .into_iter()
                 .next()
+                // Not flushed yet: the tailer's flush wakes the shipper again.
+                .filter(|chunk| durable.is_some_and(|at| chunk.next_offset <= at))
             {
                 *round_robin = (*round_robin + i + 1) % n;
                 return Ok(Some(chunk));
@@ -901,14 +904,20 @@ fn read_fence(path: &Path) -> Option<Fence> {
     })
 }
 
-/// Written to a temporary file, synced, then renamed: a crash leaves the old or the new one.
+/// Written to a temporary file, synced, renamed, and the directory synced: a crash leaves the
+/// old or the new one, and once this returns a power cut cannot take the rename back.
 fn write_fence(path: &Path, fence: &Fence) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("fence.tmp");
     let mut file = std::fs::File::create(&tmp)?;
     writeln!(file, "{} {}", fence.until_ms, fence.relay)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn batch_frame(seq: u64, partition_count: i32, chunk: &Chunk) -> Result<Frame, ShipError> {

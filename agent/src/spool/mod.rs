@@ -10,10 +10,16 @@
 //! No write is durable when it returns. [`Spool::append`], [`Spool::advance`],
 //! [`Spool::remove_acked`] and [`Spool::pop_oldest`] are visible to readers at once but only
 //! survive a crash (process kill, power loss) once a later [`Spool::flush`] has returned `Ok`:
-//! `flush` makes every write that returned before it durable (sled: `Db::flush`, which writes and
-//! fsyncs the log). So the tailer must not treat a chunk as spooled, nor the source offset as safe,
-//! before `flush`; the shipper may only rely on a removal after `flush` too, but a removal lost in a
-//! crash only means the chunk is sent again, which the relay deduplicates.
+//! `flush` makes every write that returned before it durable. With sled that takes more than
+//! `Db::flush`, which on Linux ends in `sync_file_range`: that neither flushes the disk's write
+//! cache nor commits the log file's new size, and sled never syncs its blob files or
+//! directories (traced with strace; docs/DESIGN.md, "Durability of the spool"). So
+//! [`SledSpool`] also `fdatasync`s the log, syncs new blob files and their directory, and
+//! syncs its directories when it opens. The tailer must not treat a chunk as spooled, nor the
+//! source offset as safe, before `flush`, and the shipper sends only chunks a returned flush
+//! covers ([`Spool::durable_position`]): otherwise a batch could be in the hub while a crash
+//! took it out of the spool. A removal lost in a crash only means the chunk is sent again,
+//! which the relay deduplicates.
 //!
 //! A chunk and the source position after it are written in **one** atomic sled batch, so after a
 //! crash either both are there or neither is: reading resumes exactly where the spool ends.
@@ -80,6 +86,7 @@
 
 use std::fmt;
 
+mod durable;
 mod model;
 mod sled;
 
@@ -203,6 +210,12 @@ pub enum SpoolError {
     /// Every dictionary id is taken (2^32 dictionaries in one process).
     #[error("no dictionary id left")]
     DictionaryIds,
+    /// Making the spool's files durable failed.
+    #[error("syncing {path} to disk: {source}")]
+    Sync {
+        path: String,
+        source: std::io::Error,
+    },
     /// `append` of a chunk that starts before the partition's spooled position.
     #[error("chunk for {partition}:{first} does not follow the spooled position {position}")]
     OutOfOrder {
@@ -268,9 +281,13 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         keep: &dyn Fn(u32) -> bool,
     ) -> Result<Vec<u32>, SpoolError>;
-    /// Makes every earlier write durable (sled: `Db::flush`). Only after this returns may the
-    /// caller treat appended data as safely spooled / source positions as safe.
+    /// Makes every earlier write durable (sled: `Db::flush` and an `fdatasync`, see the module
+    /// doc). Only after this returns may the caller treat appended data as safely spooled /
+    /// source positions as safe.
     fn flush(&self) -> Result<(), SpoolError>;
+    /// How far `partition`'s chunks are durable: a flush that returned covers every chunk with
+    /// `next_offset` at or below it. Nothing beyond it may leave the agent.
+    fn durable_position(&self, partition: &SourcePartition) -> Option<i64>;
 }
 
 fn unknown_dictionary(chunk: &Chunk, id: u32) -> SpoolError {

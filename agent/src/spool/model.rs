@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::durable::DurableMarks;
 use super::{
     out_of_order, unknown_dictionary, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats,
     StoredDictionary,
@@ -13,6 +14,7 @@ use super::{
 #[derive(Debug, Default)]
 pub struct MemorySpool {
     inner: Mutex<Inner>,
+    marks: DurableMarks,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +61,7 @@ impl Spool for MemorySpool {
         inner
             .positions
             .insert(chunk.partition.clone(), chunk.next_offset);
+        self.marks.written(&chunk.partition, chunk.next_offset);
         Ok(())
     }
 
@@ -69,6 +72,7 @@ impl Spool for MemorySpool {
             .entry(partition.clone())
             .or_insert(next_offset);
         *position = (*position).max(next_offset);
+        self.marks.written(partition, *position);
         Ok(())
     }
 
@@ -204,7 +208,12 @@ impl Spool for MemorySpool {
     }
 
     fn flush(&self) -> Result<(), SpoolError> {
+        self.marks.flushed(self.marks.flushing());
         Ok(())
+    }
+
+    fn durable_position(&self, partition: &SourcePartition) -> Option<i64> {
+        self.marks.position(partition)
     }
 }
 

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ::sled::{Batch, Db, IVec};
+use std::ffi::OsString;
+use std::fs::File;
+
+use super::durable::DurableMarks;
 use bytes::Bytes;
 
 use super::{
@@ -58,6 +62,11 @@ pub struct SledSpool {
     db: Db,
     path: PathBuf,
     state: Mutex<State>,
+    marks: DurableMarks,
+    /// sled's log, synced by [`Spool::flush`] after `Db::flush`.
+    log_file: File,
+    /// Blob files already synced, with the length they had then (see `sync_new_blobs`).
+    synced_blobs: Mutex<BTreeMap<OsString, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -233,11 +242,91 @@ impl SledSpool {
             bytes = state.stats.bytes,
             "opened spool"
         );
-        Ok(SledSpool {
+        // What was read is durable only once synced: a crash of the process alone leaves
+        // sled's writes in the page cache, unsynced, and a power cut after this start would
+        // still lose them. sled syncs none of the files and directories it creates.
+        let log_path = path.join(LOG_FILE);
+        let log_file = File::open(&log_path).map_err(|source| sync_error(&log_path, source))?;
+        log_file
+            .sync_all()
+            .map_err(|source| sync_error(&log_path, source))?;
+        for file in [path.join(CONF_FILE), path.join(BLOBS_DIR)] {
+            if file.exists() {
+                sync_path(&file)?;
+            }
+        }
+        sync_path(path)?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_path(parent)?;
+        }
+        let marks = DurableMarks::opened(state.positions.iter().map(|(p, &o)| (p.clone(), o)));
+        let spool = SledSpool {
             db,
             path: path.to_owned(),
             state: Mutex::new(state),
-        })
+            marks,
+            log_file,
+            synced_blobs: Mutex::new(BTreeMap::new()),
+        };
+        spool.sync_new_blobs()?;
+        Ok(spool)
+    }
+
+    /// `Db::flush`, then what it leaves undone: on Linux it ends in `sync_file_range`, which
+    /// neither flushes the disk's write cache nor commits the log's new size, and sled never
+    /// syncs the blob files it writes pages over ~128 KiB to.
+    fn sync(&self) -> Result<(), SpoolError> {
+        self.db.flush()?;
+        self.log_file
+            .sync_data()
+            .map_err(|source| sync_error(&self.path.join(LOG_FILE), source))?;
+        self.sync_new_blobs()
+    }
+
+    /// Syncs every blob file not synced yet at its current length, then the blob directory
+    /// if any was new. Chunks are stored in 4 KiB pieces, so sled rarely writes a blob; a
+    /// blob file is written once and never changes afterwards, but one being written while
+    /// this runs is synced again once its length moved.
+    fn sync_new_blobs(&self) -> Result<(), SpoolError> {
+        let dir = self.path.join(BLOBS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(sync_error(&dir, source)),
+        };
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut present = BTreeMap::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry.map_err(|source| sync_error(&dir, source))?;
+            let blob = entry.path();
+            let synced_now = match File::open(&blob) {
+                // sled removed it meanwhile: nothing to make durable.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(sync_error(&blob, source)),
+                Ok(file) => {
+                    let len = file
+                        .metadata()
+                        .map_err(|source| sync_error(&blob, source))?
+                        .len();
+                    if synced.get(&entry.file_name()) != Some(&len) {
+                        file.sync_all()
+                            .map_err(|source| sync_error(&blob, source))?;
+                        new = true;
+                    }
+                    len
+                }
+            };
+            present.insert(entry.file_name(), synced_now);
+        }
+        if new {
+            sync_path(&dir)?;
+        }
+        *synced = present;
+        Ok(())
     }
 
     /// Decodes the chunk stored under `key` as `value`, reading its pieces if it has any, and
@@ -333,6 +422,7 @@ impl Spool for SledSpool {
         state
             .positions
             .insert(chunk.partition.clone(), chunk.next_offset);
+        self.marks.written(&chunk.partition, chunk.next_offset);
         Ok(())
     }
 
@@ -348,6 +438,7 @@ impl Spool for SledSpool {
         self.db
             .insert(position_key(partition), &next_offset.to_be_bytes())?;
         state.positions.insert(partition.clone(), next_offset);
+        self.marks.written(partition, next_offset);
         Ok(())
     }
 
@@ -549,8 +640,40 @@ impl Spool for SledSpool {
     }
 
     fn flush(&self) -> Result<(), SpoolError> {
-        self.db.flush()?;
-        Ok(())
+        let covered = self.marks.flushing();
+        match self.sync() {
+            Ok(()) => {
+                self.marks.flushed(covered);
+                Ok(())
+            }
+            Err(error) => {
+                self.marks.retry(covered);
+                Err(error)
+            }
+        }
+    }
+
+    fn durable_position(&self, partition: &SourcePartition) -> Option<i64> {
+        self.marks.position(partition)
+    }
+}
+
+/// sled 0.34's files in the spool directory: its log, its config and its blob directory.
+const LOG_FILE: &str = "db";
+const CONF_FILE: &str = "conf";
+const BLOBS_DIR: &str = "blobs";
+
+/// `fsync` of a file or directory: for a directory, what makes the entries in it durable.
+fn sync_path(path: &Path) -> Result<(), SpoolError> {
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|source| sync_error(path, source))
+}
+
+fn sync_error(path: &Path, source: std::io::Error) -> SpoolError {
+    SpoolError::Sync {
+        path: path.display().to_string(),
+        source,
     }
 }
 

@@ -226,6 +226,14 @@ pub struct HubConfig {
     /// ends); the resume scan covers whatever landed after the last one.
     #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
     pub checkpoint_interval: std::time::Duration,
+    /// Replication factor of the hub topics the relay creates; unset: 3 on a hub of three
+    /// or more brokers, else the hub's default.
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of the hub topics the relay creates, so that `acks=all` means
+    /// that many copies; unset: 2 on a hub of three or more brokers, else the hub's default.
+    #[serde(default)]
+    pub min_insync_replicas: Option<i32>,
     /// librdkafka properties passed through to the hub producer (and resume-scan consumer).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -360,6 +368,30 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
             "must be positive".into(),
         ));
     }
+    if let Some(factor) = config.hub.replication_factor {
+        if factor < 1 {
+            return Err(invalid(
+                "hub.replication_factor",
+                format!("{factor}: must be at least 1 (leave it unset for the default)"),
+            ));
+        }
+    }
+    if let Some(min_insync) = config.hub.min_insync_replicas {
+        if min_insync < 1 {
+            return Err(invalid(
+                "hub.min_insync_replicas",
+                format!("{min_insync}: must be at least 1"),
+            ));
+        }
+        if let Some(factor) = config.hub.replication_factor.filter(|&f| min_insync > f) {
+            return Err(invalid(
+                "hub.min_insync_replicas",
+                format!(
+                    "{min_insync} is above hub.replication_factor {factor}: every write would fail"
+                ),
+            ));
+        }
+    }
     if config.hub.bootstrap.trim().is_empty() {
         return Err(invalid("hub.bootstrap", "must not be empty".into()));
     }
@@ -470,6 +502,24 @@ allow = ["orders", "telemetry\\..*"]
         let err = parse(&text).expect_err("unknown key").to_string();
         assert!(err.contains("relay.toml"), "{err}");
         assert!(err.contains("bootstrapp"), "{err}");
+    }
+
+    #[test]
+    fn a_min_insync_above_the_replication_factor_is_refused() {
+        let text = MINIMAL.replace(
+            "[hub]",
+            "[hub]\nreplication_factor = 2\nmin_insync_replicas = 3",
+        );
+        let err = parse(&text).expect_err("unwritable topics").to_string();
+        assert!(err.contains("hub.min_insync_replicas"), "{err}");
+        let text = MINIMAL.replace("[hub]", "[hub]\nmin_insync_replicas = 0");
+        assert!(parse(&text).is_err());
+        let text = MINIMAL.replace(
+            "[hub]",
+            "[hub]\nreplication_factor = 3\nmin_insync_replicas = 2",
+        );
+        let loaded = parse(&text).expect("valid");
+        assert_eq!(loaded.config.hub.min_insync_replicas, Some(2));
     }
 
     #[test]

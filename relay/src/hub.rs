@@ -80,6 +80,34 @@ pub struct Hub {
     transactions: Transactions,
     /// `hub.transactions = "auto"`, once the hub answered definitively.
     transactions_probed: tokio::sync::OnceCell<bool>,
+    /// `hub.replication_factor` and `hub.min_insync_replicas` as configured.
+    replication: Replication,
+}
+
+/// How the relay creates hub topics: how many copies, and how many `acks=all` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    /// `None`: the hub's `default.replication.factor`.
+    pub factor: Option<i32>,
+    /// `None`: the hub's `min.insync.replicas`.
+    pub min_insync: Option<i32>,
+}
+
+impl Replication {
+    /// What a topic created now gets, on a hub of `brokers` brokers. Unset values follow the
+    /// usual production rule where the hub can hold it: three copies, of which `acks=all`
+    /// waits for two, so that a confirmed record survives the loss of any one broker. A
+    /// smaller hub keeps its own defaults (a `min.insync.replicas` above its broker count
+    /// would refuse every write).
+    pub fn for_hub(configured: Replication, brokers: usize) -> Replication {
+        let large = brokers >= 3;
+        Replication {
+            factor: configured.factor.or(large.then_some(3)),
+            min_insync: configured
+                .min_insync
+                .or((large && configured.factor.is_none_or(|f| f >= 3)).then_some(2)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -106,6 +134,10 @@ impl Hub {
             partitions: Mutex::new(HashMap::new()),
             transactions: config.transactions,
             transactions_probed: tokio::sync::OnceCell::new(),
+            replication: Replication {
+                factor: config.replication_factor,
+                min_insync: config.min_insync_replicas,
+            },
         };
         Ok(Arc::new(hub))
     }
@@ -238,12 +270,17 @@ impl Hub {
             });
         }
         if count == 0 {
-            self.create_topic(NewTopic::new(
+            let replication = self.replication().await?;
+            let min_insync = replication.min_insync.map(|n| n.to_string());
+            let mut new_topic = NewTopic::new(
                 topic,
                 source_partitions.max(1),
-                TopicReplication::Fixed(-1),
-            ))
-            .await?;
+                TopicReplication::Fixed(replication.factor.unwrap_or(-1)),
+            );
+            if let Some(min_insync) = &min_insync {
+                new_topic = new_topic.set("min.insync.replicas", min_insync);
+            }
+            self.create_topic(new_topic).await?;
             tracing::info!(topic, partitions = source_partitions, "created hub topic");
             // Creation is asynchronous in Kafka: wait until metadata shows the partitions.
             for _ in 0..50 {
@@ -311,12 +348,47 @@ impl Hub {
         if self.fetch_partition_count(topic).await? > 0 {
             return Ok(());
         }
-        self.create_topic(
-            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
+        let replication = self.replication().await?;
+        let min_insync = replication.min_insync.map(|n| n.to_string());
+        let mut new_topic = NewTopic::new(
+            topic,
+            1,
+            TopicReplication::Fixed(replication.factor.unwrap_or(-1)),
         )
-        .await?;
+        .set("cleanup.policy", "compact");
+        if let Some(min_insync) = &min_insync {
+            new_topic = new_topic.set("min.insync.replicas", min_insync);
+        }
+        self.create_topic(new_topic).await?;
         tracing::info!(topic, "created the checkpoint topic");
         Ok(())
+    }
+
+    /// The replication a topic created now gets ([`Replication::for_hub`]).
+    async fn replication(&self) -> Result<Replication, HubError> {
+        let brokers = self
+            .ask(|client| {
+                client
+                    .fetch_metadata(None, METADATA_TIMEOUT)
+                    .map(|metadata| metadata.brokers().len())
+                    .map_err(|source| HubError::Metadata {
+                        topic: "(all)".into(),
+                        source,
+                    })
+            })
+            .await?;
+        let replication = Replication::for_hub(self.replication, brokers);
+        static SAID: std::sync::Once = std::sync::Once::new();
+        if replication.min_insync.is_none() {
+            SAID.call_once(|| {
+                tracing::warn!(
+                    brokers,
+                    "hub topics are created with the hub's default min.insync.replicas: on a hub \
+                 of fewer than three brokers acks=all may mean a single copy"
+                )
+            });
+        }
+        Ok(replication)
     }
 
     /// Asks the hub for its metadata: succeeds when the hub answers.
@@ -649,6 +721,39 @@ fn unsupported(error: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_topics_get_two_of_three_copies_where_the_hub_can_hold_them() {
+        let unset = Replication {
+            factor: None,
+            min_insync: None,
+        };
+        let three_of_two = Replication {
+            factor: Some(3),
+            min_insync: Some(2),
+        };
+        assert_eq!(Replication::for_hub(unset, 3), three_of_two);
+        assert_eq!(Replication::for_hub(unset, 9), three_of_two);
+        assert_eq!(
+            Replication::for_hub(unset, 1),
+            unset,
+            "a small hub keeps its defaults"
+        );
+        let configured = Replication {
+            factor: Some(5),
+            min_insync: Some(3),
+        };
+        assert_eq!(Replication::for_hub(configured, 1), configured);
+        let one_copy = Replication {
+            factor: Some(1),
+            min_insync: None,
+        };
+        assert_eq!(
+            Replication::for_hub(one_copy, 5),
+            one_copy,
+            "no minimum above an explicit factor"
+        );
+    }
 
     #[test]
     fn each_source_partition_has_exactly_one_hub_partition() {

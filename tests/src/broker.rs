@@ -77,6 +77,8 @@ pub struct Broker {
     /// The address it listens on and advertises.
     pub host: Ipv4Addr,
     pub port: u16,
+    /// The port it advertises (and clients use): its own, or a proxy's in front of it.
+    pub advertised_port: u16,
     db: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -91,10 +93,29 @@ impl Broker {
     /// namespace that owns `host`: the process inherits it (so does a [`Broker::restart`]:
     /// call that from the same namespace).
     pub fn start_on(dir: &Path, name: &str, host: Ipv4Addr) -> anyhow::Result<Broker> {
+        let port = crate::free_port()?;
+        Self::launch_new(dir, name, host, port, port)
+    }
+
+    /// A broker on loopback that advertises `advertised_port`, where a proxy in front of it
+    /// listens: every client then talks to it through the proxy.
+    pub fn start_behind(dir: &Path, name: &str, advertised_port: u16) -> anyhow::Result<Broker> {
+        let port = crate::free_port()?;
+        Self::launch_new(dir, name, Ipv4Addr::LOCALHOST, port, advertised_port)
+    }
+
+    fn launch_new(
+        dir: &Path,
+        name: &str,
+        host: Ipv4Addr,
+        port: u16,
+        advertised_port: u16,
+    ) -> anyhow::Result<Broker> {
         let mut broker = Broker {
             name: name.to_owned(),
             host,
-            port: crate::free_port()?,
+            port,
+            advertised_port,
             db: dir.join(format!("{name}.db")),
             log: dir.join(format!("{name}.log")),
             child: None,
@@ -104,19 +125,25 @@ impl Broker {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        format!("{}:{}", self.host, self.advertised_port)
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {
         let tansu = tansu_binary()?;
         let url = format!("tcp://{}:{}", self.host, self.port);
+        let advertised = format!("tcp://{}:{}", self.host, self.advertised_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
         let child = Command::new(&tansu)
             .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             .arg("--storage-engine")
             .arg(format!("sqlite:///{}", self.db.display()))
             .env("RUST_LOG", "warn")
@@ -193,6 +220,25 @@ impl Broker {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
+    }
+
+    /// Records of `topic` in the broker's database, read from sqlite rather than over Kafka:
+    /// for a broker whose clients are slowed down on purpose.
+    pub fn stored_records(&self, topic: &str) -> anyhow::Result<i64> {
+        let script = "import sqlite3, sys\n\
+            c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True, timeout=30)\n\
+            print(c.execute('select count(*) from record r join topition tp on r.topition = tp.id join topic t on tp.topic = t.id where t.name = ?', (sys.argv[2],)).fetchone()[0])\n";
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .arg(&self.db)
+            .arg(topic)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "counting records: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
     }
 
     pub fn log_tail(&self) -> String {

@@ -16,6 +16,7 @@ pub mod oracle;
 pub mod pki;
 pub mod process;
 pub mod site;
+pub mod tcp_delay;
 pub mod udp_proxy;
 pub mod wan;
 

@@ -61,6 +61,8 @@ fn within<T: Send>(
 pub struct Env {
     pub placement: Placement,
     pub edge: Broker,
+    /// Before the hub: the delaying proxy every hub client goes through, if there is one.
+    pub hub_proxy: Option<crate::tcp_delay::DelayProxy>,
     pub hub: Broker,
     pub relay_port: u16,
     /// A second relay's QUIC and admin ports, for failover scenarios.
@@ -118,6 +120,16 @@ impl Env {
     /// An environment whose edge and hub sides run where `placement` says. Admin endpoints
     /// stay on each side's own loopback: reach them with [`Env::on_edge`] / [`Env::on_hub`].
     pub fn placed(placement: Placement) -> anyhow::Result<Env> {
+        Self::build(placement, false)
+    }
+
+    /// On loopback, with the hub behind a [`crate::tcp_delay::DelayProxy`] (no delay until
+    /// the test sets one): a slow hub.
+    pub fn with_slow_hub() -> anyhow::Result<Env> {
+        Self::build(Placement::loopback(), true)
+    }
+
+    fn build(placement: Placement, slow_hub: bool) -> anyhow::Result<Env> {
         let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
         // For post-mortems: keep brokers' databases, configs and logs.
         if std::env::var_os("SPOKE_KEEP_TEST_DIR").is_some() {
@@ -128,9 +140,20 @@ impl Env {
         let edge = within(placement.edge_ns.as_deref(), || {
             Broker::start_on(path, "edge", placement.edge_host)
         })?;
-        let hub = within(placement.hub_ns.as_deref(), || {
-            Broker::start_on(path, "hub", placement.hub_host)
-        })?;
+        let (hub, hub_proxy) = if slow_hub {
+            let proxy_port = crate::free_port()?;
+            let hub = Broker::start_behind(path, "hub", proxy_port)?;
+            let proxy = crate::tcp_delay::DelayProxy::start(
+                ([127, 0, 0, 1], proxy_port).into(),
+                ([127, 0, 0, 1], hub.port).into(),
+            )?;
+            (hub, Some(proxy))
+        } else {
+            let hub = within(placement.hub_ns.as_deref(), || {
+                Broker::start_on(path, "hub", placement.hub_host)
+            })?;
+            (hub, None)
+        };
         let pki = dir.path().join("pki");
         let pki_str = pki.to_str().context("non-UTF-8 temp path")?;
         let out = process::run("spoke-relay", &["pki", "init", "--out", pki_str])?;
@@ -147,6 +170,7 @@ impl Env {
         Ok(Env {
             placement,
             edge,
+            hub_proxy,
             hub,
             relay_port: crate::free_port()?,
             relay_admin: crate::free_port()?,

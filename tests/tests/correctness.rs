@@ -234,3 +234,79 @@ fn the_spool_and_the_fence_reach_the_disk() -> anyhow::Result<()> {
     anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
     Ok(())
 }
+
+/// Scenario 5: a relay that lost its agent (killed, so no goodbye) must stop writing to the
+/// hub before the agent's fence lets another relay resume the site; without transactions
+/// nothing else fences it. With a slow hub, the relay handed each batch it had already
+/// received to its producer after the previous one landed, long after the agent's last batch
+/// (and its session lived on for the 30 s read timeout): those records land after the fence
+/// opened and would be sent again by the next relay. The hub here sits behind a proxy that
+/// delays every byte; after the fence time nothing more may land.
+#[test]
+fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    const FENCE_DELAY: Duration = Duration::from_secs(15);
+    let env = Env::with_slow_hub()?;
+    let proxy = env
+        .hub_proxy
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no proxy"))?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    kafka::create_topic(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let relay = env.start_relay(&["orders"])?;
+    let mut options = AgentOptions::include(&["orders"]);
+    // Many small batches of one partition, each handed over once the one before landed.
+    options.extra = "[ship]\nbatch_max_bytes = \"4KiB\"\n".into();
+    let mut agent = env.start_agent(&options)?;
+    eventually("the agent's session", Duration::from_secs(60), || {
+        Ok(relay.log().contains("site connected"))
+    })?;
+    proxy.set_delay(Duration::from_millis(1500));
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..3000).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, "orders", 0, &records)?;
+    // Loopback to the relay is fast: give the agent a moment to send its window, then kill it.
+    eventually(
+        "the agent to ship its batches",
+        Duration::from_secs(30),
+        || {
+            let series = admin::scrape(&env.agent_admin())?;
+            Ok(admin::sum(&series, "spoke_agent_wire_bytes_total", &[]) > 15_000.0)
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill9()?;
+    let killed = std::time::Instant::now();
+    // The agent may resume elsewhere fence_delay after its last batch's fence (1 s ahead).
+    std::thread::sleep(
+        (killed + FENCE_DELAY + Duration::from_secs(2))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
+    let at_fence = env.hub.stored_records(HUB_TOPIC)?;
+    std::thread::sleep(Duration::from_secs(20));
+    let later = env.hub.stored_records(HUB_TOPIC)?;
+    proxy.set_delay(Duration::ZERO);
+    let agent = env.start_agent(&options)?;
+    let arrived = eventually("all 3000 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(env.hub.stored_records(HUB_TOPIC)? >= 3000)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    println!(
+        "{} at_fence={at_fence} after_fence={}",
+        tally.line("relay-past-fence", reported_lost(&env)),
+        later - at_fence
+    );
+    drop(agent);
+    anyhow::ensure!(
+        later == at_fence,
+        "{} records landed in the hub after the agent's fence opened, from a relay that had \
+         lost the agent",
+        later - at_fence
+    );
+    arrived?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    Ok(())
+}

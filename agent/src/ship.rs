@@ -37,7 +37,10 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
 /// once its hub deliveries are confirmed and its last checkpoints written, which takes a few
 /// seconds on a busy hub.
 const GOODBYE_WAIT: Duration = Duration::from_secs(15);
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// Every heartbeat extends the fence, and the relay hands records to the hub only for a few
+/// seconds after the last one it heard (`hub.fence_delay - hub.delivery_timeout - 1 s`, 6 s
+/// by default): this leaves room for a heartbeat that a lost packet holds up.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// Longest run of frame writes before acknowledgements, a stop and heartbeats are looked at.
 const WRITE_PASS: Duration = Duration::from_millis(50);
 /// How long a graceful stop waits for in-flight batches to be acknowledged.
@@ -127,6 +130,7 @@ pub async fn run(
             fence: &mut fence,
             fence_path: &fence_path,
             welcomed: false,
+            relay: None,
         };
         let span = tracing::info_span!("relay", address = %relay.address);
         let result = async {
@@ -398,6 +402,8 @@ struct Session<'a> {
     fence: &'a mut Option<Fence>,
     fence_path: &'a Path,
     welcomed: bool,
+    /// The relay process of this session, once its Welcome passed the fence check.
+    relay: Option<String>,
 }
 
 impl Session<'_> {
@@ -436,6 +442,7 @@ impl Session<'_> {
             None => return Err(ShipError::Closed("before Welcome".into())),
         };
         self.check_fence(&welcome.relay)?;
+        self.relay = Some(welcome.relay.clone());
         // Chunks wholly below the resume point are already in the hub (an Ack that was lost
         // with the previous connection): drop them instead of sending them again.
         for point in &welcome.resume {
@@ -609,11 +616,22 @@ impl Session<'_> {
         }
     }
 
+    /// A heartbeat also extends the fence while it names this session's relay: the relay
+    /// counts the heartbeat as the agent still being there (`hub.fence_delay` on the relay),
+    /// so the agent must not move elsewhere sooner than the fence delay after it either.
     async fn send_heartbeat(
-        &self,
+        &mut self,
         control: &mut quinn::SendStream,
         connection: &quinn::Connection,
     ) -> Result<(), ShipError> {
+        let relay = self
+            .fence
+            .as_ref()
+            .map(|fence| fence.relay.clone())
+            .filter(|relay| self.relay.as_deref() == Some(relay.as_str()));
+        if let Some(relay) = relay {
+            self.extend_fence(&relay)?;
+        }
         write_frame(control, &Frame::Heartbeat(self.heartbeat())).await?;
         log_path(connection);
         Ok(())
@@ -622,7 +640,7 @@ impl Session<'_> {
     /// Waits for `until` (the pacer's start for the next frame), heartbeating on the control
     /// stream meanwhile: between frames a heartbeat may go on it whatever stream the data uses.
     async fn heartbeat_until(
-        &self,
+        &mut self,
         until: Option<tokio::time::Instant>,
         control: &mut quinn::SendStream,
         connection: &quinn::Connection,
@@ -647,7 +665,7 @@ impl Session<'_> {
     /// heartbeat goes on while a data stream waits. On the control stream the frame's own
     /// bytes are what the relay hears: a heartbeat cannot go inside a frame.
     async fn write_heartbeating(
-        &self,
+        &mut self,
         data: Option<&mut quinn::SendStream>,
         control: &mut quinn::SendStream,
         connection: &quinn::Connection,

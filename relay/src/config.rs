@@ -226,6 +226,18 @@ pub struct HubConfig {
     /// ends); the resume scan covers whatever landed after the last one.
     #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
     pub checkpoint_interval: std::time::Duration,
+    /// A record the hub has not confirmed this long after the relay handed it to its
+    /// producer fails (librdkafka's `message.timeout.ms`): the session ends and the agent
+    /// sends it again.
+    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
+    pub delivery_timeout: std::time::Duration,
+    /// The `relay.fence_delay` of the agents this relay serves (theirs defaults to 15 s too).
+    /// Without transactions it is what keeps two relays from writing a site's records at
+    /// once: a session hands records to the hub producer only until
+    /// `fence_delay - delivery_timeout - 1 s` after the agent's last batch or heartbeat, so
+    /// nothing it sent can land once the agent may have moved on to another relay.
+    #[serde(default = "default_fence_delay", with = "humantime_serde")]
+    pub fence_delay: std::time::Duration,
     /// Replication factor of the hub topics the relay creates; unset: 3 on a hub of three
     /// or more brokers, else the hub's default.
     #[serde(default)]
@@ -284,6 +296,28 @@ fn default_topic_template() -> String {
 
 fn default_offsets_topic() -> String {
     "spoke.offsets".to_owned()
+}
+
+fn default_delivery_timeout() -> std::time::Duration {
+    // Leaves a hand-over window (15 - 8 - 1 = 6 s) longer than the agents' 5 s heartbeat.
+    std::time::Duration::from_secs(8)
+}
+
+fn default_fence_delay() -> std::time::Duration {
+    std::time::Duration::from_secs(15)
+}
+
+/// What the fence budget keeps back for a batch's way from the agent to the relay.
+pub const TRANSIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl HubConfig {
+    /// How long after the agent's last batch a session may still hand records to the hub
+    /// producer (see `fence_delay`); validated to be at least a second.
+    pub fn handover_window(&self) -> std::time::Duration {
+        self.fence_delay
+            .saturating_sub(self.delivery_timeout)
+            .saturating_sub(TRANSIT_MARGIN)
+    }
 }
 
 fn default_checkpoint_interval() -> std::time::Duration {
@@ -389,6 +423,36 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
                 format!(
                     "{min_insync} is above hub.replication_factor {factor}: every write would fail"
                 ),
+            ));
+        }
+    }
+    if config.hub.delivery_timeout < std::time::Duration::from_secs(1) {
+        return Err(invalid(
+            "hub.delivery_timeout",
+            "must be at least 1s".into(),
+        ));
+    }
+    if config.hub.handover_window() < std::time::Duration::from_secs(1) {
+        return Err(invalid(
+            "hub.fence_delay",
+            format!(
+                "{} leaves no time to hand records to the hub: it must exceed \
+                 hub.delivery_timeout ({}) by at least 2s, or a relay that lost an agent \
+                 could still write after the agent moved to another relay",
+                humantime::format_duration(config.hub.fence_delay),
+                humantime::format_duration(config.hub.delivery_timeout)
+            ),
+        ));
+    }
+    for key in [
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "request.timeout.ms",
+    ] {
+        if config.hub.kafka.contains_key(key) {
+            return Err(invalid(
+                &format!("hub.kafka.{key}"),
+                "set hub.delivery_timeout instead: the fence between relays depends on it".into(),
             ));
         }
     }
@@ -520,6 +584,29 @@ allow = ["orders", "telemetry\\..*"]
         );
         let loaded = parse(&text).expect("valid");
         assert_eq!(loaded.config.hub.min_insync_replicas, Some(2));
+    }
+
+    #[test]
+    fn the_delivery_timeout_must_leave_time_before_the_agents_fence() {
+        let loaded = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            loaded.config.hub.handover_window(),
+            std::time::Duration::from_secs(6)
+        );
+        let text = MINIMAL.replace("[hub]", "[hub]\ndelivery_timeout = \"14s\"");
+        let err = parse(&text).expect_err("no hand-over time").to_string();
+        assert!(err.contains("hub.fence_delay"), "{err}");
+        let text = MINIMAL.replace(
+            "[hub]",
+            "[hub]\ndelivery_timeout = \"14s\"\nfence_delay = \"30s\"",
+        );
+        assert!(parse(&text).is_ok());
+        let text = MINIMAL.replace(
+            "[sites.branch-042]",
+            "[hub.kafka]\n\"message.timeout.ms\" = \"300000\"\n[sites.branch-042]",
+        );
+        let err = parse(&text).map(|_| ()).expect_err("overridden timeout");
+        assert!(err.to_string().contains("message.timeout.ms"), "{err}");
     }
 
     #[test]

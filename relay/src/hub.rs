@@ -82,6 +82,8 @@ pub struct Hub {
     transactions_probed: tokio::sync::OnceCell<bool>,
     /// `hub.replication_factor` and `hub.min_insync_replicas` as configured.
     replication: Replication,
+    /// `hub.delivery_timeout`: librdkafka's `message.timeout.ms` for session producers.
+    delivery_timeout: Duration,
 }
 
 /// How the relay creates hub topics: how many copies, and how many `acks=all` waits for.
@@ -138,6 +140,7 @@ impl Hub {
                 factor: config.replication_factor,
                 min_insync: config.min_insync_replicas,
             },
+            delivery_timeout: config.delivery_timeout,
         };
         Ok(Arc::new(hub))
     }
@@ -221,10 +224,13 @@ impl Hub {
         config
             .set("bootstrap.servers", &self.bootstrap)
             .set("linger.ms", "5")
-            // A delivery not confirmed in 10 s fails (and ends the session) rather than
-            // landing late; agents wait `relay.fence_delay` (default 15 s) after their last
-            // batch before starting over with another relay, so keep it above this.
-            .set("message.timeout.ms", "10000")
+            // A delivery not confirmed in time fails (and ends the session) rather than
+            // landing late: with the hand-over window (`HubConfig::handover_window`) it
+            // bounds when a session's records can land, below the agents' fence delay.
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            )
             // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default.
             .set("message.max.bytes", "16777216")
             // Each session has its own producer: librdkafka's 1 GiB default queue would let
@@ -245,7 +251,13 @@ impl Hub {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("enable.gapless.guarantee", "true");
+            .set("enable.gapless.guarantee", "true")
+            // A request still unanswered then fails too: together with message.timeout.ms
+            // this bounds when a handed-over record can land (`HubConfig::handover_window`).
+            .set(
+                "request.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            );
         if let Some(id) = transactional_id {
             config.set("transactional.id", id).set(
                 "transaction.timeout.ms",

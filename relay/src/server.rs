@@ -103,6 +103,7 @@ pub async fn run(
         site_connections: session::SiteConnections::default(),
         checkpoints,
         teardowns: TaskTracker::new(),
+        handover_window: config.hub.handover_window(),
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 

@@ -70,6 +70,9 @@ pub struct SessionContext {
     pub checkpoints: Arc<Checkpoints>,
     /// Producers of ended sessions, still draining.
     pub teardowns: TaskTracker,
+    /// How long after the agent's last batch records may still be handed to the hub
+    /// producer (`HubConfig::handover_window`).
+    pub handover_window: Duration,
 }
 
 /// How long a well-ending session waits for a hub topic's partition ends.
@@ -210,6 +213,12 @@ pub enum SessionError {
     Version { min: u8, max: u8 },
     #[error("no Hello within {0:?}")]
     HelloTimeout(Duration),
+    #[error(
+        "the hub is too slow: records could not be handed to it within {window:?} of the \
+         agent's last heartbeat, so they could land after the agent's fence \
+         (hub.fence_delay); the session ends and they are sent again"
+    )]
+    HandoverLate { window: Duration },
     #[error("site already has {max} open connections on this relay")]
     TooManySiteConnections { max: u32 },
     #[error("the certificate is now on tls.deny")]
@@ -277,6 +286,7 @@ impl SessionError {
             | Self::Delivery(_)
             | Self::Transaction(_)
             | Self::Superseded
+            | Self::HandoverLate { .. }
             | Self::HandoffTimeout => None,
         }
     }
@@ -288,9 +298,11 @@ impl SessionError {
             | Self::SiteMismatch { .. }
             | Self::Denied
             | Self::TooManySiteConnections { .. } => close_code::NOT_AUTHORIZED,
-            Self::Hub(_) | Self::Delivery(_) | Self::Transaction(_) | Self::HandoffTimeout => {
-                close_code::HUB_ERROR
-            }
+            Self::Hub(_)
+            | Self::Delivery(_)
+            | Self::Transaction(_)
+            | Self::HandoffTimeout
+            | Self::HandoverLate { .. } => close_code::HUB_ERROR,
             _ => close_code::PROTOCOL_ERROR,
         }
     }
@@ -552,6 +564,7 @@ async fn serve_site(
     let shared = Mutex::new(Partitions {
         resume,
         stream: HashMap::new(),
+        last_heard_at: tokio::time::Instant::now(),
     });
     // With transactions one batch is open at a time, whichever stream it came on: its reader
     // holds this until the acker committed it.
@@ -683,6 +696,10 @@ struct Partitions {
     resume: HashMap<(String, i32), i64>,
     /// The stream its batches arrive on: one, so that they reach the producer in order.
     stream: HashMap<(String, i32), u64>,
+    /// When the control stream last carried a frame (a heartbeat, or a batch from an agent
+    /// without data streams): records are handed to the producer only until
+    /// `handover_window` after it (`Reader::handover_deadline`).
+    last_heard_at: tokio::time::Instant,
 }
 
 struct Reader<'a> {
@@ -726,7 +743,16 @@ impl Reader<'_> {
             let on_control = self.stream == CONTROL_STREAM;
             let outcome = match frame {
                 None => return Ok(self.stream),
-                Some(Frame::Batch(batch)) => self.handle_batch(batch).await?,
+                Some(Frame::Batch(batch)) => {
+                    // Only the control stream's frames say that the agent is still there: a
+                    // data stream's frames wait in QUIC's buffers while their reader waits for
+                    // the hub, and may be read long after the agent died. With data streams
+                    // the control stream carries heartbeats alone and is read at once.
+                    if on_control {
+                        self.lock_partitions().last_heard_at = tokio::time::Instant::now();
+                    }
+                    self.handle_batch(batch).await?
+                }
                 Some(Frame::Dictionary(dictionary)) => {
                     self.dictionaries.insert(&dictionary).map_err(|source| {
                         SessionError::Dictionary {
@@ -742,6 +768,7 @@ impl Reader<'_> {
                     continue;
                 }
                 Some(Frame::Heartbeat(heartbeat)) if on_control => {
+                    self.lock_partitions().last_heard_at = tokio::time::Instant::now();
                     debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
                     self.session
                         .context
@@ -767,6 +794,38 @@ impl Reader<'_> {
             if self.queue.send(outcome).await.is_err() {
                 // The acker ended; its result is what the session reports.
                 return Ok(self.stream);
+            }
+        }
+    }
+
+    fn lock_partitions(&self) -> std::sync::MutexGuard<'_, Partitions> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The time by which a record must be in the hub producer's hands. The agent moves to
+    /// another relay no sooner than its fence delay after its last batch or heartbeat to this
+    /// one, and a record handed over lands (or fails) within `hub.delivery_timeout`: handing
+    /// one over later could let it land while another relay resumes the site.
+    fn handover_deadline(&self) -> tokio::time::Instant {
+        self.lock_partitions().last_heard_at + self.session.context.handover_window
+    }
+
+    /// Waits for `wait` (the hub taking earlier records), but never past the hand-over
+    /// deadline, which moves on while the agent keeps sending.
+    async fn before_deadline<F: std::future::Future>(
+        &self,
+        wait: F,
+    ) -> Result<F::Output, SessionError> {
+        tokio::pin!(wait);
+        loop {
+            let deadline = self.handover_deadline();
+            if let Ok(done) = tokio::time::timeout_at(deadline, &mut wait).await {
+                return Ok(done);
+            }
+            if self.handover_deadline() <= deadline {
+                return Err(SessionError::HandoverLate {
+                    window: self.session.context.handover_window,
+                });
             }
         }
     }
@@ -854,10 +913,10 @@ impl Reader<'_> {
 
         // Outside the transaction lock: with transactions the previous batch was committed,
         // so its records landed, before the lock is free.
-        self.gates.wait(&key).await;
+        self.before_deadline(self.gates.wait(&key)).await?;
         let transaction = match &self.transaction {
             Some(lock) => {
-                let open = lock.clone().lock_owned().await;
+                let open = self.before_deadline(lock.clone().lock_owned()).await?;
                 self.session
                     .producer
                     .begin_transaction()
@@ -883,7 +942,7 @@ impl Reader<'_> {
                 if let Some(last) = last.take() {
                     deliveries.push(self.gates.close(key.clone(), last));
                 }
-                self.gates.wait(&key).await;
+                self.before_deadline(self.gates.wait(&key)).await?;
             }
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
             for header in &record.headers {
@@ -917,7 +976,13 @@ impl Reader<'_> {
             if let Some(timestamp) = record.timestamp {
                 hub_record = hub_record.timestamp(timestamp);
             }
-            let delivery = enqueue(self.session.producer, hub_record).await?;
+            let delivery = enqueue(
+                self.session.producer,
+                hub_record,
+                || self.handover_deadline(),
+                context.handover_window,
+            )
+            .await?;
             if let Some(previous) = last.replace(delivery) {
                 deliveries.push(Pending::Record(previous));
             }
@@ -942,12 +1007,18 @@ impl Reader<'_> {
     }
 }
 
-/// Hands one record to librdkafka, waiting while its local queue is full.
+/// Hands one record to librdkafka, waiting while its local queue is full, but not past the
+/// hand-over deadline (`Reader::handover_deadline`), asked again before every attempt.
 async fn enqueue<'a>(
     producer: &FutureProducer,
     mut record: FutureRecord<'a, [u8], [u8]>,
+    deadline: impl Fn() -> tokio::time::Instant,
+    window: Duration,
 ) -> Result<DeliveryFuture, SessionError> {
     loop {
+        if tokio::time::Instant::now() > deadline() {
+            return Err(SessionError::HandoverLate { window });
+        }
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {

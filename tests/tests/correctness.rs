@@ -265,7 +265,8 @@ fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow:
     let producer = kafka::producer(&env.edge.bootstrap())?;
     let records: Vec<Rec> = (0..3000).map(|i| keyed(0, i)).collect();
     kafka::produce(&producer, "orders", 0, &records)?;
-    // Loopback to the relay is fast: give the agent a moment to send its window, then kill it.
+    // Loopback to the relay is fast: the agent sends its whole window at once, and the relay
+    // works through it at the hub's pace. Kill the agent once some of it landed.
     eventually(
         "the agent to ship its batches",
         Duration::from_secs(30),
@@ -274,10 +275,14 @@ fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow:
             Ok(admin::sum(&series, "spoke_agent_wire_bytes_total", &[]) > 15_000.0)
         },
     )?;
-    std::thread::sleep(Duration::from_secs(1));
+    eventually(
+        "the first records in the slow hub",
+        Duration::from_secs(60),
+        || Ok(env.hub.stored_records(HUB_TOPIC)? >= 100),
+    )?;
     agent.kill9()?;
     let killed = std::time::Instant::now();
-    // The agent may resume elsewhere fence_delay after its last batch's fence (1 s ahead).
+    // The agent may resume elsewhere fence_delay after its last fence (1 s ahead).
     std::thread::sleep(
         (killed + FENCE_DELAY + Duration::from_secs(2))
             .saturating_duration_since(std::time::Instant::now()),

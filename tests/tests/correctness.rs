@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::oracle;
 use spoke_tests::site::{AgentOptions, Env, SITE};
@@ -311,6 +313,84 @@ fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow:
         later - at_fence
     );
     arrived?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    Ok(())
+}
+
+/// Scenario 5, the agent's half: its fence was timed by the wall clock, so a clock that
+/// jumps ahead (an NTP step, a wrong hardware clock at boot) cut the wait before another
+/// relay short, and one that jumps back made it wait for hours. The agent stops after
+/// shipping to relay A; A goes away; the agent starts again with only relay B and its wall
+/// clock an hour ahead (faketime; the boot-time clock in /proc/uptime is untouched). It must
+/// still wait out the fence delay after its last contact with A.
+#[test]
+fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    const FENCE_DELAY: Duration = Duration::from_secs(15);
+    anyhow::ensure!(
+        std::process::Command::new("faketime")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success()),
+        "faketime is needed (scripts/test installs it)"
+    );
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..200).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, "orders", 0, &records[..100])?;
+    let mut relay_a = env.start_relay(&["orders"])?;
+    let relay_b = env.start_relay_b(&["orders"])?;
+    let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("100 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 100)
+    })?;
+    agent.stop()?;
+    let stopped = std::time::Instant::now();
+    relay_a.stop()?;
+    kafka::produce(&producer, "orders", 0, &records[100..])?;
+    let config = std::fs::read_to_string(env.path("agent.toml"))?.replace(
+        &format!(":{}\"", env.relay_port),
+        &format!(":{}\"", env.relay_b_port),
+    );
+    let config_path = env.path("agent-b.toml");
+    std::fs::write(&config_path, config)?;
+    let config_path = config_path.to_str().unwrap_or_default().to_owned();
+    let _agent = spoke_tests::process::Spoke::start_under(
+        &["faketime", "-f", "+1h"],
+        "spoke-agent",
+        &["run", "--config", &config_path],
+        env.path("agent-b.log"),
+        &[("FAKETIME_DONT_FAKE_MONOTONIC", "1")],
+    )?;
+    let log = env.path("agent-b.log");
+    eventually(
+        "the agent's session with relay B",
+        Duration::from_secs(60),
+        || Ok(std::fs::read_to_string(&log)?.contains("spoke_agent::ship: connected")),
+    )?;
+    let waited = stopped.elapsed();
+    anyhow::ensure!(
+        waited + Duration::from_secs(2) >= FENCE_DELAY,
+        "the agent opened a session with another relay {waited:?} after its last contact with \
+         the first, less than the {FENCE_DELAY:?} fence: its clock jumped an hour ahead"
+    );
+    eventually(
+        "all 200 records in the hub",
+        Duration::from_secs(60),
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 200),
+    )
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    println!(
+        "{} fence_wait_ms={}",
+        tally.line("fence-clock-ahead", 0),
+        waited.as_millis()
+    );
+    drop(relay_b);
     anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
     anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
     Ok(())

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod dictionary;
+pub mod fence;
 pub mod malloc;
 pub mod progress;
 pub mod select;

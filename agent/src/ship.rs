@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::{Endpoint, Loaded};
+use crate::fence::{self, Fence};
 use crate::progress::Progress;
 use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
 use spoke_io::wire::{read_frame, write_frame, WireError};
@@ -112,8 +113,8 @@ pub async fn run(
     let mut endpoint_v6: Option<quinn::Endpoint> = None;
     let mut backoff = BACKOFF_START;
     let mut index = 0usize;
-    let fence_path = fence_path(&live.borrow().config.spool.path);
-    let mut fence = read_fence(&fence_path);
+    let fence_path = fence::path(&live.borrow().config.spool.path);
+    let mut fence = fence::read(&fence_path);
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -736,36 +737,35 @@ impl Session<'_> {
         let Some(fence) = self.fence.as_ref() else {
             return Ok(());
         };
-        if fence.relay == relay {
-            return Ok(());
-        }
-        let fence_delay =
-            u64::try_from(self.loaded.config.relay.fence_delay.as_millis()).unwrap_or(u64::MAX);
-        let open_at = fence.until_ms.saturating_add(fence_delay);
-        let now = crate::now_ms();
-        if now >= open_at {
+        let wait = fence::wait(
+            fence,
+            relay,
+            &fence::Instant::now(),
+            self.loaded.config.relay.fence_delay,
+        );
+        if wait.is_zero() {
             return Ok(());
         }
         Err(ShipError::Fenced {
             previous: fence.relay.clone(),
-            wait: Duration::from_millis(open_at - now),
+            wait,
         })
     }
 
     /// Records, durably and ahead of time, that batches may go to `relay` for the next
     /// second, so that even a restart after a crash honours the fence.
     fn extend_fence(&mut self, relay: &str) -> Result<(), ShipError> {
-        let now = crate::now_ms();
-        if let Some(fence) = self.fence.as_ref() {
-            if fence.relay == relay && fence.until_ms > now + FENCE_SLACK_MS / 2 {
+        let now = fence::Instant::now();
+        if let Some(held) = self.fence.as_ref() {
+            if held.relay == relay && held.until.left_after(&now) > fence::SLACK / 2 {
                 return Ok(());
             }
         }
         let fence = Fence {
             relay: relay.to_owned(),
-            until_ms: now + FENCE_SLACK_MS,
+            until: now.after(fence::SLACK),
         };
-        write_fence(self.fence_path, &fence).map_err(|source| ShipError::FenceFile {
+        fence::write(self.fence_path, &fence).map_err(|source| ShipError::FenceFile {
             path: self.fence_path.to_owned(),
             source,
         })?;
@@ -895,47 +895,6 @@ impl Session<'_> {
                 .collect(),
         }
     }
-}
-
-/// How far ahead the fence file claims batches may be sent.
-const FENCE_SLACK_MS: u64 = 1000;
-
-/// The relay process batches last went to, and until when they may have been sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fence {
-    relay: String,
-    until_ms: u64,
-}
-
-/// Beside the spool directory: `spool` → `spool.fence`.
-fn fence_path(spool: &Path) -> PathBuf {
-    spool.with_extension("fence")
-}
-
-/// A missing or unreadable file means no fence: the first session of a fresh install.
-fn read_fence(path: &Path) -> Option<Fence> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let (until, relay) = text.trim_end().split_once(' ')?;
-    Some(Fence {
-        relay: relay.to_owned(),
-        until_ms: until.parse().ok()?,
-    })
-}
-
-/// Written to a temporary file, synced, renamed, and the directory synced: a crash leaves the
-/// old or the new one, and once this returns a power cut cannot take the rename back.
-fn write_fence(path: &Path, fence: &Fence) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("fence.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    writeln!(file, "{} {}", fence.until_ms, fence.relay)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    let dir = path
-        .parent()
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn batch_frame(seq: u64, partition_count: i32, chunk: &Chunk) -> Result<Frame, ShipError> {

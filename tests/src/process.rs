@@ -156,6 +156,16 @@ impl Spoke {
         Ok(())
     }
 
+    /// SIGKILL to the processes the wrapper started, then to the wrapper.
+    pub fn kill9_wrapped(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("process already stopped")?;
+        let status = Command::new("pkill")
+            .args(["-KILL", "-P", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "pkill -P {pid} found nothing to kill");
+        self.kill9()
+    }
+
     /// SIGKILL: no chance to flush, drain or say goodbye.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -87,7 +87,7 @@ impl Instant {
 
 fn parse_uptime_ms(text: &str) -> Option<u64> {
     let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| (seconds * 1000.0) as u64)
+    (seconds.is_finite() && seconds >= 0.0).then_some((seconds * 1000.0) as u64)
 }
 
 /// How long a session with `relay` must still wait at `now` under `fence`.

@@ -70,26 +70,31 @@ fn source_offsets(env: &Env, source_partition: i32) -> anyhow::Result<Vec<i64>> 
     Ok(offsets)
 }
 
-/// Source partition 2 has no hub partition of its own (the hub topic has 2), so its records
-/// are spread by key and a resume scan must look at every hub partition. Its records all
-/// carry one key, so one hub partition never sees them: without a checkpoint, every resume
-/// reads that whole partition back to its start.
+/// Source partition 2 has no hub partition of its own (the hub topic has 2), so it shares
+/// hub partition 0 with source partition 0. Its first records land there before 3,000 of
+/// partition 0's: without a checkpoint, the next resume scan reads back through all of those
+/// to find partition 2's newest record; with one, it reads only what came after it.
 #[test]
 fn checkpoints_are_written_read_back_and_bound_the_resume_scan() -> anyhow::Result<()> {
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 3)?;
     kafka::create_topic(&env.hub.bootstrap(), HUB_TOPIC, 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
-    for p in 0..2 {
-        let records: Vec<Rec> = (0..3_000).map(|i| rec(i, &format!("k{i}"))).collect();
-        kafka::produce(&producer, "orders", p, &records)?;
-    }
     let spread: Vec<Rec> = (0..20).map(|i| rec(i, "one-key")).collect();
     kafka::produce(&producer, "orders", 2, &spread[..10])?;
 
     let options = AgentOptions::include(&["orders"]);
     let mut relay = env.start_relay(&["orders"])?;
     let mut agent = env.start_agent(&options)?;
+    eventually(
+        "partition 2's first records in the hub",
+        Duration::from_secs(60),
+        || Ok(hub_total(&env)? == 10),
+    )?;
+    for p in 0..2 {
+        let records: Vec<Rec> = (0..3_000).map(|i| rec(i, &format!("k{i}"))).collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
     eventually("6,010 records in the hub", Duration::from_secs(180), || {
         Ok(hub_total(&env)? == 6_010)
     })?;
@@ -125,9 +130,11 @@ fn checkpoints_are_written_read_back_and_bound_the_resume_scan() -> anyhow::Resu
 
     // A new relay process knows only what the hub holds. The agent spools the new records
     // while no relay runs, so its Hello names source partition 2 and forces a resume scan.
-    let with_checkpoints = resume_after_restart(&env, &options, &spread[10..15], "spoke.offsets")?;
-    // The same again with a relay that reads another, empty offsets topic: the baseline.
-    let without = resume_after_restart(&env, &options, &spread[15..], "spoke.offsets.unused")?;
+    // First the baseline, a relay that reads another, empty offsets topic (what it writes
+    // there the second relay does not read); then one that reads the checkpoints, whose floor
+    // is where the first session ended.
+    let without = resume_after_restart(&env, &options, &spread[10..15], "spoke.offsets.unused")?;
+    let with_checkpoints = resume_after_restart(&env, &options, &spread[15..], "spoke.offsets")?;
     println!(
         "scenario=checkpoint-resume scanned_with_checkpoints={} scanned_without={} checkpoints_read={}",
         with_checkpoints.scanned, without.scanned, with_checkpoints.read
@@ -143,7 +150,8 @@ fn checkpoints_are_written_read_back_and_bound_the_resume_scan() -> anyhow::Resu
     );
     assert!(
         without.scanned >= 3_000.0,
-        "without checkpoints a whole hub partition must be read ({})",
+        "without checkpoints the scan must read back past source partition 0's 3,000 records \
+         ({})",
         without.scanned
     );
 

@@ -814,6 +814,8 @@ impl Session<'_> {
         match frame {
             Some(Frame::Ack(ack)) => {
                 let oldest = lanes.answered(ack.seq)?;
+                // The window between a batch landing in the hub and leaving the spool.
+                spoke_io::failpoint::hit("ship.ack_received");
                 self.spool
                     .remove_acked(&oldest.partition, oldest.next_offset)?;
                 self.progress

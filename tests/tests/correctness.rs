@@ -401,3 +401,139 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
     anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
     Ok(())
 }
+
+/// Scenario 8: drop-oldest spares chunks that may already be in the hub, but a restarted
+/// agent did not know which of its spooled chunks the previous process had sent, and dropped
+/// (and counted as lost) chunks that had been delivered. The agent crashes the moment its
+/// first Ack arrives (the `ship.ack_received` failpoint: the batch is in the hub and still
+/// spooled); with the relay gone, the restarted agent's small spool overflows. Every record
+/// must then be in the hub or counted lost, never both.
+#[test]
+fn drop_oldest_after_a_restart_spares_what_may_already_be_in_the_hub() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..3000).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, "orders", 0, &records[..300])?;
+    let mut relay = env.start_relay(&["orders"])?;
+    let mut options = AgentOptions::include(&["orders"]);
+    options.spool_extra = "max_bytes = \"8KiB\"\nwhen_full = \"drop-oldest\"".into();
+    options.extra = "[ship]\nbatch_max_bytes = \"2KiB\"\n".into();
+    let mut agent =
+        env.start_agent_with_env(&options, &[("SPOKE_FAILPOINTS", "ship.ack_received=abort")])?;
+    eventually(
+        "the agent to crash at its first Ack",
+        Duration::from_secs(60),
+        || Ok(!agent.is_running()),
+    )?;
+    let delivered = hub_total(&env, HUB_TOPIC, 1)?;
+    anyhow::ensure!(delivered > 0, "nothing reached the hub before the Ack");
+    relay.stop()?;
+    kafka::produce(&producer, "orders", 0, &records[300..])?;
+    let agent = env.start_agent(&options)?;
+    eventually(
+        "the restarted agent to drop chunks",
+        Duration::from_secs(60),
+        || Ok(reported_lost(&env) > 0),
+    )?;
+    let _relay = env.start_relay(&["orders"])?;
+    // Everything still spooled arrives; the rest was counted lost.
+    let settled = eventually(
+        "hub and losses to account for every record",
+        REPLICATION_TIMEOUT,
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? + reported_lost(&env) as i64 >= 3000),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    let reported = reported_lost(&env);
+    println!(
+        "{} delivered_before_crash={delivered}",
+        tally.line("drop-oldest-after-restart", reported)
+    );
+    drop(agent);
+    settled?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.dup == 0, "{tally:?}");
+    anyhow::ensure!(
+        tally.lost as u64 == reported,
+        "{} records are missing from the hub but {reported} were counted lost: {}",
+        tally.lost,
+        if (tally.lost as u64) < reported {
+            "delivered records were counted as lost"
+        } else {
+            "records were lost silently"
+        }
+    );
+    Ok(())
+}
+
+/// Scenario 8: a retention gap of one offset was taken for a transaction marker and not
+/// reported: the agent stopped at offset 100, the edge deleted offset 100 before it came back,
+/// and the first record it read was 101. Every gap is checked against the log start now.
+#[test]
+fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    let mut env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let _relay = env.start_relay(&["orders"])?;
+    let options = AgentOptions::include(&["orders"]);
+    let mut agent = env.start_agent(&options)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..200).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, "orders", 0, &records[..100])?;
+    eventually(
+        "the first 100 records in the hub",
+        REPLICATION_TIMEOUT,
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 100),
+    )?;
+    agent.stop()?;
+    kafka::produce(&producer, "orders", 0, &records[100..])?;
+    drop(producer);
+    env.edge.stop()?;
+    env.edge.delete_records_below("orders", 0, 101)?;
+    env.edge.restart()?;
+    let agent = env.start_agent(&options)?;
+    eventually(
+        "the records after the gap in the hub",
+        REPLICATION_TIMEOUT,
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 199),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let reported = reported_lost(&env);
+    // By identity only: tansu, fetched at an offset deleted from its sqlite store, returns the
+    // next record without its headers (a quirk of the test broker after the surgery that makes
+    // the gap; every other scenario checks byte-exact copies).
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let mut offsets: Vec<i64> = landed.iter().map(|l| l.source_offset).collect();
+    offsets.sort_unstable();
+    let expected: Vec<i64> = (0..200).filter(|&o| o != 100).collect();
+    let mut distinct = offsets.clone();
+    distinct.dedup();
+    let dup = offsets.len() - distinct.len();
+    let lost = expected
+        .iter()
+        .filter(|o| distinct.binary_search(o).is_err())
+        .count()
+        + 1;
+    println!(
+        "scenario=retention-gap-of-one produced=200 hub={} lost={lost} dup={dup} reported_lost={reported}",
+        offsets.len()
+    );
+    let (_, status) = spoke_tests::admin::get(&env.agent_admin(), "/status")?;
+    drop(agent);
+    anyhow::ensure!(
+        offsets == expected,
+        "the hub must hold source offsets 0..200 but 100, each once"
+    );
+    anyhow::ensure!(
+        reported == 1,
+        "offset 100 was deleted before the agent read it; {reported} records reported lost"
+    );
+    anyhow::ensure!(
+        status.contains("\"first_offset\":100") && status.contains("\"last_offset\":100"),
+        "/status must list the gap 100..100: {status}"
+    );
+    Ok(())
+}

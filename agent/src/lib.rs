@@ -69,6 +69,7 @@ pub async fn run(
     let progress = Arc::new(Progress::default());
     let client_config = tls::client_config(&loaded.config.relay, progress.link_limited.clone())?;
     let spool: Arc<dyn Spool> = Arc::new(SledSpool::open(&spool_path).map_err(spool_err)?);
+    progress.unsettled_since_start(spool.positions().map_err(spool_err)?);
     let stats = spool.stats();
     info!(site = %loaded.config.site, spooled_bytes = stats.bytes, spooled_records = stats.records, "agent starting");
 

@@ -21,8 +21,11 @@ pub mod loss {
     pub const SPOOL_FULL: &str = "spool_full";
     /// The local broker deleted records before the agent read them (retention).
     pub const RETENTION: &str = "retention";
+    /// Offsets skipped where the local broker could not say whether they were deleted (its
+    /// low watermark was unavailable): counted as lost, an upper bound, with their range.
+    pub const GAP_UNMEASURED: &str = "gap_unmeasured";
     /// Every reason, so each series exists (at 0) before the first loss.
-    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION];
+    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION, GAP_UNMEASURED];
 }
 
 pub type LossLabels = Vec<(String, String)>;
@@ -54,6 +57,10 @@ pub struct Progress {
     partition_counts: Mutex<HashMap<String, i32>>,
     /// Local (last stable) high watermark per partition, from librdkafka statistics.
     high_watermarks: Mutex<HashMap<SourcePartition, i64>>,
+    /// Local low watermark (log start) per partition, from librdkafka statistics: an offset
+    /// jump from at or above it is a hole in the log (markers, aborted records, compaction),
+    /// not a loss.
+    low_watermarks: Mutex<HashMap<SourcePartition, i64>>,
     rate: Mutex<Option<RateSample>>,
     /// The most recent losses, for `/status` (the counter has them all).
     recent_losses: Mutex<std::collections::VecDeque<Loss>>,
@@ -117,6 +124,16 @@ impl Progress {
         f(&mut lock(&self.unsettled))
     }
 
+    /// At start nothing is known of what the previous process sent: every spooled chunk
+    /// (below each partition's spooled `position`) may be in the hub until a relay's Welcome
+    /// settles it, and drop-oldest must spare it until then.
+    pub fn unsettled_since_start(
+        &self,
+        positions: impl IntoIterator<Item = (SourcePartition, i64)>,
+    ) {
+        self.settled(positions);
+    }
+
     /// A relay's Welcome settles everything sent before: chunks wholly below its resume
     /// points are in the hub (and removed), everything else is not, except a chunk that
     /// straddles a resume point.
@@ -132,6 +149,14 @@ impl Progress {
 
     pub fn set_high_watermark(&self, partition: SourcePartition, offset: i64) {
         lock(&self.high_watermarks).insert(partition, offset);
+    }
+
+    pub fn set_low_watermark(&self, partition: SourcePartition, offset: i64) {
+        lock(&self.low_watermarks).insert(partition, offset);
+    }
+
+    pub fn low_watermark(&self, partition: &SourcePartition) -> Option<i64> {
+        lock(&self.low_watermarks).get(partition).copied()
     }
 
     /// The congestion window, not a lack of data, held the shipper back most of the recent

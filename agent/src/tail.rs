@@ -128,6 +128,8 @@ struct RawPartition {
     hi_offset: i64,
     #[serde(default = "unknown_offset")]
     ls_offset: i64,
+    #[serde(default = "unknown_offset")]
+    lo_offset: i64,
 }
 
 fn unknown_offset() -> i64 {
@@ -151,14 +153,16 @@ impl ClientContext for TailContext {
                 } else {
                     partition.hi_offset
                 };
+                let key = SourcePartition {
+                    topic: topic.clone(),
+                    partition: partition.partition,
+                };
+                if partition.lo_offset >= 0 {
+                    self.progress
+                        .set_low_watermark(key.clone(), partition.lo_offset);
+                }
                 if high >= 0 {
-                    self.progress.set_high_watermark(
-                        SourcePartition {
-                            topic: topic.clone(),
-                            partition: partition.partition,
-                        },
-                        high,
-                    );
+                    self.progress.set_high_watermark(key, high);
                 }
             }
         }
@@ -417,10 +421,15 @@ impl Tailer {
                         }
                         return Ok(true);
                     };
-                    self.progress.count_lost(
-                        crate::progress::loss::SPOOL_FULL,
-                        u64::from(dropped.record_count),
-                    );
+                    self.progress.record_loss(crate::progress::Loss {
+                        reason: crate::progress::loss::SPOOL_FULL.to_owned(),
+                        topic: dropped.partition.topic.clone(),
+                        partition: dropped.partition.partition,
+                        first_offset: dropped.first_offset,
+                        last_offset: dropped.last_offset,
+                        records: u64::from(dropped.record_count),
+                        at_ms: crate::now_ms(),
+                    });
                     error!(
                         topic = %dropped.partition.topic,
                         partition = dropped.partition.partition,
@@ -449,9 +458,21 @@ impl Tailer {
                     let Some(open) = self.partitions.get_mut(&key) else {
                         continue;
                     };
-                    // A jump of one is a transaction marker; larger jumps are compaction
-                    // holes or records the broker deleted before we read them.
-                    if open.next_offset >= 0 && message.offset() > open.next_offset + 1 {
+                    // A jump is a hole in the log (transaction markers, aborted records,
+                    // compaction) or records the broker deleted before we read them: the
+                    // low watermark tells which. Statistics give it every second without a
+                    // request, enough for the one-offset jump every transaction's marker
+                    // makes; a larger jump, or one from below that cached log start, asks
+                    // the broker (the cache may be a second old).
+                    let expected = open.next_offset;
+                    let jumped = expected >= 0 && message.offset() > expected;
+                    if jumped
+                        && (message.offset() > expected + 1
+                            || self
+                                .progress
+                                .low_watermark(&key)
+                                .is_none_or(|low| low > expected))
+                    {
                         check_gap(
                             &self.consumer,
                             &self.progress,
@@ -686,8 +707,21 @@ fn check_gap<C: ConsumerContext>(
     ) {
         Ok((low, _)) => low,
         Err(error) => {
-            warn!(%error, topic = %partition.topic, partition = partition.partition, expected, received,
-                "offset jump, and the low watermark to tell loss from compaction is unavailable");
+            // Reported, not only logged: an operator must see the range even if none of it
+            // turns out to be lost (then it was a hole in the log).
+            let loss = crate::progress::Loss {
+                reason: crate::progress::loss::GAP_UNMEASURED.to_owned(),
+                topic: partition.topic.clone(),
+                partition: partition.partition,
+                first_offset: expected,
+                last_offset: received - 1,
+                records: u64::try_from(received - expected).unwrap_or(0),
+                at_ms: crate::now_ms(),
+            };
+            error!(%error, topic = %loss.topic, partition = loss.partition, first = loss.first_offset,
+                last = loss.last_offset, records = loss.records,
+                "offset jump, and the local broker cannot say whether these were deleted: counted as lost (at most)");
+            progress.record_loss(loss);
             return;
         }
     };

@@ -70,8 +70,8 @@ pub struct SessionContext {
     pub checkpoints: Arc<Checkpoints>,
     /// Producers of ended sessions, still draining.
     pub teardowns: TaskTracker,
-    /// How long after the agent's last batch records may still be handed to the hub
-    /// producer (`HubConfig::handover_window`).
+    /// How long after the last frame on the agent's control stream records may still be
+    /// handed to the hub producer (`HubConfig::handover_window`).
     pub handover_window: Duration,
 }
 

@@ -27,13 +27,21 @@ pub struct Stored {
     pub rec: Rec,
 }
 
-pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// An admin client and a runtime to wait on its futures with.
+fn admin_client(
+    bootstrap: &str,
+) -> anyhow::Result<(AdminClient<DefaultClientContext>, tokio::runtime::Runtime)> {
+    let admin = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    Ok((admin, runtime))
+}
+
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let (admin, runtime) = admin_client(bootstrap)?;
     let results = runtime.block_on(admin.create_topics(
         [&NewTopic::new(
             topic,
@@ -49,12 +57,7 @@ pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Re
 }
 
 pub fn delete_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (admin, runtime) = admin_client(bootstrap)?;
     let results = runtime.block_on(admin.delete_topics(&[topic], &AdminOptions::new()))?;
     for result in results {
         result.map_err(|(name, code)| anyhow::anyhow!("deleting {name}: {code}"))?;
@@ -272,18 +275,7 @@ pub fn assert_replicated(
         );
     }
     for (s, r) in source.iter().zip(&replica) {
-        let mut expected = s.rec.clone();
-        expected
-            .headers
-            .push(("spoke-origin".into(), Some(site.as_bytes().to_vec())));
-        expected.headers.push((
-            "spoke-partition".into(),
-            Some(partition.to_string().into_bytes()),
-        ));
-        expected.headers.push((
-            "spoke-offset".into(),
-            Some(s.offset.to_string().into_bytes()),
-        ));
+        let expected = crate::oracle::with_provenance(&s.rec, site, partition, s.offset);
         if expected != r.rec {
             bail!(
                 "{topic}/{partition}: edge offset {} differs from hub offset {}:\n edge+provenance {:?}\n hub {:?}",
@@ -328,17 +320,7 @@ pub fn missing_from_hub(
         let s = by_offset
             .get(&offset)
             .with_context(|| format!("hub has source offset {offset} the edge does not"))?;
-        let mut expected = s.rec.clone();
-        expected
-            .headers
-            .push(("spoke-origin".into(), Some(site.as_bytes().to_vec())));
-        expected.headers.push((
-            "spoke-partition".into(),
-            Some(partition.to_string().into_bytes()),
-        ));
-        expected
-            .headers
-            .push(("spoke-offset".into(), Some(offset.to_string().into_bytes())));
+        let expected = crate::oracle::with_provenance(&s.rec, site, partition, offset);
         if expected != r.rec {
             bail!("{topic}/{partition}: hub copy of source offset {offset} differs");
         }

@@ -554,7 +554,7 @@ impl Session<'_> {
                 let start_at = pacer.reserve(bytes.len());
                 self.heartbeat_until(start_at, &mut send, connection, &mut heartbeat)
                     .await?;
-                self.extend_fence(&welcome.relay)?;
+                self.extend_fence(&welcome.relay).await?;
                 send_window.follow(connection);
                 // A dictionary goes before the first batch that names it, on the same
                 // (ordered) stream.
@@ -631,7 +631,7 @@ impl Session<'_> {
             .map(|fence| fence.relay.clone())
             .filter(|relay| self.relay.as_deref() == Some(relay.as_str()));
         if let Some(relay) = relay {
-            self.extend_fence(&relay)?;
+            self.extend_fence(&relay).await?;
         }
         write_frame(control, &Frame::Heartbeat(self.heartbeat())).await?;
         log_path(connection);
@@ -754,7 +754,7 @@ impl Session<'_> {
 
     /// Records, durably and ahead of time, that batches may go to `relay` for the next
     /// second, so that even a restart after a crash honours the fence.
-    fn extend_fence(&mut self, relay: &str) -> Result<(), ShipError> {
+    async fn extend_fence(&mut self, relay: &str) -> Result<(), ShipError> {
         let now = fence::Instant::now();
         if let Some(held) = self.fence.as_ref() {
             if held.relay == relay && held.until.left_after(&now) > fence::SLACK / 2 {
@@ -765,10 +765,16 @@ impl Session<'_> {
             relay: relay.to_owned(),
             until: now.after(fence::SLACK),
         };
-        fence::write(self.fence_path, &fence).map_err(|source| ShipError::FenceFile {
-            path: self.fence_path.to_owned(),
-            source,
-        })?;
+        // Two fsyncs (the file and its directory), a few ms: off the async workers.
+        let (path, written) = (self.fence_path.to_owned(), fence.clone());
+        tokio::task::spawn_blocking(move || fence::write(&path, &written))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|result| result)
+            .map_err(|source| ShipError::FenceFile {
+                path: self.fence_path.to_owned(),
+                source,
+            })?;
         *self.fence = Some(fence);
         Ok(())
     }

@@ -223,6 +223,39 @@ impl Session {
             other => bail!("connection ended without an application close: {other}"),
         }
     }
+
+    /// As [`Session::closed_by_relay`], for a test whose point is that the relay ends the
+    /// connection, not how the peer learns it: the relay sends its CONNECTION_CLOSE once,
+    /// and when that packet is lost (a loaded machine drops loopback datagrams too) the
+    /// client hears nothing until its idle timeout. So this pokes the relay every half
+    /// second with a full-sized packet, which a closing relay answers with the close again,
+    /// and one that has forgotten the connection with a stateless reset: `None` then.
+    pub async fn ended_by_relay(&self, within: Duration) -> anyhow::Result<Option<(u64, String)>> {
+        let poke = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Ok(mut stream) = self.connection.open_uni().await {
+                    let _ = stream.write_all(&[0u8; 1100]).await;
+                }
+            }
+        };
+        let closed = tokio::time::timeout(within, async {
+            tokio::select! {
+                reason = self.connection.closed() => reason,
+                () = poke => unreachable!("the poke loop never ends"),
+            }
+        })
+        .await
+        .with_context(|| format!("relay kept the connection open for {within:?}"))?;
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => Ok(Some((
+                close.error_code.into_inner(),
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            ))),
+            quinn::ConnectionError::Reset => Ok(None),
+            other => bail!("connection ended without an application close: {other}"),
+        }
+    }
 }
 
 /// Reads one frame, buffering in `buf`; `None` at a clean end of stream.

@@ -984,14 +984,18 @@ fn sighup_rotates_certificates_without_dropping_the_connected_site() -> anyhow::
     );
 
     // The denied session is closed; the honest one is not.
-    let (code, error) = scene
+    let ended = scene
         .runtime
-        .block_on(mallory_session.closed_by_relay(Duration::from_secs(20)))
+        .block_on(mallory_session.ended_by_relay(Duration::from_secs(20)))
         .context("a session whose certificate is now denied stayed open")?;
-    ensure!(
-        code == u64::from(CLOSE_NOT_AUTHORIZED),
-        "denied session closed with code {code} ({error})"
-    );
+    // A reset means the relay's close was lost on the way; the counter below still says why
+    // the relay ended it.
+    if let Some((code, error)) = ended {
+        ensure!(
+            code == u64::from(CLOSE_NOT_AUTHORIZED),
+            "denied session closed with code {code} ({error})"
+        );
+    }
     scene.expect_rejected("denied by the reload", "denied", denied_before + 1.0)?;
 
     // New connections: the rotated relay certificate, and the second CA is trusted.

@@ -195,7 +195,7 @@ impl Checkpoints {
     }
 
     fn follow_once(&self, hub: &Hub, shutdown: &CancellationToken) -> Result<(), HubError> {
-        let consumer = hub.consumer()?;
+        let consumer = hub.consumer("spoke-relay-checkpoints")?;
         let kafka = |source| HubError::Scan {
             topic: self.topic.clone(),
             partition: -1,

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -75,8 +77,13 @@ pub struct Hub {
     /// Configured as a scan consumer, so its high watermarks are the read_committed ones the
     /// scans read up to.
     metadata: Arc<BaseConsumer>,
-    /// Hub topic → partition count, learned once per relay process.
+    /// Hub topic → partition count when a session last resolved it. Never used to place a
+    /// record (each session resolves its topics afresh: an operator may delete a hub topic
+    /// and create it anew with another count while the relay runs); only to notice and
+    /// report that the layout changed.
     partitions: Mutex<HashMap<String, i32>>,
+    /// Times a session found a hub topic's partition count other than the last one seen.
+    layout_changes: Counter,
     transactions: Transactions,
     /// `hub.transactions = "auto"`, once the hub answered definitively.
     transactions_probed: tokio::sync::OnceCell<bool>,
@@ -129,11 +136,12 @@ impl Hub {
                 .set("bootstrap.servers", &config.bootstrap)
                 .create()
                 .map_err(HubError::Client)?,
-            metadata: Arc::new(scan_consumer(client_config(
-                &config.bootstrap,
-                &config.kafka,
-            ))?),
+            metadata: Arc::new(scan_consumer(
+                client_config(&config.bootstrap, &config.kafka),
+                "spoke-relay-metadata",
+            )?),
             partitions: Mutex::new(HashMap::new()),
+            layout_changes: Counter::default(),
             transactions: config.transactions,
             transactions_probed: tokio::sync::OnceCell::new(),
             replication: Replication {
@@ -147,6 +155,15 @@ impl Hub {
 
     fn client_config(&self) -> ClientConfig {
         client_config(&self.bootstrap, &self.passthrough)
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "spoke_relay_hub_topic_changes",
+            "Times a session found a hub topic deleted, or with another partition count than \
+             the relay saw before",
+            self.layout_changes.clone(),
+        );
     }
 
     /// Answers `ask` with the shared metadata client on a blocking thread: librdkafka's
@@ -240,7 +257,11 @@ impl Hub {
             // The groups a session hands over at a time are sized to fit one request
             // (`handoff`); a smaller `batch.size` passed through splits them, which costs
             // the broker thread's idle waits again but nothing else.
-            .set("batch.size", crate::handoff::BATCH_SIZE.to_string());
+            .set("batch.size", crate::handoff::BATCH_SIZE.to_string())
+            // A hub topic deleted under a running session must fail its deliveries, not come
+            // back with the broker's default layout: the relay creates hub topics itself,
+            // with the source's partition count (`resolve_topic`).
+            .set("allow.auto.create.topics", "false");
         for (key, value) in &self.passthrough {
             config.set(key, value);
         }
@@ -268,52 +289,69 @@ impl Hub {
     }
 
     /// Makes sure `topic` exists (created with `source_partitions` when missing) and returns
-    /// its partition count.
-    pub async fn ensure_topic(&self, topic: &str, source_partitions: i32) -> Result<i32, HubError> {
-        if let Some(count) = self.cached_partitions(topic) {
+    /// its partition count as the hub has it now. A session calls this once per hub topic
+    /// and keeps the answer, so that it places every record and scans with one layout.
+    pub async fn resolve_topic(
+        &self,
+        topic: &str,
+        source_partitions: i32,
+    ) -> Result<i32, HubError> {
+        let mut count = self.current_partitions(topic).await?;
+        if count > 0 {
             return Ok(count);
         }
-        let mut count = self.fetch_partition_count(topic).await?;
-        if count == 0 && source_partitions == 0 {
+        if source_partitions == 0 {
             // The agent cannot tell the source's partitioning yet; creating the topic with a
             // guess would fix the wrong layout forever. The session ends and the agent retries.
             return Err(HubError::PartitionCountUnknown {
                 topic: topic.to_owned(),
             });
         }
-        if count == 0 {
-            let replication = self.replication().await?;
-            let min_insync = replication.min_insync.map(|n| n.to_string());
-            let mut new_topic = NewTopic::new(
-                topic,
-                source_partitions.max(1),
-                TopicReplication::Fixed(replication.factor.unwrap_or(-1)),
-            );
-            if let Some(min_insync) = &min_insync {
-                new_topic = new_topic.set("min.insync.replicas", min_insync);
+        self.create_topic(topic, source_partitions.max(1), &[])
+            .await?;
+        tracing::info!(topic, partitions = source_partitions, "created hub topic");
+        // Creation is asynchronous in Kafka: wait until metadata shows the partitions.
+        for _ in 0..50 {
+            count = self.fetch_partition_count(topic).await?;
+            if count > 0 {
+                break;
             }
-            self.create_topic(new_topic).await?;
-            tracing::info!(topic, partitions = source_partitions, "created hub topic");
-            // Creation is asynchronous in Kafka: wait until metadata shows the partitions.
-            for _ in 0..50 {
-                count = self.fetch_partition_count(topic).await?;
-                if count > 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if count == 0 {
-                return Err(HubError::TopicNotReady {
-                    topic: topic.to_owned(),
-                });
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.lock_partitions().insert(topic.to_owned(), count);
+        if count == 0 {
+            return Err(HubError::TopicNotReady {
+                topic: topic.to_owned(),
+            });
+        }
+        self.note_layout(topic, count);
         Ok(count)
     }
 
-    fn cached_partitions(&self, topic: &str) -> Option<i32> {
-        self.lock_partitions().get(topic).copied()
+    /// The partition count `topic` has now (0: it does not exist), reported when it is not
+    /// the one this relay saw last.
+    pub async fn current_partitions(&self, topic: &str) -> Result<i32, HubError> {
+        let count = self.fetch_partition_count(topic).await?;
+        self.note_layout(topic, count);
+        Ok(count)
+    }
+
+    fn note_layout(&self, topic: &str, count: i32) {
+        let mut known = self.lock_partitions();
+        let before = if count > 0 {
+            known.insert(topic.to_owned(), count)
+        } else {
+            known.remove(topic)
+        };
+        if let Some(before) = before.filter(|&before| before != count) {
+            self.layout_changes.inc();
+            tracing::warn!(
+                topic,
+                before,
+                now = count,
+                "hub topic changed (deleted, or created anew with another partition count): \
+                 sessions place records by its layout as it is now"
+            );
+        }
     }
 
     fn lock_partitions(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
@@ -325,13 +363,31 @@ impl Hub {
 
     /// A consumer for reading the hub directly (resume scans, checkpoints): no group, no
     /// commits, committed records only.
-    pub fn consumer(&self) -> Result<BaseConsumer, HubError> {
-        scan_consumer(self.client_config())
+    pub fn consumer(&self, role: &str) -> Result<BaseConsumer, HubError> {
+        scan_consumer(self.client_config(), role)
     }
 
-    /// Creates a topic; one that another relay created meanwhile is fine.
-    async fn create_topic(&self, new_topic: NewTopic<'_>) -> Result<(), HubError> {
-        let topic = new_topic.name;
+    /// Creates a topic with the relay's replication ([`Replication::for_hub`]) and `configs`;
+    /// one that another relay created meanwhile is fine.
+    async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), HubError> {
+        let replication = self.replication().await?;
+        let min_insync = replication.min_insync.map(|n| n.to_string());
+        let mut new_topic = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(replication.factor.unwrap_or(-1)),
+        );
+        if let Some(min_insync) = &min_insync {
+            new_topic = new_topic.set("min.insync.replicas", min_insync);
+        }
+        for &(key, value) in configs {
+            new_topic = new_topic.set(key, value);
+        }
         let results = self
             .admin
             .create_topics([&new_topic], &AdminOptions::new())
@@ -360,18 +416,8 @@ impl Hub {
         if self.fetch_partition_count(topic).await? > 0 {
             return Ok(());
         }
-        let replication = self.replication().await?;
-        let min_insync = replication.min_insync.map(|n| n.to_string());
-        let mut new_topic = NewTopic::new(
-            topic,
-            1,
-            TopicReplication::Fixed(replication.factor.unwrap_or(-1)),
-        )
-        .set("cleanup.policy", "compact");
-        if let Some(min_insync) = &min_insync {
-            new_topic = new_topic.set("min.insync.replicas", min_insync);
-        }
-        self.create_topic(new_topic).await?;
+        self.create_topic(topic, 1, &[("cleanup.policy", "compact")])
+            .await?;
         tracing::info!(topic, "created the checkpoint topic");
         Ok(())
     }
@@ -464,16 +510,18 @@ impl Hub {
     /// data and checkpoint never duplicates. Without a checkpoint the scan goes back until it
     /// finds the site's newest record, or to the start of the partition.
     ///
-    /// Source partition p lands in hub partition [`hub_partition`]`(p, count)` and nowhere
-    /// else, so only the tail of that one hub partition is read.
+    /// `count` is the hub topic's partition count as the session resolved it. Source partition
+    /// p lands in hub partition [`hub_partition`]`(p, count)`, so the tail of that one hub
+    /// partition is read, and of any other the checkpoint names: where p landed while the
+    /// topic had fewer partitions (Kafka can add partitions to a topic, never remove them).
     pub async fn resume_point(
         &self,
         site: &str,
         hub_topic: &str,
         source_partition: i32,
         checkpoint: Option<Checkpoint>,
+        count: i32,
     ) -> Result<Resume, HubError> {
-        let count = self.fetch_partition_count(hub_topic).await?;
         if count == 0 {
             // No hub topic (any more): nothing of this site is in the hub.
             return Ok(Resume {
@@ -487,7 +535,7 @@ impl Hub {
             });
         }
         let topic = hub_topic.to_owned();
-        let hub_partitions = vec![hub_partition(source_partition, count)];
+        let hub_partitions = partitions_to_scan(source_partition, count, checkpoint.as_ref());
         let marks = self
             .ask(move |client| {
                 hub_partitions
@@ -506,14 +554,14 @@ impl Hub {
             })
             .await?;
         let checkpoint = checkpoint.filter(|checkpoint| {
-            // A floor above the partition's end means the hub topic was recreated: the
-            // checkpoint describes data that is gone.
+            // A floor above the partition's end, or a partition the topic no longer has,
+            // means the hub topic was recreated: the checkpoint describes data that is gone.
             let fits = marks.iter().all(|&(q, _, high)| {
                 checkpoint
                     .scan_from
                     .get(&q)
                     .is_none_or(|&floor| floor <= high)
-            });
+            }) && checkpoint.scan_from.keys().all(|&q| q < count);
             if !fits {
                 tracing::warn!(
                     topic = hub_topic,
@@ -543,7 +591,7 @@ impl Hub {
             let site = site.to_owned();
             let topic = hub_topic.to_owned();
             tokio::task::spawn_blocking(move || {
-                let consumer = scan_consumer(config)?;
+                let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
                 let mut newest: Option<i64> = None;
                 let mut scanned = 0;
                 for (hub_partition, floor, high) in ranges {
@@ -610,7 +658,30 @@ fn client_config(bootstrap: &str, passthrough: &BTreeMap<String, String>) -> Cli
     config
 }
 
-fn scan_consumer(mut config: ClientConfig) -> Result<BaseConsumer, HubError> {
+/// The hub partitions a resume scan of `source_partition` reads: where it lands now, and
+/// where the checkpoint says it landed before (while the topic had fewer partitions).
+fn partitions_to_scan(
+    source_partition: i32,
+    count: i32,
+    checkpoint: Option<&Checkpoint>,
+) -> Vec<i32> {
+    let mut partitions: Vec<i32> = checkpoint
+        .iter()
+        .flat_map(|checkpoint| checkpoint.scan_from.keys().copied())
+        .filter(|&q| q < count)
+        .collect();
+    partitions.push(hub_partition(source_partition, count));
+    partitions.sort_unstable();
+    partitions.dedup();
+    partitions
+}
+
+/// Unless `[hub.kafka]` sets one, `role` becomes the client id, so that the hub's logs and a
+/// crash report say which of the relay's clients they are about.
+fn scan_consumer(mut config: ClientConfig, role: &str) -> Result<BaseConsumer, HubError> {
+    if config.get("client.id").is_none() {
+        config.set("client.id", role);
+    }
     config
         .set("group.id", "spoke-relay-resume-scan")
         .set("enable.auto.commit", "false")
@@ -765,6 +836,25 @@ mod tests {
             one_copy,
             "no minimum above an explicit factor"
         );
+    }
+
+    #[test]
+    fn a_resume_scan_also_reads_where_the_checkpoint_says_records_landed() {
+        let checkpoint = |partitions: &[i32]| Checkpoint {
+            hub_topic: "t".into(),
+            next_offset: 10,
+            scan_from: partitions.iter().map(|&q| (q, 5)).collect(),
+        };
+        assert_eq!(partitions_to_scan(2, 3, None), vec![2]);
+        // Source partition 2 landed in hub partition 0 while the topic had two partitions;
+        // a third was added since.
+        assert_eq!(
+            partitions_to_scan(2, 3, Some(&checkpoint(&[0]))),
+            vec![0, 2]
+        );
+        assert_eq!(partitions_to_scan(2, 3, Some(&checkpoint(&[2]))), vec![2]);
+        // A partition the topic no longer has (it was recreated smaller) is not asked for.
+        assert_eq!(partitions_to_scan(1, 1, Some(&checkpoint(&[1]))), vec![0]);
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub async fn run(
     ));
     let mut fleet = Fleet::new();
     checkpoints.register(&mut fleet.registry);
+    hub.register(&mut fleet.registry);
     let fleet = Arc::new(fleet);
     let relay_name = instance_name(config.listen);
     let admin_state = Arc::new(Admin {

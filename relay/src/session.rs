@@ -7,7 +7,7 @@
 //! batches over and writes `Ack`/`Nack` on the control stream. A bounded queue between them
 //! limits how much unconfirmed data one site can hold in memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -501,6 +501,22 @@ async fn serve_site(
         .filter(|tp| Acl::allows(allow, &tp.topic) && seen.insert((&tp.topic, tp.partition)))
         .map(|tp| (tp.topic.clone(), tp.partition))
         .collect();
+    // Each hub topic's layout is resolved once, here or at its first batch, and the session
+    // scans and places records by it (`Partitions::layouts`).
+    let mut layouts = HashMap::new();
+    if context.delivery == Delivery::ExactlyOnce {
+        let targets: BTreeSet<String> = wanted
+            .iter()
+            .map(|(topic, _)| hub_topic(&context.topic_template, site, topic))
+            .collect();
+        for target in targets {
+            let count = context.hub.current_partitions(&target).await?;
+            if count > 0 {
+                layouts.insert(target, count);
+            }
+        }
+    }
+    let layouts = &layouts;
     // The scans run side by side, a few at a time: each asks the hub a round trip or two, and
     // the agent waits for all of them before its first batch.
     let scans =
@@ -509,9 +525,10 @@ async fn serve_site(
                 Delivery::ExactlyOnce => {
                     let target = hub_topic(&context.topic_template, site, &topic);
                     let known = context.checkpoints.get(site, &topic, partition, &target);
+                    let count = layouts.get(&target).copied().unwrap_or(0);
                     let found = context
                         .hub
-                        .resume_point(site, &target, partition, known)
+                        .resume_point(site, &target, partition, known, count)
                         .await?;
                     Some(found)
                 }
@@ -563,6 +580,7 @@ async fn serve_site(
     let acker = acknowledge(send, confirmations, progress);
     let shared = Mutex::new(Partitions {
         resume,
+        layouts: layouts.clone(),
         stream: HashMap::new(),
         last_heard_at: tokio::time::Instant::now(),
     });
@@ -694,6 +712,9 @@ struct Partitions {
     /// The first offset not yet handed to the producer in this session; records below it are
     /// already in the hub (a chunk may straddle the resume point).
     resume: HashMap<(String, i32), i64>,
+    /// Per hub topic, its partition count as this session resolved it: records are placed
+    /// and resume points scanned by it, so one session never mixes two layouts.
+    layouts: HashMap<String, i32>,
     /// The stream its batches arrive on: one, so that they reach the producer in order.
     stream: HashMap<(String, i32), u64>,
     /// When the control stream last carried a frame (a heartbeat, or a batch from an agent
@@ -830,6 +851,23 @@ impl Reader<'_> {
         }
     }
 
+    /// The partition count of `target` for this session: resolved (and created if missing)
+    /// at its first batch unless the Hello's resume scans already did.
+    async fn layout(&self, target: &str, source_partitions: i32) -> Result<i32, SessionError> {
+        let lock = || self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&count) = lock().layouts.get(target) {
+            return Ok(count);
+        }
+        let count = self
+            .session
+            .context
+            .hub
+            .resolve_topic(target, source_partitions)
+            .await?;
+        // Another stream may have resolved it meanwhile: the first answer holds.
+        Ok(*lock().layouts.entry(target.to_owned()).or_insert(count))
+    }
+
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
         let Session { site, context, .. } = self.session;
         let allowed = context
@@ -882,10 +920,7 @@ impl Reader<'_> {
         if batch.codec.dictionary_id().is_some() {
             context.fleet.dictionary_batch();
         }
-        let hub_partitions = context
-            .hub
-            .ensure_topic(&target, batch.partition_count)
-            .await?;
+        let hub_partitions = self.layout(&target, batch.partition_count).await?;
         let hub_partition = crate::hub::hub_partition(batch.partition, hub_partitions);
         let key = (batch.topic.clone(), batch.partition);
         let resume_from = {

@@ -56,15 +56,6 @@ pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Re
     Ok(())
 }
 
-pub fn delete_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
-    let (admin, runtime) = admin_client(bootstrap)?;
-    let results = runtime.block_on(admin.delete_topics(&[topic], &AdminOptions::new()))?;
-    for result in results {
-        result.map_err(|(name, code)| anyhow::anyhow!("deleting {name}: {code}"))?;
-    }
-    Ok(())
-}
-
 pub fn producer(bootstrap: &str) -> anyhow::Result<BaseProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", bootstrap)

@@ -537,3 +537,69 @@ fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Scenario 7: the hub topic is deleted and created again, with another partition count,
+/// while the relay runs. The relay kept the partition count it had learned until it
+/// restarted, and wrote with that stale layout. A new session must resolve the topic again,
+/// say so, and place every record by the new layout.
+#[test]
+fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    let mut env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    for p in 0..2 {
+        let records: Vec<Rec> = (0..200).map(|i| keyed(p, i)).collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    let relay = env.start_relay(&["orders"])?;
+    let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("400 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 400)
+    })?;
+    agent.stop()?;
+    // What an operator does to a hub topic: delete it, create it anew, smaller. The relay
+    // keeps running; see `Broker::delete_topic_offline` for why the hub stops meanwhile.
+    env.hub.stop()?;
+    env.hub.delete_topic_offline(HUB_TOPIC)?;
+    env.hub.restart()?;
+    kafka::create_topic(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    for p in 0..2 {
+        let records: Vec<Rec> = (200..400).map(|i| keyed(p, i)).collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    let arrived = eventually(
+        "the 400 later records in the new hub topic",
+        Duration::from_secs(90),
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 400),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (mut tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 2, &landed)?;
+    // The first 400 went down with the deleted topic: the operator's doing, not a loss.
+    tally.produced -= 400;
+    tally.lost = tally.lost.saturating_sub(400);
+    println!("{}", tally.line("hub-topic-recreated", reported_lost(&env)));
+    drop(agent);
+    arrived?;
+    let resent = landed.iter().filter(|l| l.source_offset < 200).count();
+    anyhow::ensure!(
+        resent == 0,
+        "{resent} records resent from before the deletion"
+    );
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    let log = relay.log();
+    anyhow::ensure!(
+        log.contains("hub topic changed"),
+        "the relay must say that the hub topic changed:\n{log}"
+    );
+    let changes = admin::sum(
+        &admin::scrape(&env.relay_admin())?,
+        "spoke_relay_hub_topic_changes_total",
+        &[],
+    );
+    anyhow::ensure!(changes == 1.0, "hub topic changes counted: {changes}");
+    Ok(())
+}

@@ -24,8 +24,11 @@ pub mod loss {
     /// Offsets skipped where the local broker could not say whether they were deleted (its
     /// low watermark was unavailable): counted as lost, an upper bound, with their range.
     pub const GAP_UNMEASURED: &str = "gap_unmeasured";
+    /// The hub refuses the records (too large once provenance is added, a hub topic name
+    /// Kafka does not allow): the relay put them in its dead-letter topic instead.
+    pub const REJECTED: &str = "rejected";
     /// Every reason, so each series exists (at 0) before the first loss.
-    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION, GAP_UNMEASURED];
+    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION, GAP_UNMEASURED, REJECTED];
 }
 
 pub type LossLabels = Vec<(String, String)>;

@@ -842,9 +842,34 @@ impl Session<'_> {
                     message: nack.message,
                 })
             }
+            Some(Frame::Rejected(rejected)) => {
+                // Counted when the relay says so; the batch's Ack follows and removes them
+                // from the spool with the rest of the batch.
+                for range in &rejected.ranges {
+                    self.progress.record_loss(crate::progress::Loss {
+                        reason: crate::progress::loss::REJECTED.to_owned(),
+                        topic: rejected.topic.clone(),
+                        partition: rejected.partition,
+                        first_offset: range.first_offset,
+                        last_offset: range.last_offset,
+                        records: u64::from(range.records),
+                        at_ms: crate::now_ms(),
+                    });
+                    error!(
+                        topic = %rejected.topic,
+                        partition = rejected.partition,
+                        first = range.first_offset,
+                        last = range.last_offset,
+                        records = range.records,
+                        reason = %rejected.reason,
+                        "the hub refuses these records; the relay put them in its dead-letter topic (records lost)"
+                    );
+                }
+                Ok(())
+            }
             Some(Frame::Goodbye(goodbye)) => Err(ShipError::Closed(goodbye.reason)),
             Some(other) => Err(ShipError::Unexpected {
-                expected: "Ack, Nack or Goodbye",
+                expected: "Ack, Nack, Rejected or Goodbye",
                 got: other.name(),
             }),
             None => Err(ShipError::Closed("relay finished the stream".into())),

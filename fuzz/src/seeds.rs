@@ -8,7 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use spoke_proto::{
     encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header, Heartbeat,
-    Hello, Nack, NackCode, PartitionLag, Record, ResumePoint, TopicPartition, Welcome, HEADER_LEN,
+    Hello, Nack, NackCode, PartitionLag, Record, Rejected, RejectedRange, ResumePoint, TopicPartition,
+    Welcome, HEADER_LEN,
 };
 use zstd::zstd_safe::CParameter;
 
@@ -151,6 +152,20 @@ fn frames() -> Vec<(&'static str, Frame)> {
             Frame::Goodbye(Goodbye {
                 code: GoodbyeCode::ProtocolError,
                 reason: "bad frame".into(),
+            }),
+        ),
+        (
+            "rejected",
+            Frame::Rejected(Rejected {
+                seq: 7,
+                topic: "orders".into(),
+                partition: 1,
+                reason: "too_large".into(),
+                ranges: vec![RejectedRange {
+                    first_offset: 40,
+                    last_offset: 44,
+                    records: 5,
+                }],
             }),
         ),
     ]

@@ -24,6 +24,7 @@
 //! | 6  | `Heartbeat` | sent_at_ms, spool_bytes, spool_max_bytes, oldest_unacked_ms, lost_records, records_per_s (u64 each), list of (topic str, partition i32, lag_records u64) |
 //! | 7  | `Goodbye`   | code u16, reason str                                                 |
 //! | 8  | `Dictionary`| id u32, dictionary blob (version 2)                                  |
+//! | 9  | `Rejected`  | seq u64, topic str, partition i32, reason str, list of (first_offset i64, last_offset i64, records u32) (version 4) |
 //!
 //! Codecs (`Batch.codec`): 0 = none, 1 = zstd, 2 = zstd with the dictionary `dictionary_id`
 //! (version 2).
@@ -31,11 +32,13 @@
 //! # Versions
 //!
 //! The header's version is the *layout* version of that frame: the lowest protocol version
-//! that defines it. That is 2 for `Dictionary` and for a `Batch` with codec 2, and 1 for every
-//! other frame; encoding picks it and decoding insists on exactly it, so each frame has one
+//! that defines it. That is 2 for `Dictionary` and for a `Batch` with codec 2, 4 for
+//! `Rejected`, and 1 for every other frame; encoding picks it and decoding insists on exactly it, so each frame has one
 //! encoding. `Hello` (always version 1, so any relay can read it) offers a range of versions,
 //! `Welcome.version` picks one, and a sender must not send frames of a higher version than
 //! that: a version 1 relay would refuse them as [`DecodeError::UnsupportedVersion`]. A relay
+//! that negotiated 4 tells the agent, in a `Rejected` before a batch's `Ack`, which of its
+//! records the hub refused (they went to the dead-letter topic instead). A relay
 //! that negotiated 2 learns dictionaries in-band: the agent sends `Dictionary{id}` on the
 //! stream before the first `Batch` that names `id`, once per connection; the relay keeps them
 //! in memory for that connection only (see [`crate::dictionary`]).
@@ -77,6 +80,7 @@ const TYPE_NACK: u8 = 5;
 const TYPE_HEARTBEAT: u8 = 6;
 const TYPE_GOODBYE: u8 = 7;
 const TYPE_DICTIONARY: u8 = 8;
+const TYPE_REJECTED: u8 = 9;
 
 /// Caps applied while decoding frames from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,10 +127,10 @@ impl FrameHeader {
         if !(PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION).contains(&version) {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        let last_type = if version >= 2 {
-            TYPE_DICTIONARY
-        } else {
-            TYPE_GOODBYE
+        let last_type = match version {
+            1 => TYPE_GOODBYE,
+            2 | 3 => TYPE_DICTIONARY,
+            _ => TYPE_REJECTED,
         };
         if !(TYPE_HELLO..=last_type).contains(&frame_type) {
             return Err(DecodeError::UnknownFrameType(frame_type));
@@ -290,6 +294,34 @@ pub struct Ack {
     pub next_offset: i64,
 }
 
+/// Records of a batch that the hub refuses, relay → agent (version 4), sent before the batch's
+/// [`Ack`]: they went to the relay's dead-letter topic, not to their hub topic, and the agent
+/// counts them as lost with `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// [`Batch::seq`] of the batch they came in.
+    pub seq: u64,
+    /// The batch's source topic.
+    pub topic: String,
+    /// The batch's source partition.
+    pub partition: i32,
+    /// Why the hub refuses them (`too_large`, `hub_topic_invalid`).
+    pub reason: String,
+    /// The refused records, as runs of consecutive records of the batch.
+    pub ranges: Vec<RejectedRange>,
+}
+
+/// A run of refused records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectedRange {
+    /// Source offset of the run's first record.
+    pub first_offset: i64,
+    /// Source offset of the run's last record.
+    pub last_offset: i64,
+    /// Records in the run: fewer than the offsets where the source log has holes.
+    pub records: u32,
+}
+
 /// A zstd dictionary for later batches of this connection, agent → relay (version 2).
 ///
 /// Sent once per connection, before the first [`Batch`] whose codec names `id`. The receiver
@@ -441,6 +473,8 @@ pub enum Frame {
     Goodbye(Goodbye),
     /// See [`Dictionary`].
     Dictionary(Dictionary),
+    /// See [`Rejected`].
+    Rejected(Rejected),
 }
 
 impl Frame {
@@ -572,6 +606,19 @@ impl Frame {
                 id: r.u32("dictionary.id")?,
                 dictionary: r.blob("dictionary.dictionary")?,
             }),
+            TYPE_REJECTED => Frame::Rejected(Rejected {
+                seq: r.u64("rejected.seq")?,
+                topic: r.string("rejected.topic")?,
+                partition: r.i32("rejected.partition")?,
+                reason: r.string("rejected.reason")?,
+                ranges: r.list("rejected.ranges", 8 + 8 + 4, |r| {
+                    Ok(RejectedRange {
+                        first_offset: r.i64("rejected.ranges.first_offset")?,
+                        last_offset: r.i64("rejected.ranges.last_offset")?,
+                        records: r.u32("rejected.ranges.records")?,
+                    })
+                })?,
+            }),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if !r.buf.is_empty() {
@@ -619,6 +666,7 @@ impl Frame {
             Frame::Heartbeat(_) => "Heartbeat",
             Frame::Goodbye(_) => "Goodbye",
             Frame::Dictionary(_) => "Dictionary",
+            Frame::Rejected(_) => "Rejected",
         }
     }
 
@@ -631,6 +679,7 @@ impl Frame {
                 codec: Codec::ZstdDict(_),
                 ..
             }) => 2,
+            Frame::Rejected(_) => crate::REJECTED_VERSION,
             _ => PROTOCOL_VERSION,
         }
     }
@@ -645,6 +694,7 @@ impl Frame {
             Frame::Heartbeat(_) => TYPE_HEARTBEAT,
             Frame::Goodbye(_) => TYPE_GOODBYE,
             Frame::Dictionary(_) => TYPE_DICTIONARY,
+            Frame::Rejected(_) => TYPE_REJECTED,
         }
     }
 
@@ -725,6 +775,21 @@ impl Frame {
                     .map_err(|_| EncodeError::FrameTooLarge(d.dictionary.len()))?;
                 dst.put_u32(len);
                 dst.put_slice(&d.dictionary);
+                Ok(())
+            }
+            Frame::Rejected(rejected) => {
+                dst.put_u64(rejected.seq);
+                put_string(dst, "rejected.topic", &rejected.topic)?;
+                dst.put_i32(rejected.partition);
+                put_string(dst, "rejected.reason", &rejected.reason)?;
+                let count = u32::try_from(rejected.ranges.len())
+                    .map_err(|_| EncodeError::FrameTooLarge(rejected.ranges.len()))?;
+                dst.put_u32(count);
+                for range in &rejected.ranges {
+                    dst.put_i64(range.first_offset);
+                    dst.put_i64(range.last_offset);
+                    dst.put_u32(range.records);
+                }
                 Ok(())
             }
         }

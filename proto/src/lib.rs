@@ -25,11 +25,16 @@ pub const PROTOCOL_VERSION: u8 = 1;
 
 /// The highest protocol version this build speaks. Version 2 adds the `Dictionary` frame and
 /// the dictionary codec ([`Codec::ZstdDict`]); version 3 adds no frame but lets the agent send
-/// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]).
-pub const MAX_PROTOCOL_VERSION: u8 = 3;
+/// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]);
+/// version 4 adds the `Rejected` frame.
+pub const MAX_PROTOCOL_VERSION: u8 = 4;
 
 /// The protocol version from which the agent may send batches on data streams.
 pub const DATA_STREAMS_VERSION: u8 = 3;
+
+/// The protocol version from which the relay tells the agent which records the hub refused
+/// (`Rejected`).
+pub const REJECTED_VERSION: u8 = 4;
 
 /// Default UDP port of the relay.
 pub const DEFAULT_PORT: u16 = 7000;

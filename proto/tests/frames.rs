@@ -79,6 +79,17 @@ fn all_frames() -> Vec<Frame> {
             id: 3,
             dictionary: Bytes::from_static(b"\x37\xa4\x30\xec dictionary"),
         }),
+        Frame::Rejected(Rejected {
+            seq: 9,
+            topic: "orders".into(),
+            partition: 2,
+            reason: "too_large".into(),
+            ranges: vec![RejectedRange {
+                first_offset: 40,
+                last_offset: 42,
+                records: 2,
+            }],
+        }),
     ]
 }
 
@@ -334,7 +345,8 @@ fn names() {
             "Heartbeat",
             "Heartbeat",
             "Goodbye",
-            "Dictionary"
+            "Dictionary",
+            "Rejected"
         ]
     );
 }

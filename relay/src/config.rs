@@ -246,9 +246,32 @@ pub struct HubConfig {
     /// that many copies; unset: 2 on a hub of three or more brokers, else the hub's default.
     #[serde(default)]
     pub min_insync_replicas: Option<i32>,
+    /// What to do with a record the hub refuses (larger than `max_record_bytes` with its
+    /// provenance headers, or bound for a hub topic name Kafka does not allow):
+    /// `dead-letter` puts it in `dead_letter_topic` and the site carries on; `stop` ends the
+    /// session, so the site stalls at that record until the operator acts.
+    #[serde(default)]
+    pub on_rejected: OnRejected,
+    /// Where refused records go: provenance, hub topic and reason in headers, and as much of
+    /// the record as fits.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// The largest record the hub takes (key, value and headers, provenance included,
+    /// uncompressed). Unset: each hub topic's `max.message.bytes` as the hub describes it,
+    /// else 16 MiB (the relay's producer refuses larger ones itself).
+    #[serde(default)]
+    pub max_record_bytes: Option<ByteSize>,
     /// librdkafka properties passed through to the hub producer (and resume-scan consumer).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRejected {
+    #[default]
+    DeadLetter,
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -294,8 +317,15 @@ fn default_topic_template() -> String {
     "{site}.{topic}".to_owned()
 }
 
+/// The relay's hub producer refuses larger records itself (`message.max.bytes`).
+pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+
 fn default_offsets_topic() -> String {
     "spoke.offsets".to_owned()
+}
+
+fn default_dead_letter_topic() -> String {
+    "spoke.dead-letter".to_owned()
 }
 
 fn default_delivery_timeout() -> std::time::Duration {
@@ -385,15 +415,25 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
         ));
     }
     validate_template(&config.hub.topic).map_err(|reason| invalid("hub.topic", reason))?;
-    let offsets = &config.hub.offsets_topic;
-    if offsets.is_empty()
-        || !offsets
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    for (key, topic) in [
+        ("hub.offsets_topic", &config.hub.offsets_topic),
+        ("hub.dead_letter_topic", &config.hub.dead_letter_topic),
+    ] {
+        if let Err(reason) = crate::hub::check_topic_name(topic) {
+            return Err(invalid(
+                key,
+                format!("{topic:?} is not a valid Kafka topic name: {reason}"),
+            ));
+        }
+    }
+    if config
+        .hub
+        .max_record_bytes
+        .is_some_and(|max| max.as_u64() < 1024 || max.as_u64() > MAX_RECORD_BYTES as u64)
     {
         return Err(invalid(
-            "hub.offsets_topic",
-            format!("{offsets:?} is not a valid Kafka topic name"),
+            "hub.max_record_bytes",
+            "must be between 1KiB and 16MiB".into(),
         ));
     }
     if config.hub.checkpoint_interval.is_zero() {
@@ -584,6 +624,34 @@ allow = ["orders", "telemetry\\..*"]
         );
         let loaded = parse(&text).expect("valid");
         assert_eq!(loaded.config.hub.min_insync_replicas, Some(2));
+    }
+
+    #[test]
+    fn refused_records_go_to_a_dead_letter_topic_unless_told_to_stop() {
+        let loaded = parse(MINIMAL).expect("valid");
+        assert_eq!(loaded.config.hub.on_rejected, OnRejected::DeadLetter);
+        assert_eq!(loaded.config.hub.dead_letter_topic, "spoke.dead-letter");
+        assert_eq!(loaded.config.hub.max_record_bytes, None);
+        let text = MINIMAL.replace(
+            "[hub]",
+            "[hub]\non_rejected = \"stop\"\nmax_record_bytes = \"8MiB\"",
+        );
+        let loaded = parse(&text).expect("valid");
+        assert_eq!(loaded.config.hub.on_rejected, OnRejected::Stop);
+        assert_eq!(loaded.config.hub.max_record_bytes, Some(ByteSize::mib(8)));
+        for (line, key) in [
+            (
+                "dead_letter_topic = \"dead letters\"",
+                "hub.dead_letter_topic",
+            ),
+            ("max_record_bytes = \"100B\"", "hub.max_record_bytes"),
+            ("max_record_bytes = \"1GiB\"", "hub.max_record_bytes"),
+            ("on_rejected = \"ignore\"", "on_rejected"),
+        ] {
+            let text = MINIMAL.replace("[hub]", &format!("[hub]\n{line}"));
+            let err = parse(&text).expect_err(line).to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

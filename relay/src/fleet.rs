@@ -90,6 +90,7 @@ pub struct Fleet {
     records: Family<Labels, Counter>,
     dictionary_batches: Counter,
     rejected: Family<Labels, Counter>,
+    dead_lettered: Family<Labels, Counter>,
     site_lag: Family<Labels, Gauge>,
     site_spool_bytes: Family<Labels, Gauge>,
     site_oldest_unacked: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -126,6 +127,7 @@ impl Fleet {
             records: Family::default(),
             dictionary_batches: Counter::default(),
             rejected: Family::default(),
+            dead_lettered: Family::default(),
             site_lag: Family::default(),
             site_spool_bytes: Family::default(),
             site_oldest_unacked: Family::default(),
@@ -152,6 +154,11 @@ impl Fleet {
             "spoke_relay_rejected",
             "Connections, sessions and batches refused, by reason",
             fleet.rejected.clone(),
+        );
+        registry.register(
+            "spoke_relay_dead_letter_records",
+            "Records the hub refuses, put in the dead-letter topic, by reason",
+            fleet.dead_lettered.clone(),
         );
         registry.register(
             "spoke_relay_site_lag_records",
@@ -181,6 +188,13 @@ impl Fleet {
                     .get_or_create(&vec![("reason".to_owned(), reason.to_owned())]),
             );
         }
+        for reason in crate::dead_letter::reason::ALL {
+            drop(
+                fleet
+                    .dead_lettered
+                    .get_or_create(&vec![("reason".to_owned(), reason.to_string())]),
+            );
+        }
         Fleet { registry, ..fleet }
     }
 
@@ -199,6 +213,13 @@ impl Fleet {
         self.rejected
             .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc();
+    }
+
+    /// Records the hub refused and the relay put in the dead-letter topic.
+    pub fn dead_lettered(&self, reason: &str, records: u64) {
+        self.dead_lettered
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc_by(records);
     }
 
     pub fn rejected_count(&self, reason: &str) -> u64 {

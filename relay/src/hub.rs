@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -248,8 +248,12 @@ impl Hub {
                 "message.timeout.ms",
                 self.delivery_timeout.as_millis().to_string(),
             )
-            // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default.
-            .set("message.max.bytes", "16777216")
+            // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default; larger
+            // records go to the dead-letter topic (`dead_letter`).
+            .set(
+                "message.max.bytes",
+                crate::config::MAX_RECORD_BYTES.to_string(),
+            )
             // Each session has its own producer: librdkafka's 1 GiB default queue would let
             // one site pin that much relay memory while the hub is slow. When this fills,
             // the session waits (see `session::enqueue`) and QUIC flow control stops the agent.
@@ -325,6 +329,21 @@ impl Hub {
         }
         self.note_layout(topic, count);
         Ok(count)
+    }
+
+    /// The `max.message.bytes` of `topic` as the hub describes it; `None` when it does not
+    /// (a hub without DescribeConfigs, or a topic that is not there).
+    pub async fn max_message_bytes(&self, topic: &str) -> Option<usize> {
+        let resource = ResourceSpecifier::Topic(topic);
+        let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+        let results = self
+            .admin
+            .describe_configs([&resource], &options)
+            .await
+            .ok()?;
+        let described = results.into_iter().next()?.ok()?;
+        let value = described.get("max.message.bytes")?.value.as_deref()?;
+        value.parse().ok()
     }
 
     /// The partition count `topic` has now (0: it does not exist), reported when it is not
@@ -656,6 +675,37 @@ fn client_config(bootstrap: &str, passthrough: &BTreeMap<String, String>) -> Cli
         config.set(key, value);
     }
     config
+}
+
+/// Kafka's longest topic name.
+pub const MAX_TOPIC_NAME: usize = 249;
+
+/// What Kafka refuses in a topic name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopicNameError {
+    #[error("empty, '.' or '..'")]
+    Empty,
+    #[error("over {MAX_TOPIC_NAME} characters")]
+    TooLong,
+    #[error("characters other than ASCII letters, digits, '.', '_' and '-'")]
+    Characters,
+}
+
+/// Kafka's rule for topic names.
+pub fn check_topic_name(name: &str) -> Result<(), TopicNameError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(TopicNameError::Empty);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(TopicNameError::Characters);
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Err(TopicNameError::TooLong);
+    }
+    Ok(())
 }
 
 /// The hub partitions a resume scan of `source_partition` reads: where it lands now, and

@@ -3,12 +3,13 @@
 //!
 //! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
 //! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces
-//! them and finds resume points. [`tls`] and [`pki`] handle identities, [`config`] the
+//! them and finds resume points; [`dead_letter`] takes the records the hub refuses. [`tls`] and [`pki`] handle identities, [`config`] the
 //! relay.toml contract.
 
 pub mod admin;
 pub mod checkpoint;
 pub mod config;
+pub mod dead_letter;
 pub mod fleet;
 pub mod handoff;
 pub mod hub;

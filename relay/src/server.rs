@@ -105,6 +105,14 @@ pub async fn run(
         checkpoints,
         teardowns: TaskTracker::new(),
         handover_window: config.hub.handover_window(),
+        rejects: session::Rejects {
+            policy: config.hub.on_rejected,
+            dead_letter_topic: config.hub.dead_letter_topic.clone(),
+            max_record_bytes: config
+                .hub
+                .max_record_bytes
+                .map(|max| usize::try_from(max.as_u64()).unwrap_or(usize::MAX)),
+        },
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 

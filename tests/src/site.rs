@@ -110,6 +110,8 @@ pub struct RelayOptions {
     pub tls_extra: String,
     /// Tables appended at the end: more `[sites.NAME]`, limits.
     pub extra: String,
+    /// Lines inside `[hub]`, e.g. `max_record_bytes = "8KiB"`.
+    pub hub_extra: String,
 }
 
 impl Env {
@@ -259,6 +261,7 @@ client_ca = "{pki}/ca.pem"
 {tls_extra}
 [hub]
 bootstrap = "{hub}"
+{hub_extra}
 [sites.{SITE}]
 allow = {allow}
 [admin]
@@ -266,6 +269,7 @@ listen = "127.0.0.1:{admin}"
 {extra}
 "#,
             tls_extra = options.tls_extra,
+            hub_extra = options.hub_extra,
             extra = options.extra,
             port = self.relay_port,
             relay_host = self.placement.hub_host,

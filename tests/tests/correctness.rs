@@ -2,13 +2,14 @@
 //! it. Every scenario compares the hub with the edge record by record (`spoke_tests::oracle`)
 //! and prints `scenario=<name> produced=N hub=N lost=N dup=N reported_lost=N`.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::oracle;
-use spoke_tests::site::{AgentOptions, Env, SITE};
+use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
 use spoke_tests::{admin, eventually};
 
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -601,5 +602,206 @@ fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Res
         &[],
     );
     anyhow::ensure!(changes == 1.0, "hub topic changes counted: {changes}");
+    Ok(())
+}
+
+/// Scenario 6: records the hub refuses. A record larger than the hub takes once its
+/// provenance headers are added (`hub.max_record_bytes`, set to the hub topics'
+/// `max.message.bytes`), and an edge topic whose name under `hub.topic` is longer than Kafka
+/// allows. Before, the session failed at the first such record and the site stalled there
+/// forever, every other partition of the session with it. Now each goes to the dead-letter
+/// topic (provenance, hub topic and reason in headers, as much of it as fits), the agent
+/// counts it under `rejected`, and everything else arrives exactly once, in order.
+#[test]
+fn records_the_hub_refuses_go_to_the_dead_letter_topic_and_the_site_carries_on(
+) -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    const DEAD_LETTER: &str = "spoke.dead-letter";
+    const LARGE: usize = 100;
+    // 239 characters: valid at the edge, 250 (one more than Kafka allows) under
+    // "branch-042." at the hub.
+    let long_topic = format!("telemetry-{}", "x".repeat(229));
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    kafka::create_topic(&env.edge.bootstrap(), &long_topic, 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let large_value: Vec<u8> = (0..20_000u32).flat_map(|n| n.to_le_bytes()).collect();
+    for p in 0..2 {
+        let records: Vec<Rec> = (0..300)
+            .map(|i| {
+                let mut rec = keyed(p, i);
+                if p == 0 && i == LARGE {
+                    rec.value = Some(large_value.clone());
+                }
+                rec
+            })
+            .collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    let long_records: Vec<Rec> = (0..50).map(|i| keyed(0, i)).collect();
+    kafka::produce(&producer, &long_topic, 0, &long_records)?;
+
+    let _relay = env.start_relay_with(
+        &["orders", &long_topic],
+        &RelayOptions {
+            hub_extra: "max_record_bytes = \"8KiB\"".into(),
+            ..RelayOptions::default()
+        },
+    )?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders", &long_topic]))?;
+    let arrived = eventually("599 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 599)
+    });
+    let dead = eventually("51 dead letters", Duration::from_secs(30), || {
+        Ok(hub_total(&env, DEAD_LETTER, 1)? >= 51)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 2)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 2, &landed)?;
+    let reported = reported_lost(&env);
+    println!("{}", tally.line("hub-refuses-records", reported));
+    arrived?;
+    dead?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    let missing: Vec<(i32, i64)> = (0..2)
+        .flat_map(|p| (0..300).map(move |i| (p, i)))
+        .filter(|&(p, i)| {
+            !landed
+                .iter()
+                .any(|l| l.source_partition == p && l.source_offset == i)
+        })
+        .collect();
+    anyhow::ensure!(
+        missing == [(0, LARGE as i64)] && tally.dup == 0,
+        "only the large record may be missing from the hub: {missing:?}, {tally:?}"
+    );
+
+    // The dead-letter topic: the large record cut to the limit, the long topic's whole.
+    let dead = kafka::read_partition(&env.hub.bootstrap(), DEAD_LETTER, 0)?;
+    let header = |rec: &Rec, name: &str| {
+        rec.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.clone())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
+    let from = |topic: &str| -> Vec<&kafka::Stored> {
+        dead.iter()
+            .filter(|d| header(&d.rec, "spoke-topic").as_deref() == Some(topic))
+            .collect()
+    };
+    let large = from("orders");
+    anyhow::ensure!(large.len() == 1, "{} dead letters of orders", large.len());
+    let large = &large[0].rec;
+    anyhow::ensure!(
+        header(large, "spoke-offset").as_deref() == Some("100")
+            && header(large, "spoke-partition").as_deref() == Some("0")
+            && header(large, "spoke-origin").as_deref() == Some(SITE)
+            && header(large, "spoke-rejected").as_deref() == Some("too_large")
+            && header(large, "spoke-hub-topic").as_deref() == Some(HUB_TOPIC),
+        "dead letter headers: {:?}",
+        large.headers
+    );
+    let cut = large.value.clone().unwrap_or_default();
+    anyhow::ensure!(
+        cut.len() > 4096 && cut.len() < 8192 && large_value.starts_with(&cut),
+        "the dead letter holds {} bytes, not a prefix of the record under the limit",
+        cut.len()
+    );
+    anyhow::ensure!(header(large, "spoke-truncated").is_some());
+    let long: BTreeSet<i64> = from(&long_topic)
+        .iter()
+        .filter_map(|d| header(&d.rec, "spoke-offset")?.parse().ok())
+        .collect();
+    anyhow::ensure!(
+        long == (0..50).collect::<BTreeSet<i64>>() && from(&long_topic).len() == 50,
+        "dead letters of the long topic: offsets {long:?}"
+    );
+    for d in from(&long_topic) {
+        let offset: usize = header(&d.rec, "spoke-offset")
+            .and_then(|o| o.parse().ok())
+            .context("dead letter without offset")?;
+        let expected = &long_records[offset];
+        anyhow::ensure!(d.rec.value == expected.value && d.rec.key == expected.key);
+        anyhow::ensure!(header(&d.rec, "spoke-rejected").as_deref() == Some("hub_topic_invalid"));
+    }
+
+    // Counted where operators look: the agent's losses, the relay's dead letters.
+    let agent = admin::scrape(&env.agent_admin())?;
+    let rejected = admin::sum(
+        &agent,
+        "spoke_agent_lost_records_total",
+        &["reason=\"rejected\""],
+    );
+    anyhow::ensure!(rejected == 51.0, "agent counts {rejected} rejected records");
+    let relay = admin::scrape(&env.relay_admin())?;
+    for (reason, count) in [("too_large", 1.0), ("hub_topic_invalid", 50.0)] {
+        let label = format!("reason=\"{reason}\"");
+        let counted = admin::sum(&relay, "spoke_relay_dead_letter_records_total", &[&label]);
+        anyhow::ensure!(counted == count, "relay counts {counted} {reason}");
+    }
+    Ok(())
+}
+
+/// Scenario 6, `hub.on_rejected = "stop"`: the operator who prefers a stall to a dead letter
+/// gets one, at the batch that holds the refused record, with a log line that says why and
+/// what to change. Records of earlier batches are in the hub, none after.
+#[test]
+fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..100)
+        .map(|i| {
+            let mut rec = keyed(0, i);
+            if i == 50 {
+                rec.value = Some(vec![1u8; 20_000]);
+            }
+            rec
+        })
+        .collect();
+    kafka::produce(&producer, "orders", 0, &records[..50])?;
+    let relay = env.start_relay_with(
+        &["orders"],
+        &RelayOptions {
+            hub_extra: "max_record_bytes = \"8KiB\"\non_rejected = \"stop\"".into(),
+            ..RelayOptions::default()
+        },
+    )?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually(
+        "the first 50 records in the hub",
+        REPLICATION_TIMEOUT,
+        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 50),
+    )?;
+    kafka::produce(&producer, "orders", 0, &records[50..])?;
+    eventually(
+        "the session refusing offset 50",
+        REPLICATION_TIMEOUT,
+        || Ok(relay.log().contains("orders/0 offset 50 (too_large)")),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let offsets: Vec<i64> = landed.iter().map(|l| l.source_offset).collect();
+    println!(
+        "scenario=hub-refuses-records-stop produced=100 hub={} stalled_at=50 reported_lost={}",
+        landed.len(),
+        reported_lost(&env)
+    );
+    anyhow::ensure!(
+        offsets == (0..50).collect::<Vec<i64>>(),
+        "the hub must hold exactly the records before the refused one: {offsets:?}"
+    );
+    anyhow::ensure!(
+        reported_lost(&env) == 0,
+        "nothing is lost while the site waits"
+    );
+    anyhow::ensure!(
+        kafka::topic_names(&env.hub.bootstrap())?
+            .iter()
+            .all(|t| t != "spoke.dead-letter"),
+        "no dead-letter topic under \"stop\""
+    );
     Ok(())
 }

@@ -46,6 +46,7 @@ fn relay_options(tls_extra: &str) -> RelayOptions {
     RelayOptions {
         tls_extra: tls_extra.to_owned(),
         extra,
+        ..RelayOptions::default()
     }
 }
 

@@ -36,11 +36,21 @@ fn record(i: usize) -> Rec {
 
 /// Starts the relay against `hub` with `transactions` set as given.
 fn start_relay(env: &Env, hub: &str, transactions: &str) -> anyhow::Result<Spoke> {
+    start_relay_with(env, hub, transactions, "")
+}
+
+/// As [`start_relay`], with more lines in `[hub]`.
+fn start_relay_with(
+    env: &Env,
+    hub: &str,
+    transactions: &str,
+    hub_lines: &str,
+) -> anyhow::Result<Spoke> {
     let text = std::fs::read_to_string(env.relay_config(&["orders"])?)?
         .replace(&env.hub.bootstrap(), hub)
         .replace(
             "[hub]\n",
-            &format!("[hub]\ntransactions = \"{transactions}\"\n"),
+            &format!("[hub]\ntransactions = \"{transactions}\"\n{hub_lines}\n"),
         );
     let path = env.path("relay-transactions.toml");
     std::fs::write(&path, text)?;
@@ -347,5 +357,59 @@ fn an_aborted_batch_is_resent_not_skipped() -> anyhow::Result<()> {
     arrived?;
     anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
     anyhow::ensure!(tally.lost == 0 && tally.dup == 0, "{tally:?}");
+    Ok(())
+}
+
+/// Scenario 6 on a hub with transactions: a record the hub refuses goes to the dead-letter
+/// topic inside its batch's transaction, so it lands there once with the batch, and the
+/// checkpoint committed with it keeps the next session from dead-lettering it again.
+#[test]
+fn a_refused_record_is_dead_lettered_once_inside_its_transaction() -> anyhow::Result<()> {
+    const DEAD_LETTER: &str = "spoke.dead-letter";
+    let (env, mock, producer) = edge_and_mock_hub()?;
+    mock.create_topic(DEAD_LETTER, 1, 1)?;
+    let hub = mock.bootstrap_servers();
+    for p in 0..2 {
+        let records: Vec<Rec> = (0..500)
+            .map(|i| {
+                let mut rec = record(i);
+                if p == 1 && i == 250 {
+                    rec.value = Some(vec![7u8; 20_000]);
+                }
+                rec
+            })
+            .collect();
+        kafka::produce(&producer, "orders", p, &records)?;
+    }
+    let _relay = start_relay_with(&env, &hub, "on", "max_record_bytes = \"8KiB\"")?;
+    let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("999 records in the hub", Duration::from_secs(120), || {
+        Ok(hub_total(&hub)? >= 999)
+    })?;
+    // A new session resumes from the committed checkpoint, past the dead-lettered record.
+    agent.stop()?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually(
+        "the agent's second session",
+        Duration::from_secs(60),
+        || Ok(agent.log().contains("connected relay=")),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let dead = kafka::read_partition(&hub, DEAD_LETTER, 0)?;
+    let total = hub_total(&hub)?;
+    println!(
+        "scenario=dead-letter-transactional produced=1000 hub={total} dead_letters={} dup={}",
+        dead.len(),
+        (total - 999).max(0) + (dead.len() as i64 - 1).max(0)
+    );
+    anyhow::ensure!(total == 999, "{total} records in the hub");
+    anyhow::ensure!(dead.len() == 1, "{} dead letters", dead.len());
+    let offset = dead[0]
+        .rec
+        .headers
+        .iter()
+        .find(|(k, _)| k == "spoke-offset")
+        .and_then(|(_, v)| v.clone());
+    anyhow::ensure!(offset.as_deref() == Some(&b"250"[..]), "{offset:?}");
     Ok(())
 }

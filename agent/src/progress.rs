@@ -27,8 +27,18 @@ pub mod loss {
     /// The hub refuses the records (too large once provenance is added, a hub topic name
     /// Kafka does not allow): the relay put them in its dead-letter topic instead.
     pub const REJECTED: &str = "rejected";
+    /// The source partition's offsets went back (topic recreated, records lost by the local
+    /// broker): records of the old log the agent never read. The new log is replicated as the
+    /// partition's next incarnation.
+    pub const SOURCE_RESET: &str = "source_reset";
     /// Every reason, so each series exists (at 0) before the first loss.
-    pub const REASONS: &[&str] = &[SPOOL_FULL, RETENTION, GAP_UNMEASURED, REJECTED];
+    pub const REASONS: &[&str] = &[
+        SPOOL_FULL,
+        RETENTION,
+        GAP_UNMEASURED,
+        REJECTED,
+        SOURCE_RESET,
+    ];
 }
 
 pub type LossLabels = Vec<(String, String)>;
@@ -150,6 +160,11 @@ impl Progress {
         lock(&self.partition_counts).get(topic).copied()
     }
 
+    /// The partition's high watermark as librdkafka's statistics last gave it.
+    pub fn high_watermark(&self, partition: &SourcePartition) -> Option<i64> {
+        lock(&self.high_watermarks).get(partition).copied()
+    }
+
     pub fn set_high_watermark(&self, partition: SourcePartition, offset: i64) {
         lock(&self.high_watermarks).insert(partition, offset);
     }
@@ -225,7 +240,9 @@ impl Progress {
                 },
                 Err(_) => None,
             };
-            let acked_offset = acked.unwrap_or(0);
+            // In the source's offsets, as the high watermark is.
+            let incarnation = spool.incarnation(&partition).unwrap_or_default();
+            let acked_offset = incarnation.source(acked.unwrap_or(0));
             partitions.push(PartitionStatus {
                 lag: u64::try_from(high_watermark - acked_offset).unwrap_or(0),
                 topic: partition.topic,

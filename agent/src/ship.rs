@@ -524,9 +524,12 @@ impl Session<'_> {
                 // Unknown until the tailer reaches the local broker (e.g. after a restart while
                 // it is down): 0 tells the relay, which needs it only to create a missing hub
                 // topic, so a backlog still ships to existing hub topics.
+                // The same for a partition the topic no longer has (it was recreated with
+                // fewer): its spooled chunks still ship, and no count includes it.
                 let partition_count = self
                     .progress
                     .partition_count(&chunk.partition.topic)
+                    .filter(|&count| chunk.partition.partition < count)
                     .unwrap_or(0);
                 seq += 1;
                 let lane_index = lanes.lane_of(&chunk.partition);

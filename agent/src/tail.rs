@@ -24,7 +24,13 @@ use crate::config::{DictionaryMode, Loaded, WhenFull};
 use crate::dictionary::Dictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
-use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
+use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError};
+
+/// Header with a record's source incarnation, on records of an incarnation after the first.
+pub const HEADER_EPOCH: &str = "spoke-epoch";
+/// Header with a record's offset in its source incarnation, beside [`HEADER_EPOCH`]: there
+/// `spoke-offset` (the record's offset in spoke, which never goes back) is not it.
+pub const HEADER_SOURCE_OFFSET: &str = "spoke-source-offset";
 
 const METADATA_REFRESH: Duration = Duration::from_secs(5);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -172,12 +178,26 @@ impl ClientContext for TailContext {
 impl ConsumerContext for TailContext {}
 
 /// A partition being read: the chunk being filled and the source position after it.
+///
+/// Offsets here are the spool's ([`Incarnation::spooled`]); librdkafka's are the source's.
 struct Open {
     builder: ChunkBuilder,
     opened_at: Option<Instant>,
     next_offset: i64,
     /// Position already recorded in the spool; `next_offset` moves past it as records arrive.
     spooled_offset: i64,
+    incarnation: Incarnation,
+}
+
+impl Open {
+    /// The source offset the next record should have; -1 when nothing was read yet.
+    fn expected_source(&self) -> i64 {
+        if self.next_offset < 0 {
+            -1
+        } else {
+            self.incarnation.source(self.next_offset)
+        }
+    }
 }
 
 pub struct Tailer {
@@ -294,6 +314,7 @@ impl Tailer {
                 if let Err(error) = self.refresh_assignment() {
                     warn!(%error, "metadata refresh failed; retrying");
                 }
+                self.find_shrunk_logs()?;
                 self.next_refresh = Instant::now() + METADATA_REFRESH;
             }
             if self.spool_full()? {
@@ -362,9 +383,12 @@ impl Tailer {
                     continue;
                 }
                 let position = self.spool.position(&key)?;
-                let offset = position.map_or(Offset::Beginning, Offset::Offset);
+                let incarnation = self.spool.incarnation(&key)?;
+                let offset = position.map_or(Offset::Beginning, |position| {
+                    Offset::Offset(incarnation.source(position))
+                });
                 added.add_partition_offset(topic, partition, offset)?;
-                info!(%topic, partition, ?position, "tailing partition");
+                info!(%topic, partition, ?position, epoch = incarnation.epoch, "tailing partition");
                 self.partitions.insert(
                     key,
                     Open {
@@ -372,6 +396,7 @@ impl Tailer {
                         opened_at: None,
                         next_offset: position.unwrap_or(-1),
                         spooled_offset: position.unwrap_or(-1),
+                        incarnation,
                     },
                 );
             }
@@ -447,6 +472,7 @@ impl Tailer {
 
     fn poll_burst(&mut self) -> Result<(), TailError> {
         let mut timeout = self.poll_timeout();
+        let mut reset = None;
         for _ in 0..BURST {
             match self.consumer.poll(timeout) {
                 None => break,
@@ -458,13 +484,21 @@ impl Tailer {
                     let Some(open) = self.partitions.get_mut(&key) else {
                         continue;
                     };
+                    // Below what the spool already holds: not a redelivery (the consumer was
+                    // positioned at the spool's position), but a new log under the same name.
+                    if open.spooled_offset >= 0
+                        && message.offset() < open.incarnation.source(open.spooled_offset)
+                    {
+                        reset = Some((key, Offset::Offset(message.offset())));
+                        break;
+                    }
                     // A jump is a hole in the log (transaction markers, aborted records,
                     // compaction) or records the broker deleted before we read them: the
                     // low watermark tells which. Statistics give it every second without a
                     // request, enough for the one-offset jump every transaction's marker
                     // makes; a larger jump, or one from below that cached log start, asks
                     // the broker (the cache may be a second old).
-                    let expected = open.next_offset;
+                    let expected = open.expected_source();
                     let jumped = expected >= 0 && message.offset() > expected;
                     if jumped
                         && (message.offset() > expected + 1
@@ -477,7 +511,7 @@ impl Tailer {
                             &self.consumer,
                             &self.progress,
                             &key,
-                            open.next_offset,
+                            expected,
                             message.offset(),
                         );
                     }
@@ -503,6 +537,97 @@ impl Tailer {
             }
             timeout = Duration::ZERO;
         }
+        if let Some((key, offset)) = reset {
+            self.source_reset(&key, offset)?;
+        }
+        Ok(())
+    }
+
+    /// A log that now ends below what the spool holds of it was replaced, but a broker need
+    /// not say so on a fetch (a fetch past the end may just wait for data): so the ends
+    /// librdkafka's statistics report are compared with the spool's positions, and one that
+    /// looks short is asked of the broker before it counts (statistics can be a second old,
+    /// and a high watermark never lags what was read).
+    fn find_shrunk_logs(&mut self) -> Result<(), TailError> {
+        let suspects: Vec<(SourcePartition, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, open)| open.spooled_offset >= 0)
+            .filter_map(|(key, open)| {
+                let read = open.incarnation.source(open.spooled_offset);
+                let high = self.progress.high_watermark(key)?;
+                (high < read).then(|| (key.clone(), read))
+            })
+            .collect();
+        for (key, read) in suspects {
+            let (_, high) = match self.consumer.fetch_watermarks(
+                &key.topic,
+                key.partition,
+                METADATA_TIMEOUT,
+            ) {
+                Ok(marks) => marks,
+                Err(error) => {
+                    debug!(%error, topic = %key.topic, partition = key.partition, "cannot confirm a short log yet");
+                    continue;
+                }
+            };
+            if high < read {
+                self.source_reset(&key, Offset::Beginning)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The source partition's offsets went back (to `offset`, where reading goes on): its
+    /// topic was deleted and created anew, or its broker lost records it had acknowledged.
+    /// What was read of the old log is spooled as it is; the new log becomes the next
+    /// incarnation, spooled from the old one's position on ([`Incarnation`]).
+    fn source_reset(&mut self, key: &SourcePartition, offset: Offset) -> Result<(), TailError> {
+        self.close_chunks(true)?;
+        let Some(open) = self.partitions.get_mut(key) else {
+            return Ok(());
+        };
+        let old = open.incarnation;
+        let base = open.next_offset.max(open.spooled_offset);
+        let read_to = old.source(base);
+        let new = Incarnation {
+            epoch: old.epoch.saturating_add(1),
+            base,
+        };
+        self.spool.begin_incarnation(key, new)?;
+        self.spool.flush()?;
+        open.incarnation = new;
+        open.next_offset = base;
+        open.spooled_offset = base;
+        // What the old log held beyond the agent's position, as the broker last said; gone.
+        let old_end = self
+            .progress
+            .high_watermark(key)
+            .filter(|&high| high > read_to)
+            .unwrap_or(read_to);
+        let loss = crate::progress::Loss {
+            reason: crate::progress::loss::SOURCE_RESET.to_owned(),
+            topic: key.topic.clone(),
+            partition: key.partition,
+            first_offset: read_to,
+            last_offset: old_end - 1,
+            records: u64::try_from(old_end - read_to).unwrap_or(0),
+            at_ms: crate::now_ms(),
+        };
+        error!(
+            topic = %key.topic,
+            partition = key.partition,
+            read_to,
+            now_at = ?offset,
+            unread = loss.records,
+            epoch = new.epoch,
+            "source partition reset: its offsets went back (topic recreated, or records lost \
+             by the local broker); the new log is replicated as a new incarnation, and records \
+             of the old one that were never read are lost"
+        );
+        self.progress.record_loss(loss);
+        self.consumer
+            .seek(&key.topic, key.partition, offset, METADATA_TIMEOUT)?;
         Ok(())
     }
 
@@ -754,13 +879,21 @@ fn add_message(
     message: &BorrowedMessage<'_>,
     forward_replicated: bool,
 ) -> Result<(), TailError> {
-    let offset = message.offset();
+    let source_offset = message.offset();
+    let offset = open.incarnation.spooled(source_offset);
     if offset < open.next_offset {
         // librdkafka may redeliver after a reassignment; the spool already has it.
         return Ok(());
     }
     open.next_offset = offset + 1;
     let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::new();
+    // Only records of a later incarnation say where they were in their log.
+    let incarnation_headers = (open.incarnation.epoch > 0).then(|| {
+        (
+            open.incarnation.epoch.to_string(),
+            source_offset.to_string(),
+        )
+    });
     if let Some(borrowed) = message.headers() {
         for header in borrowed.iter() {
             if header.key == HEADER_ORIGIN && !forward_replicated {
@@ -769,6 +902,10 @@ fn add_message(
             }
             headers.push((header.key, header.value));
         }
+    }
+    if let Some((epoch, source_offset)) = &incarnation_headers {
+        headers.push((HEADER_EPOCH, Some(epoch.as_bytes())));
+        headers.push((HEADER_SOURCE_OFFSET, Some(source_offset.as_bytes())));
     }
     open.builder.push(
         offset,

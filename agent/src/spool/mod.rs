@@ -104,6 +104,31 @@ pub struct SourcePartition {
     pub partition: i32,
 }
 
+/// Which log of a source partition the agent reads. A partition whose offsets went backwards
+/// (the topic deleted and created anew, a broker that lost records it had acknowledged) is a
+/// new log under the same name: incarnation `epoch` + 1, whose offset `o` the agent spools,
+/// ships and checkpoints as `base + o`, `base` being where the previous incarnation's
+/// position stood. So the partition's offsets in spoke never go back, and two incarnations'
+/// offset 0 never meet in a resume point. Records carry the edge truth in `spoke-epoch` and
+/// `spoke-source-offset` headers (see `tail`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Incarnation {
+    pub epoch: u32,
+    pub base: i64,
+}
+
+impl Incarnation {
+    /// The spool offset of source offset `offset` of this incarnation.
+    pub fn spooled(&self, offset: i64) -> i64 {
+        self.base.saturating_add(offset)
+    }
+
+    /// The source offset of spool offset `offset`.
+    pub fn source(&self, offset: i64) -> i64 {
+        offset.saturating_sub(self.base)
+    }
+}
+
 impl fmt::Display for SourcePartition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.topic, self.partition)
@@ -239,6 +264,16 @@ pub trait Spool: Send + Sync + 'static {
     fn position(&self, partition: &SourcePartition) -> Result<Option<i64>, SpoolError>;
     /// Every known partition with its position, sorted by partition.
     fn positions(&self) -> Result<Vec<(SourcePartition, i64)>, SpoolError>;
+    /// The partition's current incarnation (the first one, epoch 0 and base 0, unless
+    /// [`Spool::begin_incarnation`] said otherwise).
+    fn incarnation(&self, partition: &SourcePartition) -> Result<Incarnation, SpoolError>;
+    /// Records that the partition's source is a new log from here on: `incarnation.base` must
+    /// be at or past the partition's position, and becomes it. Not durable until flush.
+    fn begin_incarnation(
+        &self,
+        partition: &SourcePartition,
+        incarnation: Incarnation,
+    ) -> Result<(), SpoolError>;
     /// Up to `limit` chunks of the partition with first_offset >= from, in offset order.
     fn chunks_from(
         &self,
@@ -288,6 +323,17 @@ pub trait Spool: Send + Sync + 'static {
     /// How far `partition`'s chunks are durable: a flush that returned covers every chunk with
     /// `next_offset` at or below it. Nothing beyond it may leave the agent.
     fn durable_position(&self, partition: &SourcePartition) -> Option<i64>;
+}
+
+fn incarnation_behind(
+    partition: &SourcePartition,
+    incarnation: Incarnation,
+    position: i64,
+) -> SpoolError {
+    SpoolError::Corrupt(format!(
+        "incarnation {} of {partition} would start at {}, behind its position {position}",
+        incarnation.epoch, incarnation.base
+    ))
 }
 
 fn unknown_dictionary(chunk: &Chunk, id: u32) -> SpoolError {

@@ -5,8 +5,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::durable::DurableMarks;
 use super::{
-    out_of_order, unknown_dictionary, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats,
-    StoredDictionary,
+    out_of_order, unknown_dictionary, Chunk, Freed, Incarnation, SourcePartition, Spool,
+    SpoolError, SpoolStats, StoredDictionary,
 };
 
 /// In-memory spool: the reference model [`super::SledSpool`] is tested against. Nothing is
@@ -20,6 +20,7 @@ pub struct MemorySpool {
 #[derive(Debug, Default)]
 struct Inner {
     positions: BTreeMap<SourcePartition, i64>,
+    incarnations: BTreeMap<SourcePartition, Incarnation>,
     /// (partition, first_offset) → (append sequence, chunk)
     chunks: BTreeMap<(SourcePartition, i64), (u64, Chunk)>,
     next_seq: u64,
@@ -78,6 +79,33 @@ impl Spool for MemorySpool {
 
     fn position(&self, partition: &SourcePartition) -> Result<Option<i64>, SpoolError> {
         Ok(self.lock().positions.get(partition).copied())
+    }
+
+    fn incarnation(&self, partition: &SourcePartition) -> Result<Incarnation, SpoolError> {
+        Ok(self
+            .lock()
+            .incarnations
+            .get(partition)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn begin_incarnation(
+        &self,
+        partition: &SourcePartition,
+        incarnation: Incarnation,
+    ) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        if let Some(&position) = inner.positions.get(partition) {
+            if incarnation.base < position {
+                return Err(super::incarnation_behind(partition, incarnation, position));
+            }
+        }
+        inner.positions.insert(partition.clone(), incarnation.base);
+        inner.incarnations.insert(partition.clone(), incarnation);
+        drop(inner);
+        self.marks.written(partition, incarnation.base);
+        Ok(())
     }
 
     fn positions(&self) -> Result<Vec<(SourcePartition, i64)>, SpoolError> {

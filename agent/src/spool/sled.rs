@@ -14,8 +14,8 @@ use super::durable::DurableMarks;
 use bytes::Bytes;
 
 use super::{
-    out_of_order, unknown_dictionary, Chunk, Freed, SourcePartition, Spool, SpoolError, SpoolStats,
-    StoredDictionary,
+    out_of_order, unknown_dictionary, Chunk, Freed, Incarnation, SourcePartition, Spool,
+    SpoolError, SpoolStats, StoredDictionary,
 };
 
 /// sled's page cache; the spool is written once and read about once, so it need not be big,
@@ -26,6 +26,9 @@ const CHUNK_TAG: u8 = b'c';
 const POSITION_TAG: u8 = b'p';
 const DICTIONARY_TAG: u8 = b'd';
 const PIECE_TAG: u8 = b'q';
+const INCARNATION_TAG: u8 = b'i';
+/// An incarnation's value: this version byte, epoch u32, base i64.
+const INCARNATION_FORMAT_VERSION: u8 = 1;
 /// A chunk whose payload follows its header in the same value.
 const FORMAT_VERSION: u8 = 2;
 /// A chunk whose payload is stored in pieces under keys of their own.
@@ -72,6 +75,7 @@ pub struct SledSpool {
 #[derive(Debug, Default)]
 struct State {
     positions: BTreeMap<SourcePartition, i64>,
+    incarnations: BTreeMap<SourcePartition, Incarnation>,
     chunks: BTreeMap<(SourcePartition, i64), Meta>,
     /// append sequence → chunk, for `pop_oldest`
     by_seq: BTreeMap<u64, (SourcePartition, i64)>,
@@ -205,6 +209,11 @@ impl SledSpool {
                     let partition = decode_position_key(&key)?;
                     let offset = decode_position(&partition, &value)?;
                     state.positions.insert(partition, offset);
+                }
+                Some(&INCARNATION_TAG) => {
+                    let partition = decode_partition(&key)?;
+                    let incarnation = decode_incarnation(&partition, &value)?;
+                    state.incarnations.insert(partition, incarnation);
                 }
                 Some(&DICTIONARY_TAG) => {
                     let dictionary = decode_dictionary(&key, &value)?;
@@ -444,6 +453,41 @@ impl Spool for SledSpool {
 
     fn position(&self, partition: &SourcePartition) -> Result<Option<i64>, SpoolError> {
         Ok(self.lock().positions.get(partition).copied())
+    }
+
+    fn incarnation(&self, partition: &SourcePartition) -> Result<Incarnation, SpoolError> {
+        Ok(self
+            .lock()
+            .incarnations
+            .get(partition)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn begin_incarnation(
+        &self,
+        partition: &SourcePartition,
+        incarnation: Incarnation,
+    ) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        if let Some(&position) = state.positions.get(partition) {
+            if incarnation.base < position {
+                return Err(super::incarnation_behind(partition, incarnation, position));
+            }
+        }
+        let mut value = vec![INCARNATION_FORMAT_VERSION];
+        value.extend_from_slice(&incarnation.epoch.to_be_bytes());
+        value.extend_from_slice(&incarnation.base.to_be_bytes());
+        // Both in one write: after a crash the new incarnation and its start are there, or
+        // neither (and the reset is found again).
+        let mut batch = sled::Batch::default();
+        batch.insert(partition_key(INCARNATION_TAG, partition, 0), value);
+        batch.insert(position_key(partition), &incarnation.base.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        state.positions.insert(partition.clone(), incarnation.base);
+        state.incarnations.insert(partition.clone(), incarnation);
+        self.marks.written(partition, incarnation.base);
+        Ok(())
     }
 
     fn positions(&self) -> Result<Vec<(SourcePartition, i64)>, SpoolError> {
@@ -841,6 +885,26 @@ fn decode_chunk_key(key: &[u8]) -> Result<(SourcePartition, i64), SpoolError> {
     Ok((decode_partition(head)?, unflip64(first)))
 }
 
+fn decode_incarnation(
+    partition: &SourcePartition,
+    value: &[u8],
+) -> Result<Incarnation, SpoolError> {
+    match value {
+        [INCARNATION_FORMAT_VERSION, e0, e1, e2, e3, b @ ..] if b.len() == 8 => {
+            let mut base = [0u8; 8];
+            base.copy_from_slice(b);
+            Ok(Incarnation {
+                epoch: u32::from_be_bytes([*e0, *e1, *e2, *e3]),
+                base: i64::from_be_bytes(base),
+            })
+        }
+        _ => Err(SpoolError::Corrupt(format!(
+            "incarnation of {partition}: {} bytes of an unknown format",
+            value.len()
+        ))),
+    }
+}
+
 fn decode_position(partition: &SourcePartition, value: &[u8]) -> Result<i64, SpoolError> {
     let bytes: [u8; 8] = value.try_into().map_err(|_| {
         SpoolError::Corrupt(format!(
@@ -1105,6 +1169,7 @@ fn decode_chunk(
 mod tests {
     use super::super::tests::{chunk, sp};
     use super::*;
+    use crate::spool::MemorySpool;
 
     #[test]
     fn keys_sort_like_partitions_and_offsets() {
@@ -1436,6 +1501,41 @@ mod tests {
             SledSpool::open(dir.path()),
             Err(SpoolError::Corrupt(m)) if m.contains("dictionary")
         ));
+    }
+
+    #[test]
+    fn an_incarnation_survives_a_reopen_and_never_starts_behind_the_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = sp("a", 0);
+        let models: [Box<dyn Spool>; 2] = [
+            Box::new(MemorySpool::new()),
+            Box::new(SledSpool::open(dir.path()).expect("spool op")),
+        ];
+        let second = Incarnation { epoch: 1, base: 14 };
+        for s in &models {
+            assert_eq!(s.incarnation(&a).expect("spool op"), Incarnation::default());
+            s.append(&chunk(&a, 0, 9, 14, 1)).expect("spool op");
+            assert!(matches!(
+                s.begin_incarnation(&a, Incarnation { epoch: 1, base: 13 }),
+                Err(SpoolError::Corrupt(_))
+            ));
+            s.begin_incarnation(&a, second).expect("spool op");
+            assert_eq!(s.incarnation(&a).expect("spool op"), second);
+            assert_eq!(s.position(&a).expect("spool op"), Some(14));
+            // Source offset 0 of the new log is spool offset 14.
+            assert_eq!(second.spooled(0), 14);
+            assert_eq!(second.source(20), 6);
+            s.append(&chunk(&a, 14, 20, 21, 2)).expect("spool op");
+            s.flush().expect("spool op");
+        }
+        drop(models);
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(s.incarnation(&a).expect("spool op"), second);
+        assert_eq!(s.position(&a).expect("spool op"), Some(21));
+        assert_eq!(
+            s.incarnation(&sp("b", 0)).expect("spool op"),
+            Incarnation::default()
+        );
     }
 
     #[test]

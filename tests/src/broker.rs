@@ -55,19 +55,27 @@ pub fn index_headers(db: &Path) -> anyhow::Result<()> {
         c = sqlite3.connect(sys.argv[1], timeout=30)\n\
         c.execute('create index if not exists spoke_header_record on header (topition, offset_id)')\n\
         c.commit()\n";
+    run_sqlite(script, db, &[], "indexing tansu's header table").map(drop)
+}
+
+/// Runs a python3 `script` on tansu's sqlite database `db` (its `sys.argv[1]`, then `args`);
+/// returns what it printed. tansu has no API for these edits, and python3's sqlite3 is on
+/// every machine the tests run on, unlike the sqlite3 shell.
+fn run_sqlite(script: &str, db: &Path, args: &[&str], what: &str) -> anyhow::Result<String> {
     let out = Command::new("python3")
         .args(["-c", script])
         .arg(db)
+        .args(args)
         .output()
-        .context("running python3 to index tansu's header table")?;
+        .with_context(|| format!("running python3 for {what}"))?;
     if !out.status.success() {
         bail!(
-            "indexing {}: {}",
+            "{what} in {}: {}",
             db.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(())
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// One tansu broker process on a free loopback port.
@@ -212,17 +220,14 @@ impl Broker {
             c.execute('delete from header where topition = ? and offset_id < ?', (tp, below))\n\
             c.execute('delete from record where topition = ? and offset_id < ?', (tp, below))\n\
             c.commit()\n";
-        let out = Command::new("python3")
-            .args(["-c", script])
-            .arg(&self.db)
-            .args([topic, &partition.to_string(), &offset.to_string()])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "deleting records: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        let (partition, offset) = (partition.to_string(), offset.to_string());
+        run_sqlite(
+            script,
+            &self.db,
+            &[topic, &partition, &offset],
+            "deleting records",
+        )
+        .map(drop)
     }
 
     /// Deletes `topic` with everything stored for it while the broker is stopped: what
@@ -247,17 +252,7 @@ impl Broker {
             c.execute('delete from topition where topic = ?', (t,))\n\
             c.execute('delete from topic where id = ?', (t,))\n\
             c.commit()\n";
-        let out = Command::new("python3")
-            .args(["-c", script])
-            .arg(&self.db)
-            .arg(topic)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "deleting topic {topic}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        run_sqlite(script, &self.db, &[topic], "deleting a topic").map(drop)
     }
 
     /// Records of `topic` in the broker's database, read from sqlite rather than over Kafka:
@@ -266,17 +261,9 @@ impl Broker {
         let script = "import sqlite3, sys\n\
             c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True, timeout=30)\n\
             print(c.execute('select count(*) from record r join topition tp on r.topition = tp.id join topic t on tp.topic = t.id where t.name = ?', (sys.argv[2],)).fetchone()[0])\n";
-        let out = Command::new("python3")
-            .args(["-c", script])
-            .arg(&self.db)
-            .arg(topic)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "counting records: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+        Ok(run_sqlite(script, &self.db, &[topic], "counting records")?
+            .trim()
+            .parse()?)
     }
 
     pub fn log_tail(&self) -> String {

@@ -33,6 +33,10 @@ pub const HEADER_EPOCH: &str = "spoke-epoch";
 pub const HEADER_SOURCE_OFFSET: &str = "spoke-source-offset";
 
 const METADATA_REFRESH: Duration = Duration::from_secs(5);
+/// How long a log must stay below what was read of it before it counts as a new log
+/// ([`Tailer::find_shrunk_logs`]): far longer than a new leader's high watermark takes to
+/// catch up, two metadata refreshes at least.
+const SHORT_LOG_GRACE: Duration = Duration::from_secs(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_SLICE: Duration = Duration::from_millis(50);
 /// Messages taken per poll burst before chunk deadlines are checked again, so one fsync
@@ -220,6 +224,8 @@ pub struct Tailer {
     when_full: WhenFull,
     forward_replicated: bool,
     next_refresh: Instant,
+    /// Partitions whose log the broker said ends below what was read, since when.
+    short_since: HashMap<SourcePartition, Instant>,
     paused: bool,
     error_log: LogLimiter,
 }
@@ -299,6 +305,7 @@ impl Tailer {
             when_full: config.spool.when_full,
             forward_replicated: config.source.forward_replicated,
             next_refresh: Instant::now(),
+            short_since: HashMap::new(),
             paused: false,
             error_log: LogLimiter::new(Duration::from_secs(10)),
         })
@@ -546,8 +553,10 @@ impl Tailer {
     /// A log that now ends below what the spool holds of it was replaced, but a broker need
     /// not say so on a fetch (a fetch past the end may just wait for data): so the ends
     /// librdkafka's statistics report are compared with the spool's positions, and one that
-    /// looks short is asked of the broker before it counts (statistics can be a second old,
-    /// and a high watermark never lags what was read).
+    /// looks short is asked of the broker before it counts (statistics can be a second old).
+    /// Even the broker's answer counts only once it has held for [`SHORT_LOG_GRACE`]: right
+    /// after a leader election the new leader's high watermark can trail what consumers
+    /// already read, and taking that for a new log would replicate the whole log again.
     fn find_shrunk_logs(&mut self) -> Result<(), TailError> {
         let suspects: Vec<(SourcePartition, i64)> = self
             .partitions
@@ -571,10 +580,25 @@ impl Tailer {
                     continue;
                 }
             };
-            if high < read {
+            let now = Instant::now();
+            let short_since = self.short_since.entry(key.clone()).or_insert(now);
+            if high < read && now.duration_since(*short_since) >= SHORT_LOG_GRACE {
+                self.short_since.remove(&key);
                 self.source_reset(&key, Offset::Beginning)?;
+            } else if high >= read {
+                self.short_since.remove(&key);
             }
         }
+        // A log that caught up again was not short after all.
+        let partitions = &self.partitions;
+        let progress = &self.progress;
+        self.short_since.retain(|key, _| {
+            partitions.get(key).is_some_and(|open| {
+                progress
+                    .high_watermark(key)
+                    .is_some_and(|high| high < open.incarnation.source(open.spooled_offset))
+            })
+        });
         Ok(())
     }
 

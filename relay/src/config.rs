@@ -247,7 +247,8 @@ pub struct HubConfig {
     #[serde(default)]
     pub min_insync_replicas: Option<i32>,
     /// What to do with a record the hub refuses (larger than `max_record_bytes` with its
-    /// provenance headers, or bound for a hub topic name Kafka does not allow):
+    /// provenance headers, a timestamp outside the hub topic's window, or bound for a hub
+    /// topic name Kafka does not allow):
     /// `dead-letter` puts it in `dead_letter_topic` and the site carries on; `stop` ends the
     /// session, so the site stalls at that record until the operator acts.
     #[serde(default)]
@@ -257,8 +258,8 @@ pub struct HubConfig {
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
     /// The largest record the hub takes (key, value and headers, provenance included,
-    /// uncompressed). Unset: each hub topic's `max.message.bytes` as the hub describes it,
-    /// else 16 MiB (the relay's producer refuses larger ones itself).
+    /// uncompressed): it lowers each hub topic's `max.message.bytes` as the hub describes it,
+    /// never raises it; 16 MiB at most (the relay's producer refuses larger ones itself).
     #[serde(default)]
     pub max_record_bytes: Option<ByteSize>,
     /// librdkafka properties passed through to the hub producer (and resume-scan consumer).

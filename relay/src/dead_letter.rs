@@ -23,6 +23,9 @@ pub const HEADER_REASON: &str = "spoke-rejected";
 /// Header present when the dead-letter copy lacks part of the record; its value is the
 /// original record's size in bytes (key, value and headers).
 pub const HEADER_TRUNCATED: &str = "spoke-truncated";
+/// Header with the record's own timestamp (milliseconds since the epoch) when the
+/// dead-letter topic would refuse it too, so the copy carries the time it was written instead.
+pub const HEADER_TIMESTAMP: &str = "spoke-timestamp";
 
 /// Why the hub refuses a record; the agent counts it under loss reason `rejected`.
 pub mod reason {
@@ -30,7 +33,10 @@ pub mod reason {
     pub const TOO_LARGE: &str = "too_large";
     /// `hub.topic` makes a hub topic name longer than Kafka allows (249 characters).
     pub const HUB_TOPIC_INVALID: &str = "hub_topic_invalid";
-    pub const ALL: &[&str] = &[TOO_LARGE, HUB_TOPIC_INVALID];
+    /// A CreateTime outside the hub topic's `message.timestamp.before/after.max.ms`
+    /// ([`crate::hub_limits`]).
+    pub const TIMESTAMP_INVALID: &str = "timestamp_invalid";
+    pub const ALL: &[&str] = &[TOO_LARGE, HUB_TOPIC_INVALID, TIMESTAMP_INVALID];
 }
 
 /// What the dead-letter copy of `record` holds. Key and headers are kept whole when they
@@ -56,7 +62,8 @@ pub struct Refusal<'a> {
 /// Room kept for record framing, as [`crate::handoff::record_bytes`] counts it.
 const FRAMING: usize = 64;
 
-pub fn copy(record: &Record, refusal: &Refusal<'_>, max_bytes: usize) -> Copy {
+/// With `restamped`, the record's timestamp goes into [`HEADER_TIMESTAMP`].
+pub fn copy(record: &Record, refusal: &Refusal<'_>, max_bytes: usize, restamped: bool) -> Copy {
     let mut headers: Vec<(String, Option<Bytes>)> = [
         (HEADER_ORIGIN, refusal.site.to_owned()),
         (HEADER_TOPIC, refusal.topic.to_owned()),
@@ -68,6 +75,12 @@ pub fn copy(record: &Record, refusal: &Refusal<'_>, max_bytes: usize) -> Copy {
         (HEADER_REASON, refusal.reason.to_owned()),
     ]
     .into_iter()
+    .chain(
+        record
+            .timestamp
+            .filter(|_| restamped)
+            .map(|timestamp| (HEADER_TIMESTAMP, timestamp.to_string())),
+    )
     .map(|(key, value)| (key.to_owned(), Some(Bytes::from(value))))
     .collect();
     let header_bytes = |headers: &[(String, Option<Bytes>)]| -> usize {
@@ -219,7 +232,7 @@ mod tests {
                 value: Some(Bytes::from_static(b"v")),
             }],
         };
-        let copy = copy(&record, &refusal(), 4096);
+        let copy = copy(&record, &refusal(), 4096, false);
         assert_eq!(copy.key, record.key);
         assert_eq!(copy.value, record.value);
         assert_eq!(header(&copy, "h"), Some(&b"v"[..]));
@@ -228,6 +241,25 @@ mod tests {
         assert_eq!(header(&copy, HEADER_TOPIC), Some(&b"orders"[..]));
         assert_eq!(header(&copy, HEADER_REASON), Some(&b"too_large"[..]));
         assert_eq!(header(&copy, HEADER_TRUNCATED), None);
+        assert_eq!(
+            header(&copy, HEADER_TIMESTAMP),
+            None,
+            "its own timestamp is kept"
+        );
+    }
+
+    #[test]
+    fn a_restamped_copy_keeps_the_timestamp_in_a_header() {
+        let record = Record {
+            offset: 5,
+            timestamp: Some(1_700_000_000_123),
+            key: None,
+            value: Some(Bytes::from_static(b"late")),
+            headers: vec![],
+        };
+        let copy = copy(&record, &refusal(), 4096, true);
+        assert_eq!(header(&copy, HEADER_TIMESTAMP), Some(&b"1700000000123"[..]));
+        assert_eq!(copy.value, record.value);
     }
 
     #[test]
@@ -239,7 +271,7 @@ mod tests {
             value: Some(Bytes::from(vec![b'v'; 50_000])),
             headers: vec![],
         };
-        let copy = copy(&record, &refusal(), 8192);
+        let copy = copy(&record, &refusal(), 8192, false);
         assert!(size(&copy) <= 8192, "{} bytes", size(&copy));
         assert_eq!(copy.key, record.key, "a small key is kept");
         let value = copy.value.clone().expect("value kept in part");
@@ -256,7 +288,7 @@ mod tests {
             value: None,
             headers: vec![],
         };
-        let copy = copy(&record, &refusal(), 10);
+        let copy = copy(&record, &refusal(), 10, false);
         assert_eq!(copy.key, None);
         assert_eq!(copy.value, None, "a null value stays null");
         assert_eq!(header(&copy, HEADER_OFFSET), Some(&b"1"[..]));

@@ -20,6 +20,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{HubConfig, Transactions};
+use crate::hub_limits::TopicLimits;
 
 /// Header naming the site a hub record came from.
 pub const HEADER_ORIGIN: &str = "spoke-origin";
@@ -331,19 +332,24 @@ impl Hub {
         Ok(count)
     }
 
-    /// The `max.message.bytes` of `topic` as the hub describes it; `None` when it does not
+    /// What `topic` takes as the hub describes it; [`TopicLimits::UNKNOWN`] when it does not
     /// (a hub without DescribeConfigs, or a topic that is not there).
-    pub async fn max_message_bytes(&self, topic: &str) -> Option<usize> {
+    pub async fn topic_limits(&self, topic: &str) -> TopicLimits {
         let resource = ResourceSpecifier::Topic(topic);
         let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
-        let results = self
-            .admin
-            .describe_configs([&resource], &options)
-            .await
-            .ok()?;
-        let described = results.into_iter().next()?.ok()?;
-        let value = described.get("max.message.bytes")?.value.as_deref()?;
-        value.parse().ok()
+        let described = match self.admin.describe_configs([&resource], &options).await {
+            Ok(results) => results.into_iter().next().and_then(Result::ok),
+            Err(error) => {
+                tracing::debug!(topic, %error, "hub did not describe the topic");
+                None
+            }
+        };
+        match described {
+            Some(described) => {
+                TopicLimits::from_configs(|key| described.get(key)?.value.as_deref())
+            }
+            None => TopicLimits::UNKNOWN,
+        }
     }
 
     /// The partition count `topic` has now (0: it does not exist), reported when it is not

@@ -3,7 +3,8 @@
 //!
 //! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
 //! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces
-//! them and finds resume points; [`dead_letter`] takes the records the hub refuses. [`tls`] and [`pki`] handle identities, [`config`] the
+//! them and finds resume points; [`hub_limits`] says which records a hub topic refuses and
+//! [`dead_letter`] takes them instead. [`tls`] and [`pki`] handle identities, [`config`] the
 //! relay.toml contract.
 
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod dead_letter;
 pub mod fleet;
 pub mod handoff;
 pub mod hub;
+pub mod hub_limits;
 pub mod pki;
 pub mod server;
 pub mod session;

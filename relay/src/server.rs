@@ -112,6 +112,7 @@ pub async fn run(
                 .hub
                 .max_record_bytes
                 .map(|max| usize::try_from(max.as_u64()).unwrap_or(usize::MAX)),
+            in_flight: config.hub.fence_delay,
         },
     });
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");

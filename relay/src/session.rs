@@ -34,6 +34,7 @@ use crate::handoff::{self, Gates, Pending};
 use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
+use crate::hub_limits::TimestampWindow;
 use crate::tls::DenyList;
 use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_within, WireError};
 
@@ -83,8 +84,18 @@ pub struct SessionContext {
 pub struct Rejects {
     pub policy: OnRejected,
     pub dead_letter_topic: String,
-    /// `None`: each hub topic's `max.message.bytes` ([`Reader::record_limit`]).
+    /// `None`: each hub topic's `max.message.bytes` ([`Reader::topic_limits`]).
     pub max_record_bytes: Option<usize>,
+    /// How long after the relay judges a record's timestamp it may still reach the hub
+    /// (`hub.fence_delay` bounds it), which narrows the timestamps it lets pass.
+    pub in_flight: Duration,
+}
+
+/// What a session lets through to one hub topic ([`crate::hub_limits`]).
+#[derive(Debug, Clone, Copy)]
+struct HubTopicLimits {
+    record_bytes: usize,
+    timestamps: TimestampWindow,
 }
 
 /// How long a well-ending session waits for a hub topic's partition ends.
@@ -621,7 +632,7 @@ async fn serve_site(
     let shared = Mutex::new(Partitions {
         resume,
         layouts: layouts.clone(),
-        record_limits: HashMap::new(),
+        topic_limits: HashMap::new(),
         stream: HashMap::new(),
         last_heard_at: tokio::time::Instant::now(),
     });
@@ -744,8 +755,8 @@ struct Partitions {
     /// Per hub topic, its partition count as this session resolved it: records are placed
     /// and resume points scanned by it, so one session never mixes two layouts.
     layouts: HashMap<String, i32>,
-    /// Per hub topic, the largest record it takes, as this session learned it.
-    record_limits: HashMap<String, usize>,
+    /// Per hub topic, what it takes, as this session learned it.
+    topic_limits: HashMap<String, HubTopicLimits>,
     /// The stream its batches arrive on: one, so that they reach the producer in order.
     stream: HashMap<(String, i32), u64>,
     /// When the control stream last carried a frame (a heartbeat, or a batch from an agent
@@ -899,25 +910,32 @@ impl Reader<'_> {
         Ok(*lock().layouts.entry(target.to_owned()).or_insert(count))
     }
 
-    /// The largest record `target` takes: `hub.max_record_bytes`, else the topic's
-    /// `max.message.bytes` as the hub describes it (asked once per session), else what the
-    /// producer takes.
-    async fn record_limit(&self, target: &str) -> usize {
+    /// What `target` takes, asked once per session: records up to the least of
+    /// `hub.max_record_bytes`, the topic's `max.message.bytes` and what the producer takes;
+    /// timestamps as the topic's configuration says.
+    async fn topic_limits(&self, target: &str) -> HubTopicLimits {
         let context = self.session.context;
-        if let Some(max) = context.rejects.max_record_bytes {
-            return max;
-        }
         let lock = || self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&max) = lock().record_limits.get(target) {
-            return max;
+        if let Some(&limits) = lock().topic_limits.get(target) {
+            return limits;
         }
-        let max = context
-            .hub
-            .max_message_bytes(target)
-            .await
-            .unwrap_or(crate::config::MAX_RECORD_BYTES)
-            .min(crate::config::MAX_RECORD_BYTES);
-        *lock().record_limits.entry(target.to_owned()).or_insert(max)
+        let described = context.hub.topic_limits(target).await;
+        // A `hub.max_record_bytes` above what the topic takes would be a stall, not a choice.
+        let record_bytes = [
+            context.rejects.max_record_bytes,
+            described.max_message_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(crate::config::MAX_RECORD_BYTES, usize::min);
+        let limits = HubTopicLimits {
+            record_bytes,
+            timestamps: described.timestamps,
+        };
+        *lock()
+            .topic_limits
+            .entry(target.to_owned())
+            .or_insert(limits)
     }
 
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
@@ -1036,10 +1054,14 @@ impl Reader<'_> {
             + HEADER_PARTITION.len()
             + partition_text.len()
             + HEADER_OFFSET.len();
-        let record_limit = match topic_refused {
-            Some(_) => crate::config::MAX_RECORD_BYTES,
-            None => self.record_limit(&target).await,
+        let limits = match topic_refused {
+            Some(_) => HubTopicLimits {
+                record_bytes: crate::config::MAX_RECORD_BYTES,
+                timestamps: TimestampWindow::ANY,
+            },
+            None => self.topic_limits(&target).await,
         };
+        let now_ms = unix_millis();
         let mut refused = dead_letter::Runs::default();
         let mut dead_letters = Vec::new();
         let mut refusal_reason = None;
@@ -1047,7 +1069,15 @@ impl Reader<'_> {
             let offset_text = record.offset.to_string();
             let record_bytes = handoff::record_bytes(record, provenance + offset_text.len());
             let reason = topic_refused
-                .or((record_bytes > record_limit).then_some(dead_letter::reason::TOO_LARGE));
+                .or((record_bytes > limits.record_bytes).then_some(dead_letter::reason::TOO_LARGE))
+                .or(record
+                    .timestamp
+                    .filter(|&t| {
+                        limits
+                            .timestamps
+                            .refuses(t, now_ms, context.rejects.in_flight)
+                    })
+                    .map(|_| dead_letter::reason::TIMESTAMP_INVALID));
             if let Some(reason) = reason {
                 let refusal = dead_letter::Refusal {
                     site,
@@ -1056,7 +1086,10 @@ impl Reader<'_> {
                     hub_topic: &target,
                     reason,
                 };
-                dead_letters.push(self.dead_letter(record, &refusal, record_limit).await?);
+                dead_letters.push(
+                    self.dead_letter(record, &refusal, limits.record_bytes)
+                        .await?,
+                );
                 refused.refused(record.offset);
                 refusal_reason = Some(reason);
                 continue;
@@ -1162,8 +1195,16 @@ impl Reader<'_> {
         // Created at the first refusal, like any hub topic; one partition holds the few.
         self.layout(&rejects.dead_letter_topic, 1).await?;
         // The dead-letter topic may take less than the hub topic did.
-        let limit = record_limit.min(self.record_limit(&rejects.dead_letter_topic).await);
-        let copy = dead_letter::copy(record, refusal, limit);
+        let limits = self.topic_limits(&rejects.dead_letter_topic).await;
+        let limit = record_limit.min(limits.record_bytes);
+        // A timestamp the dead-letter topic would refuse too goes into a header, and the
+        // producer stamps the copy.
+        let keep_timestamp = record.timestamp.filter(|&t| {
+            !limits
+                .timestamps
+                .refuses(t, unix_millis(), context.rejects.in_flight)
+        });
+        let copy = dead_letter::copy(record, refusal, limit, keep_timestamp.is_none());
         let mut headers = OwnedHeaders::new_with_capacity(copy.headers.len());
         for (key, value) in &copy.headers {
             headers = headers.insert(KafkaHeader {
@@ -1179,7 +1220,7 @@ impl Reader<'_> {
         if let Some(value) = &copy.value {
             dead = dead.payload(value.as_ref());
         }
-        if let Some(timestamp) = record.timestamp {
+        if let Some(timestamp) = keep_timestamp {
             dead = dead.timestamp(timestamp);
         }
         enqueue(
@@ -1190,6 +1231,11 @@ impl Reader<'_> {
         )
         .await
     }
+}
+
+/// The relay's wall clock, as brokers judge timestamps by theirs.
+fn unix_millis() -> i64 {
+    i64::try_from(crate::fleet::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// Hands one record to librdkafka, waiting while its local queue is full, but not past the

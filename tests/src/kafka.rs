@@ -41,15 +41,22 @@ fn admin_client(
 }
 
 pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic_with(bootstrap, topic, partitions, &[])
+}
+
+/// Creates `topic` with topic configuration `configs` (name, value).
+pub fn create_topic_with(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let (admin, runtime) = admin_client(bootstrap)?;
-    let results = runtime.block_on(admin.create_topics(
-        [&NewTopic::new(
-            topic,
-            partitions,
-            TopicReplication::Fixed(-1),
-        )],
-        &AdminOptions::new(),
-    ))?;
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    for (name, value) in configs {
+        new_topic = new_topic.set(name, value);
+    }
+    let results = runtime.block_on(admin.create_topics([&new_topic], &AdminOptions::new()))?;
     for result in results {
         result.map_err(|(name, code)| anyhow::anyhow!("creating {name}: {code}"))?;
     }

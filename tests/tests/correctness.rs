@@ -806,6 +806,114 @@ fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Resul
     Ok(())
 }
 
+/// Scenario 6, timestamps: a hub topic with `message.timestamp.before.max.ms` and
+/// `after.max.ms` (Kafka refuses a CreateTime outside them with INVALID_TIMESTAMP, which
+/// would fail the session and stall the site like any refused record). tansu 0.6 stores these
+/// settings but does not enforce them, so before the relay judged timestamps itself the two
+/// records outside the window simply landed in the hub topic, where a real Kafka would have
+/// stalled the site. Now they go to the dead-letter topic, whose copy keeps the record's own
+/// timestamp in a header when the dead-letter topic would refuse it too.
+#[test]
+fn records_outside_the_hub_topics_timestamp_window_are_dead_lettered() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    const DEAD_LETTER: &str = "spoke.dead-letter";
+    const HOUR_MS: i64 = 3_600_000;
+    let env = Env::new()?;
+    let window = [
+        ("message.timestamp.type", "CreateTime"),
+        ("message.timestamp.before.max.ms", "3600000"),
+        ("message.timestamp.after.max.ms", "3600000"),
+    ];
+    kafka::create_topic_with(&env.hub.bootstrap(), HUB_TOPIC, 1, &window)?;
+    kafka::create_topic_with(&env.hub.bootstrap(), DEAD_LETTER, 1, &window)?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let stamped = |i: usize| match i {
+        30 => now - 2 * HOUR_MS,
+        60 => now + 2 * HOUR_MS,
+        _ => now,
+    };
+    let records: Vec<Rec> = (0..100)
+        .map(|i| Rec {
+            timestamp: Some(stamped(i)),
+            ..keyed(0, i)
+        })
+        .collect();
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    kafka::produce(&producer, "orders", 0, &records)?;
+
+    let _relay = env.start_relay(&["orders"])?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    let arrived = eventually("98 records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 98)
+    });
+    let dead = eventually("2 dead letters", Duration::from_secs(30), || {
+        Ok(hub_total(&env, DEAD_LETTER, 1)? >= 2)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    println!(
+        "{}",
+        tally.line("hub-refuses-timestamps", reported_lost(&env))
+    );
+    arrived?;
+    dead?;
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    let offsets: BTreeSet<i64> = landed.iter().map(|l| l.source_offset).collect();
+    let expected: BTreeSet<i64> = (0..100).filter(|&i| i != 30 && i != 60).collect();
+    anyhow::ensure!(
+        offsets == expected && tally.dup == 0 && landed.len() == 98,
+        "the hub must hold every record but offsets 30 and 60, once: {tally:?}, missing {:?}",
+        expected.difference(&offsets).collect::<Vec<_>>()
+    );
+
+    let dead = kafka::read_partition(&env.hub.bootstrap(), DEAD_LETTER, 0)?;
+    anyhow::ensure!(dead.len() == 2, "{} dead letters", dead.len());
+    for (letter, offset) in dead.iter().zip([30usize, 60]) {
+        let header = |name: &str| {
+            letter
+                .rec
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.clone())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        let original = stamped(offset).to_string();
+        anyhow::ensure!(
+            header("spoke-rejected").as_deref() == Some("timestamp_invalid")
+                && header("spoke-offset") == Some(offset.to_string())
+                && header("spoke-timestamp") == Some(original)
+                && letter.rec.value == records[offset].value,
+            "dead letter of offset {offset}: {:?}",
+            letter.rec
+        );
+        let restamped = letter.rec.timestamp.unwrap_or(0);
+        anyhow::ensure!(
+            (restamped - now).abs() < HOUR_MS,
+            "the copy carries the time it was written, not {restamped}"
+        );
+    }
+    let rejected = admin::sum(
+        &admin::scrape(&env.agent_admin())?,
+        "spoke_agent_lost_records_total",
+        &["reason=\"rejected\""],
+    );
+    anyhow::ensure!(rejected == 2.0, "agent counts {rejected} rejected records");
+    let counted = admin::sum(
+        &admin::scrape(&env.relay_admin())?,
+        "spoke_relay_dead_letter_records_total",
+        &["reason=\"timestamp_invalid\""],
+    );
+    anyhow::ensure!(counted == 2.0, "relay counts {counted} timestamp_invalid");
+    Ok(())
+}
+
 /// Scenario 2: the edge topic is deleted and created anew, with fewer partitions. Before, the
 /// agent took the new log's offsets 0.. for records it had already spooled and dropped them
 /// without a word: none of the new records reached the hub. Now the offsets going back are a

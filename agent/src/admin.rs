@@ -74,6 +74,11 @@ impl Admin {
             progress.lost.clone(),
         );
         registry.register(
+            "spoke_agent_source_resets",
+            "Source partitions found to be a new log (topic recreated, or records lost by the local broker)",
+            progress.source_resets.clone(),
+        );
+        registry.register(
             "spoke_agent_wire_bytes",
             "Frame bytes sent to relays",
             progress.wire_bytes.clone(),

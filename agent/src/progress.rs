@@ -56,6 +56,9 @@ pub struct Progress {
     pub records_acked: Counter,
     pub wire_bytes: Counter,
     pub lost: Family<LossLabels, Counter>,
+    /// Source partitions found to be a new log: also those whose lost records nobody can
+    /// count (a topic recreated while the agent was stopped), which `lost` cannot show.
+    pub source_resets: Counter,
     pub relay_connected: AtomicBool,
     /// Signalled by the tailer after chunks became durable in the spool.
     pub spooled: Notify,

@@ -24,7 +24,7 @@ use crate::config::{DictionaryMode, Loaded, WhenFull};
 use crate::dictionary::Dictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
-use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError};
+use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError, TopicId};
 
 /// Header with a record's source incarnation, on records of an incarnation after the first.
 pub const HEADER_EPOCH: &str = "spoke-epoch";
@@ -378,26 +378,51 @@ impl Tailer {
     fn refresh_assignment(&mut self) -> Result<(), TailError> {
         let topics = selected_topics(&self.consumer, &self.selector)?;
         Progress::touch(&self.progress.local_broker_seen_ms);
+        let topic_ids = self.topic_ids(topics.iter().map(|(topic, _)| topic.as_str()));
         let mut added = TopicPartitionList::new();
+        let mut recreated = Vec::new();
         for (topic, count) in &topics {
             self.progress.set_partition_count(topic, *count);
+            let topic_id = topic_ids.get(topic).copied();
             for partition in 0..*count {
                 let key = SourcePartition {
                     topic: topic.clone(),
                     partition,
                 };
-                if self.partitions.contains_key(&key) {
+                if let Some(open) = self.partitions.get_mut(&key) {
+                    match (open.incarnation.topic_id, topic_id) {
+                        (Some(known), Some(now)) if known != now => recreated.push(key),
+                        (None, Some(now)) => {
+                            self.spool.name_incarnation(&key, now)?;
+                            open.incarnation.topic_id = Some(now);
+                        }
+                        _ => {}
+                    }
                     continue;
                 }
                 let position = self.spool.position(&key)?;
-                let incarnation = self.spool.incarnation(&key)?;
-                let offset = position.map_or(Offset::Beginning, |position| {
+                let mut incarnation = self.spool.incarnation(&key)?;
+                let mut offset = position.map_or(Offset::Beginning, |position| {
                     Offset::Offset(incarnation.source(position))
                 });
+                let mut recreated_while_away = false;
+                match (incarnation.topic_id, topic_id) {
+                    // Recreated while the agent was away, perhaps refilled past its position:
+                    // the new log is read from its start, as the next incarnation.
+                    (Some(known), Some(now)) if known != now && position.is_some() => {
+                        offset = Offset::Beginning;
+                        recreated_while_away = true;
+                    }
+                    (known, Some(now)) if known != Some(now) => {
+                        self.spool.name_incarnation(&key, now)?;
+                        incarnation.topic_id = Some(now);
+                    }
+                    _ => {}
+                }
                 added.add_partition_offset(topic, partition, offset)?;
                 info!(%topic, partition, ?position, epoch = incarnation.epoch, "tailing partition");
                 self.partitions.insert(
-                    key,
+                    key.clone(),
                     Open {
                         builder: ChunkBuilder::new(),
                         opened_at: None,
@@ -406,12 +431,39 @@ impl Tailer {
                         incarnation,
                     },
                 );
+                if recreated_while_away {
+                    // Before the consumer reads a record of the new log.
+                    self.source_reset(&key, None, topic_id)?;
+                }
             }
         }
+        self.spool.flush()?;
         if added.count() > 0 {
             self.consumer.incremental_assign(&added)?;
         }
+        for key in recreated {
+            let topic_id = topic_ids.get(&key.topic).copied();
+            self.source_reset(&key, Some(Offset::Beginning), topic_id)?;
+        }
         Ok(())
+    }
+
+    /// The local broker's ids of `topics`; none where it gives none, or cannot answer now
+    /// (the next refresh asks again).
+    fn topic_ids<'a>(
+        &self,
+        topics: impl Iterator<Item = &'a str>,
+    ) -> HashMap<String, crate::topic_id::TopicId> {
+        let topics: Vec<&str> = topics.collect();
+        crate::topic_id::describe(
+            self.consumer.client().native_client(),
+            &topics,
+            METADATA_TIMEOUT,
+        )
+        .unwrap_or_else(|error| {
+            debug!(%error, "local broker did not give topic ids");
+            HashMap::new()
+        })
     }
 
     fn spool_full(&mut self) -> Result<bool, TailError> {
@@ -545,7 +597,8 @@ impl Tailer {
             timeout = Duration::ZERO;
         }
         if let Some((key, offset)) = reset {
-            self.source_reset(&key, offset)?;
+            let topic_id = self.topic_ids(std::iter::once(key.topic.as_str()));
+            self.source_reset(&key, Some(offset), topic_id.get(&key.topic).copied())?;
         }
         Ok(())
     }
@@ -584,7 +637,9 @@ impl Tailer {
             let short_since = self.short_since.entry(key.clone()).or_insert(now);
             if high < read && now.duration_since(*short_since) >= SHORT_LOG_GRACE {
                 self.short_since.remove(&key);
-                self.source_reset(&key, Offset::Beginning)?;
+                let topic_id = self.topic_ids(std::iter::once(key.topic.as_str()));
+                let topic_id = topic_id.get(&key.topic).copied();
+                self.source_reset(&key, Some(Offset::Beginning), topic_id)?;
             } else if high >= read {
                 self.short_since.remove(&key);
             }
@@ -602,11 +657,18 @@ impl Tailer {
         Ok(())
     }
 
-    /// The source partition's offsets went back (to `offset`, where reading goes on): its
-    /// topic was deleted and created anew, or its broker lost records it had acknowledged.
-    /// What was read of the old log is spooled as it is; the new log becomes the next
+    /// The source partition is a new log: its offsets went back (to `seek_to`, where reading
+    /// goes on), or its topic id changed (read from the start; `seek_to` is `None` when the
+    /// partition is not assigned yet). Its topic was deleted and created anew, or its broker
+    /// lost records it had acknowledged. What was read of the old log is spooled as it is;
+    /// the new log (topic id `topic_id`, as far as the broker says) becomes the next
     /// incarnation, spooled from the old one's position on ([`Incarnation`]).
-    fn source_reset(&mut self, key: &SourcePartition, offset: Offset) -> Result<(), TailError> {
+    fn source_reset(
+        &mut self,
+        key: &SourcePartition,
+        seek_to: Option<Offset>,
+        topic_id: Option<TopicId>,
+    ) -> Result<(), TailError> {
         self.close_chunks(true)?;
         let Some(open) = self.partitions.get_mut(key) else {
             return Ok(());
@@ -617,6 +679,7 @@ impl Tailer {
         let new = Incarnation {
             epoch: old.epoch.saturating_add(1),
             base,
+            topic_id,
         };
         self.spool.begin_incarnation(key, new)?;
         self.spool.flush()?;
@@ -638,20 +701,38 @@ impl Tailer {
             records: u64::try_from(old_end - read_to).unwrap_or(0),
             at_ms: crate::now_ms(),
         };
+        let new_id = old.topic_id.is_some() && topic_id.is_some() && old.topic_id != topic_id;
+        let cause = match seek_to {
+            None => "its topic was recreated while the agent was stopped (a new topic id)",
+            Some(_) if new_id => "its topic was recreated (a new topic id)",
+            Some(_) => {
+                "its offsets went back (topic recreated, or records lost by the local broker)"
+            }
+        };
+        let unread = if seek_to.is_none() {
+            // The old log is gone and the broker never told this process its end.
+            "unknown".to_owned()
+        } else {
+            loss.records.to_string()
+        };
         error!(
             topic = %key.topic,
             partition = key.partition,
             read_to,
-            now_at = ?offset,
-            unread = loss.records,
+            now_at = ?seek_to.unwrap_or(Offset::Beginning),
+            unread,
             epoch = new.epoch,
-            "source partition reset: its offsets went back (topic recreated, or records lost \
-             by the local broker); the new log is replicated as a new incarnation, and records \
-             of the old one that were never read are lost"
+            old_topic_id = ?old.topic_id.map(|id| id.to_string()),
+            topic_id = ?topic_id.map(|id| id.to_string()),
+            "source partition reset: {cause}; the new log is replicated as a new incarnation, \
+             and records of the old one that were never read are lost"
         );
         self.progress.record_loss(loss);
-        self.consumer
-            .seek(&key.topic, key.partition, offset, METADATA_TIMEOUT)?;
+        self.progress.source_resets.inc();
+        if let Some(offset) = seek_to {
+            self.consumer
+                .seek(&key.topic, key.partition, offset, METADATA_TIMEOUT)?;
+        }
         Ok(())
     }
 

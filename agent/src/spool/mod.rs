@@ -86,6 +86,8 @@
 
 use std::fmt;
 
+pub use crate::topic_id::TopicId;
+
 mod durable;
 mod model;
 mod sled;
@@ -115,6 +117,9 @@ pub struct SourcePartition {
 pub struct Incarnation {
     pub epoch: u32,
     pub base: i64,
+    /// The broker's id of the topic whose log this is, once the agent has seen one: a
+    /// different id is a new log even where the offsets do not show it.
+    pub topic_id: Option<TopicId>,
 }
 
 impl Incarnation {
@@ -273,6 +278,13 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         partition: &SourcePartition,
         incarnation: Incarnation,
+    ) -> Result<(), SpoolError>;
+    /// Records the topic id of the partition's current incarnation, first seen now; the
+    /// position stays. Not durable until flush.
+    fn name_incarnation(
+        &self,
+        partition: &SourcePartition,
+        topic_id: TopicId,
     ) -> Result<(), SpoolError>;
     /// Up to `limit` chunks of the partition with first_offset >= from, in offset order.
     fn chunks_from(

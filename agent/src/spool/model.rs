@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use super::durable::DurableMarks;
 use super::{
     out_of_order, unknown_dictionary, Chunk, Freed, Incarnation, SourcePartition, Spool,
-    SpoolError, SpoolStats, StoredDictionary,
+    SpoolError, SpoolStats, StoredDictionary, TopicId,
 };
 
 /// In-memory spool: the reference model [`super::SledSpool`] is tested against. Nothing is
@@ -105,6 +105,19 @@ impl Spool for MemorySpool {
         inner.incarnations.insert(partition.clone(), incarnation);
         drop(inner);
         self.marks.written(partition, incarnation.base);
+        Ok(())
+    }
+
+    fn name_incarnation(
+        &self,
+        partition: &SourcePartition,
+        topic_id: TopicId,
+    ) -> Result<(), SpoolError> {
+        self.lock()
+            .incarnations
+            .entry(partition.clone())
+            .or_default()
+            .topic_id = Some(topic_id);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::{
     out_of_order, unknown_dictionary, Chunk, Freed, Incarnation, SourcePartition, Spool,
-    SpoolError, SpoolStats, StoredDictionary,
+    SpoolError, SpoolStats, StoredDictionary, TopicId,
 };
 
 /// sled's page cache; the spool is written once and read about once, so it need not be big,
@@ -29,6 +29,8 @@ const PIECE_TAG: u8 = b'q';
 const INCARNATION_TAG: u8 = b'i';
 /// An incarnation's value: this version byte, epoch u32, base i64.
 const INCARNATION_FORMAT_VERSION: u8 = 1;
+/// An incarnation's value with its topic id: this version byte, epoch u32, base i64, id.
+const NAMED_INCARNATION_FORMAT_VERSION: u8 = 2;
 /// A chunk whose payload follows its header in the same value.
 const FORMAT_VERSION: u8 = 2;
 /// A chunk whose payload is stored in pieces under keys of their own.
@@ -475,18 +477,38 @@ impl Spool for SledSpool {
                 return Err(super::incarnation_behind(partition, incarnation, position));
             }
         }
-        let mut value = vec![INCARNATION_FORMAT_VERSION];
-        value.extend_from_slice(&incarnation.epoch.to_be_bytes());
-        value.extend_from_slice(&incarnation.base.to_be_bytes());
         // Both in one write: after a crash the new incarnation and its start are there, or
         // neither (and the reset is found again).
         let mut batch = sled::Batch::default();
-        batch.insert(partition_key(INCARNATION_TAG, partition, 0), value);
+        batch.insert(
+            partition_key(INCARNATION_TAG, partition, 0),
+            encode_incarnation(&incarnation),
+        );
         batch.insert(position_key(partition), &incarnation.base.to_be_bytes());
         self.db.apply_batch(batch)?;
         state.positions.insert(partition.clone(), incarnation.base);
         state.incarnations.insert(partition.clone(), incarnation);
         self.marks.written(partition, incarnation.base);
+        Ok(())
+    }
+
+    fn name_incarnation(
+        &self,
+        partition: &SourcePartition,
+        topic_id: TopicId,
+    ) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        let mut incarnation = state
+            .incarnations
+            .get(partition)
+            .copied()
+            .unwrap_or_default();
+        incarnation.topic_id = Some(topic_id);
+        self.db.insert(
+            partition_key(INCARNATION_TAG, partition, 0),
+            encode_incarnation(&incarnation),
+        )?;
+        state.incarnations.insert(partition.clone(), incarnation);
         Ok(())
     }
 
@@ -885,19 +907,48 @@ fn decode_chunk_key(key: &[u8]) -> Result<(SourcePartition, i64), SpoolError> {
     Ok((decode_partition(head)?, unflip64(first)))
 }
 
+fn encode_incarnation(incarnation: &Incarnation) -> Vec<u8> {
+    let version = match incarnation.topic_id {
+        Some(_) => NAMED_INCARNATION_FORMAT_VERSION,
+        None => INCARNATION_FORMAT_VERSION,
+    };
+    let mut value = vec![version];
+    value.extend_from_slice(&incarnation.epoch.to_be_bytes());
+    value.extend_from_slice(&incarnation.base.to_be_bytes());
+    if let Some(id) = incarnation.topic_id {
+        value.extend_from_slice(&id.0);
+    }
+    value
+}
+
 fn decode_incarnation(
     partition: &SourcePartition,
     value: &[u8],
 ) -> Result<Incarnation, SpoolError> {
-    match value {
-        [INCARNATION_FORMAT_VERSION, e0, e1, e2, e3, b @ ..] if b.len() == 8 => {
-            let mut base = [0u8; 8];
-            base.copy_from_slice(b);
-            Ok(Incarnation {
-                epoch: u32::from_be_bytes([*e0, *e1, *e2, *e3]),
-                base: i64::from_be_bytes(base),
-            })
+    let fields = |e: &[u8], b: &[u8]| -> Option<(u32, i64)> {
+        Some((
+            u32::from_be_bytes(e.try_into().ok()?),
+            i64::from_be_bytes(b.try_into().ok()?),
+        ))
+    };
+    let decoded = match value {
+        [INCARNATION_FORMAT_VERSION, rest @ ..] if rest.len() == 12 => {
+            fields(&rest[..4], &rest[4..]).map(|(epoch, base)| (epoch, base, None))
         }
+        [NAMED_INCARNATION_FORMAT_VERSION, rest @ ..] if rest.len() == 28 => {
+            let id = rest[12..].try_into().ok().and_then(TopicId::new);
+            fields(&rest[..4], &rest[4..12])
+                .zip(id)
+                .map(|((epoch, base), id)| (epoch, base, Some(id)))
+        }
+        _ => None,
+    };
+    match decoded {
+        Some((epoch, base, topic_id)) => Ok(Incarnation {
+            epoch,
+            base,
+            topic_id,
+        }),
         _ => Err(SpoolError::Corrupt(format!(
             "incarnation of {partition}: {} bytes of an unknown format",
             value.len()
@@ -1511,12 +1562,16 @@ mod tests {
             Box::new(MemorySpool::new()),
             Box::new(SledSpool::open(dir.path()).expect("spool op")),
         ];
-        let second = Incarnation { epoch: 1, base: 14 };
+        let second = Incarnation {
+            epoch: 1,
+            base: 14,
+            topic_id: None,
+        };
         for s in &models {
             assert_eq!(s.incarnation(&a).expect("spool op"), Incarnation::default());
             s.append(&chunk(&a, 0, 9, 14, 1)).expect("spool op");
             assert!(matches!(
-                s.begin_incarnation(&a, Incarnation { epoch: 1, base: 13 }),
+                s.begin_incarnation(&a, Incarnation { base: 13, ..second }),
                 Err(SpoolError::Corrupt(_))
             ));
             s.begin_incarnation(&a, second).expect("spool op");
@@ -1536,6 +1591,47 @@ mod tests {
             s.incarnation(&sp("b", 0)).expect("spool op"),
             Incarnation::default()
         );
+    }
+
+    #[test]
+    fn a_topic_id_names_the_incarnation_without_moving_the_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, fresh) = (sp("a", 0), sp("b", 0));
+        let id = TopicId::new([7; 16]).expect("not zero");
+        let models: [Box<dyn Spool>; 2] = [
+            Box::new(MemorySpool::new()),
+            Box::new(SledSpool::open(dir.path()).expect("spool op")),
+        ];
+        for s in &models {
+            s.append(&chunk(&a, 0, 9, 10, 1)).expect("spool op");
+            s.name_incarnation(&a, id).expect("spool op");
+            s.name_incarnation(&fresh, id).expect("spool op");
+            let named = s.incarnation(&a).expect("spool op");
+            assert_eq!((named.epoch, named.base, named.topic_id), (0, 0, Some(id)));
+            assert_eq!(s.position(&a).expect("spool op"), Some(10));
+            assert_eq!(s.position(&fresh).expect("spool op"), None);
+            s.flush().expect("spool op");
+        }
+        drop(models);
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(s.incarnation(&a).expect("spool op").topic_id, Some(id));
+        assert_eq!(s.position(&a).expect("spool op"), Some(10));
+        // A spool written before topic ids (format 1) still reads.
+        let old = [
+            &[INCARNATION_FORMAT_VERSION][..],
+            &3u32.to_be_bytes(),
+            &40i64.to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            decode_incarnation(&a, &old).expect("format 1"),
+            Incarnation {
+                epoch: 3,
+                base: 40,
+                topic_id: None
+            }
+        );
+        assert!(decode_incarnation(&a, &old[..12]).is_err());
     }
 
     #[test]

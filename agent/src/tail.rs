@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use spoke_proto::{ChunkBuilder, Codec};
@@ -930,11 +930,14 @@ fn check_gap<C: ConsumerContext>(
     expected: i64,
     received: i64,
 ) {
-    let low = match consumer.fetch_watermarks(
-        &partition.topic,
-        partition.partition,
-        METADATA_TIMEOUT,
-    ) {
+    let watermarks = if spoke_io::failpoint::fails("tail.gap_watermarks") {
+        Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::OperationTimedOut,
+        ))
+    } else {
+        consumer.fetch_watermarks(&partition.topic, partition.partition, METADATA_TIMEOUT)
+    };
+    let low = match watermarks {
         Ok((low, _)) => low,
         Err(error) => {
             // Reported, not only logged: an operator must see the range even if none of it

@@ -5,8 +5,9 @@
 //! Compiled in only with the `failpoints` feature, which `scripts/test` builds the binaries
 //! with and packages never have; without it [`hit`] is an empty inline function. A test arms
 //! them through the environment: `SPOKE_FAILPOINTS="name=action;other=action"`, where an
-//! action is `pause(MS)`, `abort`, or `pause(MS)->abort` (pause, then crash). Every hit of
-//! an armed point is written to stderr first, so the test can see that it was reached.
+//! action is `pause(MS)`, `abort`, `pause(MS)->abort` (pause, then crash), or `error` (the
+//! operation at a point asked with [`fails`] fails). Every hit of an armed point is written
+//! to stderr first, so the test can see that it was reached.
 
 /// Runs what `SPOKE_FAILPOINTS` arms at `name`, if anything.
 #[cfg(not(feature = "failpoints"))]
@@ -15,14 +16,29 @@ pub fn hit(_name: &str) {}
 
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
+    let _ = fails(name);
+}
+
+/// Runs what `SPOKE_FAILPOINTS` arms at `name`; whether it says the operation there fails.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fails(_name: &str) -> bool {
+    false
+}
+
+#[cfg(feature = "failpoints")]
+pub fn fails(name: &str) -> bool {
+    let mut failed = false;
     for step in armed::actions(name) {
         eprintln!("failpoint {name}: {step:?}");
         match step {
             armed::Step::Pause(duration) => std::thread::sleep(duration),
             // What a power cut or `kill -9` leaves: no destructors, no flush.
             armed::Step::Abort => std::process::abort(),
+            armed::Step::Error => failed = true,
         }
     }
+    failed
 }
 
 #[cfg(any(feature = "failpoints", test))]
@@ -35,6 +51,7 @@ mod armed {
     pub enum Step {
         Pause(Duration),
         Abort,
+        Error,
     }
 
     #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
@@ -68,8 +85,10 @@ mod armed {
 
     fn step(text: &str) -> Option<Step> {
         let text = text.trim();
-        if text == "abort" {
-            return Some(Step::Abort);
+        match text {
+            "abort" => return Some(Step::Abort),
+            "error" => return Some(Step::Error),
+            _ => {}
         }
         let millis = text.strip_prefix("pause(")?.strip_suffix(')')?;
         Some(Step::Pause(Duration::from_millis(
@@ -85,12 +104,14 @@ mod tests {
 
     #[test]
     fn specs_parse_into_steps_and_bad_entries_are_dropped() {
-        let armed = parse("tail.before_flush=pause(250)->abort; ship.sent = abort;bad;x=pause(q)");
+        let armed =
+            parse("tail.before_flush=pause(250)->abort; ship.sent = abort;bad;x=pause(q);w=error");
         assert_eq!(
             armed.get("tail.before_flush"),
             Some(&vec![Step::Pause(Duration::from_millis(250)), Step::Abort])
         );
         assert_eq!(armed.get("ship.sent"), Some(&vec![Step::Abort]));
-        assert_eq!(armed.len(), 2);
+        assert_eq!(armed.get("w"), Some(&vec![Step::Error]));
+        assert_eq!(armed.len(), 3);
     }
 }

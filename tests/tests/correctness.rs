@@ -470,11 +470,19 @@ fn drop_oldest_after_a_restart_spares_what_may_already_be_in_the_hub() -> anyhow
     Ok(())
 }
 
-/// Scenario 8: a retention gap of one offset was taken for a transaction marker and not
-/// reported: the agent stopped at offset 100, the edge deleted offset 100 before it came back,
-/// and the first record it read was 101. Every gap is checked against the log start now.
-#[test]
-fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
+/// What a run of [`gap_of_one`] left.
+struct GapRun {
+    /// Source offsets in the hub, sorted, duplicates kept.
+    offsets: Vec<i64>,
+    reported: u64,
+    /// The agent's `/status` and `/metrics` after the run.
+    status: String,
+    metrics: BTreeMap<String, f64>,
+}
+
+/// Offset 100 of 0..200 deleted at the edge while the agent was stopped at it; the agent
+/// restarted with `agent_env`.
+fn gap_of_one(scenario: &str, agent_env: &[(&str, &str)]) -> anyhow::Result<GapRun> {
     const HUB_TOPIC: &str = "branch-042.orders";
     let mut env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
@@ -495,7 +503,7 @@ fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
     env.edge.stop()?;
     env.edge.delete_records_below("orders", 0, 101)?;
     env.edge.restart()?;
-    let agent = env.start_agent(&options)?;
+    let agent = env.start_agent_with_env(&options, agent_env)?;
     eventually(
         "the records after the gap in the hub",
         REPLICATION_TIMEOUT,
@@ -519,22 +527,75 @@ fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
         .count()
         + 1;
     println!(
-        "scenario=retention-gap-of-one produced=200 hub={} lost={lost} dup={dup} reported_lost={reported}",
+        "scenario={scenario} produced=200 hub={} lost={lost} dup={dup} reported_lost={reported}",
         offsets.len()
     );
     let (_, status) = spoke_tests::admin::get(&env.agent_admin(), "/status")?;
+    let metrics = admin::scrape(&env.agent_admin())?;
     drop(agent);
     anyhow::ensure!(
         offsets == expected,
         "the hub must hold source offsets 0..200 but 100, each once"
     );
+    Ok(GapRun {
+        offsets,
+        reported,
+        status,
+        metrics,
+    })
+}
+
+/// Scenario 8: a retention gap of one offset was taken for a transaction marker and not
+/// reported: the agent stopped at offset 100, the edge deleted offset 100 before it came back,
+/// and the first record it read was 101. Every gap is checked against the log start now.
+#[test]
+fn a_retention_gap_of_one_record_is_reported() -> anyhow::Result<()> {
+    let run = gap_of_one("retention-gap-of-one", &[])?;
+    let reported = run.reported;
     anyhow::ensure!(
         reported == 1,
         "offset 100 was deleted before the agent read it; {reported} records reported lost"
     );
+    let retention = admin::sum(
+        &run.metrics,
+        "spoke_agent_lost_records_total",
+        &["reason=\"retention\""],
+    );
+    anyhow::ensure!(retention == 1.0, "{retention} counted as retention");
+    let status = &run.status;
     anyhow::ensure!(
         status.contains("\"first_offset\":100") && status.contains("\"last_offset\":100"),
         "/status must list the gap 100..100: {status}"
+    );
+    Ok(())
+}
+
+/// Scenario 8: a gap whose size the local broker cannot measure (its watermark request
+/// fails: the failpoint `tail.gap_watermarks` fails it) is reported as such, with its range,
+/// and counted at most: never only logged.
+#[test]
+fn a_gap_the_broker_cannot_measure_is_reported_as_unmeasured() -> anyhow::Result<()> {
+    let run = gap_of_one(
+        "gap-unmeasured",
+        &[("SPOKE_FAILPOINTS", "tail.gap_watermarks=error")],
+    )?;
+    anyhow::ensure!(run.offsets.len() == 199);
+    let unmeasured = admin::sum(
+        &run.metrics,
+        "spoke_agent_lost_records_total",
+        &["reason=\"gap_unmeasured\""],
+    );
+    anyhow::ensure!(
+        unmeasured == 1.0 && run.reported == 1,
+        "gap_unmeasured {unmeasured}, reported {}",
+        run.reported
+    );
+    let status = &run.status;
+    anyhow::ensure!(
+        status.contains("\"reason\":\"gap_unmeasured\"")
+            && status.contains("\"first_offset\":100")
+            && status.contains("\"last_offset\":100"),
+        "/status must list the unmeasured gap 100..100: {status}"
     );
     Ok(())
 }

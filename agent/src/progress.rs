@@ -84,6 +84,8 @@ pub struct Progress {
     /// sent without an Ack yet, or straddling the last resume point. Drop-oldest spares them,
     /// so a record it counts as lost is never delivered as well.
     unsettled: Mutex<HashMap<SourcePartition, i64>>,
+    /// Per partition, the last offset counted as `rejected` by this process.
+    rejected_through: Mutex<HashMap<SourcePartition, i64>>,
 }
 
 /// Records that will never reach the hub: which, and why.
@@ -122,6 +124,21 @@ impl Progress {
             recent.pop_front();
         }
         recent.push_back(loss);
+    }
+
+    /// Whether refused records up to `last_offset` are news: a relay that judges a resent
+    /// batch again refuses the same records, and they must be counted once. Offsets in the
+    /// spool only grow (a new incarnation continues them), so a refusal never seen before
+    /// always ends past the last one.
+    pub fn first_rejection(&self, partition: &SourcePartition, last_offset: i64) -> bool {
+        let mut through = lock(&self.rejected_through);
+        match through.get(partition) {
+            Some(&counted) if last_offset <= counted => false,
+            _ => {
+                through.insert(partition.clone(), last_offset);
+                true
+            }
+        }
     }
 
     pub fn lost_total(&self) -> u64 {
@@ -326,4 +343,29 @@ pub struct PartitionStatus {
     pub high_watermark: i64,
     pub acked_offset: i64,
     pub lag: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_judged_again_is_counted_once() {
+        let progress = Progress::default();
+        let partition = |partition| SourcePartition {
+            topic: "t".into(),
+            partition,
+        };
+        assert!(progress.first_rejection(&partition(0), 50));
+        assert!(
+            !progress.first_rejection(&partition(0), 50),
+            "the resent batch's"
+        );
+        assert!(!progress.first_rejection(&partition(0), 10));
+        assert!(
+            progress.first_rejection(&partition(1), 50),
+            "another partition's"
+        );
+        assert!(progress.first_rejection(&partition(0), 51));
+    }
 }

@@ -847,8 +847,19 @@ impl Session<'_> {
             }
             Some(Frame::Rejected(rejected)) => {
                 // Counted when the relay says so; the batch's Ack follows and removes them
-                // from the spool with the rest of the batch.
+                // from the spool with the rest of the batch. A batch resent because that Ack
+                // never came is judged again: what was counted is not counted twice.
+                let partition = SourcePartition {
+                    topic: rejected.topic.clone(),
+                    partition: rejected.partition,
+                };
                 for range in &rejected.ranges {
+                    if !self.progress.first_rejection(&partition, range.last_offset) {
+                        debug!(topic = %partition.topic, partition = partition.partition,
+                            first = range.first_offset, last = range.last_offset,
+                            "refused records already counted");
+                        continue;
+                    }
                     self.progress.record_loss(crate::progress::Loss {
                         reason: crate::progress::loss::REJECTED.to_owned(),
                         topic: rejected.topic.clone(),

@@ -19,6 +19,24 @@ pub fn hit(name: &str) {
     let _ = fails(name);
 }
 
+/// As [`hit`], for async code: a pause sleeps the task, not the worker thread, so that
+/// tasks it woke (a QUIC connection's driver sending what was just written) run meanwhile.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub async fn reached(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
+pub async fn reached(name: &str) {
+    for step in armed::actions(name) {
+        eprintln!("failpoint {name}: {step:?}");
+        match step {
+            armed::Step::Pause(duration) => tokio::time::sleep(duration).await,
+            armed::Step::Abort => std::process::abort(),
+            armed::Step::Error => {}
+        }
+    }
+}
+
 /// Runs what `SPOKE_FAILPOINTS` arms at `name`; whether it says the operation there fails.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]

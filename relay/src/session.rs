@@ -1314,8 +1314,11 @@ async fn acknowledge(
                     if rejected.is_some() {
                         // The resume scan reads the hub topic, not the dead-letter one: only
                         // a checkpoint past them keeps a reconnect from dead-lettering them
-                        // again.
-                        progress.write((topic.clone(), partition));
+                        // again. (The failpoint loses this write, as a crash before its
+                        // delivery would.)
+                        if !spoke_io::failpoint::fails("session.rejects_checkpoint") {
+                            progress.write((topic.clone(), partition));
+                        }
                     } else {
                         progress.write_if_due((topic.clone(), partition));
                     }
@@ -1326,6 +1329,8 @@ async fn acknowledge(
                     report_rejected(session, &rejected);
                     if version >= REJECTED_VERSION {
                         write_frame_within(&mut send, Frame::Rejected(*rejected), stall).await?;
+                        // The window between telling the agent and acknowledging the batch.
+                        spoke_io::failpoint::reached("session.rejected_sent").await;
                     }
                 }
                 Frame::Ack(Ack { seq, next_offset })

@@ -112,6 +112,8 @@ pub struct RelayOptions {
     pub extra: String,
     /// Lines inside `[hub]`, e.g. `max_record_bytes = "8KiB"`.
     pub hub_extra: String,
+    /// Extra environment variables, e.g. `SPOKE_FAILPOINTS`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -361,11 +363,17 @@ listen = "127.0.0.1:{admin}"
     ) -> anyhow::Result<Spoke> {
         let config = self.relay_config_with(allow, options)?;
         let config = config.to_str().context("non-UTF-8 temp path")?;
+        let env: Vec<(&str, &str)> = options
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         self.on_hub(|| {
-            Spoke::start(
+            Spoke::start_with_env(
                 "spoke-relay",
                 &["run", "--config", config],
                 self.path("relay.log"),
+                &env,
             )
         })
     }

@@ -867,6 +867,90 @@ fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Resul
     Ok(())
 }
 
+/// Scenario 8, `rejected` counted once: the relay told the agent of a refused record
+/// (`Rejected`), then died before the batch's Ack and before its checkpoint past the record
+/// landed (the failpoints lose the checkpoint write and crash the relay right after the
+/// `Rejected` frame). The refused record was the batch's last, so the hub topic does not show
+/// it was handled: the agent resends the batch, the next relay refuses the record again and
+/// says so again. Before, the agent counted it twice (reported_lost=2 for one record).
+#[test]
+fn a_refused_record_is_counted_once_when_its_batch_is_resent() -> anyhow::Result<()> {
+    const HUB_TOPIC: &str = "branch-042.orders";
+    const REFUSED: usize = 50;
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..100)
+        .map(|i| {
+            let mut rec = keyed(0, i);
+            if i == REFUSED {
+                rec.value = Some(vec![7u8; 20_000]);
+            }
+            rec
+        })
+        .collect();
+    kafka::produce(&producer, "orders", 0, &records[..REFUSED])?;
+    let small_records = RelayOptions {
+        hub_extra: "max_record_bytes = \"8KiB\"".into(),
+        ..RelayOptions::default()
+    };
+    let crashing = RelayOptions {
+        env: vec![(
+            "SPOKE_FAILPOINTS".into(),
+            "session.rejects_checkpoint=error;session.rejected_sent=pause(1000)->abort".into(),
+        )],
+        ..small_records.clone()
+    };
+    let mut relay = env.start_relay_with(&["orders"], &crashing)?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("the first records in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 1)? >= REFUSED as i64)
+    })?;
+    // The refused record alone in its batch, so nothing after it shows in the hub topic.
+    kafka::produce(&producer, "orders", 0, &records[REFUSED..=REFUSED])?;
+    eventually(
+        "the relay to crash after Rejected",
+        Duration::from_secs(60),
+        || Ok(!relay.is_running()),
+    )?;
+    anyhow::ensure!(
+        relay
+            .log()
+            .contains("failpoint session.rejected_sent: Abort"),
+        "the relay must have stopped at the failpoint (built without `failpoints`?)"
+    );
+    relay = env.start_relay_with(&["orders"], &small_records)?;
+    kafka::produce(&producer, "orders", 0, &records[REFUSED + 1..])?;
+    eventually("the rest in the hub", REPLICATION_TIMEOUT, || {
+        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 99)
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    let (tally, faults) = oracle::compare(&env.edge.bootstrap(), SITE, "orders", 1, &landed)?;
+    let reported = reported_lost(&env);
+    println!("{}", tally.line("rejected-counted-once", reported));
+    let relay_counted = admin::sum(
+        &admin::scrape(&env.relay_admin())?,
+        "spoke_relay_dead_letter_records_total",
+        &[],
+    );
+    drop(relay);
+    anyhow::ensure!(faults.is_empty(), "{}", faults.join("\n"));
+    anyhow::ensure!(
+        tally.lost == 1 && tally.dup == 0 && tally.hub == 99,
+        "only the refused record may be missing: {tally:?}"
+    );
+    anyhow::ensure!(
+        relay_counted == 1.0,
+        "the second relay must have refused the resent record again ({relay_counted})"
+    );
+    anyhow::ensure!(
+        reported == 1,
+        "one refused record, reported lost {reported} times"
+    );
+    Ok(())
+}
+
 /// Scenario 6, timestamps: a hub topic with `message.timestamp.before.max.ms` and
 /// `after.max.ms` (Kafka refuses a CreateTime outside them with INVALID_TIMESTAMP, which
 /// would fail the session and stall the site like any refused record). tansu 0.6 stores these

@@ -11,6 +11,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::select::TopicSelector;
+use spoke_io::kafka_security::{self, KafkaProperties, KafkaSasl, KafkaTls};
 
 pub use spoke_io::config_file::ConfigError;
 
@@ -41,9 +42,16 @@ pub struct SourceConfig {
     /// Ship records that already carry `spoke-origin` (chained topologies).
     #[serde(default)]
     pub forward_replicated: bool,
-    /// librdkafka consumer properties passed through.
+    /// librdkafka consumer properties passed through; values may name environment
+    /// variables (`${NAME}`).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
+    /// TLS to the local brokers.
+    #[serde(default)]
+    pub tls: Option<KafkaTls>,
+    /// SASL authentication to the local brokers.
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +225,9 @@ pub struct Loaded {
     pub selector: TopicSelector,
     /// (host:port, TLS server name) per endpoint.
     pub endpoints: Vec<Endpoint>,
+    /// The local cluster's client properties: `[source.kafka]` with `[source.tls]` and
+    /// `[source.sasl]`, secrets read.
+    pub source_kafka: KafkaProperties,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +251,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     }
     let selector = TopicSelector::new(&config.source.include, &config.source.exclude)
         .map_err(|(key, reason)| invalid(key, reason))?;
+    let source_kafka = kafka_security::resolve(
+        &config.source.kafka,
+        config.source.tls.as_ref(),
+        config.source.sasl.as_ref(),
+        &|name| std::env::var(name).ok(),
+    )
+    .map_err(|e| invalid(&format!("source.{}", e.key), e.reason))?;
     if config.relay.endpoints.is_empty() {
         return Err(invalid(
             "relay.endpoints",
@@ -297,6 +315,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         config,
         selector,
         endpoints,
+        source_kafka,
     })
 }
 

@@ -78,6 +78,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let loaded = config::load(&config)?;
+            let (librdkafka, features) = spoke_io::kafka_security::librdkafka_build();
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), %librdkafka, %features, "starting");
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();

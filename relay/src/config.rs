@@ -11,6 +11,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 pub use spoke_io::config_file::ConfigError;
+use spoke_io::kafka_security::{self, KafkaProperties, KafkaSasl, KafkaTls};
 
 /// The relay's configuration file as written by the operator.
 #[derive(Debug, Clone, Deserialize)]
@@ -262,9 +263,17 @@ pub struct HubConfig {
     /// never raises it; 16 MiB at most (the relay's producer refuses larger ones itself).
     #[serde(default)]
     pub max_record_bytes: Option<ByteSize>,
-    /// librdkafka properties passed through to the hub producer (and resume-scan consumer).
+    /// librdkafka properties passed through to every hub client (producers, the scan and
+    /// checkpoint consumers, the admin client); values may name environment variables
+    /// (`${NAME}`).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
+    /// TLS to the hub brokers.
+    #[serde(default)]
+    pub tls: Option<KafkaTls>,
+    /// SASL authentication to the hub brokers.
+    #[serde(default)]
+    pub sasl: Option<KafkaSasl>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -366,6 +375,9 @@ pub struct Loaded {
     pub config: RelayConfig,
     pub acl: Acl,
     pub deny: crate::tls::DenyList,
+    /// The hub's client properties: `[hub.kafka]` with `[hub.tls]` and `[hub.sasl]`,
+    /// secrets read.
+    pub hub_kafka: KafkaProperties,
 }
 
 /// Which site may write which source topics.
@@ -399,11 +411,19 @@ pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let config: RelayConfig = spoke_io::config_file::read(path)?;
     let (acl, deny) = validate(path, &config)?;
+    let hub_kafka = kafka_security::resolve(
+        &config.hub.kafka,
+        config.hub.tls.as_ref(),
+        config.hub.sasl.as_ref(),
+        &|name| std::env::var(name).ok(),
+    )
+    .map_err(|e| spoke_io::config_file::invalid(path, &format!("hub.{}", e.key), e.reason))?;
     Ok(Loaded {
         path: path.to_owned(),
         config,
         acl,
         deny,
+        hub_kafka,
     })
 }
 
@@ -607,6 +627,31 @@ allow = ["orders", "telemetry\\..*"]
         let err = parse(&text).expect_err("unknown key").to_string();
         assert!(err.contains("relay.toml"), "{err}");
         assert!(err.contains("bootstrapp"), "{err}");
+    }
+
+    #[test]
+    fn hub_security_tables_resolve_and_their_mistakes_name_file_and_key() {
+        let text = MINIMAL.replace(
+            "[sites.branch-042]",
+            "[hub.tls]\n[hub.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"r\"\n\
+             password = \"$${not-an-env-reference}\"\n[sites.branch-042]",
+        );
+        let loaded = parse(&text).expect("valid");
+        let hub = &loaded.hub_kafka;
+        assert_eq!(hub.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(hub.get("sasl.password"), Some("${not-an-env-reference}"));
+        let text = MINIMAL.replace(
+            "[sites.branch-042]",
+            "[hub.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"r\"\n\
+             password_file = \"/nonexistent/hub.password\"\n[sites.branch-042]",
+        );
+        let err = parse(&text).expect_err("unreadable file").to_string();
+        assert!(
+            err.contains("relay.toml")
+                && err.contains("hub.sasl.password_file")
+                && err.contains("/nonexistent/hub.password"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use crate::checkpoint::Checkpoint;
 use crate::config::{HubConfig, Transactions};
 use crate::hub_limits::TopicLimits;
+use spoke_io::kafka_security::KafkaProperties;
 
 /// Header naming the site a hub record came from.
 pub const HEADER_ORIGIN: &str = "spoke-origin";
@@ -70,7 +71,8 @@ pub enum HubError {
 /// Shared by all sessions of one relay.
 pub struct Hub {
     bootstrap: String,
-    passthrough: BTreeMap<String, String>,
+    /// `[hub.kafka]`, `[hub.tls]` and `[hub.sasl]`, for every hub client.
+    properties: KafkaProperties,
     admin: AdminClient<DefaultClientContext>,
     /// Metadata and watermarks for every session, the health probe and topic checks: one
     /// connected client instead of a new one (its threads, connection and bootstrap round
@@ -129,16 +131,18 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    pub fn new(config: &HubConfig) -> Result<Arc<Self>, HubError> {
+    pub fn new(config: &HubConfig, properties: &KafkaProperties) -> Result<Arc<Self>, HubError> {
         let hub = Hub {
             bootstrap: config.bootstrap.clone(),
-            passthrough: config.kafka.clone(),
-            admin: ClientConfig::new()
-                .set("bootstrap.servers", &config.bootstrap)
+            properties: properties.clone(),
+            // The admin client needs the hub's security settings like any other: without
+            // them DescribeConfigs and CreateTopics fail on a secured hub.
+            admin: client_config(&config.bootstrap, properties)
+                .set("client.id", "spoke-relay-admin")
                 .create()
                 .map_err(HubError::Client)?,
             metadata: Arc::new(scan_consumer(
-                client_config(&config.bootstrap, &config.kafka),
+                client_config(&config.bootstrap, properties),
                 "spoke-relay-metadata",
             )?),
             partitions: Mutex::new(HashMap::new()),
@@ -155,7 +159,7 @@ impl Hub {
     }
 
     fn client_config(&self) -> ClientConfig {
-        client_config(&self.bootstrap, &self.passthrough)
+        client_config(&self.bootstrap, &self.properties)
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -267,7 +271,7 @@ impl Hub {
             // back with the broker's default layout: the relay creates hub topics itself,
             // with the source's partition count (`resolve_topic`).
             .set("allow.auto.create.topics", "false");
-        for (key, value) in &self.passthrough {
+        for (key, value) in self.properties.iter() {
             config.set(key, value);
         }
         // Not overridable: exactly-once depends on them. With the gapless guarantee a record
@@ -673,11 +677,12 @@ pub struct Resume {
     pub scanned: u64,
 }
 
-/// The hub's address and the operator's `[hub.kafka]` settings, for any hub client.
-fn client_config(bootstrap: &str, passthrough: &BTreeMap<String, String>) -> ClientConfig {
+/// The hub's address and the operator's `[hub.kafka]`, `[hub.tls]` and `[hub.sasl]`
+/// settings, for any hub client.
+fn client_config(bootstrap: &str, properties: &KafkaProperties) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);
-    for (key, value) in passthrough {
+    for (key, value) in properties.iter() {
         config.set(key, value);
     }
     config

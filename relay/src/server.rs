@@ -52,7 +52,7 @@ pub async fn run(
             source,
         }
     })?;
-    let hub = Hub::new(&config.hub)?;
+    let hub = Hub::new(&config.hub, &loaded.hub_kafka)?;
     let checkpoints = Arc::new(Checkpoints::new(
         config.hub.offsets_topic.clone(),
         config.hub.checkpoint_interval,

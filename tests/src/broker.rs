@@ -87,6 +87,8 @@ pub struct Broker {
     pub port: u16,
     /// The port it advertises (and clients use): its own, or a proxy's in front of it.
     pub advertised_port: u16,
+    /// Whether clients must authenticate (SASL SCRAM; [`Broker::require_scram`]).
+    pub authentication: bool,
     db: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -124,6 +126,7 @@ impl Broker {
             host,
             port,
             advertised_port,
+            authentication: false,
             db: dir.join(format!("{name}.db")),
             log: dir.join(format!("{name}.log")),
             child: None,
@@ -154,6 +157,7 @@ impl Broker {
             ])
             .arg("--storage-engine")
             .arg(format!("sqlite:///{}", self.db.display()))
+            .args(self.authentication.then_some("--authentication"))
             .env(
                 "RUST_LOG",
                 std::env::var("SPOKE_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
@@ -193,6 +197,36 @@ impl Broker {
             crate::process::terminate(&mut child, Duration::from_secs(10))?;
         }
         Ok(())
+    }
+
+    /// Creates SCRAM users (name, password, `scram256` or `scram512`) and restarts the broker
+    /// requiring authentication: tansu 0.6 implements SCRAM-SHA-256 and -512 (not PLAIN),
+    /// and takes new users only while it does not require authentication itself.
+    pub fn require_scram(&mut self, users: &[(&str, &str, &str)]) -> anyhow::Result<()> {
+        let tansu = tansu_binary()?;
+        let broker = format!("tcp://{}:{}", self.host, self.port);
+        for (name, password, mechanism) in users {
+            let out = Command::new(&tansu)
+                .args(["user", "create", "--broker", &broker, "--mechanism"])
+                .args([mechanism, name, password])
+                .output()
+                .context("running tansu user create")?;
+            if !out.status.success() {
+                bail!(
+                    "tansu user create {name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        self.authentication = true;
+        self.restart()
+    }
+
+    /// Restarts the broker advertising its own port, so that clients that bypass the proxy
+    /// in front of it (the test's oracle reading a TLS-fronted hub) can read it.
+    pub fn serve_directly(&mut self) -> anyhow::Result<()> {
+        self.advertised_port = self.port;
+        self.restart()
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {

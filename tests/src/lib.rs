@@ -17,6 +17,7 @@ pub mod pki;
 pub mod process;
 pub mod site;
 pub mod tcp_delay;
+pub mod tls_terminator;
 pub mod udp_proxy;
 pub mod wan;
 

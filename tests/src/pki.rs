@@ -174,17 +174,34 @@ impl Authority {
     /// A relay certificate for `localhost` and 127.0.0.1, with `label` as its common name so
     /// a test can tell two of them apart.
     pub fn issue_relay(&self, label: &str) -> anyhow::Result<Identity> {
+        self.issue_server(label, &["localhost"], true, Validity::current())
+    }
+
+    /// A server certificate (a relay's, a broker's behind a TLS terminator) for the DNS names
+    /// `names`, and 127.0.0.1 with `loopback_ip`.
+    pub fn issue_server(
+        &self,
+        label: &str,
+        names: &[&str],
+        loopback_ip: bool,
+        validity: Validity,
+    ) -> anyhow::Result<Identity> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = common_name(label);
-        params.subject_alt_names = vec![
-            SanType::DnsName("localhost".try_into()?),
-            SanType::IpAddress([127, 0, 0, 1].into()),
-        ];
+        for name in names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into()?));
+        }
+        if loopback_ip {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let validity = Validity::current();
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;

@@ -63,6 +63,8 @@ pub struct Env {
     pub edge: Broker,
     /// Before the hub: the delaying proxy every hub client goes through, if there is one.
     pub hub_proxy: Option<crate::tcp_delay::DelayProxy>,
+    /// Before the hub: the TLS terminator every hub client goes through, if there is one.
+    pub hub_tls: Option<crate::tls_terminator::TlsTerminator>,
     pub hub: Broker,
     pub relay_port: u16,
     /// A second relay's QUIC and admin ports, for failover scenarios.
@@ -74,6 +76,13 @@ pub struct Env {
     pki: PathBuf,
     // Last, so the processes above are gone before their files.
     pub dir: TempDir,
+}
+
+/// What stands between the hub broker and its clients.
+enum HubFront<'a> {
+    Direct,
+    Delay,
+    Tls(&'a crate::pki::Identity),
 }
 
 /// What the agent's config says, beyond the defaults.
@@ -88,6 +97,8 @@ pub struct AgentOptions {
     pub relay_extra: String,
     /// Lines inside `[spool]`, e.g. `max_bytes = "64KiB"`.
     pub spool_extra: String,
+    /// Lines at the end of `[source]`, e.g. a `[source.sasl]` table.
+    pub source_extra: String,
 }
 
 impl AgentOptions {
@@ -99,6 +110,7 @@ impl AgentOptions {
             both_relays: false,
             relay_extra: String::new(),
             spool_extra: String::new(),
+            source_extra: String::new(),
         }
     }
 }
@@ -124,16 +136,23 @@ impl Env {
     /// An environment whose edge and hub sides run where `placement` says. Admin endpoints
     /// stay on each side's own loopback: reach them with [`Env::on_edge`] / [`Env::on_hub`].
     pub fn placed(placement: Placement) -> anyhow::Result<Env> {
-        Self::build(placement, false)
+        Self::build(placement, HubFront::Direct)
     }
 
     /// On loopback, with the hub behind a [`crate::tcp_delay::DelayProxy`] (no delay until
     /// the test sets one): a slow hub.
     pub fn with_slow_hub() -> anyhow::Result<Env> {
-        Self::build(Placement::loopback(), true)
+        Self::build(Placement::loopback(), HubFront::Delay)
     }
 
-    fn build(placement: Placement, slow_hub: bool) -> anyhow::Result<Env> {
+    /// On loopback, with the hub reachable only through a
+    /// [`crate::tls_terminator::TlsTerminator`] presenting `server`'s certificate. The test's
+    /// own plaintext clients cannot read it then: [`Broker::serve_directly`] lets them.
+    pub fn with_tls_hub(server: &crate::pki::Identity) -> anyhow::Result<Env> {
+        Self::build(Placement::loopback(), HubFront::Tls(server))
+    }
+
+    fn build(placement: Placement, front: HubFront<'_>) -> anyhow::Result<Env> {
         let mut dir = tempfile::Builder::new().prefix("spoke-e2e-").tempdir()?;
         // For post-mortems: keep brokers' databases, configs and logs.
         if std::env::var_os("SPOKE_KEEP_TEST_DIR").is_some() {
@@ -144,19 +163,30 @@ impl Env {
         let edge = within(placement.edge_ns.as_deref(), || {
             Broker::start_on(path, "edge", placement.edge_host)
         })?;
-        let (hub, hub_proxy) = if slow_hub {
-            let proxy_port = crate::free_port()?;
-            let hub = Broker::start_behind(path, "hub", proxy_port)?;
-            let proxy = crate::tcp_delay::DelayProxy::start(
-                ([127, 0, 0, 1], proxy_port).into(),
-                ([127, 0, 0, 1], hub.port).into(),
-            )?;
-            (hub, Some(proxy))
-        } else {
-            let hub = within(placement.hub_ns.as_deref(), || {
+        let (mut hub_proxy, mut hub_tls) = (None, None);
+        let hub = match front {
+            HubFront::Direct => within(placement.hub_ns.as_deref(), || {
                 Broker::start_on(path, "hub", placement.hub_host)
-            })?;
-            (hub, None)
+            })?,
+            HubFront::Delay => {
+                let proxy_port = crate::free_port()?;
+                let hub = Broker::start_behind(path, "hub", proxy_port)?;
+                hub_proxy = Some(crate::tcp_delay::DelayProxy::start(
+                    ([127, 0, 0, 1], proxy_port).into(),
+                    ([127, 0, 0, 1], hub.port).into(),
+                )?);
+                hub
+            }
+            HubFront::Tls(server) => {
+                let tls_port = crate::free_port()?;
+                let hub = Broker::start_behind(path, "hub", tls_port)?;
+                hub_tls = Some(crate::tls_terminator::TlsTerminator::start(
+                    ([127, 0, 0, 1], tls_port).into(),
+                    ([127, 0, 0, 1], hub.port).into(),
+                    server,
+                )?);
+                hub
+            }
         };
         let pki = dir.path().join("pki");
         let pki_str = pki.to_str().context("non-UTF-8 temp path")?;
@@ -175,6 +205,7 @@ impl Env {
             placement,
             edge,
             hub_proxy,
+            hub_tls,
             hub,
             relay_port: crate::free_port()?,
             relay_admin: crate::free_port()?,
@@ -291,6 +322,7 @@ listen = "127.0.0.1:{admin}"
 bootstrap = "{edge}"
 include = {include}
 exclude = {exclude}
+{source_extra}
 [spool]
 path = "{spool}"
 {spool_extra}
@@ -323,6 +355,7 @@ listen = "127.0.0.1:{admin}"
             extra = options.extra,
             relay_extra = options.relay_extra,
             spool_extra = options.spool_extra,
+            source_extra = options.source_extra,
         );
         let path = self.path("agent.toml");
         std::fs::write(&path, text)?;

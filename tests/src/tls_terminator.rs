@@ -1,0 +1,138 @@
+//! A TLS terminator in front of a broker, as a TLS listener of a secured Kafka cluster is
+//! (tansu 0.6 has no working TLS of its own): it accepts TLS with a server certificate of a
+//! test CA and forwards the plaintext to the broker. The broker must advertise the
+//! terminator's address ([`crate::broker::Broker::start_behind`]), or clients would reach
+//! it directly after their first metadata answer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::pki::Identity;
+
+/// The terminator; it stops (and drops its connections) when dropped.
+pub struct TlsTerminator {
+    pub listen: SocketAddr,
+    /// What new connections are accepted with ([`TlsTerminator::present`]).
+    acceptor: Arc<Mutex<TlsAcceptor>>,
+    handshakes_failed: Arc<AtomicU64>,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsTerminator {
+    /// Listens on `listen` with `server`'s certificate and forwards each connection to
+    /// `target`.
+    pub fn start(
+        listen: SocketAddr,
+        target: SocketAddr,
+        server: &Identity,
+    ) -> anyhow::Result<TlsTerminator> {
+        let acceptor = Arc::new(Mutex::new(acceptor(server)?));
+        let handshakes_failed = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let std_listener = std::net::TcpListener::bind(listen)?;
+        std_listener.set_nonblocking(true)?;
+        let (current, failed, stopping) =
+            (acceptor.clone(), handshakes_failed.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("tls-terminator".into())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    loop {
+                        let accepted = tokio::select! {
+                            () = stopping.cancelled() => return,
+                            accepted = listener.accept() => accepted,
+                        };
+                        let Ok((client, _)) = accepted else { continue };
+                        let acceptor = current
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone();
+                        let (failed, stopping) = (failed.clone(), stopping.clone());
+                        tokio::spawn(async move {
+                            let Ok(mut tls) = acceptor.accept(client).await else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            };
+                            let Ok(mut server) = TcpStream::connect(target).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                () = stopping.cancelled() => {}
+                                _ = tokio::io::copy_bidirectional(&mut tls, &mut server) => {}
+                            }
+                        });
+                    }
+                });
+            })?;
+        Ok(TlsTerminator {
+            listen,
+            acceptor,
+            handshakes_failed,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Presents `server`'s certificate to connections accepted from now on.
+    pub fn present(&self, server: &Identity) -> anyhow::Result<()> {
+        *self
+            .acceptor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor(server)?;
+        Ok(())
+    }
+
+    /// TLS handshakes that did not complete: a client that refused the certificate.
+    pub fn handshakes_failed(&self) -> u64 {
+        self.handshakes_failed.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for TlsTerminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTerminator")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+fn acceptor(server: &Identity) -> anyhow::Result<TlsAcceptor> {
+    let chain = CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("server certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).context("server key PEM")?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -31,11 +31,15 @@ enum Command {
         config: PathBuf,
     },
     /// Validate the configuration, certificates and topic selection against the local
-    /// broker; print the resolved topics. Exits 1 on any error, including an `include` that
-    /// matches no topic.
+    /// broker, connecting as the agent would (TLS, authentication: a failure is printed with
+    /// its fix); print the resolved topics. Exits 1 on any error, including an `include`
+    /// that matches no topic.
     Check {
         #[arg(long, default_value = "/etc/spoke/agent.toml")]
         config: PathBuf,
+        /// Only the configuration and the certificates; connect to nothing.
+        #[arg(long)]
+        offline: bool,
     },
     /// Print a running agent's view: relay session, lag, spool, losses, time to drain.
     Status {
@@ -89,19 +93,41 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             })?;
             Ok(())
         }
-        Command::Check { config } => check(&config),
+        Command::Check { config, offline } => check(&config, offline),
         Command::Status { admin, json } => status(&admin, json),
     }
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
+/// How long `check` waits for the local cluster to answer.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn check(path: &Path, offline: bool) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
     tls::client_config(&loaded.config.relay, Default::default())
         .with_context(|| format!("{}: [relay] certificates", path.display()))?;
+    if offline {
+        println!("{}: ok (configuration and certificates)", path.display());
+        return Ok(());
+    }
+    let source = &loaded.config.source;
+    let verdict = spoke_io::kafka_check::check_cluster(
+        "local cluster",
+        &source.bootstrap,
+        &loaded.source_kafka,
+        source.tls.as_ref(),
+        CHECK_TIMEOUT,
+    );
+    println!("{verdict}");
+    if !verdict.ok {
+        bail!(
+            "{}: the local cluster at {} is not reachable as configured (source.bootstrap)",
+            path.display(),
+            source.bootstrap
+        );
+    }
     let consumer: BaseConsumer = tail::consumer_config(&loaded)
         .create()
         .context("creating the local Kafka client")?;
-    let source = &loaded.config.source;
     let topics = tail::selected_topics(&consumer, &loaded.selector).with_context(|| {
         format!(
             "reading topics from the local broker {} (source.bootstrap)",

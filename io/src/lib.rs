@@ -5,6 +5,7 @@ pub mod admin_client;
 pub mod config_file;
 pub mod congestion;
 pub mod failpoint;
+pub mod kafka_check;
 pub mod kafka_security;
 pub mod logging;
 pub mod pem;

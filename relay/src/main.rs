@@ -26,10 +26,15 @@ enum Command {
         #[arg(long, default_value = "/etc/spoke/relay.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration and its certificates, then exit (1 on error).
+    /// Validate a configuration and its certificates, connect to the hub as the relay would
+    /// (TLS, authentication), print one line per check with its verdict and the fix, then
+    /// exit (1 on a failure).
     Check {
         #[arg(long, default_value = "/etc/spoke/relay.toml")]
         config: PathBuf,
+        /// Only the configuration and the certificates; connect to nothing.
+        #[arg(long)]
+        offline: bool,
     },
     /// Every site this relay has seen: connected, last seen, records/s, lag, spool, losses.
     Sites {
@@ -75,6 +80,9 @@ enum PkiCommand {
     },
 }
 
+/// How long `check` waits for a cluster to answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     spoke_io::logging::init(cli.log_format);
@@ -106,7 +114,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             })?;
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { config, offline } => {
             let loaded = config::load(&config)?;
             tls::server_config(&loaded.config.tls, &loaded.deny, &loaded.config.limits)
                 .with_context(|| format!("{}: [tls]", config.display()))?;
@@ -118,6 +126,24 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 loaded.config.sites.len(),
                 loaded.deny.len()
             );
+            if offline {
+                return Ok(());
+            }
+            let hub = &loaded.config.hub;
+            let verdict = spoke_io::kafka_check::check_cluster(
+                "hub",
+                &hub.bootstrap,
+                &loaded.hub_kafka,
+                hub.tls.as_ref(),
+                CHECK_TIMEOUT,
+            );
+            println!("{verdict}");
+            if !verdict.ok {
+                anyhow::bail!(
+                    "the hub is not reachable as configured ([hub] in {})",
+                    config.display()
+                );
+            }
             Ok(())
         }
         Command::Sites { admin, json } => sites(&admin, json),

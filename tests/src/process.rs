@@ -37,8 +37,14 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Runs a spoke binary to completion (pki, check).
 pub fn run(name: &str, args: &[&str]) -> anyhow::Result<Output> {
+    run_with_env(name, args, &[])
+}
+
+/// As [`run`], with extra environment variables.
+pub fn run_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
     let output = Command::new(binary(name)?)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {name}"))?;

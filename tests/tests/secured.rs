@@ -8,7 +8,7 @@ use spoke_tests::kafka::{self, Rec};
 use spoke_tests::oracle;
 use spoke_tests::pki::{Authority, Identity, Validity};
 use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
-use spoke_tests::{admin, eventually};
+use spoke_tests::{admin, eventually, process};
 
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(180);
 const HUB_TOPIC: &str = "branch-042.orders";
@@ -46,6 +46,25 @@ fn hub_tls(env: &Env, ca: &Authority) -> anyhow::Result<RelayOptions> {
     })
 }
 
+/// `spoke-relay check` with the relay's config under `options`: whether it passed, and
+/// what it printed.
+fn relay_check(env: &Env, options: &RelayOptions) -> anyhow::Result<(bool, String)> {
+    let config = env.relay_config_with(&["orders"], options)?;
+    let vars: Vec<(&str, &str)> = options
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let config = config.display().to_string();
+    let out = process::run_with_env("spoke-relay", &["check", "--config", &config], &vars)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
 /// Every record the edge holds is in the hub exactly once: read after the test's own
 /// plaintext access to the hub broker was restored.
 fn assert_exactly_once(env: &mut Env, scenario: &str, partitions: i32) -> anyhow::Result<()> {
@@ -68,6 +87,11 @@ fn a_hub_behind_tls_gets_every_record_exactly_once() -> anyhow::Result<()> {
     let server = ca.issue_server("hub", &["localhost"], true, Validity::current())?;
     let mut env = Env::with_tls_hub(&server)?;
     produce_orders(&env, 2, 300)?;
+    let (passed, said) = relay_check(&env, &hub_tls(&env, &ca)?)?;
+    anyhow::ensure!(
+        passed && said.contains("ok   hub 127.0.0.1:") && said.contains("(SSL)"),
+        "check must pass:\n{said}"
+    );
     let relay = env.start_relay_with(&["orders"], &hub_tls(&env, &ca)?)?;
     let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("600 records acknowledged", REPLICATION_TIMEOUT, || {
@@ -103,8 +127,18 @@ fn a_hub_certificate_that_does_not_verify_is_refused_and_nothing_is_lost() -> an
         .ok_or_else(|| anyhow::anyhow!("no terminator"))?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
 
-    let refused = |options: &RelayOptions, server: &Identity| {
+    let refused = |options: &RelayOptions, server: &Identity, verdict: &str| {
         terminator.present(server)?;
+        let (passed, said) = relay_check(&env, options)?;
+        println!("{said}");
+        anyhow::ensure!(
+            !passed
+                && said.contains(&format!(
+                    "FAIL hub 127.0.0.1:{}: {verdict}",
+                    terminator.listen.port()
+                )),
+            "check must say {verdict:?}:\n{said}"
+        );
         let failed_before = terminator.handshakes_failed();
         let relay = env.start_relay_with(&["orders"], options)?;
         eventually(
@@ -122,11 +156,43 @@ fn a_hub_certificate_that_does_not_verify_is_refused_and_nothing_is_lost() -> an
         Ok(())
     };
     let other_ca = Authority::new("someone-else")?;
-    refused(&hub_tls(&env, &other_ca)?, &good)?;
+    refused(
+        &hub_tls(&env, &other_ca)?,
+        &good,
+        "the broker's certificate is not signed by a CA in",
+    )?;
     let expired = ca.issue_server("hub", &["localhost"], true, Validity::expired())?;
-    refused(&hub_tls(&env, &ca)?, &expired)?;
+    refused(
+        &hub_tls(&env, &ca)?,
+        &expired,
+        "the broker's certificate has expired",
+    )?;
     let misnamed = ca.issue_server("hub", &["hub.example"], false, Validity::current())?;
-    refused(&hub_tls(&env, &ca)?, &misnamed)?;
+    refused(
+        &hub_tls(&env, &ca)?,
+        &misnamed,
+        "the broker's certificate does not name 127.0.0.1",
+    )?;
+    // And a hub nobody listens for.
+    let unreachable = RelayOptions {
+        hub_extra: String::new(),
+        ..RelayOptions::default()
+    };
+    let config = env.relay_config_with(&["orders"], &unreachable)?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        &format!("bootstrap = \"{}\"", env.hub.bootstrap()),
+        "bootstrap = \"127.0.0.1:1\"",
+    );
+    std::fs::write(&config, text)?;
+    let out = process::run(
+        "spoke-relay",
+        &["check", "--config", &config.display().to_string()],
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        !out.status.success() && said.contains("FAIL hub 127.0.0.1:1: unreachable"),
+        "check must call the hub unreachable:\n{said}"
+    );
 
     terminator.present(&good)?;
     let relay = env.start_relay_with(&["orders"], &hub_tls(&env, &ca)?)?;
@@ -174,6 +240,18 @@ fn scram_on_both_clusters_with_secrets_from_a_file_and_the_environment() -> anyh
     };
 
     // A wrong password first: refused, and nothing is lost once it is right.
+    let (passed, said) = relay_check(&env, &relay_options("SPOKE_TEST_WRONG_PASSWORD"))?;
+    anyhow::ensure!(
+        !passed
+            && said.contains("FAIL hub 127.0.0.1:",)
+            && said.contains("authentication refused, SCRAM-SHA-512 as spoke-relay"),
+        "check must say the hub refused the password:\n{said}"
+    );
+    let (passed, right) = relay_check(&env, &relay_options("SPOKE_TEST_HUB_PASSWORD"))?;
+    anyhow::ensure!(
+        passed && right.contains("(SASL_PLAINTEXT, SCRAM-SHA-512 as spoke-relay)"),
+        "check must pass:\n{right}"
+    );
     let relay = env.start_relay_with(&["orders"], &relay_options("SPOKE_TEST_WRONG_PASSWORD"))?;
     let agent = env.start_agent(&agent_options)?;
     eventually(
@@ -191,7 +269,7 @@ fn scram_on_both_clusters_with_secrets_from_a_file_and_the_environment() -> anyh
         Ok(acked(&env) >= 400.0)
     })?;
 
-    let mut seen = Vec::new();
+    let mut seen = vec![("check".to_owned(), format!("{said}{right}"))];
     for (name, address, log) in [
         ("agent", env.agent_admin(), agent.log()),
         ("relay", env.relay_admin(), relay.log()),

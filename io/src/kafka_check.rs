@@ -1,0 +1,407 @@
+//! `check` against a Kafka cluster: connect and authenticate as the service would, and when
+//! that fails, say why in terms an operator can act on. librdkafka reports every certificate
+//! problem as "certificate verify failed", so a TLS failure is diagnosed again with a
+//! handshake of our own against the configured CA, which tells a foreign CA, an expired
+//! certificate and a wrong host name apart.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::CertificateError;
+use rustls_pki_types::pem::PemObject;
+
+use crate::kafka_security::{KafkaProperties, KafkaTls};
+
+/// One line of `check`'s report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub ok: bool,
+    /// What was checked, e.g. `hub 10.0.0.5:9093`.
+    pub subject: String,
+    pub finding: String,
+    /// What to change, for a failure.
+    pub fix: Option<String>,
+}
+
+impl Verdict {
+    pub fn ok(subject: impl Into<String>, finding: impl Into<String>) -> Verdict {
+        Verdict {
+            ok: true,
+            subject: subject.into(),
+            finding: finding.into(),
+            fix: None,
+        }
+    }
+
+    pub fn failed(
+        subject: impl Into<String>,
+        finding: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Verdict {
+        Verdict {
+            ok: false,
+            subject: subject.into(),
+            finding: finding.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = if self.ok { "ok  " } else { "FAIL" };
+        write!(f, "{mark} {}: {}", self.subject, self.finding)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "; fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects what librdkafka says while `check` waits, instead of logging it.
+#[derive(Default)]
+struct Heard {
+    lines: Mutex<Vec<String>>,
+}
+
+impl Heard {
+    fn push(&self, line: String) {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(line);
+    }
+
+    fn all(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .join("\n")
+    }
+}
+
+struct Listening(Arc<Heard>);
+
+impl ClientContext for Listening {
+    fn log(&self, level: RDKafkaLogLevel, _fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.0.push(message.to_owned());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.push(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for Listening {}
+
+/// Connects to the cluster at `bootstrap` with `properties` (as the service would) and asks
+/// for its metadata; `tls` is the `[*.tls]` table, for diagnosing a refused certificate.
+/// `subject` names the cluster in the verdict, e.g. "hub".
+pub fn check_cluster(
+    subject: &str,
+    bootstrap: &str,
+    properties: &KafkaProperties,
+    tls: Option<&KafkaTls>,
+    timeout: Duration,
+) -> Verdict {
+    let subject = format!("{subject} {bootstrap}");
+    let heard = Arc::new(Heard::default());
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (key, value) in properties.iter() {
+        config.set(key, value);
+    }
+    config.set("client.id", "spoke-check");
+    let consumer: BaseConsumer<Listening> =
+        match config.create_with_context(Listening(heard.clone())) {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                return Verdict::failed(
+                    subject,
+                    format!("librdkafka refuses the settings: {error}"),
+                    "correct the [*.kafka] property it names",
+                )
+            }
+        };
+    let protocol = properties.get("security.protocol").unwrap_or("plaintext");
+    let who = match (
+        properties.get("sasl.mechanism"),
+        properties.get("sasl.username"),
+    ) {
+        (Some(mechanism), Some(user)) => format!(", {mechanism} as {user}"),
+        (Some(mechanism), None) => format!(", {mechanism}"),
+        _ => String::new(),
+    };
+    match consumer.fetch_metadata(None, timeout) {
+        Ok(metadata) => Verdict::ok(
+            subject,
+            format!(
+                "{} broker(s) answered ({protocol}{who})",
+                metadata.brokers().len()
+            ),
+        ),
+        Err(error) => {
+            // librdkafka queues its log lines and errors for the client's poll (rust-rdkafka
+            // sets log.queue): serving that queue is what lets them reach `Listening`.
+            for _ in 0..5 {
+                if consumer.poll(Duration::from_millis(50)).is_some() {
+                    break;
+                }
+            }
+            let heard = format!("{}\n{error}", heard.all());
+            classify(&subject, bootstrap, &heard, protocol, &who, tls, timeout)
+        }
+    }
+}
+
+fn classify(
+    subject: &str,
+    bootstrap: &str,
+    heard: &str,
+    protocol: &str,
+    who: &str,
+    tls: Option<&KafkaTls>,
+    timeout: Duration,
+) -> Verdict {
+    let said = |needle: &str| heard.to_ascii_lowercase().contains(needle);
+    if said("ssl handshake failed") || said("certificate verify failed") {
+        let first = bootstrap.split(',').next().unwrap_or(bootstrap).trim();
+        return match tls {
+            Some(tls) => diagnose_tls(subject, first, tls, timeout),
+            None => Verdict::failed(
+                subject,
+                "TLS handshake failed",
+                "configure the [*.tls] table",
+            ),
+        };
+    }
+    if said("authentication") || (said("sasl") && said("failed")) {
+        return Verdict::failed(
+            subject,
+            format!("authentication refused{who}"),
+            "check sasl.username and the password (password_file, or the environment \
+             variable it names), and that the broker knows this user for this mechanism",
+        );
+    }
+    if said("disconnected while requesting apiversion")
+        || said("unsupported protocol")
+        || said("wrong version number")
+    {
+        return Verdict::failed(
+            subject,
+            format!("the broker does not speak {protocol} on this port"),
+            "match the [*.tls]/[*.sasl] tables to the listener at this address",
+        );
+    }
+    let last = heard
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no answer");
+    Verdict::failed(
+        subject,
+        format!(
+            "unreachable: no broker answered within {} s ({last})",
+            timeout.as_secs()
+        ),
+        "check bootstrap (host and port), DNS, firewalls, and that the broker runs",
+    )
+}
+
+/// Why a broker's certificate does not verify against `tls`, from a handshake of our own.
+fn diagnose_tls(subject: &str, address: &str, tls: &KafkaTls, timeout: Duration) -> Verdict {
+    let ca_text = tls
+        .ca_file
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the system's CAs".to_owned());
+    let failure = match handshake(address, tls.ca_file.as_deref(), timeout) {
+        Ok(()) if tls.ca_file.is_none() => {
+            return Verdict::failed(
+                subject,
+                "the broker's certificate does not verify against the system's CAs",
+                "set tls.ca_file to the CA that signed the brokers' certificates",
+            )
+        }
+        Ok(()) => {
+            return Verdict::failed(
+                subject,
+                "TLS handshake failed, though the broker's certificate verifies against \
+                 tls.ca_file (a client certificate the broker refuses?)",
+                "check tls.cert_file and tls.key_file against the broker's trusted CAs",
+            )
+        }
+        Err(failure) => failure,
+    };
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    match failure {
+        TlsFailure::Certificate(CertificateError::UnknownIssuer)
+        | TlsFailure::Certificate(CertificateError::BadSignature) => Verdict::failed(
+            subject,
+            format!("the broker's certificate is not signed by a CA in {ca_text}"),
+            "set tls.ca_file to the CA that signed the brokers' certificates",
+        ),
+        TlsFailure::Certificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => Verdict::failed(
+            subject,
+            "the broker's certificate has expired",
+            "renew the broker's certificate (and check this host's clock)",
+        ),
+        TlsFailure::Certificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => Verdict::failed(
+            subject,
+            "the broker's certificate is not valid yet",
+            "check this host's clock and the broker's certificate",
+        ),
+        TlsFailure::Certificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) if tls.verify_hostname => Verdict::failed(
+            subject,
+            format!("the broker's certificate does not name {host}"),
+            "connect by a name the certificate holds (bootstrap and the brokers' advertised \
+             listeners), or set tls.verify_hostname = false (anyone with a certificate from \
+             the CA could then pose as the broker)",
+        ),
+        TlsFailure::Certificate(other) => Verdict::failed(
+            subject,
+            format!("the broker's certificate is refused: {other}"),
+            "check the broker's certificate and tls.ca_file",
+        ),
+        TlsFailure::CaFile(reason) => Verdict::failed(
+            subject,
+            format!("tls.ca_file: {reason}"),
+            "point tls.ca_file at a PEM file of CA certificates",
+        ),
+        TlsFailure::Other(reason) => Verdict::failed(
+            subject,
+            format!("TLS handshake failed: {reason}"),
+            "check that the broker speaks TLS on this port, and tls.ca_file",
+        ),
+    }
+}
+
+enum TlsFailure {
+    Certificate(CertificateError),
+    CaFile(String),
+    Other(String),
+}
+
+fn handshake(address: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<(), TlsFailure> {
+    let other = |e: &dyn std::fmt::Display| TlsFailure::Other(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca_file) = ca_file {
+        let pems = CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| TlsFailure::CaFile(e.to_string()))?;
+        for cert in pems {
+            let cert = cert.map_err(|e| TlsFailure::CaFile(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsFailure::CaFile(e.to_string()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| other(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| other(&e))?;
+    let mut connection =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| other(&e))?;
+    let socket_address = address
+        .to_socket_addrs()
+        .map_err(|e| other(&e))?
+        .next()
+        .ok_or_else(|| TlsFailure::Other(format!("{address} resolves to nothing")))?;
+    let mut socket = TcpStream::connect_timeout(&socket_address, timeout).map_err(|e| other(&e))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| other(&e))?;
+    while connection.is_handshaking() {
+        match connection.complete_io(&mut socket) {
+            Ok(_) => {}
+            Err(error) => {
+                return Err(
+                    match error
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    {
+                        Some(rustls::Error::InvalidCertificate(certificate)) => {
+                            TlsFailure::Certificate(certificate.clone())
+                        }
+                        _ => TlsFailure::Other(error.to_string()),
+                    },
+                )
+            }
+        }
+    }
+    // Close politely; the broker behind it needs nothing from us.
+    connection.send_close_notify();
+    let _ = connection.complete_io(&mut socket);
+    let _ = socket.flush();
+    let mut rest = [0u8; 1];
+    let _ = socket.read(&mut rest);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_read_as_one_line_each() {
+        let ok = Verdict::ok("hub h:9093", "1 broker(s) answered (SSL)");
+        assert_eq!(
+            ok.to_string(),
+            "ok   hub h:9093: 1 broker(s) answered (SSL)"
+        );
+        let failed = Verdict::failed("hub h:9093", "authentication refused", "check it");
+        assert_eq!(
+            failed.to_string(),
+            "FAIL hub h:9093: authentication refused; fix: check it"
+        );
+    }
+
+    #[test]
+    fn what_librdkafka_said_is_classified() {
+        let verdict = |heard: &str| {
+            classify(
+                "hub h:1",
+                "h:1",
+                heard,
+                "SASL_PLAINTEXT",
+                ", SCRAM-SHA-512 as r",
+                None,
+                Duration::from_secs(10),
+            )
+            .finding
+        };
+        assert!(verdict(
+            "SASL authentication error: SASL SCRAM authentication failed: broker responded with invalid-proof"
+        )
+        .starts_with("authentication refused, SCRAM-SHA-512 as r"));
+        assert!(
+            verdict("Connect to ipv4#127.0.0.1:1 failed: Connection refused")
+                .starts_with("unreachable")
+        );
+        assert_eq!(
+            verdict("SSL handshake failed: certificate verify failed"),
+            "TLS handshake failed"
+        );
+    }
+}

@@ -268,6 +268,11 @@ pub struct HubConfig {
     /// (`${NAME}`).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
+    /// Topic configuration for the hub topics the relay creates, e.g. `"cleanup.policy" =
+    /// "compact"` where the edge topics are compacted (a hub topic created with the broker's
+    /// defaults would delete what compaction keeps). Not the dead-letter topic.
+    #[serde(default)]
+    pub topic_config: BTreeMap<String, String>,
     /// TLS to the hub brokers.
     #[serde(default)]
     pub tls: Option<KafkaTls>,
@@ -487,6 +492,12 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
             ));
         }
     }
+    if config.hub.topic_config.contains_key("min.insync.replicas") {
+        return Err(invalid(
+            "hub.topic_config.min.insync.replicas",
+            "set by hub.min_insync_replicas; use that".into(),
+        ));
+    }
     if config.hub.delivery_timeout < std::time::Duration::from_secs(1) {
         return Err(invalid(
             "hub.delivery_timeout",
@@ -652,6 +663,32 @@ allow = ["orders", "telemetry\\..*"]
                 && err.contains("/nonexistent/hub.password"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn hub_topic_config_is_read_and_does_not_fight_min_insync_replicas() {
+        let text = MINIMAL.replace(
+            "[sites.branch-042]",
+            "[hub.topic_config]\n\"cleanup.policy\" = \"compact\"\n[sites.branch-042]",
+        );
+        let loaded = parse(&text).expect("valid");
+        assert_eq!(
+            loaded
+                .config
+                .hub
+                .topic_config
+                .get("cleanup.policy")
+                .map(String::as_str),
+            Some("compact")
+        );
+        let text = MINIMAL.replace(
+            "[sites.branch-042]",
+            "[hub.topic_config]\n\"min.insync.replicas\" = \"2\"\n[sites.branch-042]",
+        );
+        let err = parse(&text)
+            .expect_err("two places for one setting")
+            .to_string();
+        assert!(err.contains("hub.min_insync_replicas"), "{err}");
     }
 
     #[test]

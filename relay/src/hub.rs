@@ -297,13 +297,15 @@ impl Hub {
         config.create().map_err(HubError::Client)
     }
 
-    /// Makes sure `topic` exists (created with `source_partitions` when missing) and returns
-    /// its partition count as the hub has it now. A session calls this once per hub topic
-    /// and keeps the answer, so that it places every record and scans with one layout.
+    /// Makes sure `topic` exists (created with `source_partitions` and topic configuration
+    /// `configs` when missing) and returns its partition count as the hub has it now. A
+    /// session calls this once per hub topic and keeps the answer, so that it places every
+    /// record and scans with one layout.
     pub async fn resolve_topic(
         &self,
         topic: &str,
         source_partitions: i32,
+        configs: &[(String, String)],
     ) -> Result<i32, HubError> {
         let mut count = self.current_partitions(topic).await?;
         if count > 0 {
@@ -316,7 +318,11 @@ impl Hub {
                 topic: topic.to_owned(),
             });
         }
-        self.create_topic(topic, source_partitions.max(1), &[])
+        let configs: Vec<(&str, &str)> = configs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.create_topic(topic, source_partitions.max(1), &configs)
             .await?;
         tracing::info!(topic, partitions = source_partitions, "created hub topic");
         // Creation is asynchronous in Kafka: wait until metadata shows the partitions.

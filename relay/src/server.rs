@@ -94,6 +94,12 @@ pub async fn run(
         acl,
         deny,
         topic_template: config.hub.topic.clone(),
+        topic_config: config
+            .hub
+            .topic_config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         delivery: config.hub.delivery,
         frame_limits: limits.frame_limits(),
         batch_limits: limits.batch_limits(),

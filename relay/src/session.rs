@@ -62,6 +62,9 @@ pub struct SessionContext {
     pub limits: LimitsConfig,
     pub site_connections: SiteConnections,
     pub topic_template: String,
+    /// `[hub.topic_config]`: topic configuration for the hub topics the relay creates (not
+    /// the dead-letter topic, whose records have no keys to compact by).
+    pub topic_config: Vec<(String, String)>,
     pub delivery: Delivery,
     pub frame_limits: Limits,
     pub batch_limits: BatchLimits,
@@ -900,11 +903,15 @@ impl Reader<'_> {
         if let Some(&count) = lock().layouts.get(target) {
             return Ok(count);
         }
-        let count = self
-            .session
-            .context
+        let context = self.session.context;
+        let configs: &[(String, String)] = if target == context.rejects.dead_letter_topic {
+            &[]
+        } else {
+            &context.topic_config
+        };
+        let count = context
             .hub
-            .resolve_topic(target, source_partitions)
+            .resolve_topic(target, source_partitions, configs)
             .await?;
         // Another stream may have resolved it meanwhile: the first answer holds.
         Ok(*lock().layouts.entry(target.to_owned()).or_insert(count))

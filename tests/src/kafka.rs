@@ -40,6 +40,26 @@ fn admin_client(
     Ok((admin, runtime))
 }
 
+/// `topic`'s configuration as the broker describes it (name → value).
+pub fn topic_config(
+    bootstrap: &str,
+    topic: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let (admin, runtime) = admin_client(bootstrap)?;
+    let resource = rdkafka::admin::ResourceSpecifier::Topic(topic);
+    let results = runtime.block_on(admin.describe_configs([&resource], &AdminOptions::new()))?;
+    let mut configs = std::collections::BTreeMap::new();
+    for result in results {
+        let described = result.map_err(|code| anyhow::anyhow!("describing {topic}: {code}"))?;
+        for entry in described.entries {
+            if let Some(value) = entry.value {
+                configs.insert(entry.name, value);
+            }
+        }
+    }
+    Ok(configs)
+}
+
 pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     create_topic_with(bootstrap, topic, partitions, &[])
 }

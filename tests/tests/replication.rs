@@ -389,3 +389,37 @@ fn relay_refuses_a_hello_for_another_site_than_the_certificate() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// `[hub.topic_config]`: a compacted edge topic must not become a delete-policy hub topic, so
+/// the hub topics the relay creates take the configured settings.
+#[test]
+fn hub_topics_the_relay_creates_take_hub_topic_config() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let producer = kafka::producer(&env.edge.bootstrap())?;
+    let records: Vec<Rec> = (0..20u32)
+        .map(|i| Rec {
+            key: Some(format!("k{}", i % 5).into_bytes()),
+            value: Some(i.to_le_bytes().to_vec()),
+            headers: vec![],
+            timestamp: None,
+        })
+        .collect();
+    kafka::produce(&producer, "orders", 0, &records)?;
+    let _relay = env.start_relay_with(
+        &["orders"],
+        &spoke_tests::site::RelayOptions {
+            hub_extra: "[hub.topic_config]\n\"cleanup.policy\" = \"compact\"\n\"retention.ms\" = \"604800000\"".into(),
+            ..Default::default()
+        },
+    )?;
+    let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    wait_replicated(&env, "orders", 1, 20)?;
+    let configs = kafka::topic_config(&env.hub.bootstrap(), &hub_topic("orders"))?;
+    anyhow::ensure!(
+        configs.get("cleanup.policy").map(String::as_str) == Some("compact")
+            && configs.get("retention.ms").map(String::as_str) == Some("604800000"),
+        "hub topic created with {configs:?}"
+    );
+    Ok(())
+}

@@ -6,6 +6,7 @@
 //! [`config`] is the agent.toml contract, [`select`] the include/exclude rules.
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod dictionary;
 pub mod fence;

@@ -103,7 +103,7 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn check(path: &Path, offline: bool) -> anyhow::Result<()> {
     let loaded = config::load(path)?;
-    tls::client_config(&loaded.config.relay, Default::default())
+    let quic = tls::client_config(&loaded.config.relay, Default::default())
         .with_context(|| format!("{}: [relay] certificates", path.display()))?;
     if offline {
         println!("{}: ok (configuration and certificates)", path.display());
@@ -150,6 +150,20 @@ fn check(path: &Path, offline: bool) -> anyhow::Result<()> {
     );
     for (topic, partitions) in topics {
         println!("  {topic} ({partitions} partitions)");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut relays_failed = 0;
+    for endpoint in &loaded.endpoints {
+        let verdict = runtime.block_on(spoke_agent::check::relay(endpoint, &quic));
+        println!("{verdict}");
+        relays_failed += usize::from(!verdict.ok);
+    }
+    if relays_failed > 0 {
+        bail!(
+            "{}: {relays_failed} of {} relay(s) refused or did not answer ([relay])",
+            path.display(),
+            loaded.endpoints.len()
+        );
     }
     Ok(())
 }

@@ -193,7 +193,7 @@ pub async fn run(
     }
 }
 
-async fn connect(
+pub(crate) async fn connect(
     relay: &Endpoint,
     client_config: &quinn::ClientConfig,
     endpoint_v4: &mut Option<quinn::Endpoint>,

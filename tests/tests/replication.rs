@@ -238,6 +238,8 @@ fn check_refuses_an_include_that_matches_nothing() -> anyhow::Result<()> {
     assert!(!out.status.success(), "check must fail; stderr: {stderr}");
     assert!(stderr.contains("matches no topic"), "{stderr}");
 
+    // A check that passes also shakes hands with the relay.
+    let _relay = env.start_relay(&["orders"])?;
     let config = env.agent_config(&AgentOptions::include(&["orders"]))?;
     let out = process::run(
         "spoke-agent",
@@ -250,6 +252,7 @@ fn check_refuses_an_include_that_matches_nothing() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("orders (2 partitions)"), "{stdout}");
+    assert!(stdout.contains("ok   relay 127.0.0.1:"), "{stdout}");
 
     let mut options = AgentOptions::include(&["orders"]);
     options.extra = "[ship]\nwindoww = 4\n".into();
@@ -421,5 +424,52 @@ fn hub_topics_the_relay_creates_take_hub_topic_config() -> anyhow::Result<()> {
             && configs.get("retention.ms").map(String::as_str) == Some("604800000"),
         "hub topic created with {configs:?}"
     );
+    Ok(())
+}
+
+/// `spoke-agent check` makes the QUIC handshake the shipper makes: a relay that does not
+/// answer, and one whose certificate another CA signed, are each a FAIL line with its fix.
+#[test]
+fn agent_check_shakes_hands_with_the_relay() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let config = env.agent_config(&AgentOptions::include(&["orders"]))?;
+    let config_arg = config.to_str().context("path")?.to_owned();
+    let check = |config: &str| -> anyhow::Result<(bool, String)> {
+        let out = process::run("spoke-agent", &["check", "--config", config])?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let (passed, said) = check(&config_arg)?;
+    anyhow::ensure!(
+        !passed && said.contains("FAIL relay 127.0.0.1:") && said.contains("no answer"),
+        "no relay runs:\n{said}"
+    );
+
+    let _relay = env.start_relay(&["orders"])?;
+    let other_ca = env.path("other-ca.pem");
+    std::fs::write(
+        &other_ca,
+        spoke_tests::pki::Authority::new("someone-else")?.cert_pem(),
+    )?;
+    let text = std::fs::read_to_string(&config)?;
+    let ca_line = text
+        .lines()
+        .find(|l| l.starts_with("ca = "))
+        .context("agent config without relay.ca")?;
+    let foreign = env.path("agent-foreign-ca.toml");
+    std::fs::write(
+        &foreign,
+        text.replace(ca_line, &format!("ca = \"{}\"", other_ca.display())),
+    )?;
+    let (passed, said) = check(foreign.to_str().context("path")?)?;
+    anyhow::ensure!(
+        !passed && said.contains("the relay's certificate is not signed by the CA in relay.ca"),
+        "a relay certificate from another CA:\n{said}"
+    );
+    let (passed, said) = check(&config_arg)?;
+    anyhow::ensure!(passed && said.contains("ok   relay 127.0.0.1:"), "{said}");
     Ok(())
 }

@@ -72,12 +72,18 @@ struct Heard {
     lines: Mutex<Vec<String>>,
 }
 
+/// librdkafka repeats a failing connection's reason every retry: the first ones say it.
+const HEARD_MAX_LINES: usize = 64;
+
 impl Heard {
     fn push(&self, line: String) {
-        self.lines
+        let mut lines = self
+            .lines
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(line);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lines.len() < HEARD_MAX_LINES {
+            lines.push(line);
+        }
     }
 
     fn all(&self) -> String {

@@ -289,6 +289,16 @@ impl Broker {
         run_sqlite(script, &self.db, &[topic], "deleting a topic").map(drop)
     }
 
+    /// What an operator does to a topic: deletes it and creates it anew with `partitions`
+    /// (deleted with the broker stopped, see [`Broker::delete_topic_offline`]; created over
+    /// Kafka once it is back).
+    pub fn recreate_topic(&mut self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        self.stop()?;
+        self.delete_topic_offline(topic)?;
+        self.restart()?;
+        crate::kafka::create_topic(&self.bootstrap(), topic, partitions)
+    }
+
     /// Records of `topic` in the broker's database, read from sqlite rather than over Kafka:
     /// for a broker whose clients are slowed down on purpose.
     pub fn stored_records(&self, topic: &str) -> anyhow::Result<i64> {

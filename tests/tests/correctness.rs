@@ -622,10 +622,7 @@ fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Res
     agent.stop()?;
     // What an operator does to a hub topic: delete it, create it anew, smaller. The relay
     // keeps running; see `Broker::delete_topic_offline` for why the hub stops meanwhile.
-    env.hub.stop()?;
-    env.hub.delete_topic_offline(HUB_TOPIC)?;
-    env.hub.restart()?;
-    kafka::create_topic(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
+    env.hub.recreate_topic(HUB_TOPIC, 1)?;
     for p in 0..2 {
         let records: Vec<Rec> = (200..400).map(|i| keyed(p, i)).collect();
         kafka::produce(&producer, "orders", p, &records)?;
@@ -1139,10 +1136,7 @@ fn an_edge_topic_recreated_and_refilled_while_the_agent_was_stopped_is_a_new_inc
 
     drop(producer);
     agent.stop()?;
-    env.edge.stop()?;
-    env.edge.delete_topic_offline("orders")?;
-    env.edge.restart()?;
-    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    env.edge.recreate_topic("orders", 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
     let second: Vec<Vec<Rec>> = (0..2)
         .map(|p| (0..300).map(|i| keyed(p, 10_000 + i)).collect())
@@ -1244,10 +1238,7 @@ fn an_edge_topic_deleted_and_recreated_is_replicated_as_a_new_incarnation() -> a
     // broker stopped: see `Broker::delete_topic_offline`.)
     drop(producer);
     agent.stop()?;
-    env.edge.stop()?;
-    env.edge.delete_topic_offline("orders")?;
-    env.edge.restart()?;
-    kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
+    env.edge.recreate_topic("orders", 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
     let second: Vec<Vec<Rec>> = (0..2)
         .map(|p| (0..300).map(|i| keyed(p, 10_000 + i)).collect())

@@ -17,7 +17,6 @@ pub mod ship;
 pub mod spool;
 pub mod tail;
 pub mod tls;
-pub mod topic_id;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -457,7 +457,7 @@ impl Tailer {
     /// (the next refresh asks again).
     fn topic_ids<'a>(&self, topics: impl Iterator<Item = &'a str>) -> HashMap<String, TopicId> {
         let topics: Vec<&str> = topics.collect();
-        crate::topic_id::describe(
+        spoke_io::kafka_topics::topic_ids(
             self.consumer.client().native_client(),
             &topics,
             METADATA_TIMEOUT,

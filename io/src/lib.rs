@@ -7,6 +7,7 @@ pub mod congestion;
 pub mod failpoint;
 pub mod kafka_check;
 pub mod kafka_security;
+pub mod kafka_topics;
 pub mod logging;
 pub mod pem;
 pub mod transport;

@@ -22,6 +22,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{HubConfig, Transactions};
 use crate::hub_limits::TopicLimits;
 use spoke_io::kafka_security::KafkaProperties;
+use spoke_io::kafka_topics::{self, TopicDescription};
 
 /// Header naming the site a hub record came from.
 pub const HEADER_ORIGIN: &str = "spoke-origin";
@@ -31,10 +32,33 @@ pub const HEADER_PARTITION: &str = "spoke-partition";
 pub const HEADER_OFFSET: &str = "spoke-offset";
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// The transactional id and consumer group of the transaction probe: under the `spoke`
+/// prefix that the relay's ACLs grant, and never of a site's form `spoke-<site>`.
+pub const TRANSACTION_PROBE: &str = "spoke.transaction-probe";
+/// The ACLs transactions need, as the fix where the hub refuses them.
+pub const TRANSACTION_ACLS: &str = "grant the relay's principal Write and Describe on \
+     transactional ids with prefix `spoke` and Read on consumer group `spoke.transaction-probe`";
 /// Upper bound for init/commit/abort of a transaction, and the broker-side timeout after
 /// which it aborts a transaction whose producer vanished.
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 const SCAN_POLL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What committing a probe transaction showed.
+#[derive(Debug)]
+pub enum TransactionSupport {
+    Supported,
+    /// The hub has no (usable) transactions.
+    Unsupported(KafkaError),
+    /// The hub's ACLs refuse this relay a transactional id or the probe's group.
+    NotAuthorized(KafkaError),
+}
+
+/// What the hub says this relay may do ([`Hub::permissions`]).
+#[derive(Debug)]
+pub struct Permissions {
+    pub topics: HashMap<String, TopicDescription>,
+    pub cluster: Option<kafka_topics::Permissions>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -203,10 +227,37 @@ impl Hub {
     }
 
     async fn probe_transactions(&self, probe_topic: &str) -> Result<bool, HubError> {
+        match self.probe_transaction_support(probe_topic).await? {
+            TransactionSupport::Supported => {
+                tracing::info!("the hub supports transactions: sessions commit data and checkpoints atomically");
+                Ok(true)
+            }
+            TransactionSupport::Unsupported(error) => {
+                tracing::info!(%error, "the hub has no transactions: sessions are fenced by relay.fence_delay instead");
+                Ok(false)
+            }
+            TransactionSupport::NotAuthorized(error) => {
+                tracing::warn!(
+                    %error,
+                    fix = TRANSACTION_ACLS,
+                    "the hub refuses this relay transactions: sessions are fenced by relay.fence_delay instead"
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    /// Commits one probe transaction (a consumer offset of group
+    /// [`TRANSACTION_PROBE`] for partition 0 of `probe_topic`, under transactional id
+    /// [`TRANSACTION_PROBE`]) and says what the hub made of it.
+    pub async fn probe_transaction_support(
+        &self,
+        probe_topic: &str,
+    ) -> Result<TransactionSupport, HubError> {
         // Not of the form `spoke-<site>`, so it can never fence a site's producer.
-        let producer = self.producer(Some("spoke.transaction-probe".to_owned()))?;
+        let producer = self.producer(Some(TRANSACTION_PROBE.to_owned()))?;
         let mut group = self.client_config();
-        group.set("group.id", "spoke.transaction-probe");
+        group.set("group.id", TRANSACTION_PROBE);
         let topic = probe_topic.to_owned();
         let outcome = tokio::task::spawn_blocking(move || {
             // The probe commits a consumer offset, not a record: a hub that takes the first
@@ -225,16 +276,62 @@ impl Hub {
         })
         .await?;
         match outcome {
-            Ok(()) => {
-                tracing::info!("the hub supports transactions: sessions commit data and checkpoints atomically");
-                Ok(true)
-            }
-            Err(error) if unsupported(&error) => {
-                tracing::info!(%error, "the hub has no transactions: sessions are fenced by relay.fence_delay instead");
-                Ok(false)
-            }
+            Ok(()) => Ok(TransactionSupport::Supported),
+            Err(error) if not_authorized(&error) => Ok(TransactionSupport::NotAuthorized(error)),
+            Err(error) if unsupported(&error) => Ok(TransactionSupport::Unsupported(error)),
             Err(error) => Err(HubError::Transaction(error)),
         }
+    }
+
+    /// This relay's permissions on `topics` and on the cluster, as the hub reports them
+    /// (`None` where it does not).
+    pub async fn permissions(&self, topics: Vec<String>) -> Result<Permissions, HubError> {
+        self.ask(move |client| {
+            let native = client.client().native_client();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let described =
+                match kafka_topics::describe_topics(native, &names, true, METADATA_TIMEOUT) {
+                    Ok(described) => described,
+                    // A broker that does not answer DescribeTopics (older ones, librdkafka's mock
+                    // cluster) still says in plain metadata whether a topic exists and may be
+                    // described; it reports no permissions then.
+                    Err(_) => names
+                        .iter()
+                        .map(|topic| {
+                            let metadata = client
+                                .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                                .map_err(|source| HubError::Metadata {
+                                    topic: (*topic).to_owned(),
+                                    source,
+                                })?;
+                            let error = metadata
+                                .topics()
+                                .iter()
+                                .find(|t| t.name() == *topic)
+                                .map_or(Some(RDKafkaErrorCode::UnknownTopicOrPartition), |t| {
+                                    t.error().map(RDKafkaErrorCode::from)
+                                });
+                            Ok((
+                                (*topic).to_owned(),
+                                TopicDescription {
+                                    error,
+                                    id: None,
+                                    permissions: None,
+                                },
+                            ))
+                        })
+                        .collect::<Result<_, HubError>>()?,
+                };
+            // Brokers without DescribeCluster (or its permissions) answer nothing useful.
+            let cluster = kafka_topics::cluster_permissions(native, METADATA_TIMEOUT)
+                .ok()
+                .flatten();
+            Ok(Permissions {
+                topics: described,
+                cluster,
+            })
+        })
+        .await
     }
 
     /// A producer for one site session: idempotent and acks=all, so a record the hub confirmed
@@ -514,6 +611,24 @@ impl Hub {
                 .find(|t| t.name() == name && t.error().is_none())
                 .map_or(0, |t| t.partitions().len());
             Ok(i32::try_from(count).unwrap_or(i32::MAX))
+        })
+        .await
+    }
+
+    /// Every topic in the hub.
+    pub async fn topic_names(&self) -> Result<Vec<String>, HubError> {
+        self.ask(|client| {
+            let metadata = client
+                .fetch_metadata(None, METADATA_TIMEOUT)
+                .map_err(|source| HubError::Metadata {
+                    topic: "(all)".into(),
+                    source,
+                })?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect())
         })
         .await
     }
@@ -862,8 +977,19 @@ fn unsupported(error: &KafkaError) -> bool {
             RDKafkaErrorCode::UnsupportedFeature
                 | RDKafkaErrorCode::UnsupportedVersion
                 | RDKafkaErrorCode::UnsupportedForMessageFormat
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+        )
+    )
+}
+
+/// Whether a transaction error is the hub's ACLs refusing this relay.
+fn not_authorized(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed
                 | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
         )
     )
 }

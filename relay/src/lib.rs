@@ -5,9 +5,10 @@
 //! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces
 //! them and finds resume points; [`hub_limits`] says which records a hub topic refuses and
 //! [`dead_letter`] takes them instead. [`tls`] and [`pki`] handle identities, [`config`] the
-//! relay.toml contract.
+//! relay.toml contract, [`check`] what `spoke-relay check` asks the hub.
 
 pub mod admin;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;

@@ -129,18 +129,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             if offline {
                 return Ok(());
             }
-            let hub = &loaded.config.hub;
-            let verdict = spoke_io::kafka_check::check_cluster(
-                "hub",
-                &hub.bootstrap,
-                &loaded.hub_kafka,
-                hub.tls.as_ref(),
-                CHECK_TIMEOUT,
-            );
-            println!("{verdict}");
-            if !verdict.ok {
+            let verdicts = spoke_relay::check::run(&loaded, CHECK_TIMEOUT);
+            for verdict in &verdicts {
+                println!("{verdict}");
+            }
+            let failed = verdicts.iter().filter(|v| !v.ok).count();
+            if failed > 0 {
                 anyhow::bail!(
-                    "the hub is not reachable as configured ([hub] in {})",
+                    "{failed} check(s) failed against the hub as configured ([hub] in {})",
                     config.display()
                 );
             }

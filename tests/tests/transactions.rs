@@ -21,7 +21,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::process::Spoke;
 use spoke_tests::site::{AgentOptions, Env, SITE};
-use spoke_tests::{admin, eventually, markers, oracle};
+use spoke_tests::{admin, eventually, markers, oracle, process};
 
 const HUB_TOPIC: &str = "branch-042.orders";
 
@@ -46,6 +46,21 @@ fn start_relay_with(
     transactions: &str,
     hub_lines: &str,
 ) -> anyhow::Result<Spoke> {
+    let path = relay_config(env, hub, transactions, hub_lines)?;
+    Spoke::start(
+        "spoke-relay",
+        &["run", "--config", &path],
+        env.path("relay.log"),
+    )
+}
+
+/// The relay's config with `hub` as the hub, `transactions` set, and `hub_lines` in `[hub]`.
+fn relay_config(
+    env: &Env,
+    hub: &str,
+    transactions: &str,
+    hub_lines: &str,
+) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(env.relay_config(&["orders"])?)?
         .replace(&env.hub.bootstrap(), hub)
         .replace(
@@ -54,12 +69,7 @@ fn start_relay_with(
         );
     let path = env.path("relay-transactions.toml");
     std::fs::write(&path, text)?;
-    let path = path.to_str().context("non-UTF-8 temp path")?;
-    Spoke::start(
-        "spoke-relay",
-        &["run", "--config", path],
-        env.path("relay.log"),
-    )
+    Ok(path.to_str().context("non-UTF-8 temp path")?.to_owned())
 }
 
 fn hub_total(hub: &str) -> anyhow::Result<i64> {
@@ -182,6 +192,58 @@ fn auto_falls_back_to_fencing_on_a_hub_without_transactions() -> anyhow::Result<
     assert!(
         log.contains("the hub has no transactions"),
         "the relay must say which mechanism it uses:\n{log}"
+    );
+    Ok(())
+}
+
+/// `spoke-relay check` commits the probe transaction and says what it found: supported, not
+/// supported (fine under "auto", a failure under "on"), or refused by the hub's ACLs, with
+/// the grant that fixes it.
+#[test]
+fn check_says_whether_the_hub_takes_transactions_and_which_acl_is_missing() -> anyhow::Result<()> {
+    let (env, mock, _producer) = edge_and_mock_hub()?;
+    let check = |hub: &str, transactions: &str| -> anyhow::Result<(bool, String)> {
+        let config = relay_config(&env, hub, transactions, "")?;
+        let out = process::run("spoke-relay", &["check", "--config", &config])?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{said}");
+        Ok((out.status.success(), said))
+    };
+    let (passed, said) = check(&mock.bootstrap_servers(), "on")?;
+    anyhow::ensure!(
+        passed
+            && said.contains(
+                "ok   hub transactions: supported: sessions commit records and checkpoints atomically"
+            ),
+        "a hub with transactions:\n{said}"
+    );
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED; 4],
+    );
+    let (passed, said) = check(&mock.bootstrap_servers(), "auto")?;
+    anyhow::ensure!(
+        !passed
+            && said.contains("FAIL hub transactions: refused: ")
+            && said.contains(
+                "fix: grant the relay's principal Write and Describe on transactional ids with \
+                 prefix `spoke`"
+            ),
+        "a hub whose ACLs refuse the transactional id:\n{said}"
+    );
+    let tansu = env.hub.bootstrap();
+    kafka::create_topic(&tansu, "spoke.offsets", 1)?;
+    let (passed, said) = check(&tansu, "auto")?;
+    anyhow::ensure!(
+        passed && said.contains("ok   hub transactions: not supported by the hub"),
+        "auto on a hub without transactions:\n{said}"
+    );
+    let (passed, said) = check(&tansu, "on")?;
+    anyhow::ensure!(
+        !passed
+            && said
+                .contains("FAIL hub transactions: hub.transactions = \"on\", but the hub has none"),
+        "on, on a hub without transactions:\n{said}"
     );
     Ok(())
 }

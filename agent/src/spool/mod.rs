@@ -86,7 +86,7 @@
 
 use std::fmt;
 
-pub use crate::topic_id::TopicId;
+pub use spoke_io::kafka_topics::TopicId;
 
 mod durable;
 mod model;

@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,11 +13,15 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::CertificateError;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::pem::PemObject;
 
 use crate::kafka_security::{KafkaProperties, KafkaTls};
+
+/// How long the diagnosis waits, after its handshake, for the broker to refuse the client's
+/// certificate.
+const REFUSAL_WAIT: Duration = Duration::from_millis(1500);
 
 /// One line of `check`'s report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +183,11 @@ fn classify(
     timeout: Duration,
 ) -> Verdict {
     let said = |needle: &str| heard.to_ascii_lowercase().contains(needle);
-    if said("ssl handshake failed") || said("certificate verify failed") {
+    if said("ssl handshake failed")
+        || said("certificate verify failed")
+        || said("certificate required")
+        || said("ssl transport error")
+    {
         let first = bootstrap.split(',').next().unwrap_or(bootstrap).trim();
         return match tls {
             Some(tls) => diagnose_tls(subject, first, tls, timeout),
@@ -231,7 +238,8 @@ fn diagnose_tls(subject: &str, address: &str, tls: &KafkaTls, timeout: Duration)
         .as_deref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the system's CAs".to_owned());
-    let failure = match handshake(address, tls.ca_file.as_deref(), timeout) {
+    let presents_cert = client_identity(tls).is_some();
+    let failure = match handshake(address, tls, timeout) {
         Ok(()) if tls.ca_file.is_none() => {
             return Verdict::failed(
                 subject,
@@ -285,6 +293,31 @@ fn diagnose_tls(subject: &str, address: &str, tls: &KafkaTls, timeout: Duration)
             format!("the broker's certificate is refused: {other}"),
             "check the broker's certificate and tls.ca_file",
         ),
+        TlsFailure::Refused(AlertDescription::CertificateRequired) => Verdict::failed(
+            subject,
+            "the broker requires a client certificate (mutual TLS), and none is configured",
+            "set tls.cert_file and tls.key_file to this client's certificate and key, issued \
+             by a CA the broker trusts",
+        ),
+        TlsFailure::Refused(AlertDescription::CertificateExpired) if presents_cert => {
+            Verdict::failed(
+                subject,
+                "the broker refuses this client's certificate: it has expired",
+                "renew the certificate in tls.cert_file (and check this host's clock)",
+            )
+        }
+        TlsFailure::Refused(alert) if presents_cert => Verdict::failed(
+            subject,
+            format!("the broker refuses this client's certificate ({alert:?})"),
+            "tls.cert_file must be issued by a CA the broker trusts for clients, be current, \
+             and tls.key_file must be its key",
+        ),
+        TlsFailure::Refused(alert) => Verdict::failed(
+            subject,
+            format!("the broker ended the TLS handshake ({alert:?})"),
+            "check that the broker's listener at this address is the one meant for this \
+             client, and its TLS settings",
+        ),
         TlsFailure::CaFile(reason) => Verdict::failed(
             subject,
             format!("tls.ca_file: {reason}"),
@@ -300,14 +333,57 @@ fn diagnose_tls(subject: &str, address: &str, tls: &KafkaTls, timeout: Duration)
 
 enum TlsFailure {
     Certificate(CertificateError),
+    /// The broker sent this alert: it refused the client (certificate missing or refused).
+    Refused(AlertDescription),
     CaFile(String),
     Other(String),
 }
 
-fn handshake(address: &str, ca_file: Option<&Path>, timeout: Duration) -> Result<(), TlsFailure> {
+/// The client certificate and key `tls` names, as rustls takes them; `None` where there are
+/// none, or the key is encrypted (rustls reads no encrypted keys: the diagnosis then goes
+/// without a client certificate).
+fn client_identity(
+    tls: &KafkaTls,
+) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    if tls.key_password.is_some() || tls.key_password_file.is_some() {
+        return None;
+    }
+    let chain = CertificateDer::pem_file_iter(tls.cert_file.as_deref()?)
+        .ok()?
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let key = PrivateKeyDer::from_pem_file(tls.key_file.as_deref()?).ok()?;
+    Some((chain, key))
+}
+
+/// Waits briefly for what the broker says after the client's last handshake message: under
+/// TLS 1.3 a refused client certificate is an alert that comes only then.
+fn refusal(
+    connection: &mut rustls::ClientConnection,
+    socket: &mut TcpStream,
+) -> Option<AlertDescription> {
+    socket.set_read_timeout(Some(REFUSAL_WAIT)).ok()?;
+    loop {
+        match connection.complete_io(socket) {
+            Ok((0, 0)) => return None,
+            Ok(_) => {}
+            Err(error) => {
+                return match error
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                {
+                    Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+fn handshake(address: &str, tls: &KafkaTls, timeout: Duration) -> Result<(), TlsFailure> {
     let other = |e: &dyn std::fmt::Display| TlsFailure::Other(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca_file) = ca_file {
+    if let Some(ca_file) = tls.ca_file.as_deref() {
         let pems = CertificateDer::pem_file_iter(ca_file)
             .map_err(|e| TlsFailure::CaFile(e.to_string()))?;
         for cert in pems {
@@ -317,13 +393,20 @@ fn handshake(address: &str, ca_file: Option<&Path>, timeout: Duration) -> Result
                 .map_err(|e| TlsFailure::CaFile(e.to_string()))?;
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| other(&e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    // As the client would present itself, so that the broker's verdict on its certificate
+    // shows too.
+    let config = match client_identity(tls) {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| other(&e))?,
+        None => builder.with_no_client_auth(),
+    };
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = ServerName::try_from(host.to_owned()).map_err(|e| other(&e))?;
@@ -350,11 +433,15 @@ fn handshake(address: &str, ca_file: Option<&Path>, timeout: Duration) -> Result
                         Some(rustls::Error::InvalidCertificate(certificate)) => {
                             TlsFailure::Certificate(certificate.clone())
                         }
+                        Some(rustls::Error::AlertReceived(alert)) => TlsFailure::Refused(*alert),
                         _ => TlsFailure::Other(error.to_string()),
                     },
                 )
             }
         }
+    }
+    if let Some(alert) = refusal(&mut connection, &mut socket) {
+        return Err(TlsFailure::Refused(alert));
     }
     // Close politely; the broker behind it needs nothing from us.
     connection.send_close_notify();

@@ -225,7 +225,13 @@ impl Broker {
     /// Restarts the broker advertising its own port, so that clients that bypass the proxy
     /// in front of it (the test's oracle reading a TLS-fronted hub) can read it.
     pub fn serve_directly(&mut self) -> anyhow::Result<()> {
-        self.advertised_port = self.port;
+        self.advertise_at(self.port)
+    }
+
+    /// Restarts the broker advertising `port` on its host, e.g. a TLS terminator's that a
+    /// test puts in front of it once the test's own plaintext work is done.
+    pub fn advertise_at(&mut self, port: u16) -> anyhow::Result<()> {
+        self.advertised_port = port;
         self.restart()
     }
 

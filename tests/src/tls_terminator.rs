@@ -2,7 +2,8 @@
 //! (tansu 0.6 has no working TLS of its own): it accepts TLS with a server certificate of a
 //! test CA and forwards the plaintext to the broker. The broker must advertise the
 //! terminator's address ([`crate::broker::Broker::start_behind`]), or clients would reach
-//! it directly after their first metadata answer.
+//! it directly after their first metadata answer. With a client CA it requires client
+//! certificates, as a mutual-TLS listener does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,8 @@ pub struct TlsTerminator {
     pub listen: SocketAddr,
     /// What new connections are accepted with ([`TlsTerminator::present`]).
     acceptor: Arc<Mutex<TlsAcceptor>>,
+    /// PEM of the CA whose client certificates it requires (mutual TLS); `None`: none asked.
+    client_ca: Option<String>,
     handshakes_failed: Arc<AtomicU64>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -35,7 +38,27 @@ impl TlsTerminator {
         target: SocketAddr,
         server: &Identity,
     ) -> anyhow::Result<TlsTerminator> {
-        let acceptor = Arc::new(Mutex::new(acceptor(server)?));
+        Self::start_with(listen, target, server, None)
+    }
+
+    /// As [`TlsTerminator::start`], and requires each client to present a certificate
+    /// signed by the CA `client_ca_pem` (mutual TLS, a listener with `ssl.client.auth`).
+    pub fn start_mutual(
+        listen: SocketAddr,
+        target: SocketAddr,
+        server: &Identity,
+        client_ca_pem: &str,
+    ) -> anyhow::Result<TlsTerminator> {
+        Self::start_with(listen, target, server, Some(client_ca_pem.to_owned()))
+    }
+
+    fn start_with(
+        listen: SocketAddr,
+        target: SocketAddr,
+        server: &Identity,
+        client_ca: Option<String>,
+    ) -> anyhow::Result<TlsTerminator> {
+        let acceptor = Arc::new(Mutex::new(acceptor(server, client_ca.as_deref())?));
         let handshakes_failed = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let std_listener = std::net::TcpListener::bind(listen)?;
@@ -85,6 +108,7 @@ impl TlsTerminator {
         Ok(TlsTerminator {
             listen,
             acceptor,
+            client_ca,
             handshakes_failed,
             stop,
             thread: Some(thread),
@@ -96,7 +120,8 @@ impl TlsTerminator {
         *self
             .acceptor
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor(server)?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            acceptor(server, self.client_ca.as_deref())?;
         Ok(())
     }
 
@@ -114,17 +139,30 @@ impl std::fmt::Debug for TlsTerminator {
     }
 }
 
-fn acceptor(server: &Identity) -> anyhow::Result<TlsAcceptor> {
+fn acceptor(server: &Identity, client_ca: Option<&str>) -> anyhow::Result<TlsAcceptor> {
     let chain = CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("server certificate PEM")?;
     let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).context("server key PEM")?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.context("client CA PEM")?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

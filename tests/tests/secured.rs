@@ -1,5 +1,6 @@
 //! Secured Kafka (#21): a hub reachable only over TLS, through a real TLS terminator with a
-//! CA of its own (tansu 0.6's own TLS does not work), and SASL against a broker that really
+//! CA of its own (tansu 0.6's own TLS does not work), an edge cluster that requires client
+//! certificates (mutual TLS, the same terminator), and SASL against a broker that really
 //! authenticates.
 
 use std::time::Duration;
@@ -8,6 +9,7 @@ use spoke_tests::kafka::{self, Rec};
 use spoke_tests::oracle;
 use spoke_tests::pki::{Authority, Identity, Validity};
 use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
+use spoke_tests::tls_terminator::TlsTerminator;
 use spoke_tests::{admin, eventually, process};
 
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -88,9 +90,14 @@ fn a_hub_behind_tls_gets_every_record_exactly_once() -> anyhow::Result<()> {
     let mut env = Env::with_tls_hub(&server)?;
     produce_orders(&env, 2, 300)?;
     let (passed, said) = relay_check(&env, &hub_tls(&env, &ca)?)?;
+    println!("{said}");
     anyhow::ensure!(
-        passed && said.contains("ok   hub 127.0.0.1:") && said.contains("(SSL)"),
-        "check must pass:\n{said}"
+        passed
+            && said.contains("ok   hub 127.0.0.1:")
+            && said.contains("(SSL)")
+            && said.contains("ok   offsets topic spoke.offsets: does not exist yet")
+            && said.contains("ok   hub transactions: not checked"),
+        "check must pass, and say what it could not check:\n{said}"
     );
     let relay = env.start_relay_with(&["orders"], &hub_tls(&env, &ca)?)?;
     let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
@@ -292,4 +299,115 @@ fn scram_on_both_clusters_with_secrets_from_a_file_and_the_environment() -> anyh
         broker.restart()?;
     }
     assert_exactly_once(&mut env, "scram-both-sides", 2)
+}
+
+/// The edge cluster takes only clients with a certificate from its own CA (mutual TLS, a
+/// listener with `ssl.client.auth=required`). Without `[source.tls]` cert_file and key_file,
+/// and with a certificate from another CA, `check` says which it is and the agent reads
+/// nothing; with the right certificate everything arrives exactly once.
+#[test]
+fn an_edge_cluster_that_requires_client_certificates_is_read_over_mutual_tls() -> anyhow::Result<()>
+{
+    let edge_ca = Authority::new("edge-ca")?;
+    let server = edge_ca.issue_server("edge", &["localhost"], true, Validity::current())?;
+    let mut env = Env::new()?;
+    produce_orders(&env, 2, 200)?;
+    // From here on the edge broker is reachable (as its metadata says) only through TLS.
+    let tls_port = spoke_tests::free_port()?;
+    env.edge.advertise_at(tls_port)?;
+    let terminator = TlsTerminator::start_mutual(
+        ([127, 0, 0, 1], tls_port).into(),
+        ([127, 0, 0, 1], env.edge.port).into(),
+        &server,
+        &edge_ca.cert_pem(),
+    )?;
+    let ca_file = env.path("edge-ca.pem");
+    std::fs::write(&ca_file, edge_ca.cert_pem())?;
+    let client_dir = env.path("edge-clients");
+    std::fs::create_dir_all(&client_dir)?;
+    let right = edge_ca
+        .issue_site("spoke-agent", Validity::current(), 11)?
+        .write(&client_dir, "right")?;
+    let foreign = Authority::new("someone-else")?
+        .issue_site("spoke-agent", Validity::current(), 12)?
+        .write(&client_dir, "foreign")?;
+    let source_tls = |client: Option<&(std::path::PathBuf, std::path::PathBuf)>| {
+        let identity = client.map_or(String::new(), |(cert, key)| {
+            format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            )
+        });
+        AgentOptions {
+            source_extra: format!(
+                "[source.tls]\nca_file = \"{}\"\n{identity}",
+                ca_file.display()
+            ),
+            ..AgentOptions::include(&["orders"])
+        }
+    };
+    let agent_check = |options: &AgentOptions| -> anyhow::Result<(bool, String)> {
+        let config = env.agent_config(options)?.display().to_string();
+        let out = process::run("spoke-agent", &["check", "--config", &config])?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let relay = env.start_relay(&["orders"])?;
+    let subject = format!("local cluster 127.0.0.1:{tls_port}");
+
+    let (passed, said) = agent_check(&source_tls(None))?;
+    println!("{said}");
+    anyhow::ensure!(
+        !passed
+            && said.contains(&format!(
+                "FAIL {subject}: the broker requires a client certificate (mutual TLS), and \
+                 none is configured"
+            )),
+        "check must say a client certificate is required:\n{said}"
+    );
+    let (passed, said) = agent_check(&source_tls(Some(&foreign)))?;
+    println!("{said}");
+    anyhow::ensure!(
+        !passed
+            && said.contains(&format!(
+                "FAIL {subject}: the broker refuses this client's certificate"
+            )),
+        "check must say the broker refuses the certificate:\n{said}"
+    );
+    let (passed, said) = agent_check(&source_tls(Some(&right)))?;
+    println!("{said}");
+    anyhow::ensure!(
+        passed && said.contains(&format!("ok   {subject}: 1 broker(s) answered (SSL)")),
+        "check must pass:\n{said}"
+    );
+
+    let refused_before = terminator.handshakes_failed();
+    let mut agent = env.start_agent(&source_tls(None))?;
+    eventually(
+        "the edge to refuse the agent",
+        Duration::from_secs(60),
+        || Ok(terminator.handshakes_failed() > refused_before),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    anyhow::ensure!(
+        acked(&env) == 0.0,
+        "nothing may be read without a certificate"
+    );
+    agent.stop()?;
+    let agent = env.start_agent(&source_tls(Some(&right)))?;
+    eventually("400 records acknowledged", REPLICATION_TIMEOUT, || {
+        Ok(acked(&env) >= 400.0)
+    })?;
+    drop(agent);
+    drop(relay);
+    drop(terminator);
+    env.edge.serve_directly()?;
+    assert_exactly_once(&mut env, "edge-mutual-tls", 2)
 }

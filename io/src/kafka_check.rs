@@ -198,6 +198,23 @@ fn classify(
             ),
         };
     }
+    if said("oauthbearer token") {
+        let detail = heard
+            .lines()
+            .find(|l| l.to_ascii_lowercase().contains("oauthbearer token"))
+            .map(|l| l.chars().take(300).collect::<String>())
+            .unwrap_or_default();
+        return Verdict::failed(
+            subject,
+            format!(
+                "no OAUTHBEARER token from the token endpoint ({})",
+                detail.trim()
+            ),
+            "check sasl.token_endpoint, client_id and the client secret (client_secret_file, \
+             or the environment variable it names), and that the identity provider knows this \
+             client",
+        );
+    }
     if said("authentication") || (said("sasl") && said("failed")) {
         return Verdict::failed(
             subject,
@@ -496,5 +513,9 @@ mod tests {
             verdict("SSL handshake failed: certificate verify failed"),
             "TLS handshake failed"
         );
+        assert!(verdict(
+            "Local: Authentication failure: Failed to acquire SASL OAUTHBEARER token: HTTP 401"
+        )
+        .starts_with("no OAUTHBEARER token from the token endpoint"));
     }
 }

@@ -15,9 +15,11 @@ pub mod markers;
 pub mod oracle;
 pub mod pki;
 pub mod process;
+pub mod sasl_front;
 pub mod site;
 pub mod tcp_delay;
 pub mod tls_terminator;
+pub mod token_endpoint;
 pub mod udp_proxy;
 pub mod wan;
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::oracle;
 use spoke_tests::pki::{Authority, Identity, Validity};
+use spoke_tests::sasl_front::{Credential, SaslFront};
 use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
 use spoke_tests::tls_terminator::TlsTerminator;
+use spoke_tests::token_endpoint::TokenEndpoint;
 use spoke_tests::{admin, eventually, process};
 
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(180);
@@ -410,4 +412,171 @@ fn an_edge_cluster_that_requires_client_certificates_is_read_over_mutual_tls() -
     drop(terminator);
     env.edge.serve_directly()?;
     assert_exactly_once(&mut env, "edge-mutual-tls", 2)
+}
+
+/// SASL/PLAIN over TLS to the hub, a wrong password and then the right one: tansu cannot
+/// check PLAIN (its SASL library is built without it), so a SASL authenticator speaking
+/// Kafka's SaslHandshake/SaslAuthenticate stands between the TLS terminator and the broker.
+#[test]
+fn plain_over_tls_to_the_hub_is_refused_with_a_wrong_password_and_works_with_the_right(
+) -> anyhow::Result<()> {
+    const PASSWORD: &str = "plain-Secret-77d2";
+    let ca = Authority::new("hub-ca")?;
+    let server = ca.issue_server("hub", &["localhost"], true, Validity::current())?;
+    let mut env = Env::new()?;
+    produce_orders(&env, 2, 150)?;
+    let tls_port = spoke_tests::free_port()?;
+    env.hub.advertise_at(tls_port)?;
+    let front = SaslFront::start(
+        ([127, 0, 0, 1], spoke_tests::free_port()?).into(),
+        ([127, 0, 0, 1], env.hub.port).into(),
+        vec![Credential::Plain {
+            user: "spoke-relay".into(),
+            password: PASSWORD.into(),
+        }],
+    )?;
+    let terminator =
+        TlsTerminator::start(([127, 0, 0, 1], tls_port).into(), front.listen, &server)?;
+    let options = |password: &str| -> anyhow::Result<RelayOptions> {
+        let tls = hub_tls(&env, &ca)?;
+        Ok(RelayOptions {
+            hub_extra: format!(
+                "{}\n[hub.sasl]\nmechanism = \"PLAIN\"\nusername = \"spoke-relay\"\npassword = \"${{SPOKE_TEST_HUB_PASSWORD}}\"",
+                tls.hub_extra
+            ),
+            env: vec![("SPOKE_TEST_HUB_PASSWORD".into(), password.into())],
+            ..tls
+        })
+    };
+    let (passed, said) = relay_check(&env, &options("not-the-password")?)?;
+    println!("{said}");
+    anyhow::ensure!(
+        !passed
+            && said.contains(&format!(
+                "FAIL hub 127.0.0.1:{tls_port}: authentication refused, PLAIN as spoke-relay"
+            )),
+        "check must say the hub refused the password:\n{said}"
+    );
+    let (passed, right) = relay_check(&env, &options(PASSWORD)?)?;
+    println!("{right}");
+    anyhow::ensure!(
+        passed && right.contains("(SASL_SSL, PLAIN as spoke-relay)"),
+        "check must pass:\n{right}"
+    );
+    let relay = env.start_relay_with(&["orders"], &options("not-the-password")?)?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    let refused_before = front.refused();
+    eventually(
+        "the hub to refuse the relay",
+        Duration::from_secs(60),
+        || Ok(front.refused() > refused_before),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    anyhow::ensure!(acked(&env) == 0.0, "nothing may be acknowledged");
+    drop(relay);
+    let relay = env.start_relay_with(&["orders"], &options(PASSWORD)?)?;
+    eventually("300 records acknowledged", REPLICATION_TIMEOUT, || {
+        Ok(acked(&env) >= 300.0)
+    })?;
+    for (what, text) in [
+        ("check", format!("{said}{right}")),
+        ("relay log", relay.log()),
+    ] {
+        anyhow::ensure!(!text.contains(PASSWORD), "{what} shows the password");
+    }
+    drop(agent);
+    drop(relay);
+    drop(terminator);
+    drop(front);
+    assert_exactly_once(&mut env, "plain-over-tls", 2)
+}
+
+/// OAUTHBEARER with OIDC client credentials on the edge: librdkafka fetches a token from the
+/// identity provider's token endpoint with the client id and the secret from a file, and
+/// presents it to the broker. tansu refuses every OAUTHBEARER token, so the SASL
+/// authenticator stands in front of it and accepts exactly the token the endpoint issued.
+#[test]
+fn oauthbearer_with_oidc_client_credentials_reads_the_edge() -> anyhow::Result<()> {
+    const CLIENT_SECRET: &str = "oidc-Secret-5e01";
+    let endpoint = TokenEndpoint::start("spoke-agent", CLIENT_SECRET, "spoke-agent")?;
+    let mut env = Env::new()?;
+    produce_orders(&env, 2, 150)?;
+    let front_port = spoke_tests::free_port()?;
+    env.edge.advertise_at(front_port)?;
+    let front = SaslFront::start(
+        ([127, 0, 0, 1], front_port).into(),
+        ([127, 0, 0, 1], env.edge.port).into(),
+        vec![Credential::Bearer {
+            token: endpoint.token.clone(),
+        }],
+    )?;
+    let secret_file = env.path("oidc.secret");
+    let options = |secret: &str| -> anyhow::Result<AgentOptions> {
+        std::fs::write(&secret_file, format!("{secret}\n"))?;
+        Ok(AgentOptions {
+            source_extra: format!(
+                "[source.sasl]\nmechanism = \"OAUTHBEARER\"\ntoken_endpoint = \"{}\"\nclient_id = \"spoke-agent\"\nclient_secret_file = \"{}\"",
+                endpoint.url(),
+                secret_file.display()
+            ),
+            ..AgentOptions::include(&["orders"])
+        })
+    };
+    let agent_check = |options: &AgentOptions| -> anyhow::Result<(bool, String)> {
+        let config = env.agent_config(options)?.display().to_string();
+        let out = process::run("spoke-agent", &["check", "--config", &config])?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let relay = env.start_relay(&["orders"])?;
+    let (passed, said) = agent_check(&options("not-the-secret")?)?;
+    println!("{said}");
+    anyhow::ensure!(
+        !passed
+            && said.contains(&format!(
+                "FAIL local cluster 127.0.0.1:{front_port}: no OAUTHBEARER token from the token \
+                 endpoint"
+            ))
+            && endpoint.refused() > 0
+            && endpoint.issued() == 0,
+        "a wrong client secret must get no token, and check must fail:\n{said}"
+    );
+    let (passed, right) = agent_check(&options(CLIENT_SECRET)?)?;
+    println!("{right}");
+    anyhow::ensure!(
+        passed
+            && right.contains(&format!(
+                "ok   local cluster 127.0.0.1:{front_port}: 1 broker(s) answered (SASL_PLAINTEXT, OAUTHBEARER)"
+            ))
+            && endpoint.issued() > 0
+            && front.accepted() > 0,
+        "check must pass with a token from the endpoint:\n{right}"
+    );
+    let agent = env.start_agent(&options(CLIENT_SECRET)?)?;
+    eventually("300 records acknowledged", REPLICATION_TIMEOUT, || {
+        Ok(acked(&env) >= 300.0)
+    })?;
+    for (what, text) in [
+        ("check", format!("{said}{right}")),
+        ("agent log", agent.log()),
+        (
+            "agent /status",
+            admin::get(&env.agent_admin(), "/status")?.1,
+        ),
+    ] {
+        for secret in [CLIENT_SECRET, endpoint.token.as_str()] {
+            anyhow::ensure!(!text.contains(secret), "{what} shows a secret");
+        }
+    }
+    drop(agent);
+    drop(relay);
+    drop(front);
+    env.edge.serve_directly()?;
+    assert_exactly_once(&mut env, "oauthbearer-oidc", 2)
 }

@@ -17,8 +17,9 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use spoke_proto::{
     decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
-    Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicPartition,
-    DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicConfig,
+    TopicPartition, DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    TOPIC_CONFIG_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -299,6 +300,8 @@ struct Lane {
     send: Option<quinn::SendStream>,
     /// Dictionaries sent on this stream: a relay knows them per stream.
     dictionaries_sent: HashSet<u32>,
+    /// Topics whose configuration went on this stream ahead of their first batch there.
+    topic_configs_sent: HashSet<String>,
     /// In the order sent, which is the order the relay acknowledges them in.
     in_flight: VecDeque<InFlight>,
 }
@@ -308,6 +311,7 @@ impl Lane {
         Self {
             send,
             dictionaries_sent: HashSet::new(),
+            topic_configs_sent: HashSet::new(),
             in_flight: VecDeque::new(),
         }
     }
@@ -491,6 +495,7 @@ impl Session<'_> {
         let mut seq = 0u64;
         // Dictionaries go in-band, once per stream, to relays that speak version 2.
         let dictionaries_supported = welcome.version >= 2;
+        let topic_configs_supported = welcome.version >= TOPIC_CONFIG_VERSION;
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(ship.max_bandwidth.as_u64());
         let mut send_window = SendWindow::default();
@@ -553,6 +558,21 @@ impl Session<'_> {
                         }))?);
                     }
                 }
+                // The relay creates a missing hub topic at its first batch: the source topic's
+                // configuration goes ahead of it on the same stream, once per stream.
+                let mut topic_config_frame = None;
+                if topic_configs_supported
+                    && !lane.topic_configs_sent.contains(&chunk.partition.topic)
+                {
+                    if let Some(entries) = self.spool.topic_config(&chunk.partition.topic)? {
+                        topic_config_frame = Some(frame_bytes(&Frame::TopicConfig(TopicConfig {
+                            topic: chunk.partition.topic.clone(),
+                            entries,
+                        }))?);
+                    }
+                    lane.topic_configs_sent
+                        .insert(chunk.partition.topic.clone());
+                }
                 let bytes = frame_bytes(&batch)?;
                 let start_at = pacer.reserve(bytes.len());
                 self.heartbeat_until(start_at, &mut send, connection, &mut heartbeat)
@@ -561,7 +581,11 @@ impl Session<'_> {
                 send_window.follow(connection);
                 // A dictionary goes before the first batch that names it, on the same
                 // (ordered) stream.
-                for frame in dictionary_frame.iter().chain([&bytes]) {
+                for frame in topic_config_frame
+                    .iter()
+                    .chain(dictionary_frame.iter())
+                    .chain([&bytes])
+                {
                     self.write_heartbeating(
                         lane.send.as_mut(),
                         &mut send,

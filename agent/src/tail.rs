@@ -5,7 +5,7 @@
 //! It runs on its own thread because librdkafka's poll blocks; it stops on `stop`, closing
 //! open chunks into the spool and flushing it first, so nothing it read is read twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use spoke_proto::{ChunkBuilder, Codec};
+use spoke_proto::{ChunkBuilder, Codec, CARRIED_TOPIC_CONFIGS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -25,6 +25,7 @@ use crate::dictionary::Dictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
 use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError, TopicId};
+use spoke_io::kafka_topics::ConfigEntry;
 
 /// Header with a record's source incarnation, on records of an incarnation after the first.
 pub const HEADER_EPOCH: &str = "spoke-epoch";
@@ -226,8 +227,32 @@ pub struct Tailer {
     next_refresh: Instant,
     /// Partitions whose log the broker said ends below what was read, since when.
     short_since: HashMap<SourcePartition, Instant>,
+    /// Topics whose configuration was read from the local broker in this process.
+    configured: HashSet<String>,
     paused: bool,
     error_log: LogLimiter,
+}
+
+/// What of a source topic's configuration its hub topic must keep: `cleanup.policy` as the
+/// broker applies it, and for a compacted topic the compaction settings it applies too
+/// (whether set on the topic or the broker's defaults: brokers do not all say which), since
+/// they are what its consumers rely on. A deleting topic's retention is the hub's business.
+fn carried_config(entries: &[ConfigEntry]) -> Vec<(String, String)> {
+    let value = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    let Some(policy) = value("cleanup.policy") else {
+        return Vec::new();
+    };
+    let compacted = policy.split(',').any(|p| p.trim() == "compact");
+    CARRIED_TOPIC_CONFIGS
+        .iter()
+        .filter(|name| compacted || **name == "cleanup.policy")
+        .filter_map(|name| Some(((*name).to_owned(), value(name)?)))
+        .collect()
 }
 
 /// Lets one log line through per interval and counts the ones it held back.
@@ -293,6 +318,7 @@ impl Tailer {
             spool,
             progress,
             partitions: HashMap::new(),
+            configured: HashSet::new(),
             batch_max_bytes: usize::try_from(config.ship.batch_max_bytes.as_u64())
                 .unwrap_or(usize::MAX),
             linger: config.ship.linger,
@@ -379,9 +405,10 @@ impl Tailer {
         let topics = selected_topics(&self.consumer, &self.selector)?;
         Progress::touch(&self.progress.local_broker_seen_ms);
         let topic_ids = self.topic_ids(topics.iter().map(|(topic, _)| topic.as_str()));
+        // Before the first record of a new topic is read, so that its first batch can carry it.
+        let mut named = self.record_topic_configs(&topics)?;
         let mut added = TopicPartitionList::new();
         let mut recreated = Vec::new();
-        let mut named = false;
         for (topic, count) in &topics {
             self.progress.set_partition_count(topic, *count);
             let topic_id = topic_ids.get(topic).copied();
@@ -451,6 +478,47 @@ impl Tailer {
             self.source_reset(&key, Some(Offset::Beginning), topic_id)?;
         }
         Ok(())
+    }
+
+    /// Records in the spool, for each topic of `topics` not yet seen in this process, what its
+    /// hub topic must keep ([`carried_config`]). Whether anything was written (to flush).
+    fn record_topic_configs(&mut self, topics: &[(String, i32)]) -> Result<bool, TailError> {
+        let new: Vec<&str> = topics
+            .iter()
+            .map(|(topic, _)| topic.as_str())
+            .filter(|topic| !self.configured.contains(*topic))
+            .collect();
+        if new.is_empty() {
+            return Ok(false);
+        }
+        let described = match spoke_io::kafka_topics::topic_configs(
+            self.consumer.client().native_client(),
+            &new,
+            METADATA_TIMEOUT,
+        ) {
+            Ok(described) => described,
+            Err(error) => {
+                // Tailing goes on: a hub topic created meanwhile takes the hub's defaults and
+                // [hub.topic_config], which is what the relay did before topics carried theirs.
+                warn!(%error, topics = ?new, "the local broker did not describe the topics' configuration; hub topics created now take the hub's defaults");
+                self.configured.extend(new.iter().map(|t| (*t).to_owned()));
+                return Ok(false);
+            }
+        };
+        let mut written = false;
+        for topic in new {
+            self.configured.insert(topic.to_owned());
+            let Some(entries) = described.get(topic) else {
+                continue;
+            };
+            let carried = carried_config(entries);
+            if self.spool.topic_config(topic)?.as_ref() != Some(&carried) {
+                debug!(%topic, ?carried, "topic configuration for the hub");
+                self.spool.set_topic_config(topic, &carried)?;
+                written = true;
+            }
+        }
+        Ok(written)
     }
 
     /// The local broker's ids of `topics`; none where it gives none, or cannot answer now
@@ -1031,6 +1099,42 @@ fn add_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compacted_topic_carries_its_compaction_and_a_deleting_one_only_its_policy() {
+        let entry = |name: &str, value: &str| ConfigEntry {
+            name: name.to_owned(),
+            value: Some(value.to_owned()),
+        };
+        let described = |policy: &str| {
+            vec![
+                entry("cleanup.policy", policy),
+                entry("min.compaction.lag.ms", "60000"),
+                entry("delete.retention.ms", "86400000"),
+                entry("retention.ms", "1000"),
+                entry("max.message.bytes", "1048588"),
+            ]
+        };
+        let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            carried_config(&described("compact,delete")),
+            owned(&[
+                ("cleanup.policy", "compact,delete"),
+                ("min.compaction.lag.ms", "60000"),
+                ("delete.retention.ms", "86400000"),
+            ])
+        );
+        assert_eq!(
+            carried_config(&described("delete")),
+            owned(&[("cleanup.policy", "delete")])
+        );
+        assert!(carried_config(&[]).is_empty());
+    }
 
     #[test]
     fn log_limiter_lets_one_line_per_interval_through_and_counts_the_rest() {

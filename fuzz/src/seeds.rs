@@ -8,8 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use spoke_proto::{
     encode_records, Ack, Batch, BatchLimits, Codec, Frame, Goodbye, GoodbyeCode, Header, Heartbeat,
-    Hello, Nack, NackCode, PartitionLag, Record, Rejected, RejectedRange, ResumePoint, TopicPartition,
-    Welcome, HEADER_LEN,
+    Hello, Nack, NackCode, PartitionLag, Record, Rejected, RejectedRange, ResumePoint, TopicConfig,
+    TopicPartition, Welcome, HEADER_LEN,
 };
 use zstd::zstd_safe::CParameter;
 
@@ -166,6 +166,13 @@ fn frames() -> Vec<(&'static str, Frame)> {
                     last_offset: 44,
                     records: 5,
                 }],
+            }),
+        ),
+        (
+            "topic_config",
+            Frame::TopicConfig(TopicConfig {
+                topic: "inventory".into(),
+                entries: vec![("cleanup.policy".into(), "compact".into())],
             }),
         ),
     ]

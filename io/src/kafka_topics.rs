@@ -1,7 +1,8 @@
 //! What a broker says of its topics and of the cluster beyond what rust-rdkafka's metadata
-//! gives: topic ids (KIP-516), and the operations this client's principal may perform
-//! (KIP-430, "authorized operations"), asked with librdkafka's DescribeTopics and
-//! DescribeCluster through its C API.
+//! gives: topic ids (KIP-516), the operations this client's principal may perform (KIP-430,
+//! "authorized operations") and topic configurations, asked with librdkafka's DescribeTopics,
+//! DescribeCluster and DescribeConfigs through its C API, synchronously on a client the
+//! caller already has (the agent's tailer is a thread of its own, not async).
 //!
 //! Topic ids are how the agent tells a recreated edge topic from the old one where offsets
 //! show nothing (a topic deleted and refilled past the agent's position while it was away);
@@ -235,6 +236,110 @@ pub fn topic_ids(
         .into_iter()
         .filter_map(|(name, description)| Some((name, description.id?)))
         .collect())
+}
+
+/// One configuration entry of a topic, as the broker described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigEntry {
+    pub name: String,
+    /// `None` for a sensitive or unset value.
+    pub value: Option<String>,
+}
+
+/// The configuration of each of `topics` that the broker describes (a topic it refuses or
+/// does not know is missing from the answer). Blocks for up to `timeout` (plus a second).
+pub fn topic_configs(
+    client: &NativeClient,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<HashMap<String, Vec<ConfigEntry>>, KafkaError> {
+    let names = topics
+        .iter()
+        .map(|t| CString::new(*t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| KafkaError::AdminOpCreation("a topic name holds a NUL byte".into()))?;
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // SAFETY: each resource is created here from a live C string, handed to the request
+    // (which copies it) and destroyed once, with the array, after the request is made.
+    #[allow(unsafe_code)]
+    let event = unsafe {
+        let mut resources: Vec<*mut rd::rd_kafka_ConfigResource_t> = names
+            .iter()
+            .map(|name| {
+                rd::rd_kafka_ConfigResource_new(
+                    rd::rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC,
+                    name.as_ptr(),
+                )
+            })
+            .collect();
+        let event = request(
+            client,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS,
+            false,
+            timeout,
+            |rk, options, queue| {
+                rd::rd_kafka_DescribeConfigs(
+                    rk,
+                    resources.as_mut_ptr(),
+                    resources.len(),
+                    options,
+                    queue,
+                )
+            },
+        );
+        rd::rd_kafka_ConfigResource_destroy_array(resources.as_mut_ptr(), resources.len());
+        event?
+    };
+    // SAFETY: `event` answers a DescribeConfigs request; the resources, entries and their
+    // strings live as long as it and are copied out within this block.
+    #[allow(unsafe_code)]
+    unsafe {
+        let result = rd::rd_kafka_event_DescribeConfigs_result(event.0);
+        if result.is_null() {
+            return Err(failed(RDKafkaRespErr::RD_KAFKA_RESP_ERR__BAD_MSG));
+        }
+        let text = |p: *const std::ffi::c_char| {
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+        };
+        let mut count = 0usize;
+        let resources = rd::rd_kafka_DescribeConfigs_result_resources(result, &mut count);
+        let mut described = HashMap::new();
+        if resources.is_null() {
+            return Ok(described);
+        }
+        for &resource in std::slice::from_raw_parts(resources, count) {
+            if resource.is_null()
+                || rd::rd_kafka_ConfigResource_error(resource)
+                    != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+            {
+                continue;
+            }
+            let Some(topic) = text(rd::rd_kafka_ConfigResource_name(resource)) else {
+                continue;
+            };
+            let mut entries_count = 0usize;
+            let entries = rd::rd_kafka_ConfigResource_configs(resource, &mut entries_count);
+            let mut config = Vec::new();
+            if !entries.is_null() {
+                for &entry in std::slice::from_raw_parts(entries, entries_count) {
+                    if entry.is_null() {
+                        continue;
+                    }
+                    let Some(name) = text(rd::rd_kafka_ConfigEntry_name(entry)) else {
+                        continue;
+                    };
+                    config.push(ConfigEntry {
+                        name,
+                        value: text(rd::rd_kafka_ConfigEntry_value(entry)),
+                    });
+                }
+            }
+            described.insert(topic, config);
+        }
+        Ok(described)
+    }
 }
 
 /// This client's permissions on the cluster (`Create` for topics, `IdempotentWrite`);

@@ -25,6 +25,7 @@
 //! | 7  | `Goodbye`   | code u16, reason str                                                 |
 //! | 8  | `Dictionary`| id u32, dictionary blob (version 2)                                  |
 //! | 9  | `Rejected`  | seq u64, topic str, partition i32, reason str, list of (first_offset i64, last_offset i64, records u32) (version 4) |
+//! | 10 | `TopicConfig` | topic str, list of (name str, value str) (version 5)               |
 //!
 //! Codecs (`Batch.codec`): 0 = none, 1 = zstd, 2 = zstd with the dictionary `dictionary_id`
 //! (version 2).
@@ -41,7 +42,11 @@
 //! records the hub refused (they went to the dead-letter topic instead). A relay
 //! that negotiated 2 learns dictionaries in-band: the agent sends `Dictionary{id}` on the
 //! stream before the first `Batch` that names `id`, once per connection; the relay keeps them
-//! in memory for that connection only (see [`crate::dictionary`]).
+//! in memory for that connection only (see [`crate::dictionary`]). A relay that negotiated 5
+//! learns the source topic's configuration that a hub topic must keep (`cleanup.policy`, the
+//! compaction settings): the agent sends `TopicConfig{topic}` on a stream before the first
+//! `Batch` of that topic there, once per stream, and the relay creates a missing hub topic
+//! with it.
 //!
 //! # Streams
 //!
@@ -81,6 +86,7 @@ const TYPE_HEARTBEAT: u8 = 6;
 const TYPE_GOODBYE: u8 = 7;
 const TYPE_DICTIONARY: u8 = 8;
 const TYPE_REJECTED: u8 = 9;
+const TYPE_TOPIC_CONFIG: u8 = 10;
 
 /// Caps applied while decoding frames from a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +136,8 @@ impl FrameHeader {
         let last_type = match version {
             1 => TYPE_GOODBYE,
             2 | 3 => TYPE_DICTIONARY,
-            _ => TYPE_REJECTED,
+            4 => TYPE_REJECTED,
+            _ => TYPE_TOPIC_CONFIG,
         };
         if !(TYPE_HELLO..=last_type).contains(&frame_type) {
             return Err(DecodeError::UnknownFrameType(frame_type));
@@ -322,6 +329,18 @@ pub struct RejectedRange {
     pub records: u32,
 }
 
+/// The source topic's configuration that its hub topic must keep, agent → relay (version 5):
+/// a compacted edge topic must not become a hub topic that deletes by age. Sent on a stream
+/// before the first [`Batch`] of `topic` there; the relay uses it if it creates the hub topic,
+/// and never changes a hub topic that exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// The source topic.
+    pub topic: String,
+    /// Kafka topic configuration entries (name, value), e.g. `("cleanup.policy", "compact")`.
+    pub entries: Vec<(String, String)>,
+}
+
 /// A zstd dictionary for later batches of this connection, agent → relay (version 2).
 ///
 /// Sent once per connection, before the first [`Batch`] whose codec names `id`. The receiver
@@ -475,6 +494,8 @@ pub enum Frame {
     Dictionary(Dictionary),
     /// See [`Rejected`].
     Rejected(Rejected),
+    /// See [`TopicConfig`].
+    TopicConfig(TopicConfig),
 }
 
 impl Frame {
@@ -619,6 +640,15 @@ impl Frame {
                     })
                 })?,
             }),
+            TYPE_TOPIC_CONFIG => Frame::TopicConfig(TopicConfig {
+                topic: r.string("topic_config.topic")?,
+                entries: r.list("topic_config.entries", 2 + 2, |r| {
+                    Ok((
+                        r.string("topic_config.entries.name")?,
+                        r.string("topic_config.entries.value")?,
+                    ))
+                })?,
+            }),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if !r.buf.is_empty() {
@@ -667,6 +697,7 @@ impl Frame {
             Frame::Goodbye(_) => "Goodbye",
             Frame::Dictionary(_) => "Dictionary",
             Frame::Rejected(_) => "Rejected",
+            Frame::TopicConfig(_) => "TopicConfig",
         }
     }
 
@@ -680,6 +711,7 @@ impl Frame {
                 ..
             }) => 2,
             Frame::Rejected(_) => crate::REJECTED_VERSION,
+            Frame::TopicConfig(_) => crate::TOPIC_CONFIG_VERSION,
             _ => PROTOCOL_VERSION,
         }
     }
@@ -695,6 +727,7 @@ impl Frame {
             Frame::Goodbye(_) => TYPE_GOODBYE,
             Frame::Dictionary(_) => TYPE_DICTIONARY,
             Frame::Rejected(_) => TYPE_REJECTED,
+            Frame::TopicConfig(_) => TYPE_TOPIC_CONFIG,
         }
     }
 
@@ -791,6 +824,13 @@ impl Frame {
                     dst.put_u32(range.records);
                 }
                 Ok(())
+            }
+            Frame::TopicConfig(config) => {
+                put_string(dst, "topic_config.topic", &config.topic)?;
+                put_list(dst, &config.entries, |dst, (name, value)| {
+                    put_string(dst, "topic_config.entries.name", name)?;
+                    put_string(dst, "topic_config.entries.value", value)
+                })
             }
         }
     }

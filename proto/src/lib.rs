@@ -26,8 +26,8 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// The highest protocol version this build speaks. Version 2 adds the `Dictionary` frame and
 /// the dictionary codec ([`Codec::ZstdDict`]); version 3 adds no frame but lets the agent send
 /// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]);
-/// version 4 adds the `Rejected` frame.
-pub const MAX_PROTOCOL_VERSION: u8 = 4;
+/// version 4 adds the `Rejected` frame; version 5 the `TopicConfig` frame.
+pub const MAX_PROTOCOL_VERSION: u8 = 5;
 
 /// The protocol version from which the agent may send batches on data streams.
 pub const DATA_STREAMS_VERSION: u8 = 3;
@@ -35,6 +35,20 @@ pub const DATA_STREAMS_VERSION: u8 = 3;
 /// The protocol version from which the relay tells the agent which records the hub refused
 /// (`Rejected`).
 pub const REJECTED_VERSION: u8 = 4;
+
+/// The protocol version from which the agent tells the relay the source topic's configuration
+/// that a hub topic must keep (`TopicConfig`).
+pub const TOPIC_CONFIG_VERSION: u8 = 5;
+
+/// The topic configuration a `TopicConfig` carries from a source topic to the hub topic the
+/// relay creates for it: what makes a compacted topic stay one. Nothing else: a site must not
+/// set what the hub keeps beyond its own records' compaction (retention, sizes, replicas).
+pub const CARRIED_TOPIC_CONFIGS: &[&str] = &[
+    "cleanup.policy",
+    "min.compaction.lag.ms",
+    "max.compaction.lag.ms",
+    "delete.retention.ms",
+];
 
 /// Default UDP port of the relay.
 pub const DEFAULT_PORT: u16 = 7000;

@@ -90,6 +90,13 @@ fn all_frames() -> Vec<Frame> {
                 records: 2,
             }],
         }),
+        Frame::TopicConfig(TopicConfig {
+            topic: "inventory".into(),
+            entries: vec![
+                ("cleanup.policy".into(), "compact".into()),
+                ("min.compaction.lag.ms".into(), "60000".into()),
+            ],
+        }),
     ]
 }
 
@@ -346,7 +353,8 @@ fn names() {
             "Heartbeat",
             "Goodbye",
             "Dictionary",
-            "Rejected"
+            "Rejected",
+            "TopicConfig"
         ]
     );
 }

@@ -156,7 +156,20 @@ fn frame() -> impl Strategy<Value = Frame> {
                     .collect(),
             })
         });
-    prop_oneof![hello, welcome, batch, ack, nack, heartbeat, goodbye, dictionary, rejected]
+    let topic_config = (text(), prop::collection::vec((text(), text()), 0..8))
+        .prop_map(|(topic, entries)| Frame::TopicConfig(TopicConfig { topic, entries }));
+    prop_oneof![
+        hello,
+        welcome,
+        batch,
+        ack,
+        nack,
+        heartbeat,
+        goodbye,
+        dictionary,
+        rejected,
+        topic_config
+    ]
 }
 
 fn nullable() -> impl Strategy<Value = Option<Bytes>> {
@@ -296,7 +309,7 @@ proptest! {
 
     #[test]
     fn unknown_version_and_type_are_typed(
-        frame in frame(), version in MAX_PROTOCOL_VERSION + 1.., frame_type in 10u8..,
+        frame in frame(), version in MAX_PROTOCOL_VERSION + 1.., frame_type in 11u8..,
     ) {
         let bytes = frame.to_bytes().expect("encode").to_vec();
         let mut v = bytes.clone();
@@ -324,6 +337,7 @@ proptest! {
             // Version 1 does not define these frame types at all.
             Frame::Dictionary(_) => prop_assert_eq!(refused, Err(DecodeError::UnknownFrameType(8))),
             Frame::Rejected(_) => prop_assert_eq!(refused, Err(DecodeError::UnknownFrameType(9))),
+            Frame::TopicConfig(_) => prop_assert_eq!(refused, Err(DecodeError::UnknownFrameType(10))),
             _ => prop_assert_eq!(refused, Err(DecodeError::VersionMismatch { header: flipped, frame: own })),
         }
     }
@@ -337,7 +351,7 @@ proptest! {
     /// rather than bouncing off the CRC.
     #[test]
     fn random_bodies_never_panic_the_body_parsers(
-        frame_type in 1u8..=8, version in PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION,
+        frame_type in 1u8..=10, version in PROTOCOL_VERSION..=MAX_PROTOCOL_VERSION,
         body in prop::collection::vec(any::<u8>(), 0..128),
     ) {
         let mut bytes = vec![b'S', b'K', version, frame_type];

@@ -268,9 +268,9 @@ pub struct HubConfig {
     /// (`${NAME}`).
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
-    /// Topic configuration for the hub topics the relay creates, e.g. `"cleanup.policy" =
-    /// "compact"` where the edge topics are compacted (a hub topic created with the broker's
-    /// defaults would delete what compaction keeps). Not the dead-letter topic.
+    /// Topic configuration for the hub topics the relay creates, over the source topic's
+    /// compaction that the agent carries (`TopicConfig`), name by name. Not the dead-letter
+    /// topic.
     #[serde(default)]
     pub topic_config: BTreeMap<String, String>,
     /// TLS to the hub brokers.

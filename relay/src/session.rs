@@ -18,8 +18,9 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use regex::Regex;
 use spoke_proto::{
     Ack, Batch, BatchLimits, Dictionaries, DictionaryError, DictionaryLimits, Frame, Goodbye,
-    GoodbyeCode, Hello, Limits, Nack, NackCode, Record, Rejected, ResumePoint, Welcome,
-    DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION, REJECTED_VERSION,
+    GoodbyeCode, Hello, Limits, Nack, NackCode, Record, Rejected, ResumePoint, TopicConfig,
+    Welcome, CARRIED_TOPIC_CONFIGS, DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    REJECTED_VERSION,
 };
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -636,6 +637,7 @@ async fn serve_site(
         resume,
         layouts: layouts.clone(),
         topic_limits: HashMap::new(),
+        carried: HashMap::new(),
         stream: HashMap::new(),
         last_heard_at: tokio::time::Instant::now(),
     });
@@ -750,6 +752,23 @@ enum Outcome {
 /// The stream the agent opened first, which carries `Hello`, heartbeats and `Goodbye`.
 const CONTROL_STREAM: u64 = 0;
 
+/// The most source topics whose configuration one session keeps: more than any site has.
+const MAX_CARRIED_TOPICS: usize = 4096;
+
+/// A created hub topic's configuration: what the agent carried from the source topic, with
+/// `[hub.topic_config]` (`configured`) taking precedence name by name.
+fn hub_topic_config(
+    carried: Vec<(String, String)>,
+    configured: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut merged: Vec<(String, String)> = carried
+        .into_iter()
+        .filter(|(name, _)| !configured.iter().any(|(own, _)| own == name))
+        .collect();
+    merged.extend(configured.iter().cloned());
+    merged
+}
+
 /// What the readers of one session share, per source partition.
 struct Partitions {
     /// The first offset not yet handed to the producer in this session; records below it are
@@ -760,6 +779,10 @@ struct Partitions {
     layouts: HashMap<String, i32>,
     /// Per hub topic, what it takes, as this session learned it.
     topic_limits: HashMap<String, HubTopicLimits>,
+    /// Per source topic, the configuration the agent says its hub topic must keep
+    /// (`TopicConfig`, only names in [`CARRIED_TOPIC_CONFIGS`]); at most
+    /// [`MAX_CARRIED_TOPICS`] topics.
+    carried: HashMap<String, Vec<(String, String)>>,
     /// The stream its batches arrive on: one, so that they reach the producer in order.
     stream: HashMap<(String, i32), u64>,
     /// When the control stream last carried a frame (a heartbeat, or a batch from an agent
@@ -833,6 +856,10 @@ impl Reader<'_> {
                     );
                     continue;
                 }
+                Some(Frame::TopicConfig(config)) => {
+                    self.carry(config);
+                    continue;
+                }
                 Some(Frame::Heartbeat(heartbeat)) if on_control => {
                     self.lock_partitions().last_heard_at = tokio::time::Instant::now();
                     debug!(spool_bytes = heartbeat.spool_bytes, "heartbeat");
@@ -849,9 +876,9 @@ impl Reader<'_> {
                 Some(other) => {
                     return Err(SessionError::Unexpected {
                         expected: if on_control {
-                            "Batch, Dictionary, Heartbeat or Goodbye"
+                            "Batch, Dictionary, TopicConfig, Heartbeat or Goodbye"
                         } else {
-                            "Batch or Dictionary on a data stream"
+                            "Batch, Dictionary or TopicConfig on a data stream"
                         },
                         got: other.name(),
                     })
@@ -866,6 +893,28 @@ impl Reader<'_> {
 
     fn lock_partitions(&self) -> std::sync::MutexGuard<'_, Partitions> {
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps what of `config` a hub topic may take from its site: the names in
+    /// [`CARRIED_TOPIC_CONFIGS`], nothing that could change what the hub keeps beyond them.
+    fn carry(&self, config: TopicConfig) {
+        let (kept, ignored): (Vec<_>, Vec<_>) = config
+            .entries
+            .into_iter()
+            .partition(|(name, _)| CARRIED_TOPIC_CONFIGS.contains(&name.as_str()));
+        if !ignored.is_empty() {
+            let names: Vec<&str> = ignored.iter().map(|(name, _)| name.as_str()).collect();
+            debug!(topic = %config.topic, ?names, "topic configuration not carried to the hub");
+        }
+        let mut partitions = self.lock_partitions();
+        if partitions.carried.len() >= MAX_CARRIED_TOPICS
+            && !partitions.carried.contains_key(&config.topic)
+        {
+            warn!(topic = %config.topic, "too many topic configurations in one session; this one is not carried");
+            return;
+        }
+        debug!(topic = %config.topic, entries = ?kept, "topic configuration");
+        partitions.carried.insert(config.topic, kept);
     }
 
     /// The time by which a record must be in the hub producer's hands. The agent moves to
@@ -896,22 +945,30 @@ impl Reader<'_> {
         }
     }
 
-    /// The partition count of `target` for this session: resolved (and created if missing)
-    /// at its first batch unless the Hello's resume scans already did.
-    async fn layout(&self, target: &str, source_partitions: i32) -> Result<i32, SessionError> {
+    /// The partition count of `target`, the hub topic of source `topic`, for this session:
+    /// resolved (and created if missing) at its first batch unless the Hello's resume scans
+    /// already did. A created topic takes the configuration the agent carried for `topic`,
+    /// overridden by `[hub.topic_config]`.
+    async fn layout(
+        &self,
+        topic: &str,
+        target: &str,
+        source_partitions: i32,
+    ) -> Result<i32, SessionError> {
         let lock = || self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&count) = lock().layouts.get(target) {
             return Ok(count);
         }
         let context = self.session.context;
-        let configs: &[(String, String)] = if target == context.rejects.dead_letter_topic {
-            &[]
+        let configs = if target == context.rejects.dead_letter_topic {
+            Vec::new()
         } else {
-            &context.topic_config
+            let carried = lock().carried.get(topic).cloned().unwrap_or_default();
+            hub_topic_config(carried, &context.topic_config)
         };
         let count = context
             .hub
-            .resolve_topic(target, source_partitions, configs)
+            .resolve_topic(target, source_partitions, &configs)
             .await?;
         // Another stream may have resolved it meanwhile: the first answer holds.
         Ok(*lock().layouts.entry(target.to_owned()).or_insert(count))
@@ -1009,7 +1066,9 @@ impl Reader<'_> {
         let hub_partition = match topic_refused {
             Some(_) => -1,
             None => {
-                let hub_partitions = self.layout(&target, batch.partition_count).await?;
+                let hub_partitions = self
+                    .layout(&batch.topic, &target, batch.partition_count)
+                    .await?;
                 crate::hub::hub_partition(batch.partition, hub_partitions)
             }
         };
@@ -1200,7 +1259,7 @@ impl Reader<'_> {
             });
         }
         // Created at the first refusal, like any hub topic; one partition holds the few.
-        self.layout(&rejects.dead_letter_topic, 1).await?;
+        self.layout("", &rejects.dead_letter_topic, 1).await?;
         // The dead-letter topic may take less than the hub topic did.
         let limits = self.topic_limits(&rejects.dead_letter_topic).await;
         let limit = record_limit.min(limits.record_bytes);

@@ -427,6 +427,71 @@ fn hub_topics_the_relay_creates_take_hub_topic_config() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A site with a compacted topic and a deleting one: each hub topic the relay creates keeps
+/// its source topic's compaction (`cleanup.policy` and the compaction settings the agent
+/// carries in `TopicConfig`), nothing else of it (not its retention), and `[hub.topic_config]`
+/// still overrides what is carried, name by name.
+#[test]
+fn hub_topics_keep_their_source_topics_compaction() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let edge = env.edge.bootstrap();
+    kafka::create_topic_with(
+        &edge,
+        "inventory",
+        2,
+        &[
+            ("cleanup.policy", "compact"),
+            ("min.compaction.lag.ms", "60000"),
+            ("delete.retention.ms", "3600000"),
+            ("retention.ms", "1000"),
+        ],
+    )?;
+    kafka::create_topic(&edge, "orders", 1)?;
+    let producer = kafka::producer(&edge)?;
+    let records: Vec<Rec> = (0..20u32)
+        .map(|i| Rec {
+            key: Some(format!("sku-{}", i % 5).into_bytes()),
+            value: Some(i.to_le_bytes().to_vec()),
+            headers: vec![],
+            timestamp: None,
+        })
+        .collect();
+    for (topic, partition) in [("inventory", 0), ("inventory", 1), ("orders", 0)] {
+        kafka::produce(&producer, topic, partition, &records)?;
+    }
+    let _relay = env.start_relay_with(
+        &["inventory", "orders"],
+        &spoke_tests::site::RelayOptions {
+            hub_extra: "[hub.topic_config]\n\"delete.retention.ms\" = \"7200000\"".into(),
+            ..Default::default()
+        },
+    )?;
+    let _agent = env.start_agent(&AgentOptions::include(&["inventory", "orders"]))?;
+    wait_replicated(&env, "inventory", 2, 40)?;
+    wait_replicated(&env, "orders", 1, 20)?;
+    let hub = env.hub.bootstrap();
+    let inventory = kafka::topic_config(&hub, &hub_topic("inventory"))?;
+    println!("hub topic {}: {inventory:?}", hub_topic("inventory"));
+    let value = |configs: &std::collections::BTreeMap<String, String>, name: &str| {
+        configs.get(name).cloned()
+    };
+    anyhow::ensure!(
+        value(&inventory, "cleanup.policy").as_deref() == Some("compact")
+            && value(&inventory, "min.compaction.lag.ms").as_deref() == Some("60000")
+            && value(&inventory, "delete.retention.ms").as_deref() == Some("7200000")
+            && value(&inventory, "retention.ms").as_deref() != Some("1000"),
+        "the compacted topic's hub topic: {inventory:?}"
+    );
+    let orders = kafka::topic_config(&hub, &hub_topic("orders"))?;
+    println!("hub topic {}: {orders:?}", hub_topic("orders"));
+    anyhow::ensure!(
+        value(&orders, "cleanup.policy").as_deref() != Some("compact")
+            && value(&orders, "delete.retention.ms").as_deref() == Some("7200000"),
+        "the deleting topic's hub topic: {orders:?}"
+    );
+    Ok(())
+}
+
 /// `spoke-agent check` makes the QUIC handshake the shipper makes: a relay that does not
 /// answer, and one whose certificate another CA signed, are each a FAIL line with its fix.
 #[test]

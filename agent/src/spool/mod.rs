@@ -328,6 +328,14 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         keep: &dyn Fn(u32) -> bool,
     ) -> Result<Vec<u32>, SpoolError>;
+    /// Records the source topic's configuration that its hub topic must keep (the entries of
+    /// [`spoke_proto::CARRIED_TOPIC_CONFIGS`] the local broker gave), replacing what was
+    /// recorded; kept so that the shipper can tell the relay even while the local broker is
+    /// away. Not durable until flush.
+    fn set_topic_config(&self, topic: &str, entries: &[(String, String)])
+        -> Result<(), SpoolError>;
+    /// What [`Spool::set_topic_config`] last recorded for `topic`.
+    fn topic_config(&self, topic: &str) -> Result<Option<Vec<(String, String)>>, SpoolError>;
     /// Makes every earlier write durable (sled: `Db::flush` and an `fdatasync`, see the module
     /// doc). Only after this returns may the caller treat appended data as safely spooled /
     /// source positions as safe.
@@ -414,6 +422,26 @@ mod tests {
         };
     }
 
+    fn topic_configs_are_replaced_whole(s: &dyn Spool) {
+        assert_eq!(s.topic_config("inventory").expect("spool op"), None);
+        let compact = vec![
+            ("cleanup.policy".to_owned(), "compact".to_owned()),
+            ("min.compaction.lag.ms".to_owned(), "60000".to_owned()),
+        ];
+        s.set_topic_config("inventory", &compact).expect("spool op");
+        s.set_topic_config("orders", &[]).expect("spool op");
+        assert_eq!(
+            s.topic_config("inventory").expect("spool op"),
+            Some(compact)
+        );
+        let delete = vec![("cleanup.policy".to_owned(), "delete".to_owned())];
+        s.set_topic_config("inventory", &delete).expect("spool op");
+        assert_eq!(s.topic_config("inventory").expect("spool op"), Some(delete));
+        assert_eq!(s.topic_config("orders").expect("spool op"), Some(vec![]));
+        s.flush().expect("spool op");
+    }
+
+    both!(topic_configs, topic_configs_are_replaced_whole);
     fn append_sets_position_and_stores(s: &dyn Spool) {
         let a = sp("a", 0);
         assert_eq!(s.position(&a).expect("spool op"), None);

@@ -25,6 +25,7 @@ struct Inner {
     chunks: BTreeMap<(SourcePartition, i64), (u64, Chunk)>,
     next_seq: u64,
     dictionaries: BTreeMap<u32, StoredDictionary>,
+    topic_configs: BTreeMap<String, Vec<(String, String)>>,
     next_dictionary: u32,
 }
 
@@ -220,6 +221,21 @@ impl Spool for MemorySpool {
 
     fn dictionary(&self, id: u32) -> Result<Option<StoredDictionary>, SpoolError> {
         Ok(self.lock().dictionaries.get(&id).cloned())
+    }
+
+    fn set_topic_config(
+        &self,
+        topic: &str,
+        entries: &[(String, String)],
+    ) -> Result<(), SpoolError> {
+        self.lock()
+            .topic_configs
+            .insert(topic.to_owned(), entries.to_vec());
+        Ok(())
+    }
+
+    fn topic_config(&self, topic: &str) -> Result<Option<Vec<(String, String)>>, SpoolError> {
+        Ok(self.lock().topic_configs.get(topic).cloned())
     }
 
     fn dictionaries(&self) -> Result<Vec<StoredDictionary>, SpoolError> {

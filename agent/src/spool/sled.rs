@@ -27,6 +27,10 @@ const POSITION_TAG: u8 = b'p';
 const DICTIONARY_TAG: u8 = b'd';
 const PIECE_TAG: u8 = b'q';
 const INCARNATION_TAG: u8 = b'i';
+const TOPIC_CONFIG_TAG: u8 = b't';
+/// A topic configuration's value: this version byte, crc32 u32 (key ++ the rest), then
+/// count u16 and that many (name, value) pairs of u16-length strings.
+const TOPIC_CONFIG_FORMAT_VERSION: u8 = 1;
 /// An incarnation's value: this version byte, epoch u32, base i64.
 const INCARNATION_FORMAT_VERSION: u8 = 1;
 /// An incarnation's value with its topic id: this version byte, epoch u32, base i64, id.
@@ -216,6 +220,10 @@ impl SledSpool {
                     let partition = decode_partition(&key)?;
                     let incarnation = decode_incarnation(&partition, &value)?;
                     state.incarnations.insert(partition, incarnation);
+                }
+                Some(&TOPIC_CONFIG_TAG) => {
+                    // Read when the shipper asks; checked now so a bad one stops the open.
+                    decode_topic_config(&key, &value)?;
                 }
                 Some(&DICTIONARY_TAG) => {
                     let dictionary = decode_dictionary(&key, &value)?;
@@ -670,6 +678,25 @@ impl Spool for SledSpool {
         }
     }
 
+    fn set_topic_config(
+        &self,
+        topic: &str,
+        entries: &[(String, String)],
+    ) -> Result<(), SpoolError> {
+        let key = topic_config_key(topic);
+        let value = encode_topic_config(&key, entries)?;
+        self.db.insert(key, value)?;
+        Ok(())
+    }
+
+    fn topic_config(&self, topic: &str) -> Result<Option<Vec<(String, String)>>, SpoolError> {
+        let key = topic_config_key(topic);
+        match self.db.get(&key)? {
+            Some(value) => decode_topic_config(&key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn dictionaries(&self) -> Result<Vec<StoredDictionary>, SpoolError> {
         self.db
             .scan_prefix([DICTIONARY_TAG])
@@ -819,6 +846,67 @@ fn decode_dictionary(key: &[u8], value: &[u8]) -> Result<StoredDictionary, Spool
         topic: topic.to_owned(),
         bytes: Bytes::copy_from_slice(bytes),
     })
+}
+
+// ---- topic configurations ----
+
+fn topic_config_key(topic: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + topic.len());
+    key.push(TOPIC_CONFIG_TAG);
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
+fn encode_topic_config(key: &[u8], entries: &[(String, String)]) -> Result<Vec<u8>, SpoolError> {
+    let too_long = |what: &str| SpoolError::Corrupt(format!("topic configuration {what} too long"));
+    let mut rest = Vec::new();
+    let count = u16::try_from(entries.len()).map_err(|_| too_long("list"))?;
+    rest.extend_from_slice(&count.to_be_bytes());
+    for text in entries.iter().flat_map(|(name, value)| [name, value]) {
+        let len = u16::try_from(text.len()).map_err(|_| too_long("entry"))?;
+        rest.extend_from_slice(&len.to_be_bytes());
+        rest.extend_from_slice(text.as_bytes());
+    }
+    let mut v = Vec::with_capacity(5 + rest.len());
+    v.push(TOPIC_CONFIG_FORMAT_VERSION);
+    v.extend_from_slice(&checksum(key, &[], &rest).to_be_bytes());
+    v.extend_from_slice(&rest);
+    Ok(v)
+}
+
+fn decode_topic_config(key: &[u8], value: &[u8]) -> Result<Vec<(String, String)>, SpoolError> {
+    let topic = String::from_utf8_lossy(key.get(1..).unwrap_or_default());
+    let corrupt = |why: &str| SpoolError::Corrupt(format!("topic configuration of {topic}: {why}"));
+    let (&version, rest) = value.split_first().ok_or_else(|| corrupt("empty"))?;
+    if version != TOPIC_CONFIG_FORMAT_VERSION {
+        return Err(corrupt(&format!("unknown format version {version}")));
+    }
+    let (crc, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    if checksum(key, &[], rest) != u32::from_be_bytes(*crc) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let (count, mut rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    let mut text = || -> Result<String, SpoolError> {
+        let (len, tail) = rest
+            .split_first_chunk::<2>()
+            .ok_or_else(|| corrupt("an entry runs past the end"))?;
+        let (bytes, tail) = tail
+            .split_at_checked(usize::from(u16::from_be_bytes(*len)))
+            .ok_or_else(|| corrupt("an entry runs past the end"))?;
+        rest = tail;
+        String::from_utf8(bytes.to_vec()).map_err(|_| corrupt("an entry is not UTF-8"))
+    };
+    let entries = (0..u16::from_be_bytes(*count))
+        .map(|_| Ok((text()?, text()?)))
+        .collect::<Result<Vec<_>, SpoolError>>()?;
+    if !rest.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok(entries)
 }
 
 // ---- keys ----
@@ -1591,6 +1679,40 @@ mod tests {
             s.incarnation(&sp("b", 0)).expect("spool op"),
             Incarnation::default()
         );
+    }
+
+    #[test]
+    fn a_topic_configuration_survives_a_reopen_and_a_damaged_one_stops_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let compact = vec![("cleanup.policy".to_owned(), "compact".to_owned())];
+        {
+            let s = SledSpool::open(dir.path()).expect("spool op");
+            s.set_topic_config("inventory", &compact).expect("spool op");
+            s.flush().expect("spool op");
+        }
+        let s = SledSpool::open(dir.path()).expect("spool op");
+        assert_eq!(
+            s.topic_config("inventory").expect("spool op"),
+            Some(compact.clone())
+        );
+        let key = topic_config_key("inventory");
+        let mut damaged = encode_topic_config(&key, &compact).expect("encodes");
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            decode_topic_config(&key, &damaged),
+            Err(SpoolError::Corrupt(why)) if why.contains("checksum mismatch")
+        ));
+        for cut in 0..damaged.len() {
+            assert!(decode_topic_config(&key, &damaged[..cut]).is_err());
+        }
+        s.db.insert(&key, damaged).expect("sled insert");
+        s.flush().expect("spool op");
+        drop(s);
+        assert!(matches!(
+            SledSpool::open(dir.path()),
+            Err(SpoolError::Corrupt(why)) if why.contains("topic configuration of inventory")
+        ));
     }
 
     #[test]

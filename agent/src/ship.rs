@@ -17,9 +17,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use spoke_proto::{
     decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
-    Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, PartitionLag, TopicConfig,
-    TopicPartition, DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    TOPIC_CONFIG_VERSION,
+    Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, Negotiated, PartitionLag,
+    TopicConfig, TopicPartition, VersionError, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +63,8 @@ pub enum ShipError {
     Wire(#[from] WireError),
     #[error("relay refused the session: {0}")]
     Refused(String),
+    #[error(transparent)]
+    Version(#[from] VersionError),
     #[error("relay sent {got} where {expected} was expected")]
     Unexpected {
         expected: &'static str,
@@ -284,7 +285,7 @@ struct InFlight {
 }
 
 /// Where batches go: data streams, or the control stream alone when the relay allows none
-/// (or speaks a version before [`DATA_STREAMS_VERSION`]).
+/// (or speaks a version without data streams).
 struct Lanes {
     lanes: Vec<Lane>,
     /// Each partition's lane, dealt in turn as partitions first ship in this session, so that
@@ -321,9 +322,13 @@ impl Lanes {
     /// Opens up to `wanted` data streams if the session's version allows them. Stream credit
     /// is known from the handshake, so an open that cannot complete at once never will: the
     /// relay allows fewer, and the session makes do with those it got.
-    fn open(connection: &quinn::Connection, version: u8, wanted: u32) -> Result<Self, ShipError> {
+    fn open(
+        connection: &quinn::Connection,
+        version: Negotiated,
+        wanted: u32,
+    ) -> Result<Self, ShipError> {
         let mut lanes = Vec::new();
-        if version >= DATA_STREAMS_VERSION {
+        if version.data_streams() {
             for _ in 0..wanted {
                 match connection.open_uni().now_or_never() {
                     Some(opened) => lanes.push(Lane::new(Some(opened?))),
@@ -335,7 +340,7 @@ impl Lanes {
             info!(
                 wanted,
                 data_streams = lanes.len(),
-                version,
+                version = version.number(),
                 "the relay allows fewer data streams"
             );
         }
@@ -431,6 +436,7 @@ impl Session<'_> {
             software: format!("spoke-agent/{}", env!("CARGO_PKG_VERSION")),
             partitions: wanted,
         };
+        let offered = (hello.min_version, hello.max_version);
         write_frame(&mut send, &Frame::Hello(hello)).await?;
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_frame(&mut recv, &limits))
             .await
@@ -446,6 +452,7 @@ impl Session<'_> {
             }
             None => return Err(ShipError::Closed("before Welcome".into())),
         };
+        let version = Negotiated::from_welcome(offered, &welcome)?;
         self.check_fence(&welcome.relay)?;
         self.relay = Some(welcome.relay.clone());
         // Chunks wholly below the resume point are already in the hub (an Ack that was lost
@@ -485,7 +492,7 @@ impl Session<'_> {
         let ship = &self.loaded.config.ship;
         let window = usize::try_from(ship.window).unwrap_or(usize::MAX);
         let window_bytes = ship.window_bytes.as_u64();
-        let mut lanes = Lanes::open(connection, welcome.version, ship.streams)?;
+        let mut lanes = Lanes::open(connection, version, ship.streams)?;
         info!(relay = %welcome.relay, version = welcome.version, data_streams = lanes.data_streams(), "connected");
         // Per partition, the offset the next chunk to send starts at or after.
         let mut cursors: HashMap<SourcePartition, i64> = HashMap::new();
@@ -494,8 +501,8 @@ impl Session<'_> {
         let mut round_robin = 0usize;
         let mut seq = 0u64;
         // Dictionaries go in-band, once per stream, to relays that speak version 2.
-        let dictionaries_supported = welcome.version >= 2;
-        let topic_configs_supported = welcome.version >= TOPIC_CONFIG_VERSION;
+        let dictionaries_supported = version.dictionaries();
+        let topic_configs_supported = version.topic_configs();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(ship.max_bandwidth.as_u64());
         let mut send_window = SendWindow::default();

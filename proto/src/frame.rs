@@ -709,7 +709,7 @@ impl Frame {
             | Frame::Batch(Batch {
                 codec: Codec::ZstdDict(_),
                 ..
-            }) => 2,
+            }) => crate::DICTIONARY_VERSION,
             Frame::Rejected(_) => crate::REJECTED_VERSION,
             Frame::TopicConfig(_) => crate::TOPIC_CONFIG_VERSION,
             _ => PROTOCOL_VERSION,

@@ -1,5 +1,5 @@
 //! The spoke wire protocol: versioned, checksummed frames ([`frame`]) and record batches
-//! ([`batch`]), as pure encode/decode functions.
+//! ([`batch`]), as pure encode/decode functions, and the version negotiation ([`version`]).
 //!
 //! Sans-IO: nothing here touches a socket, a clock or a runtime. Callers pass bytes in and get
 //! frames out (or typed [`error`]s; decoding never panics, whatever the peer sends).
@@ -10,11 +10,13 @@ pub mod batch;
 pub mod dictionary;
 pub mod error;
 pub mod frame;
+pub mod version;
 
 pub use batch::*;
 pub use dictionary::*;
 pub use error::*;
 pub use frame::*;
+pub use version::*;
 
 /// TLS ALPN protocol id negotiated on the QUIC connection.
 pub const ALPN: &[u8] = b"spoke/1";
@@ -28,17 +30,6 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// `Batch` and `Dictionary` frames on data streams beside the first one (see [`frame`]);
 /// version 4 adds the `Rejected` frame; version 5 the `TopicConfig` frame.
 pub const MAX_PROTOCOL_VERSION: u8 = 5;
-
-/// The protocol version from which the agent may send batches on data streams.
-pub const DATA_STREAMS_VERSION: u8 = 3;
-
-/// The protocol version from which the relay tells the agent which records the hub refused
-/// (`Rejected`).
-pub const REJECTED_VERSION: u8 = 4;
-
-/// The protocol version from which the agent tells the relay the source topic's configuration
-/// that a hub topic must keep (`TopicConfig`).
-pub const TOPIC_CONFIG_VERSION: u8 = 5;
 
 /// The topic configuration a `TopicConfig` carries from a source topic to the hub topic the
 /// relay creates for it: what makes a compacted topic stay one. Nothing else: a site must not

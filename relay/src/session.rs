@@ -18,9 +18,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use regex::Regex;
 use spoke_proto::{
     Ack, Batch, BatchLimits, Dictionaries, DictionaryError, DictionaryLimits, Frame, Goodbye,
-    GoodbyeCode, Hello, Limits, Nack, NackCode, Record, Rejected, ResumePoint, TopicConfig,
-    Welcome, CARRIED_TOPIC_CONFIGS, DATA_STREAMS_VERSION, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    REJECTED_VERSION,
+    GoodbyeCode, Hello, Limits, Nack, NackCode, Negotiated, Record, Rejected, ResumePoint,
+    TopicConfig, VersionError, Welcome, CARRIED_TOPIC_CONFIGS,
 };
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
@@ -236,8 +235,8 @@ pub enum SessionError {
     SiteMismatch { claimed: String, certified: String },
     #[error("Hello lists {count} partitions; this relay accepts at most {max} (limits.max_partitions_per_hello)")]
     TooManyPartitions { count: usize, max: u32 },
-    #[error("no common protocol version (agent speaks {min}..={max}, relay {PROTOCOL_VERSION}..={MAX_PROTOCOL_VERSION})")]
-    Version { min: u8, max: u8 },
+    #[error(transparent)]
+    Version(#[from] VersionError),
     #[error("no Hello within {0:?}")]
     HelloTimeout(Duration),
     #[error(
@@ -450,20 +449,23 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             })
         }
     };
-    if let Err(error) = check_hello(&hello, &site, context.limits.max_partitions_per_hello) {
-        let code = match error.close_code() {
-            close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
-            _ => GoodbyeCode::ProtocolError,
-        };
-        let goodbye = Goodbye {
-            code,
-            reason: error.to_string(),
-        };
-        // Best effort: the agent learns why before the connection closes.
-        let _ = write_frame_within(&mut send, Frame::Goodbye(goodbye), hello_timeout).await;
-        let _ = send.finish();
-        return Err(error);
-    }
+    let version = match check_hello(&hello, &site, context.limits.max_partitions_per_hello) {
+        Ok(version) => version,
+        Err(error) => {
+            let code = match error.close_code() {
+                close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
+                _ => GoodbyeCode::ProtocolError,
+            };
+            let goodbye = Goodbye {
+                code,
+                reason: error.to_string(),
+            };
+            // Best effort: the agent learns why before the connection closes.
+            let _ = write_frame_within(&mut send, Frame::Goodbye(goodbye), hello_timeout).await;
+            let _ = send.finish();
+            return Err(error);
+        }
+    };
 
     // One session per site on this relay: the previous one (an agent that crashed and came
     // back before its old connection timed out) is told to stop, and its producer drained,
@@ -498,6 +500,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         producer: &producer,
         transactional,
         hello_at,
+        version,
     };
     tokio::select! {
         result = serve_site(session, connection, &allow, hello, send, recv) => result,
@@ -515,6 +518,8 @@ struct Session<'a> {
     transactional: bool,
     /// When the Hello arrived: the agent ships nothing until its Welcome.
     hello_at: Instant,
+    /// The protocol version chosen for the Welcome: what either side may send.
+    version: Negotiated,
 }
 
 async fn serve_site(
@@ -619,7 +624,7 @@ async fn serve_site(
         "site connected"
     );
     let welcome = Welcome {
-        version: negotiated_version(&hello),
+        version: session.version.number(),
         relay: context.relay_name.clone(),
         resume: resume_points,
     };
@@ -630,7 +635,7 @@ async fn serve_site(
     )
     .await?;
 
-    let version = negotiated_version(&hello);
+    let version = session.version;
     let (queue, confirmations) = mpsc::channel(UNCONFIRMED_BATCHES);
     let acker = acknowledge(send, confirmations, progress, version);
     let shared = Mutex::new(Partitions {
@@ -672,7 +677,7 @@ async fn serve_site(
     let leaving = tokio::time::sleep(Duration::MAX);
     tokio::pin!(leaving);
     loop {
-        let accepting = version >= DATA_STREAMS_VERSION && queue.is_some();
+        let accepting = version.data_streams() && queue.is_some();
         tokio::select! {
             accepted = connection.accept_uni(), if accepting => {
                 let Some(sender) = queue.clone() else { continue };
@@ -697,7 +702,7 @@ async fn serve_site(
     acker.await
 }
 
-fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), SessionError> {
+fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<Negotiated, SessionError> {
     if hello.site != site {
         return Err(SessionError::SiteMismatch {
             claimed: hello.site.clone(),
@@ -711,21 +716,7 @@ fn check_hello(hello: &Hello, site: &str, max_partitions: u32) -> Result<(), Ses
             max: max_partitions,
         });
     }
-    if hello.min_version > MAX_PROTOCOL_VERSION
-        || hello.max_version < PROTOCOL_VERSION
-        || hello.min_version > hello.max_version
-    {
-        return Err(SessionError::Version {
-            min: hello.min_version,
-            max: hello.max_version,
-        });
-    }
-    Ok(())
-}
-
-/// The highest version both sides speak; [`check_hello`] made sure there is one.
-fn negotiated_version(hello: &Hello) -> u8 {
-    hello.max_version.min(MAX_PROTOCOL_VERSION)
+    Ok(Negotiated::from_hello(hello)?)
 }
 
 /// What the acker answers, in the order batches arrived.
@@ -800,7 +791,7 @@ struct Reader<'a> {
     /// Transactions only: held from a batch's `begin_transaction` to its commit.
     transaction: Option<Arc<tokio::sync::Mutex<()>>>,
     /// Protocol version chosen in `Welcome`: frames above it are the peer's error.
-    version: u8,
+    version: Negotiated,
     /// Dictionaries the agent sent on this stream (relays keep no state beyond the connection).
     dictionaries: Dictionaries,
     /// Per partition of this stream, the last group of records handed to the producer.
@@ -821,11 +812,11 @@ impl Reader<'_> {
                 read_frame_when_it_comes(&mut recv, limits, stall).await?
             };
             if let Some(frame) = &frame {
-                if frame.version() > self.version {
+                if !self.version.allows(frame.version()) {
                     return Err(SessionError::AboveVersion {
                         frame: frame.name(),
                         frame_version: frame.version(),
-                        version: self.version,
+                        version: self.version.number(),
                     });
                 }
             }
@@ -1333,7 +1324,7 @@ async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
     mut progress: Progress<'_>,
-    version: u8,
+    version: Negotiated,
 ) -> Result<(), SessionError> {
     // An agent that stops taking our frames (no flow-control credit) while keeping the
     // connection alive would otherwise hold this session, and all queued behind it, forever:
@@ -1393,7 +1384,7 @@ async fn acknowledge(
                 drop(transaction);
                 if let Some(rejected) = rejected {
                     report_rejected(session, &rejected);
-                    if version >= REJECTED_VERSION {
+                    if version.rejected() {
                         write_frame_within(&mut send, Frame::Rejected(*rejected), stall).await?;
                         // The window between telling the agent and acknowledging the batch.
                         spoke_io::failpoint::reached("session.rejected_sent").await;
@@ -1666,6 +1657,7 @@ impl<'a> Progress<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spoke_proto::{MAX_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
     #[test]
     fn site_connections_are_capped_per_site_and_freed_on_drop() {
@@ -1692,24 +1684,18 @@ mod tests {
     }
 
     #[test]
-    fn the_highest_common_version_is_chosen() {
+    fn a_hello_without_a_common_version_is_refused_as_a_protocol_error() {
+        // Which version is chosen, and what it enables: spoke_proto::version.
         let with = |min, max| Hello {
             min_version: min,
             max_version: max,
             ..hello("s", 0)
         };
-        // A version 1 agent keeps version 1 (no dictionaries), a version 2 one gets
-        // dictionaries but no data streams, a version 3 one no `Rejected`, a newer one 4.
-        assert_eq!(negotiated_version(&with(1, 1)), 1);
-        assert_eq!(negotiated_version(&with(1, 2)), 2);
-        assert_eq!(negotiated_version(&with(1, 3)), 3);
-        assert_eq!(negotiated_version(&with(1, 4)), 4);
-        assert_eq!(negotiated_version(&with(2, 9)), 4);
         check_hello(&with(1, 2), "s", 1).expect("overlap");
-        check_hello(&with(2, 9), "s", 1).expect("overlap");
-        for (min, max) in [(5, 9), (0, 0), (2, 1)] {
+        check_hello(&with(2, 200), "s", 1).expect("overlap");
+        for (min, max) in [(MAX_PROTOCOL_VERSION + 1, 200), (0, 0), (2, 1)] {
             let error = check_hello(&with(min, max), "s", 1).expect_err("no overlap");
-            assert!(matches!(error, SessionError::Version { .. }), "{error}");
+            assert!(matches!(error, SessionError::Version(_)), "{error}");
             assert_eq!(error.reject_reason(), Some(crate::fleet::reject::PROTOCOL));
         }
         let above = SessionError::AboveVersion {

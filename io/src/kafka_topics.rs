@@ -135,11 +135,7 @@ pub fn describe_topics(
     with_permissions: bool,
     timeout: Duration,
 ) -> Result<HashMap<String, TopicDescription>, KafkaError> {
-    let names = topics
-        .iter()
-        .map(|t| CString::new(*t))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| KafkaError::AdminOpCreation("a topic name holds a NUL byte".into()))?;
+    let names = c_names(topics)?;
     if names.is_empty() {
         return Ok(HashMap::new());
     }
@@ -253,11 +249,7 @@ pub fn topic_configs(
     topics: &[&str],
     timeout: Duration,
 ) -> Result<HashMap<String, Vec<ConfigEntry>>, KafkaError> {
-    let names = topics
-        .iter()
-        .map(|t| CString::new(*t))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| KafkaError::AdminOpCreation("a topic name holds a NUL byte".into()))?;
+    let names = c_names(topics)?;
     if names.is_empty() {
         return Ok(HashMap::new());
     }
@@ -367,6 +359,14 @@ pub fn cluster_permissions(
         let raw = rd::rd_kafka_DescribeCluster_result_authorized_operations(result, &mut ops);
         Ok((!raw.is_null()).then(|| Permissions::from_raw(std::slice::from_raw_parts(raw, ops))))
     }
+}
+
+fn c_names(topics: &[&str]) -> Result<Vec<CString>, KafkaError> {
+    topics
+        .iter()
+        .map(|t| CString::new(*t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| KafkaError::AdminOpCreation("a topic name holds a NUL byte".into()))
 }
 
 fn failed(code: RDKafkaRespErr) -> KafkaError {

@@ -4,6 +4,7 @@
 //! temporary directory that disappears with the test, so a failing test leaves nothing behind.
 //! On failure, the child processes' logs are printed (see [`process::Spoke`]).
 
+pub mod accept_loop;
 pub mod admin;
 pub mod bench;
 pub mod broker;

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
+
+use crate::accept_loop::AcceptLoop;
 
 const API_VERSIONS: i16 = 18;
 const SASL_HANDSHAKE: i16 = 17;
@@ -48,8 +49,7 @@ impl Credential {
 pub struct SaslFront {
     pub listen: SocketAddr,
     counts: Arc<Counts>,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _accepting: AcceptLoop,
 }
 
 #[derive(Default)]
@@ -66,46 +66,18 @@ impl SaslFront {
         credentials: Vec<Credential>,
     ) -> anyhow::Result<SaslFront> {
         let counts = Arc::new(Counts::default());
-        let stop = CancellationToken::new();
-        let std_listener = std::net::TcpListener::bind(listen)?;
-        std_listener.set_nonblocking(true)?;
-        let (counting, stopping) = (counts.clone(), stop.clone());
         let credentials = Arc::new(credentials);
-        let thread = std::thread::Builder::new()
-            .name("sasl-front".into())
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(std_listener) else {
-                        return;
-                    };
-                    loop {
-                        let accepted = tokio::select! {
-                            () = stopping.cancelled() => return,
-                            accepted = listener.accept() => accepted,
-                        };
-                        let Ok((client, _)) = accepted else { continue };
-                        let (counts, credentials, stopping) =
-                            (counting.clone(), credentials.clone(), stopping.clone());
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                () = stopping.cancelled() => {}
-                                _ = serve(client, target, &credentials, &counts) => {}
-                            }
-                        });
-                    }
-                });
-            })?;
+        let counting = counts.clone();
+        let accepting = AcceptLoop::start("sasl-front", listen, move |client| {
+            let (counts, credentials) = (counting.clone(), credentials.clone());
+            async move {
+                let _ = serve(client, target, &credentials, &counts).await;
+            }
+        })?;
         Ok(SaslFront {
             listen,
             counts,
-            stop,
-            thread: Some(thread),
+            _accepting: accepting,
         })
     }
 
@@ -125,15 +97,6 @@ impl std::fmt::Debug for SaslFront {
         f.debug_struct("SaslFront")
             .field("listen", &self.listen)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for SaslFront {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+use crate::accept_loop::AcceptLoop;
 
 /// Chunks in flight per direction of one connection.
 const IN_FLIGHT: usize = 4096;
@@ -23,58 +24,33 @@ const IN_FLIGHT: usize = 4096;
 pub struct DelayProxy {
     pub listen: SocketAddr,
     delay_ms: Arc<AtomicU64>,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _accepting: AcceptLoop,
 }
 
 impl DelayProxy {
     /// Listens on `listen` and forwards each connection to `target`, with no delay yet.
     pub fn start(listen: SocketAddr, target: SocketAddr) -> anyhow::Result<DelayProxy> {
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let std_listener = std::net::TcpListener::bind(listen)?;
-        std_listener.set_nonblocking(true)?;
-        let (delay, stopping) = (delay_ms.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("delay-proxy".into())
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+        let delay = delay_ms.clone();
+        let accepting = AcceptLoop::start("delay-proxy", listen, move |client| {
+            let delay = delay.clone();
+            async move {
+                let Ok(server) = TcpStream::connect(target).await else {
                     return;
                 };
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(std_listener) else {
-                        return;
-                    };
-                    loop {
-                        let accepted = tokio::select! {
-                            () = stopping.cancelled() => return,
-                            accepted = listener.accept() => accepted,
-                        };
-                        let Ok((client, _)) = accepted else { continue };
-                        let (delay, stopping) = (delay.clone(), stopping.clone());
-                        tokio::spawn(async move {
-                            let Ok(server) = TcpStream::connect(target).await else {
-                                return;
-                            };
-                            let (client_read, client_write) = client.into_split();
-                            let (server_read, server_write) = server.into_split();
-                            tokio::select! {
-                                () = stopping.cancelled() => {}
-                                () = pump(client_read, server_write, delay.clone()) => {}
-                                () = pump(server_read, client_write, delay) => {}
-                            }
-                        });
-                    }
-                });
-            })?;
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                // Either side closing ends the connection, as a broker's close would.
+                tokio::select! {
+                    () = pump(client_read, server_write, delay.clone()) => {}
+                    () = pump(server_read, client_write, delay) => {}
+                }
+            }
+        })?;
         Ok(DelayProxy {
             listen,
             delay_ms,
-            stop,
-            thread: Some(thread),
+            _accepting: accepting,
         })
     }
 
@@ -84,15 +60,6 @@ impl DelayProxy {
             u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
+use crate::accept_loop::AcceptLoop;
 use crate::pki::Identity;
 
 /// The terminator; it stops (and drops its connections) when dropped.
@@ -26,8 +26,7 @@ pub struct TlsTerminator {
     /// PEM of the CA whose client certificates it requires (mutual TLS); `None`: none asked.
     client_ca: Option<String>,
     handshakes_failed: Arc<AtomicU64>,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _accepting: AcceptLoop,
 }
 
 impl TlsTerminator {
@@ -60,58 +59,30 @@ impl TlsTerminator {
     ) -> anyhow::Result<TlsTerminator> {
         let acceptor = Arc::new(Mutex::new(acceptor(server, client_ca.as_deref())?));
         let handshakes_failed = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let std_listener = std::net::TcpListener::bind(listen)?;
-        std_listener.set_nonblocking(true)?;
-        let (current, failed, stopping) =
-            (acceptor.clone(), handshakes_failed.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("tls-terminator".into())
-            .spawn(move || {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+        let (current, failed) = (acceptor.clone(), handshakes_failed.clone());
+        let accepting = AcceptLoop::start("tls-terminator", listen, move |client| {
+            let acceptor = current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let failed = failed.clone();
+            async move {
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    failed.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(std_listener) else {
-                        return;
-                    };
-                    loop {
-                        let accepted = tokio::select! {
-                            () = stopping.cancelled() => return,
-                            accepted = listener.accept() => accepted,
-                        };
-                        let Ok((client, _)) = accepted else { continue };
-                        let acceptor = current
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .clone();
-                        let (failed, stopping) = (failed.clone(), stopping.clone());
-                        tokio::spawn(async move {
-                            let Ok(mut tls) = acceptor.accept(client).await else {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                return;
-                            };
-                            let Ok(mut server) = TcpStream::connect(target).await else {
-                                return;
-                            };
-                            tokio::select! {
-                                () = stopping.cancelled() => {}
-                                _ = tokio::io::copy_bidirectional(&mut tls, &mut server) => {}
-                            }
-                        });
-                    }
-                });
-            })?;
+                let Ok(mut server) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+            }
+        })?;
         Ok(TlsTerminator {
             listen,
             acceptor,
             client_ca,
             handshakes_failed,
-            stop,
-            thread: Some(thread),
+            _accepting: accepting,
         })
     }
 
@@ -164,13 +135,4 @@ fn acceptor(server: &Identity, client_ca: Option<&str>) -> anyhow::Result<TlsAcc
     };
     let config = builder.with_single_cert(chain, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-impl Drop for TlsTerminator {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }

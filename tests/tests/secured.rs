@@ -69,6 +69,21 @@ fn relay_check(env: &Env, options: &RelayOptions) -> anyhow::Result<(bool, Strin
     Ok((out.status.success(), text))
 }
 
+/// `spoke-agent check` with the agent's config under `options`: whether it passed, and what
+/// it printed.
+fn agent_check(env: &Env, options: &AgentOptions) -> anyhow::Result<(bool, String)> {
+    let config = env.agent_config(options)?.display().to_string();
+    let out = process::run("spoke-agent", &["check", "--config", &config])?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
 /// Every record the edge holds is in the hub exactly once: read after the test's own
 /// plaintext access to the hub broker was restored.
 fn assert_exactly_once(env: &mut Env, scenario: &str, partitions: i32) -> anyhow::Result<()> {
@@ -349,22 +364,10 @@ fn an_edge_cluster_that_requires_client_certificates_is_read_over_mutual_tls() -
             ..AgentOptions::include(&["orders"])
         }
     };
-    let agent_check = |options: &AgentOptions| -> anyhow::Result<(bool, String)> {
-        let config = env.agent_config(options)?.display().to_string();
-        let out = process::run("spoke-agent", &["check", "--config", &config])?;
-        Ok((
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
-    };
     let relay = env.start_relay(&["orders"])?;
     let subject = format!("local cluster 127.0.0.1:{tls_port}");
 
-    let (passed, said) = agent_check(&source_tls(None))?;
+    let (passed, said) = agent_check(&env, &source_tls(None))?;
     println!("{said}");
     anyhow::ensure!(
         !passed
@@ -374,7 +377,7 @@ fn an_edge_cluster_that_requires_client_certificates_is_read_over_mutual_tls() -
             )),
         "check must say a client certificate is required:\n{said}"
     );
-    let (passed, said) = agent_check(&source_tls(Some(&foreign)))?;
+    let (passed, said) = agent_check(&env, &source_tls(Some(&foreign)))?;
     println!("{said}");
     anyhow::ensure!(
         !passed
@@ -383,7 +386,7 @@ fn an_edge_cluster_that_requires_client_certificates_is_read_over_mutual_tls() -
             )),
         "check must say the broker refuses the certificate:\n{said}"
     );
-    let (passed, said) = agent_check(&source_tls(Some(&right)))?;
+    let (passed, said) = agent_check(&env, &source_tls(Some(&right)))?;
     println!("{said}");
     anyhow::ensure!(
         passed && said.contains(&format!("ok   {subject}: 1 broker(s) answered (SSL)")),
@@ -522,20 +525,8 @@ fn oauthbearer_with_oidc_client_credentials_reads_the_edge() -> anyhow::Result<(
             ..AgentOptions::include(&["orders"])
         })
     };
-    let agent_check = |options: &AgentOptions| -> anyhow::Result<(bool, String)> {
-        let config = env.agent_config(options)?.display().to_string();
-        let out = process::run("spoke-agent", &["check", "--config", &config])?;
-        Ok((
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
-    };
     let relay = env.start_relay(&["orders"])?;
-    let (passed, said) = agent_check(&options("not-the-secret")?)?;
+    let (passed, said) = agent_check(&env, &options("not-the-secret")?)?;
     println!("{said}");
     anyhow::ensure!(
         !passed
@@ -547,7 +538,7 @@ fn oauthbearer_with_oidc_client_credentials_reads_the_edge() -> anyhow::Result<(
             && endpoint.issued() == 0,
         "a wrong client secret must get no token, and check must fail:\n{said}"
     );
-    let (passed, right) = agent_check(&options(CLIENT_SECRET)?)?;
+    let (passed, right) = agent_check(&env, &options(CLIENT_SECRET)?)?;
     println!("{right}");
     anyhow::ensure!(
         passed

@@ -790,6 +790,37 @@ fn meta(chunk: &Chunk, seq: u64) -> Meta {
     }
 }
 
+// ---- values with a version and a checksum (dictionaries, topic configurations) ----
+
+/// `version u8, crc32 u32 (key ++ body), body`.
+fn checked_value(key: &[u8], version: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + body.len());
+    v.push(version);
+    v.extend_from_slice(&checksum(key, &[], body).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// The body of a [`checked_value`] of `version`, once its checksum holds.
+fn checked_body<'v>(
+    key: &[u8],
+    value: &'v [u8],
+    version: u8,
+    corrupt: &dyn Fn(&str) -> SpoolError,
+) -> Result<&'v [u8], SpoolError> {
+    let (&found, rest) = value.split_first().ok_or_else(|| corrupt("empty"))?;
+    if found != version {
+        return Err(corrupt(&format!("unknown format version {found}")));
+    }
+    let (crc, body) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    if checksum(key, &[], body) != u32::from_be_bytes(*crc) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(body)
+}
+
 // ---- dictionaries ----
 
 fn dictionary_key(id: u32) -> [u8; 5] {
@@ -814,26 +845,13 @@ fn encode_dictionary(key: &[u8], topic: &str, bytes: &[u8]) -> Result<Vec<u8>, S
     rest.extend_from_slice(&topic_len.to_be_bytes());
     rest.extend_from_slice(topic.as_bytes());
     rest.extend_from_slice(bytes);
-    let mut v = Vec::with_capacity(5 + rest.len());
-    v.push(DICTIONARY_FORMAT_VERSION);
-    v.extend_from_slice(&checksum(key, &[], &rest).to_be_bytes());
-    v.extend_from_slice(&rest);
-    Ok(v)
+    Ok(checked_value(key, DICTIONARY_FORMAT_VERSION, &rest))
 }
 
 fn decode_dictionary(key: &[u8], value: &[u8]) -> Result<StoredDictionary, SpoolError> {
     let id = decode_dictionary_key(key)?;
     let corrupt = |why: &str| SpoolError::Corrupt(format!("dictionary {id}: {why}"));
-    let (&version, rest) = value.split_first().ok_or_else(|| corrupt("empty"))?;
-    if version != DICTIONARY_FORMAT_VERSION {
-        return Err(corrupt(&format!("unknown format version {version}")));
-    }
-    let (crc, rest) = rest
-        .split_first_chunk::<4>()
-        .ok_or_else(|| corrupt("shorter than its header"))?;
-    if checksum(key, &[], rest) != u32::from_be_bytes(*crc) {
-        return Err(corrupt("checksum mismatch"));
-    }
+    let rest = checked_body(key, value, DICTIONARY_FORMAT_VERSION, &corrupt)?;
     let (len, rest) = rest
         .split_first_chunk::<2>()
         .ok_or_else(|| corrupt("shorter than its header"))?;
@@ -867,26 +885,13 @@ fn encode_topic_config(key: &[u8], entries: &[(String, String)]) -> Result<Vec<u
         rest.extend_from_slice(&len.to_be_bytes());
         rest.extend_from_slice(text.as_bytes());
     }
-    let mut v = Vec::with_capacity(5 + rest.len());
-    v.push(TOPIC_CONFIG_FORMAT_VERSION);
-    v.extend_from_slice(&checksum(key, &[], &rest).to_be_bytes());
-    v.extend_from_slice(&rest);
-    Ok(v)
+    Ok(checked_value(key, TOPIC_CONFIG_FORMAT_VERSION, &rest))
 }
 
 fn decode_topic_config(key: &[u8], value: &[u8]) -> Result<Vec<(String, String)>, SpoolError> {
     let topic = String::from_utf8_lossy(key.get(1..).unwrap_or_default());
     let corrupt = |why: &str| SpoolError::Corrupt(format!("topic configuration of {topic}: {why}"));
-    let (&version, rest) = value.split_first().ok_or_else(|| corrupt("empty"))?;
-    if version != TOPIC_CONFIG_FORMAT_VERSION {
-        return Err(corrupt(&format!("unknown format version {version}")));
-    }
-    let (crc, rest) = rest
-        .split_first_chunk::<4>()
-        .ok_or_else(|| corrupt("shorter than its header"))?;
-    if checksum(key, &[], rest) != u32::from_be_bytes(*crc) {
-        return Err(corrupt("checksum mismatch"));
-    }
+    let rest = checked_body(key, value, TOPIC_CONFIG_FORMAT_VERSION, &corrupt)?;
     let (count, mut rest) = rest
         .split_first_chunk::<2>()
         .ok_or_else(|| corrupt("shorter than its header"))?;

@@ -42,7 +42,7 @@ enum Topic {
 }
 
 /// Per-topic dictionaries of the tailer.
-pub struct Dictionaries {
+pub struct TopicDictionaries {
     enabled: bool,
     zstd_level: i32,
     topics: HashMap<String, Topic>,
@@ -50,24 +50,24 @@ pub struct Dictionaries {
     stored: HashMap<String, (u32, Vec<u8>)>,
 }
 
-impl std::fmt::Debug for Dictionaries {
+impl std::fmt::Debug for TopicDictionaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dictionaries")
+        f.debug_struct("TopicDictionaries")
             .field("enabled", &self.enabled)
             .field("topics", &self.topics.len())
             .finish_non_exhaustive()
     }
 }
 
-impl Dictionaries {
+impl TopicDictionaries {
     /// Loads each topic's newest stored dictionary (when `enabled`) and deletes stored
     /// dictionaries that no chunk needs and that are not in use.
     pub fn open(
         spool: &dyn Spool,
         enabled: bool,
         zstd_level: i32,
-    ) -> Result<Dictionaries, SpoolError> {
-        let mut this = Dictionaries {
+    ) -> Result<TopicDictionaries, SpoolError> {
+        let mut this = TopicDictionaries {
             enabled,
             zstd_level,
             topics: HashMap::new(),
@@ -119,7 +119,7 @@ impl Dictionaries {
         }
     }
 
-    /// Whether `topic` wants samples (call [`Dictionaries::sample`] with each new record).
+    /// Whether `topic` wants samples (call [`TopicDictionaries::sample`] with each new record).
     pub fn wants_samples(&mut self, topic: &str) -> bool {
         if !self.enabled {
             return false;
@@ -219,7 +219,7 @@ mod tests {
     #[test]
     fn trains_once_from_small_records_and_reloads_after_restart() {
         let spool = MemorySpool::new();
-        let mut d = Dictionaries::open(&spool, true, 3).expect("open");
+        let mut d = TopicDictionaries::open(&spool, true, 3).expect("open");
         assert!(d.for_chunk("t", 100).is_none());
         for i in 0..SAMPLE_RECORDS {
             assert!(d.wants_samples("t"), "record {i}");
@@ -237,11 +237,11 @@ mod tests {
         assert_eq!(encoder.id(), stored[0].id);
         assert!(stored[0].bytes.len() <= DICTIONARY_BYTES);
         // "Restart": the stored dictionary is used again, not trained anew.
-        let mut again = Dictionaries::open(&spool, true, 3).expect("open");
+        let mut again = TopicDictionaries::open(&spool, true, 3).expect("open");
         assert_eq!(again.for_chunk("t", 10).map(|e| e.id()), Some(encoder.id()));
         assert!(!again.wants_samples("t"));
         // Off: not used, and deleted once no chunk needs it.
-        let off = Dictionaries::open(&spool, false, 3).expect("open");
+        let off = TopicDictionaries::open(&spool, false, 3).expect("open");
         assert!(off.for_chunk("t", 10).is_none());
         assert!(spool.dictionaries().expect("spool").is_empty());
     }
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn large_records_and_many_topics_are_bounded() {
         let spool = MemorySpool::new();
-        let mut d = Dictionaries::open(&spool, true, 3).expect("open");
+        let mut d = TopicDictionaries::open(&spool, true, 3).expect("open");
         let big = vec![b'x'; 2000];
         while d.wants_samples("big") {
             d.sample(&spool, "big", &big).expect("sample");

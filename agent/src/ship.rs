@@ -125,7 +125,7 @@ pub async fn run(
         let loaded = live.borrow().clone();
         index %= loaded.endpoints.len();
         let relay = &loaded.endpoints[index];
-        let mut session = Session {
+        let mut session = RelaySession {
             loaded: &loaded,
             spool: spool.as_ref(),
             progress: &progress,
@@ -404,7 +404,9 @@ impl Lanes {
     }
 }
 
-struct Session<'a> {
+/// The agent's side of one session with a relay: its Hello and the relay's Welcome, then
+/// batches out and acknowledgements back, until the connection ends.
+struct RelaySession<'a> {
     loaded: &'a Loaded,
     spool: &'a dyn Spool,
     progress: &'a Progress,
@@ -416,7 +418,7 @@ struct Session<'a> {
     relay: Option<String>,
 }
 
-impl Session<'_> {
+impl RelaySession<'_> {
     async fn run(&mut self, connection: &quinn::Connection) -> Result<Ended, ShipError> {
         let limits = Limits::default();
         let (mut send, mut recv) = connection.open_bi().await?;

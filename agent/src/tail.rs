@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{DictionaryMode, Loaded, WhenFull};
-use crate::dictionary::Dictionaries;
+use crate::dictionary::TopicDictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
 use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError, TopicId};
@@ -220,7 +220,7 @@ pub struct Tailer {
     link_backlogged: bool,
     zstd_level: i32,
     zstd_level_backlog: i32,
-    dictionaries: Dictionaries,
+    dictionaries: TopicDictionaries,
     max_spool_bytes: u64,
     when_full: WhenFull,
     forward_replicated: bool,
@@ -306,7 +306,7 @@ impl Tailer {
         let context = TailContext {
             progress: progress.clone(),
         };
-        let dictionaries = Dictionaries::open(
+        let dictionaries = TopicDictionaries::open(
             spool.as_ref(),
             config.ship.dictionary == DictionaryMode::Auto,
             config.ship.zstd_level,

@@ -39,7 +39,7 @@ pub struct TlsConfig {
     /// PEM CA bundle that site certificates must chain to.
     pub client_ca: PathBuf,
     /// Certificates refused although they chain to `client_ca`: `"sha256:<hex>"` (SHA-256 of
-    /// the leaf's DER) or `"serial:<hex>"`; see [`crate::tls::DenyList`].
+    /// the leaf's DER) or `"serial:<hex>"`; see [`crate::deny::DenyList`].
     #[serde(default)]
     pub deny: Vec<String>,
 }
@@ -379,7 +379,7 @@ pub struct Loaded {
     pub path: PathBuf,
     pub config: RelayConfig,
     pub acl: Acl,
-    pub deny: crate::tls::DenyList,
+    pub deny: crate::deny::DenyList,
     /// The hub's client properties: `[hub.kafka]` with `[hub.tls]` and `[hub.sasl]`,
     /// secrets read.
     pub hub_kafka: KafkaProperties,
@@ -432,7 +432,10 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     })
 }
 
-fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyList), ConfigError> {
+fn validate(
+    path: &Path,
+    config: &RelayConfig,
+) -> Result<(Acl, crate::deny::DenyList), ConfigError> {
     let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
     if config.sites.is_empty() {
         return Err(invalid(
@@ -445,7 +448,7 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
         ("hub.offsets_topic", &config.hub.offsets_topic),
         ("hub.dead_letter_topic", &config.hub.dead_letter_topic),
     ] {
-        if let Err(reason) = crate::hub::check_topic_name(topic) {
+        if let Err(reason) = crate::hub_limits::check_topic_name(topic) {
             return Err(invalid(
                 key,
                 format!("{topic:?} is not a valid Kafka topic name: {reason}"),
@@ -546,7 +549,7 @@ fn validate(path: &Path, config: &RelayConfig) -> Result<(Acl, crate::tls::DenyL
         }
         sites.insert(site.clone(), patterns);
     }
-    let deny = crate::tls::DenyList::parse(&config.tls.deny)
+    let deny = crate::deny::DenyList::parse(&config.tls.deny)
         .map_err(|reason| invalid("tls.deny", reason))?;
     config
         .limits

@@ -14,11 +14,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::checkpoint::Checkpoint;
 use crate::config::{HubConfig, Transactions};
 use crate::hub_limits::TopicLimits;
 use spoke_io::kafka_security::KafkaProperties;
@@ -31,7 +29,7 @@ pub const HEADER_PARTITION: &str = "spoke-partition";
 /// Header with the record's source offset (decimal ASCII).
 pub const HEADER_OFFSET: &str = "spoke-offset";
 
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// The transactional id and consumer group of the transaction probe: under the `spoke`
 /// prefix that the relay's ACLs grant, and never of a site's form `spoke-<site>`.
 pub const TRANSACTION_PROBE: &str = "spoke.transaction-probe";
@@ -41,7 +39,7 @@ pub const TRANSACTION_ACLS: &str = "grant the relay's principal Write and Descri
 /// Upper bound for init/commit/abort of a transaction, and the broker-side timeout after
 /// which it aborts a transaction whose producer vanished.
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
-const SCAN_POLL_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const SCAN_POLL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What committing a probe transaction showed.
 #[derive(Debug)]
@@ -182,7 +180,7 @@ impl Hub {
         Ok(Arc::new(hub))
     }
 
-    fn client_config(&self) -> ClientConfig {
+    pub(crate) fn client_config(&self) -> ClientConfig {
         client_config(&self.bootstrap, &self.properties)
     }
 
@@ -197,7 +195,7 @@ impl Hub {
 
     /// Answers `ask` with the shared metadata client on a blocking thread: librdkafka's
     /// metadata and watermark calls wait for the broker.
-    async fn ask<T, F>(&self, ask: F) -> Result<T, HubError>
+    pub(crate) async fn ask<T, F>(&self, ask: F) -> Result<T, HubError>
     where
         T: Send + 'static,
         F: FnOnce(&BaseConsumer) -> Result<T, HubError> + Send + 'static,
@@ -653,129 +651,6 @@ impl Hub {
         })
         .await
     }
-
-    /// Where a site's source partition resumes: the first source offset that `hub_topic`
-    /// does not hold yet. Starts from `checkpoint` (if any) and scans the hub partition's tail
-    /// down to the checkpoint's floor for records that landed after it, so a crash between
-    /// data and checkpoint never duplicates. Without a checkpoint the scan goes back until it
-    /// finds the site's newest record, or to the start of the partition.
-    ///
-    /// `count` is the hub topic's partition count as the session resolved it. Source partition
-    /// p lands in hub partition [`hub_partition`]`(p, count)`, so the tail of that one hub
-    /// partition is read, and of any other the checkpoint names: where p landed while the
-    /// topic had fewer partitions (Kafka can add partitions to a topic, never remove them).
-    pub async fn resume_point(
-        &self,
-        site: &str,
-        hub_topic: &str,
-        source_partition: i32,
-        checkpoint: Option<Checkpoint>,
-        count: i32,
-    ) -> Result<Resume, HubError> {
-        if count == 0 {
-            // No hub topic (any more): nothing of this site is in the hub.
-            return Ok(Resume {
-                next_offset: 0,
-                progress: Checkpoint {
-                    hub_topic: hub_topic.to_owned(),
-                    next_offset: 0,
-                    scan_from: BTreeMap::new(),
-                },
-                scanned: 0,
-            });
-        }
-        let topic = hub_topic.to_owned();
-        let hub_partitions = partitions_to_scan(source_partition, count, checkpoint.as_ref());
-        let marks = self
-            .ask(move |client| {
-                hub_partitions
-                    .into_iter()
-                    .map(|hub_partition| {
-                        let (low, high) = client
-                            .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
-                            .map_err(|source| HubError::Scan {
-                                topic: topic.clone(),
-                                partition: hub_partition,
-                                source,
-                            })?;
-                        Ok((hub_partition, low, high))
-                    })
-                    .collect::<Result<Vec<_>, HubError>>()
-            })
-            .await?;
-        let checkpoint = checkpoint.filter(|checkpoint| {
-            // A floor above the partition's end, or a partition the topic no longer has,
-            // means the hub topic was recreated: the checkpoint describes data that is gone.
-            let fits = marks.iter().all(|&(q, _, high)| {
-                checkpoint
-                    .scan_from
-                    .get(&q)
-                    .is_none_or(|&floor| floor <= high)
-            }) && checkpoint.scan_from.keys().all(|&q| q < count);
-            if !fits {
-                tracing::warn!(
-                    topic = hub_topic,
-                    "checkpoint is ahead of the hub topic; ignoring it"
-                );
-            }
-            fits
-        });
-        let ranges: Vec<(i32, i64, i64)> = marks
-            .iter()
-            .map(|&(hub_partition, low, high)| {
-                let floor = checkpoint
-                    .as_ref()
-                    .and_then(|c| c.scan_from.get(&hub_partition).copied())
-                    .unwrap_or(low)
-                    .max(low);
-                (hub_partition, floor, high)
-            })
-            .filter(|&(_, floor, high)| floor < high)
-            .collect();
-        let (newest, scanned) = if ranges.is_empty() {
-            // Nothing landed after the checkpoint (a session that ended cleanly): no records
-            // to read, so no consumer of its own to set up.
-            (None, 0)
-        } else {
-            let config = self.client_config();
-            let site = site.to_owned();
-            let topic = hub_topic.to_owned();
-            tokio::task::spawn_blocking(move || {
-                let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
-                let mut newest: Option<i64> = None;
-                let mut scanned = 0;
-                for (hub_partition, floor, high) in ranges {
-                    let found = scan_partition(
-                        &consumer,
-                        &topic,
-                        hub_partition,
-                        (floor, high),
-                        &site,
-                        source_partition,
-                        &mut scanned,
-                    )?;
-                    newest = newest.max(found);
-                }
-                Ok::<_, HubError>((newest, scanned))
-            })
-            .await??
-        };
-        let next_offset = newest
-            .map_or(0, |offset| offset + 1)
-            .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
-        // Everything below each partition's end as of now is older than `next_offset`: no
-        // other session of the site is producing while this one starts.
-        let progress = Checkpoint {
-            hub_topic: hub_topic.to_owned(),
-            next_offset,
-            scan_from: marks.iter().map(|&(q, _, high)| (q, high)).collect(),
-        };
-        Ok(Resume {
-            next_offset,
-            progress,
-            scanned,
-        })
-    }
 }
 
 /// The one hub partition that source partition `source_partition` lands in, for a hub topic
@@ -786,16 +661,6 @@ impl Hub {
 /// over several hub partitions, where no single newest record marks how far it got.
 pub fn hub_partition(source_partition: i32, hub_partitions: i32) -> i32 {
     source_partition.rem_euclid(hub_partitions.max(1))
-}
-
-/// A resume point and what the session's checkpoints start from.
-#[derive(Debug, Clone)]
-pub struct Resume {
-    pub next_offset: i64,
-    /// A checkpoint valid at session start; the session raises it as batches are confirmed.
-    pub progress: Checkpoint,
-    /// Hub records read to find it.
-    pub scanned: u64,
 }
 
 /// The hub's address and the operator's `[hub.kafka]`, `[hub.tls]` and `[hub.sasl]`
@@ -809,58 +674,10 @@ fn client_config(bootstrap: &str, properties: &KafkaProperties) -> ClientConfig 
     config
 }
 
-/// Kafka's longest topic name.
-pub const MAX_TOPIC_NAME: usize = 249;
-
-/// What Kafka refuses in a topic name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TopicNameError {
-    #[error("empty, '.' or '..'")]
-    Empty,
-    #[error("over {MAX_TOPIC_NAME} characters")]
-    TooLong,
-    #[error("characters other than ASCII letters, digits, '.', '_' and '-'")]
-    Characters,
-}
-
-/// Kafka's rule for topic names.
-pub fn check_topic_name(name: &str) -> Result<(), TopicNameError> {
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(TopicNameError::Empty);
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(TopicNameError::Characters);
-    }
-    if name.len() > MAX_TOPIC_NAME {
-        return Err(TopicNameError::TooLong);
-    }
-    Ok(())
-}
-
-/// The hub partitions a resume scan of `source_partition` reads: where it lands now, and
-/// where the checkpoint says it landed before (while the topic had fewer partitions).
-fn partitions_to_scan(
-    source_partition: i32,
-    count: i32,
-    checkpoint: Option<&Checkpoint>,
-) -> Vec<i32> {
-    let mut partitions: Vec<i32> = checkpoint
-        .iter()
-        .flat_map(|checkpoint| checkpoint.scan_from.keys().copied())
-        .filter(|&q| q < count)
-        .collect();
-    partitions.push(hub_partition(source_partition, count));
-    partitions.sort_unstable();
-    partitions.dedup();
-    partitions
-}
-
-/// Unless `[hub.kafka]` sets one, `role` becomes the client id, so that the hub's logs and a
-/// crash report say which of the relay's clients they are about.
-fn scan_consumer(mut config: ClientConfig, role: &str) -> Result<BaseConsumer, HubError> {
+pub(crate) fn scan_consumer(
+    mut config: ClientConfig,
+    role: &str,
+) -> Result<BaseConsumer, HubError> {
     if config.get("client.id").is_none() {
         config.set("client.id", role);
     }
@@ -871,101 +688,6 @@ fn scan_consumer(mut config: ClientConfig, role: &str) -> Result<BaseConsumer, H
         .set("isolation.level", "read_committed")
         .create()
         .map_err(HubError::Client)
-}
-
-/// Reads hub offsets `floor..end` of one partition backwards in growing windows until it
-/// finds the newest record of (`site`, `source_partition`), and returns its source offset.
-fn scan_partition(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    (floor, mut end): (i64, i64),
-    site: &str,
-    source_partition: i32,
-    scanned: &mut u64,
-) -> Result<Option<i64>, HubError> {
-    let scan_err = |source| HubError::Scan {
-        topic: topic.to_owned(),
-        partition,
-        source,
-    };
-    let mut window: i64 = 16;
-    while end > floor {
-        let start = (end - window).max(floor);
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, partition, Offset::Offset(start))
-            .map_err(scan_err)?;
-        consumer.assign(&assignment).map_err(scan_err)?;
-        let mut newest = None;
-        let deadline = std::time::Instant::now() + SCAN_POLL_TIMEOUT;
-        let mut reached = start;
-        while reached < end {
-            if std::time::Instant::now() > deadline {
-                return Err(HubError::ScanTimeout {
-                    topic: topic.to_owned(),
-                    partition,
-                    target: end,
-                });
-            }
-            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-                // On a hub with transactions a range ends in a commit or abort marker (and
-                // may hold aborted records), which this read_committed consumer never
-                // returns: only its position says that it passed them.
-                reached = reached.max(position(consumer, topic, partition).map_err(scan_err)?);
-                continue;
-            };
-            let message = result.map_err(scan_err)?;
-            reached = message.offset() + 1;
-            if message.offset() >= end {
-                break;
-            }
-            *scanned += 1;
-            if let Some(offset) = provenance_offset(&message, site, source_partition) {
-                newest = Some(offset);
-            }
-        }
-        if newest.is_some() {
-            return Ok(newest);
-        }
-        end = start;
-        window = window.saturating_mul(4);
-    }
-    Ok(None)
-}
-
-/// Where `consumer` will read `topic`/`partition` next; -1 before it has a position.
-fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64, KafkaError> {
-    let position = consumer.position()?;
-    Ok(position
-        .find_partition(topic, partition)
-        .and_then(|element| match element.offset() {
-            Offset::Offset(next) => Some(next),
-            _ => None,
-        })
-        .unwrap_or(-1))
-}
-
-/// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).
-fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32) -> Option<i64> {
-    let headers = message.headers()?;
-    let mut origin = None;
-    let mut partition = None;
-    let mut offset = None;
-    for header in headers.iter() {
-        match header.key {
-            // The last triple is the one this hop appended; earlier ones (a chained
-            // topology) describe earlier hops.
-            HEADER_ORIGIN => origin = header.value,
-            HEADER_PARTITION => partition = header.value,
-            HEADER_OFFSET => offset = header.value,
-            _ => {}
-        }
-    }
-    let parse = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<i64>().ok();
-    (origin == Some(site.as_bytes()) && parse(partition) == Some(i64::from(source_partition)))
-        .then(|| parse(offset))
-        .flatten()
 }
 
 /// Whether a transaction error says the hub has no (usable) transactions, as opposed to a
@@ -1029,25 +751,6 @@ mod tests {
             one_copy,
             "no minimum above an explicit factor"
         );
-    }
-
-    #[test]
-    fn a_resume_scan_also_reads_where_the_checkpoint_says_records_landed() {
-        let checkpoint = |partitions: &[i32]| Checkpoint {
-            hub_topic: "t".into(),
-            next_offset: 10,
-            scan_from: partitions.iter().map(|&q| (q, 5)).collect(),
-        };
-        assert_eq!(partitions_to_scan(2, 3, None), vec![2]);
-        // Source partition 2 landed in hub partition 0 while the topic had two partitions;
-        // a third was added since.
-        assert_eq!(
-            partitions_to_scan(2, 3, Some(&checkpoint(&[0]))),
-            vec![0, 2]
-        );
-        assert_eq!(partitions_to_scan(2, 3, Some(&checkpoint(&[2]))), vec![2]);
-        // A partition the topic no longer has (it was recreated smaller) is not asked for.
-        assert_eq!(partitions_to_scan(1, 1, Some(&checkpoint(&[1]))), vec![0]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What a hub topic takes, as the hub describes it: the largest record
 //! (`max.message.bytes`) and the window of timestamps it accepts
 //! (`message.timestamp.before.max.ms` / `after.max.ms`, or the older
-//! `message.timestamp.difference.max.ms`, under `message.timestamp.type = CreateTime`).
+//! `message.timestamp.difference.max.ms`, under `message.timestamp.type = CreateTime`); and
+//! the names Kafka takes for a topic at all.
 //!
 //! The relay judges every record against these before the producer sees it, because a broker
 //! that refuses one record fails the whole session (see [`crate::dead_letter`]). Clocks differ
@@ -97,6 +98,37 @@ impl TopicLimits {
             timestamps,
         }
     }
+}
+
+/// Kafka's longest topic name.
+pub const MAX_TOPIC_NAME: usize = 249;
+
+/// What Kafka refuses in a topic name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopicNameError {
+    #[error("empty, '.' or '..'")]
+    Empty,
+    #[error("over {MAX_TOPIC_NAME} characters")]
+    TooLong,
+    #[error("characters other than ASCII letters, digits, '.', '_' and '-'")]
+    Characters,
+}
+
+/// Kafka's rule for topic names.
+pub fn check_topic_name(name: &str) -> Result<(), TopicNameError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(TopicNameError::Empty);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(TopicNameError::Characters);
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Err(TopicNameError::TooLong);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -263,7 +263,7 @@ mod tests {
         // What `pki issue` prints is exactly what denies this certificate, by either name.
         let der = rustls_pki_types::CertificateDer::from_pem_slice(&site_pem).expect("der");
         for entry in [&issued.fingerprint, &issued.serial] {
-            let deny = crate::tls::DenyList::parse(std::slice::from_ref(entry)).expect(entry);
+            let deny = crate::deny::DenyList::parse(std::slice::from_ref(entry)).expect(entry);
             assert!(deny.denies(&der), "{entry} does not deny the certificate");
         }
     }

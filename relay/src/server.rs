@@ -106,7 +106,7 @@ pub async fn run(
         dictionary_limits: limits.dictionary_limits(),
         limits: limits.clone(),
         relay_name: relay_name.clone(),
-        handoff: session::Handoff::default(),
+        turns: session::SessionTurns::default(),
         site_connections: session::SiteConnections::default(),
         checkpoints,
         teardowns: TaskTracker::new(),
@@ -220,7 +220,7 @@ fn reload(
     limits: &crate::config::LimitsConfig,
     endpoint: &quinn::Endpoint,
     acl: &tokio::sync::watch::Sender<crate::config::Acl>,
-    deny: &tokio::sync::watch::Sender<crate::tls::DenyList>,
+    deny: &tokio::sync::watch::Sender<crate::deny::DenyList>,
 ) {
     let loaded = match crate::config::load(path) {
         Ok(loaded) => loaded,

@@ -30,12 +30,12 @@ use crate::checkpoint::{self, Checkpoint, Checkpoints};
 use crate::config::LimitsConfig;
 use crate::config::{hub_topic, Acl, Delivery, OnRejected};
 use crate::dead_letter;
+use crate::deny::DenyList;
 use crate::handoff::{self, Gates, Pending};
 use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
 use crate::hub_limits::TimestampWindow;
-use crate::tls::DenyList;
 use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_within, WireError};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
@@ -71,7 +71,7 @@ pub struct SessionContext {
     pub dictionary_limits: DictionaryLimits,
     pub relay_name: String,
     pub fleet: Arc<crate::fleet::Fleet>,
-    pub handoff: Handoff,
+    pub turns: SessionTurns,
     pub checkpoints: Arc<Checkpoints>,
     /// Producers of ended sessions, still draining.
     pub teardowns: TaskTracker,
@@ -109,13 +109,13 @@ const CHECKPOINTS_WAIT: Duration = Duration::from_secs(10);
 /// records to read opens a consumer of its own.
 const RESUME_SCANS_AT_ONCE: usize = 8;
 /// How long a new session waits for the previous session of its site to drain.
-const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
+const TURN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing session waits for its in-flight hub deliveries to resolve.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serialises sessions of one site within this relay.
 #[derive(Debug, Default)]
-pub struct Handoff {
+pub struct SessionTurns {
     sites: std::sync::Mutex<HashMap<String, Slot>>,
 }
 
@@ -125,7 +125,7 @@ struct Slot {
     current: CancellationToken,
 }
 
-impl Handoff {
+impl SessionTurns {
     /// Supersedes the site's current session, waits until it has drained, and returns this
     /// session's turn plus the token that a later session will cancel.
     async fn take(
@@ -145,9 +145,9 @@ impl Handoff {
             std::mem::replace(&mut slot.current, mine.clone()).cancel();
             slot.turn.clone()
         };
-        let guard = tokio::time::timeout(HANDOFF_TIMEOUT, turn.lock_owned())
+        let guard = tokio::time::timeout(TURN_TIMEOUT, turn.lock_owned())
             .await
-            .map_err(|_| SessionError::HandoffTimeout)?;
+            .map_err(|_| SessionError::TurnTimeout)?;
         Ok((guard, mine))
     }
 }
@@ -292,7 +292,7 @@ pub enum SessionError {
     #[error("a newer session of this site took over")]
     Superseded,
     #[error("the previous session of this site did not finish in time")]
-    HandoffTimeout,
+    TurnTimeout,
 }
 
 impl SessionError {
@@ -324,7 +324,7 @@ impl SessionError {
             | Self::Superseded
             | Self::HandoverLate { .. }
             | Self::Refused { .. }
-            | Self::HandoffTimeout => None,
+            | Self::TurnTimeout => None,
         }
     }
 
@@ -338,7 +338,7 @@ impl SessionError {
             Self::Hub(_)
             | Self::Delivery(_)
             | Self::Transaction(_)
-            | Self::HandoffTimeout
+            | Self::TurnTimeout
             | Self::Refused { .. }
             | Self::HandoverLate { .. } => close_code::HUB_ERROR,
             _ => close_code::PROTOCOL_ERROR,
@@ -471,7 +471,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     // back before its old connection timed out) is told to stop, and its producer drained,
     // before this one reads the hub. Otherwise its late deliveries could land after the
     // resume scan and be sent again.
-    let (turn, superseded) = context.handoff.take(&site).await?;
+    let (turn, superseded) = context.turns.take(&site).await?;
     let transactional = context.delivery == Delivery::ExactlyOnce
         && context
             .hub
@@ -494,7 +494,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             .map_err(HubError::from)?
             .map_err(SessionError::Transaction)?;
     }
-    let session = Session {
+    let session = SiteSession {
         site: &site,
         context,
         producer: &producer,
@@ -510,7 +510,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
 
 /// What a session's parts share once the site is known.
 #[derive(Clone, Copy)]
-struct Session<'a> {
+struct SiteSession<'a> {
     site: &'a str,
     context: &'a SessionContext,
     producer: &'a FutureProducer,
@@ -523,17 +523,17 @@ struct Session<'a> {
 }
 
 async fn serve_site(
-    session: Session<'_>,
+    session: SiteSession<'_>,
     connection: &quinn::Connection,
     allow: &[Regex],
     hello: Hello,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), SessionError> {
-    let Session { site, context, .. } = session;
+    let SiteSession { site, context, .. } = session;
     let mut resume = HashMap::new();
     let mut resume_points = Vec::new();
-    let mut progress = Progress::new(session);
+    let mut progress = CheckpointWriter::new(session);
     if context.delivery == Delivery::ExactlyOnce {
         context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
     }
@@ -552,7 +552,7 @@ async fn serve_site(
         let targets: BTreeSet<String> = wanted
             .iter()
             .map(|(topic, _)| hub_topic(&context.topic_template, site, topic))
-            .filter(|target| crate::hub::check_topic_name(target).is_ok())
+            .filter(|target| crate::hub_limits::check_topic_name(target).is_ok())
             .collect();
         for target in targets {
             let count = context.hub.current_partitions(&target).await?;
@@ -570,7 +570,7 @@ async fn serve_site(
                 Delivery::ExactlyOnce => {
                     let target = hub_topic(&context.topic_template, site, &topic);
                     let known = context.checkpoints.get(site, &topic, partition, &target);
-                    if crate::hub::check_topic_name(&target).is_err() {
+                    if crate::hub_limits::check_topic_name(&target).is_err() {
                         // Nothing of it can be in the hub: its records went to the
                         // dead-letter topic, as far as the checkpoint says.
                         let progress = known.unwrap_or(Checkpoint {
@@ -578,7 +578,7 @@ async fn serve_site(
                             next_offset: 0,
                             scan_from: Default::default(),
                         });
-                        let found = crate::hub::Resume {
+                        let found = crate::resume::Resume {
                             next_offset: progress.next_offset,
                             progress,
                             scanned: 0,
@@ -783,7 +783,7 @@ struct Partitions {
 }
 
 struct Reader<'a> {
-    session: Session<'a>,
+    session: SiteSession<'a>,
     /// Which of the session's streams this reads ([`CONTROL_STREAM`] or a data stream).
     stream: u64,
     partitions: &'a Mutex<Partitions>,
@@ -994,7 +994,7 @@ impl Reader<'_> {
     }
 
     async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
-        let Session { site, context, .. } = self.session;
+        let SiteSession { site, context, .. } = self.session;
         let allowed = context
             .acl
             .borrow()
@@ -1041,9 +1041,9 @@ impl Reader<'_> {
         // The template and the site name are valid by configuration, and an edge broker
         // allows no other characters: only a peer's error can put them in the name. But a
         // long edge topic name under the template is the hub refusing the topic.
-        let topic_refused = match crate::hub::check_topic_name(&target) {
+        let topic_refused = match crate::hub_limits::check_topic_name(&target) {
             Ok(()) => None,
-            Err(crate::hub::TopicNameError::TooLong) => {
+            Err(crate::hub_limits::TopicNameError::TooLong) => {
                 Some(dead_letter::reason::HUB_TOPIC_INVALID)
             }
             Err(error) => return Err(bad_batch(format!("hub topic name {target:?}: {error}"))),
@@ -1323,7 +1323,7 @@ async fn enqueue<'a>(
 async fn acknowledge(
     mut send: quinn::SendStream,
     mut confirmations: mpsc::Receiver<Outcome>,
-    mut progress: Progress<'_>,
+    mut progress: CheckpointWriter<'_>,
     version: Negotiated,
 ) -> Result<(), SessionError> {
     // An agent that stops taking our frames (no flow-control credit) while keeping the
@@ -1408,7 +1408,7 @@ async fn acknowledge(
 
 /// Logs and counts records the hub refused; the agent learns of them from the `Rejected`
 /// frame (protocol version 4) and counts them as lost.
-fn report_rejected(session: Session<'_>, rejected: &Rejected) {
+fn report_rejected(session: SiteSession<'_>, rejected: &Rejected) {
     let records: u64 = rejected.ranges.iter().map(|r| u64::from(r.records)).sum();
     session
         .context
@@ -1453,8 +1453,8 @@ async fn commit(producer: &FutureProducer) -> Result<(), SessionError> {
 /// A session's checkpoints, raised as batches are confirmed. Without transactions they are
 /// written when the session starts, at most once per `hub.checkpoint_interval` per source
 /// partition, and when it ends well; with transactions, inside every batch's transaction.
-struct Progress<'a> {
-    session: Session<'a>,
+struct CheckpointWriter<'a> {
+    session: SiteSession<'a>,
     partitions: HashMap<(String, i32), Tracked>,
     /// Transactions only: checkpoints written in the open transaction. They join the relay's
     /// view of the offsets topic once it committed, never before: an aborted batch's
@@ -1468,8 +1468,8 @@ struct Tracked {
     dirty: bool,
 }
 
-impl<'a> Progress<'a> {
-    fn new(session: Session<'a>) -> Self {
+impl<'a> CheckpointWriter<'a> {
+    fn new(session: SiteSession<'a>) -> Self {
         Self {
             session,
             partitions: HashMap::new(),
@@ -1513,7 +1513,7 @@ impl<'a> Progress<'a> {
         if !self.enabled() {
             return;
         }
-        let Session { site, context, .. } = self.session;
+        let SiteSession { site, context, .. } = self.session;
         let tracked = self
             .partitions
             .entry((topic.to_owned(), partition))
@@ -1553,7 +1553,7 @@ impl<'a> Progress<'a> {
         if !self.enabled() {
             return None;
         }
-        let Session {
+        let SiteSession {
             site,
             context,
             producer,

@@ -14,8 +14,9 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use spoke_relay::config::{LimitsConfig, TlsConfig};
+use spoke_relay::deny::DenyList;
 use spoke_relay::fleet::reject;
-use spoke_relay::tls::{handshake_reject_reason, server_config, DenyList};
+use spoke_relay::tls::{handshake_reject_reason, server_config};
 use time::OffsetDateTime;
 
 /// A CA made by `spoke-relay pki init`, plus a second, unrelated one.

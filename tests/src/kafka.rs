@@ -40,6 +40,22 @@ fn admin_client(
     Ok((admin, runtime))
 }
 
+/// The edge record with the provenance headers the relay appends.
+pub fn with_provenance(rec: &Rec, site: &str, partition: i32, offset: i64) -> Rec {
+    let mut expected = rec.clone();
+    expected
+        .headers
+        .push(("spoke-origin".into(), Some(site.as_bytes().to_vec())));
+    expected.headers.push((
+        "spoke-partition".into(),
+        Some(partition.to_string().into_bytes()),
+    ));
+    expected
+        .headers
+        .push(("spoke-offset".into(), Some(offset.to_string().into_bytes())));
+    expected
+}
+
 /// `topic`'s configuration as the broker describes it (name → value).
 pub fn topic_config(
     bootstrap: &str,
@@ -293,7 +309,7 @@ pub fn assert_replicated(
         );
     }
     for (s, r) in source.iter().zip(&replica) {
-        let expected = crate::oracle::with_provenance(&s.rec, site, partition, s.offset);
+        let expected = with_provenance(&s.rec, site, partition, s.offset);
         if expected != r.rec {
             bail!(
                 "{topic}/{partition}: edge offset {} differs from hub offset {}:\n edge+provenance {:?}\n hub {:?}",
@@ -338,7 +354,7 @@ pub fn missing_from_hub(
         let s = by_offset
             .get(&offset)
             .with_context(|| format!("hub has source offset {offset} the edge does not"))?;
-        let expected = crate::oracle::with_provenance(&s.rec, site, partition, offset);
+        let expected = with_provenance(&s.rec, site, partition, offset);
         if expected != r.rec {
             bail!("{topic}/{partition}: hub copy of source offset {offset} differs");
         }

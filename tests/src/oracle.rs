@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 
-use crate::kafka::{self, Rec, Stored};
+use crate::kafka::{self, with_provenance, Rec, Stored};
 
 /// One hub record with where it landed and the provenance it carries (the last triple).
 #[derive(Debug, Clone)]
@@ -74,22 +74,6 @@ impl Tally {
             self.produced, self.hub, self.lost, self.dup
         )
     }
-}
-
-/// The edge record with the provenance headers the relay appends.
-pub fn with_provenance(rec: &Rec, site: &str, partition: i32, offset: i64) -> Rec {
-    let mut expected = rec.clone();
-    expected
-        .headers
-        .push(("spoke-origin".into(), Some(site.as_bytes().to_vec())));
-    expected.headers.push((
-        "spoke-partition".into(),
-        Some(partition.to_string().into_bytes()),
-    ));
-    expected
-        .headers
-        .push(("spoke-offset".into(), Some(offset.to_string().into_bytes())));
-    expected
 }
 
 /// Compares `site`'s records of `topic` (all `source_partitions` of it) at the edge with

@@ -1,0 +1,291 @@
+//! The resume point of a site's source partition: how far it already is in the hub, read
+//! back from the hub itself (the newest checkpoint, then the provenance headers of what landed
+//! after it), so that a relay keeps no state and any relay can serve any site.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::checkpoint::Checkpoint;
+use crate::hub::{
+    hub_partition, scan_consumer, Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION,
+    METADATA_TIMEOUT, SCAN_POLL_TIMEOUT,
+};
+
+impl Hub {
+    /// Where a site's source partition resumes: the first source offset that `hub_topic`
+    /// does not hold yet. Starts from `checkpoint` (if any) and scans the hub partition's tail
+    /// down to the checkpoint's floor for records that landed after it, so a crash between
+    /// data and checkpoint never duplicates. Without a checkpoint the scan goes back until it
+    /// finds the site's newest record, or to the start of the partition.
+    ///
+    /// `count` is the hub topic's partition count as the session resolved it. Source partition
+    /// p lands in hub partition [`hub_partition`]`(p, count)`, so the tail of that one hub
+    /// partition is read, and of any other the checkpoint names: where p landed while the
+    /// topic had fewer partitions (Kafka can add partitions to a topic, never remove them).
+    pub async fn resume_point(
+        &self,
+        site: &str,
+        hub_topic: &str,
+        source_partition: i32,
+        checkpoint: Option<Checkpoint>,
+        count: i32,
+    ) -> Result<Resume, HubError> {
+        if count == 0 {
+            // No hub topic (any more): nothing of this site is in the hub.
+            return Ok(Resume {
+                next_offset: 0,
+                progress: Checkpoint {
+                    hub_topic: hub_topic.to_owned(),
+                    next_offset: 0,
+                    scan_from: BTreeMap::new(),
+                },
+                scanned: 0,
+            });
+        }
+        let topic = hub_topic.to_owned();
+        let hub_partitions = partitions_to_scan(source_partition, count, checkpoint.as_ref());
+        let marks = self
+            .ask(move |client| {
+                hub_partitions
+                    .into_iter()
+                    .map(|hub_partition| {
+                        let (low, high) = client
+                            .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
+                            .map_err(|source| HubError::Scan {
+                                topic: topic.clone(),
+                                partition: hub_partition,
+                                source,
+                            })?;
+                        Ok((hub_partition, low, high))
+                    })
+                    .collect::<Result<Vec<_>, HubError>>()
+            })
+            .await?;
+        let checkpoint = checkpoint.filter(|checkpoint| {
+            // A floor above the partition's end, or a partition the topic no longer has,
+            // means the hub topic was recreated: the checkpoint describes data that is gone.
+            let fits = marks.iter().all(|&(q, _, high)| {
+                checkpoint
+                    .scan_from
+                    .get(&q)
+                    .is_none_or(|&floor| floor <= high)
+            }) && checkpoint.scan_from.keys().all(|&q| q < count);
+            if !fits {
+                tracing::warn!(
+                    topic = hub_topic,
+                    "checkpoint is ahead of the hub topic; ignoring it"
+                );
+            }
+            fits
+        });
+        let ranges: Vec<(i32, i64, i64)> = marks
+            .iter()
+            .map(|&(hub_partition, low, high)| {
+                let floor = checkpoint
+                    .as_ref()
+                    .and_then(|c| c.scan_from.get(&hub_partition).copied())
+                    .unwrap_or(low)
+                    .max(low);
+                (hub_partition, floor, high)
+            })
+            .filter(|&(_, floor, high)| floor < high)
+            .collect();
+        let (newest, scanned) = if ranges.is_empty() {
+            // Nothing landed after the checkpoint (a session that ended cleanly): no records
+            // to read, so no consumer of its own to set up.
+            (None, 0)
+        } else {
+            let config = self.client_config();
+            let site = site.to_owned();
+            let topic = hub_topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
+                let mut newest: Option<i64> = None;
+                let mut scanned = 0;
+                for (hub_partition, floor, high) in ranges {
+                    let found = scan_partition(
+                        &consumer,
+                        &topic,
+                        hub_partition,
+                        (floor, high),
+                        &site,
+                        source_partition,
+                        &mut scanned,
+                    )?;
+                    newest = newest.max(found);
+                }
+                Ok::<_, HubError>((newest, scanned))
+            })
+            .await??
+        };
+        let next_offset = newest
+            .map_or(0, |offset| offset + 1)
+            .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
+        // Everything below each partition's end as of now is older than `next_offset`: no
+        // other session of the site is producing while this one starts.
+        let progress = Checkpoint {
+            hub_topic: hub_topic.to_owned(),
+            next_offset,
+            scan_from: marks.iter().map(|&(q, _, high)| (q, high)).collect(),
+        };
+        Ok(Resume {
+            next_offset,
+            progress,
+            scanned,
+        })
+    }
+}
+
+/// A resume point and what the session's checkpoints start from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub next_offset: i64,
+    /// A checkpoint valid at session start; the session raises it as batches are confirmed.
+    pub progress: Checkpoint,
+    /// Hub records read to find it.
+    pub scanned: u64,
+}
+
+/// The hub partitions a resume scan of `source_partition` reads: where it lands now, and
+/// where the checkpoint says it landed before (while the topic had fewer partitions).
+fn partitions_to_scan(
+    source_partition: i32,
+    count: i32,
+    checkpoint: Option<&Checkpoint>,
+) -> Vec<i32> {
+    let mut partitions: Vec<i32> = checkpoint
+        .iter()
+        .flat_map(|checkpoint| checkpoint.scan_from.keys().copied())
+        .filter(|&q| q < count)
+        .collect();
+    partitions.push(hub_partition(source_partition, count));
+    partitions.sort_unstable();
+    partitions.dedup();
+    partitions
+}
+
+/// Unless `[hub.kafka]` sets one, `role` becomes the client id, so that the hub's logs and a
+/// crash report say which of the relay's clients they are about.
+/// Reads hub offsets `floor..end` of one partition backwards in growing windows until it
+/// finds the newest record of (`site`, `source_partition`), and returns its source offset.
+fn scan_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    (floor, mut end): (i64, i64),
+    site: &str,
+    source_partition: i32,
+    scanned: &mut u64,
+) -> Result<Option<i64>, HubError> {
+    let scan_err = |source| HubError::Scan {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    };
+    let mut window: i64 = 16;
+    while end > floor {
+        let start = (end - window).max(floor);
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(start))
+            .map_err(scan_err)?;
+        consumer.assign(&assignment).map_err(scan_err)?;
+        let mut newest = None;
+        let deadline = std::time::Instant::now() + SCAN_POLL_TIMEOUT;
+        let mut reached = start;
+        while reached < end {
+            if std::time::Instant::now() > deadline {
+                return Err(HubError::ScanTimeout {
+                    topic: topic.to_owned(),
+                    partition,
+                    target: end,
+                });
+            }
+            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+                // On a hub with transactions a range ends in a commit or abort marker (and
+                // may hold aborted records), which this read_committed consumer never
+                // returns: only its position says that it passed them.
+                reached = reached.max(position(consumer, topic, partition).map_err(scan_err)?);
+                continue;
+            };
+            let message = result.map_err(scan_err)?;
+            reached = message.offset() + 1;
+            if message.offset() >= end {
+                break;
+            }
+            *scanned += 1;
+            if let Some(offset) = provenance_offset(&message, site, source_partition) {
+                newest = Some(offset);
+            }
+        }
+        if newest.is_some() {
+            return Ok(newest);
+        }
+        end = start;
+        window = window.saturating_mul(4);
+    }
+    Ok(None)
+}
+
+/// Where `consumer` will read `topic`/`partition` next; -1 before it has a position.
+fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64, KafkaError> {
+    let position = consumer.position()?;
+    Ok(position
+        .find_partition(topic, partition)
+        .and_then(|element| match element.offset() {
+            Offset::Offset(next) => Some(next),
+            _ => None,
+        })
+        .unwrap_or(-1))
+}
+
+/// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).
+fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32) -> Option<i64> {
+    let headers = message.headers()?;
+    let mut origin = None;
+    let mut partition = None;
+    let mut offset = None;
+    for header in headers.iter() {
+        match header.key {
+            // The last triple is the one this hop appended; earlier ones (a chained
+            // topology) describe earlier hops.
+            HEADER_ORIGIN => origin = header.value,
+            HEADER_PARTITION => partition = header.value,
+            HEADER_OFFSET => offset = header.value,
+            _ => {}
+        }
+    }
+    let parse = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<i64>().ok();
+    (origin == Some(site.as_bytes()) && parse(partition) == Some(i64::from(source_partition)))
+        .then(|| parse(offset))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_scan_also_reads_where_the_checkpoint_says_records_landed() {
+        let checkpoint = |partitions: &[i32]| Checkpoint {
+            hub_topic: "t".into(),
+            next_offset: 10,
+            scan_from: partitions.iter().map(|&q| (q, 5)).collect(),
+        };
+        assert_eq!(partitions_to_scan(2, 3, None), vec![2]);
+        // Source partition 2 landed in hub partition 0 while the topic had two partitions;
+        // a third was added since.
+        assert_eq!(
+            partitions_to_scan(2, 3, Some(&checkpoint(&[0]))),
+            vec![0, 2]
+        );
+        assert_eq!(partitions_to_scan(2, 3, Some(&checkpoint(&[2]))), vec![2]);
+        // A partition the topic no longer has (it was recreated smaller) is not asked for.
+        assert_eq!(partitions_to_scan(1, 1, Some(&checkpoint(&[1]))), vec![0]);
+    }
+}

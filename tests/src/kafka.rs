@@ -276,6 +276,32 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> anyhow::Res
         }))
 }
 
+/// Records that `topic`'s partitions `0..partitions` hold: high minus low watermark, summed.
+pub fn records_held(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (low, high) = watermarks(bootstrap, topic, partition)?;
+        total += high - low;
+    }
+    Ok(total)
+}
+
+/// [`assert_replicated`] for each of `topic`'s partitions `0..partitions`; the records
+/// compared.
+pub fn assert_all_replicated(
+    edge: &str,
+    hub: &str,
+    site: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for partition in 0..partitions {
+        total += assert_replicated(edge, hub, site, topic, partition)?;
+    }
+    Ok(total)
+}
+
 /// Asserts that the hub partition holds exactly the edge partition's records, in order, each
 /// with its provenance headers appended: no more, no fewer, byte for byte.
 pub fn assert_replicated(

@@ -31,12 +31,7 @@ fn keyed(partition: i32, i: usize) -> Rec {
 }
 
 fn hub_total(env: &Env, hub_topic: &str, hub_partitions: i32) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for q in 0..hub_partitions {
-        let (low, high) = kafka::watermarks(&env.hub.bootstrap(), hub_topic, q)?;
-        total += high - low;
-    }
-    Ok(total)
+    kafka::records_held(&env.hub.bootstrap(), hub_topic, hub_partitions)
 }
 
 /// Scenario 3: the hub topic exists beforehand with fewer partitions than the edge topic

@@ -130,12 +130,7 @@ impl Load {
 }
 
 fn hub_count(env: &Env, topic: &str) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for p in 0..PARTITIONS {
-        let (low, high) = kafka::watermarks(&env.hub.bootstrap(), &format!("{SITE}.{topic}"), p)?;
-        total += high - low;
-    }
-    Ok(total)
+    kafka::records_held(&env.hub.bootstrap(), &format!("{SITE}.{topic}"), PARTITIONS)
 }
 
 /// Waits until the hub holds `produced` records, then compares every partition exactly and

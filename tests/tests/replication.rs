@@ -16,12 +16,7 @@ fn hub_topic(topic: &str) -> String {
 
 /// Sum of hub high watermarks for `topic` over `partitions`.
 fn hub_count(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for p in 0..partitions {
-        let (low, high) = kafka::watermarks(&env.hub.bootstrap(), &hub_topic(topic), p)?;
-        total += high - low;
-    }
-    Ok(total)
+    kafka::records_held(&env.hub.bootstrap(), &hub_topic(topic), partitions)
 }
 
 fn wait_replicated(env: &Env, topic: &str, partitions: i32, expected: i64) -> anyhow::Result<()> {
@@ -40,12 +35,13 @@ fn wait_replicated(env: &Env, topic: &str, partitions: i32, expected: i64) -> an
 }
 
 fn assert_all_replicated(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<usize> {
-    let mut total = 0;
-    for p in 0..partitions {
-        total +=
-            kafka::assert_replicated(&env.edge.bootstrap(), &env.hub.bootstrap(), SITE, topic, p)?;
-    }
-    Ok(total)
+    kafka::assert_all_replicated(
+        &env.edge.bootstrap(),
+        &env.hub.bootstrap(),
+        SITE,
+        topic,
+        partitions,
+    )
 }
 
 /// Records of every shape Kafka allows: null and empty keys and values, binary and repeated

@@ -205,12 +205,7 @@ fn relay_alive(relay: &mut Spoke, env: &Env, after: &str) -> anyhow::Result<()> 
 }
 
 fn hub_count(env: &Env) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for p in 0..PARTITIONS {
-        let (low, high) = kafka::watermarks(&env.hub.bootstrap(), &format!("{SITE}.{TOPIC}"), p)?;
-        total += high - low;
-    }
-    Ok(total)
+    kafka::records_held(&env.hub.bootstrap(), &format!("{SITE}.{TOPIC}"), PARTITIONS)
 }
 
 /// How often the honest site's session was (re)established on this relay.

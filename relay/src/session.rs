@@ -993,28 +993,31 @@ impl Reader<'_> {
             .or_insert(limits)
     }
 
-    async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
+    /// The site's ACL's verdict on `batch`: a `Nack` where it may not write the topic.
+    fn not_allowed(&self, batch: &Batch) -> Option<Nack> {
         let SiteSession { site, context, .. } = self.session;
         let allowed = context
             .acl
             .borrow()
             .site(site)
             .is_some_and(|patterns| Acl::allows(patterns, &batch.topic));
-        if !allowed {
-            context.fleet.rejected(crate::fleet::reject::NOT_ALLOWED);
-            warn!(topic = %batch.topic, "batch for a topic this site may not write");
-            return Ok(Outcome::Refused(Nack {
-                seq: batch.seq,
-                code: NackCode::NotAllowed,
-                message: format!("site {} may not write topic {}", site, batch.topic),
-            }));
+        if allowed {
+            return None;
         }
-        let bad_batch = |reason: String| SessionError::BadBatch {
+        context.fleet.rejected(crate::fleet::reject::NOT_ALLOWED);
+        warn!(topic = %batch.topic, "batch for a topic this site may not write");
+        Some(Nack {
             seq: batch.seq,
-            topic: batch.topic.clone(),
-            partition: batch.partition,
-            reason,
-        };
+            code: NackCode::NotAllowed,
+            message: format!("site {} may not write topic {}", site, batch.topic),
+        })
+    }
+
+    /// Checks what the peer declares about `batch` and names its hub topic; the reason the
+    /// hub refuses the topic as a whole, if it does.
+    fn hub_target(&self, batch: &Batch) -> Result<(String, Option<&'static str>), SessionError> {
+        let SiteSession { site, context, .. } = self.session;
+        let bad_batch = |reason: String| bad_batch(batch, reason);
         // A count of 0 means the agent does not know it (yet); see `Hub::ensure_topic`.
         if batch.partition < 0
             || batch.partition_count < 0
@@ -1048,9 +1051,66 @@ impl Reader<'_> {
             }
             Err(error) => return Err(bad_batch(format!("hub topic name {target:?}: {error}"))),
         };
+        Ok((target, topic_refused))
+    }
+
+    /// Where `key`'s records of this batch start (records below it are in the hub), and for
+    /// a partition the Hello did not name, the checkpoint that held before its first batch.
+    async fn resume_from(
+        &self,
+        batch: &Batch,
+        target: &str,
+        topic_refused: Option<&'static str>,
+    ) -> Result<(i64, Option<Checkpoint>), SessionError> {
+        let context = self.session.context;
+        let key = (batch.topic.clone(), batch.partition);
+        let resume_from = {
+            let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            let stream = *partitions.stream.entry(key.clone()).or_insert(self.stream);
+            if stream != self.stream {
+                // Two readers would hand its records to the producer in no sure order.
+                return Err(bad_batch(
+                    batch,
+                    format!("partition already sent on stream {stream} of this connection"),
+                ));
+            }
+            partitions.resume.get(&key).copied()
+        };
+        // A partition the Hello did not name had nothing unacknowledged: all its earlier
+        // records are in the hub, below the partitions' current ends.
+        let base = match (resume_from, context.delivery) {
+            (None, Delivery::ExactlyOnce) if topic_refused.is_none() => Some(Checkpoint {
+                hub_topic: target.to_owned(),
+                next_offset: 0,
+                scan_from: context.hub.partition_ends(target).await?,
+            }),
+            _ => None,
+        };
+        Ok((resume_from.unwrap_or(0), base))
+    }
+
+    /// With transactions: waits for the previous batch's commit and opens this batch's.
+    async fn open_transaction(&self) -> Result<Option<OwnedMutexGuard<()>>, SessionError> {
+        let Some(lock) = &self.transaction else {
+            return Ok(None);
+        };
+        let open = self.before_deadline(lock.clone().lock_owned()).await?;
+        self.session
+            .producer
+            .begin_transaction()
+            .map_err(SessionError::Transaction)?;
+        Ok(Some(open))
+    }
+
+    async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
+        if let Some(nack) = self.not_allowed(&batch) {
+            return Ok(Outcome::Refused(nack));
+        }
+        let SiteSession { site, context, .. } = self.session;
+        let (target, topic_refused) = self.hub_target(&batch)?;
         let records = batch
             .records_with(&context.batch_limits, &self.dictionaries)
-            .map_err(|e| bad_batch(e.to_string()))?;
+            .map_err(|e| bad_batch(&batch, e.to_string()))?;
         if batch.codec.dictionary_id().is_some() {
             context.fleet.dictionary_batch();
         }
@@ -1064,43 +1124,11 @@ impl Reader<'_> {
             }
         };
         let key = (batch.topic.clone(), batch.partition);
-        let resume_from = {
-            let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-            let stream = *partitions.stream.entry(key.clone()).or_insert(self.stream);
-            if stream != self.stream {
-                // Two readers would hand its records to the producer in no sure order.
-                return Err(bad_batch(format!(
-                    "partition already sent on stream {stream} of this connection"
-                )));
-            }
-            partitions.resume.get(&key).copied()
-        };
-        // A partition the Hello did not name had nothing unacknowledged: all its earlier
-        // records are in the hub, below the partitions' current ends.
-        let base = match (resume_from, context.delivery) {
-            (None, Delivery::ExactlyOnce) if topic_refused.is_none() => Some(Checkpoint {
-                hub_topic: target.clone(),
-                next_offset: 0,
-                scan_from: context.hub.partition_ends(&target).await?,
-            }),
-            _ => None,
-        };
-        let resume_from = resume_from.unwrap_or(0);
-
+        let (resume_from, base) = self.resume_from(&batch, &target, topic_refused).await?;
         // Outside the transaction lock: with transactions the previous batch was committed,
         // so its records landed, before the lock is free.
         self.before_deadline(self.gates.wait(&key)).await?;
-        let transaction = match &self.transaction {
-            Some(lock) => {
-                let open = self.before_deadline(lock.clone().lock_owned()).await?;
-                self.session
-                    .producer
-                    .begin_transaction()
-                    .map_err(SessionError::Transaction)?;
-                Some(open)
-            }
-            None => None,
-        };
+        let transaction = self.open_transaction().await?;
         let partition_text = batch.partition.to_string();
         let mut deliveries = Vec::with_capacity(records.len());
         let mut grouping = handoff::Grouping::default();
@@ -1125,16 +1153,13 @@ impl Reader<'_> {
         for record in records.iter().filter(|r| r.offset >= resume_from) {
             let offset_text = record.offset.to_string();
             let record_bytes = handoff::record_bytes(record, provenance + offset_text.len());
-            let reason = topic_refused
-                .or((record_bytes > limits.record_bytes).then_some(dead_letter::reason::TOO_LARGE))
-                .or(record
-                    .timestamp
-                    .filter(|&t| {
-                        limits
-                            .timestamps
-                            .refuses(t, now_ms, context.rejects.in_flight)
-                    })
-                    .map(|_| dead_letter::reason::TIMESTAMP_INVALID));
+            let reason = topic_refused.or(hub_refuses(
+                record,
+                record_bytes,
+                &limits,
+                now_ms,
+                context.rejects.in_flight,
+            ));
             if let Some(reason) = reason {
                 let refusal = dead_letter::Refusal {
                     site,
@@ -1158,38 +1183,8 @@ impl Reader<'_> {
                 }
                 self.before_deadline(self.gates.wait(&key)).await?;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
-            for header in &record.headers {
-                headers = headers.insert(KafkaHeader {
-                    key: &header.key,
-                    value: header.value.as_deref(),
-                });
-            }
-            headers = headers
-                .insert(KafkaHeader {
-                    key: HEADER_ORIGIN,
-                    value: Some(site.as_bytes()),
-                })
-                .insert(KafkaHeader {
-                    key: HEADER_PARTITION,
-                    value: Some(partition_text.as_bytes()),
-                })
-                .insert(KafkaHeader {
-                    key: HEADER_OFFSET,
-                    value: Some(offset_text.as_bytes()),
-                });
-            let mut hub_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&target)
-                .headers(headers)
-                .partition(hub_partition);
-            if let Some(key) = &record.key {
-                hub_record = hub_record.key(key.as_ref());
-            }
-            if let Some(value) = &record.value {
-                hub_record = hub_record.payload(value.as_ref());
-            }
-            if let Some(timestamp) = record.timestamp {
-                hub_record = hub_record.timestamp(timestamp);
-            }
+            let headers = with_provenance(record, site, &partition_text, &offset_text);
+            let hub_record = hub_record(&target, hub_partition, record, headers);
             let delivery = enqueue(
                 self.session.producer,
                 hub_record,
@@ -1288,6 +1283,80 @@ impl Reader<'_> {
         )
         .await
     }
+}
+
+/// The batch's declared facts do not hold: the peer's error, which ends the session.
+fn bad_batch(batch: &Batch, reason: String) -> SessionError {
+    SessionError::BadBatch {
+        seq: batch.seq,
+        topic: batch.topic.clone(),
+        partition: batch.partition,
+        reason,
+    }
+}
+
+/// Why the hub would refuse `record` (of `record_bytes` with its provenance) under `limits`,
+/// if it would; `in_flight` is how long a judged record may take to land.
+fn hub_refuses(
+    record: &Record,
+    record_bytes: usize,
+    limits: &HubTopicLimits,
+    now_ms: i64,
+    in_flight: Duration,
+) -> Option<&'static str> {
+    if record_bytes > limits.record_bytes {
+        return Some(dead_letter::reason::TOO_LARGE);
+    }
+    record
+        .timestamp
+        .filter(|&t| limits.timestamps.refuses(t, now_ms, in_flight))
+        .map(|_| dead_letter::reason::TIMESTAMP_INVALID)
+}
+
+/// The record's own headers, then the provenance the resume scan reads back.
+fn with_provenance(record: &Record, site: &str, partition: &str, offset: &str) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
+    for header in &record.headers {
+        headers = headers.insert(KafkaHeader {
+            key: &header.key,
+            value: header.value.as_deref(),
+        });
+    }
+    headers
+        .insert(KafkaHeader {
+            key: HEADER_ORIGIN,
+            value: Some(site.as_bytes()),
+        })
+        .insert(KafkaHeader {
+            key: HEADER_PARTITION,
+            value: Some(partition.as_bytes()),
+        })
+        .insert(KafkaHeader {
+            key: HEADER_OFFSET,
+            value: Some(offset.as_bytes()),
+        })
+}
+
+/// `record` as the hub gets it: key, value and timestamp as they were, in `hub_partition`.
+fn hub_record<'a>(
+    target: &'a str,
+    hub_partition: i32,
+    record: &'a Record,
+    headers: OwnedHeaders,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut hub_record = FutureRecord::to(target)
+        .headers(headers)
+        .partition(hub_partition);
+    if let Some(key) = &record.key {
+        hub_record = hub_record.key(key.as_ref());
+    }
+    if let Some(value) = &record.value {
+        hub_record = hub_record.payload(value.as_ref());
+    }
+    if let Some(timestamp) = record.timestamp {
+        hub_record = hub_record.timestamp(timestamp);
+    }
+    hub_record
 }
 
 /// The relay's wall clock, as brokers judge timestamps by theirs.

@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use spoke_proto::{
     decompress_section, Batch, BatchLimits, Codec, Dictionaries, Dictionary, DictionaryLimits,
     Frame, Goodbye, GoodbyeCode, Heartbeat, Hello, Limits, NackCode, Negotiated, PartitionLag,
-    TopicConfig, TopicPartition, VersionError, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    TopicConfig, TopicPartition, VersionError, Welcome, MAX_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -419,9 +419,14 @@ struct RelaySession<'a> {
 }
 
 impl RelaySession<'_> {
-    async fn run(&mut self, connection: &quinn::Connection) -> Result<Ended, ShipError> {
-        let limits = Limits::default();
-        let (mut send, mut recv) = connection.open_bi().await?;
+    /// Sends Hello on the control stream and checks the relay's Welcome: a version this agent
+    /// offered, and a relay the fence lets it write to.
+    async fn handshake(
+        &mut self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        limits: &Limits,
+    ) -> Result<(Welcome, Negotiated), ShipError> {
         let wanted: Vec<TopicPartition> = self
             .spool
             .pending_partitions()?
@@ -439,8 +444,8 @@ impl RelaySession<'_> {
             partitions: wanted,
         };
         let offered = (hello.min_version, hello.max_version);
-        write_frame(&mut send, &Frame::Hello(hello)).await?;
-        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_frame(&mut recv, &limits))
+        write_frame(send, &Frame::Hello(hello)).await?;
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, read_frame(recv, limits))
             .await
             .map_err(|_| ShipError::Timeout("Welcome"))??
         {
@@ -457,6 +462,11 @@ impl RelaySession<'_> {
         let version = Negotiated::from_welcome(offered, &welcome)?;
         self.check_fence(&welcome.relay)?;
         self.relay = Some(welcome.relay.clone());
+        Ok((welcome, version))
+    }
+
+    /// Takes the Welcome's resume points: chunks below them are in the hub already.
+    fn resume(&mut self, welcome: &Welcome) -> Result<(), ShipError> {
         // Chunks wholly below the resume point are already in the hub (an Ack that was lost
         // with the previous connection): drop them instead of sending them again.
         for point in &welcome.resume {
@@ -479,7 +489,14 @@ impl RelaySession<'_> {
         }));
         self.welcomed = true;
         self.progress.relay_connected.store(true, Ordering::Relaxed);
+        Ok(())
+    }
 
+    async fn run(&mut self, connection: &quinn::Connection) -> Result<Ended, ShipError> {
+        let limits = Limits::default();
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let (welcome, version) = self.handshake(&mut send, &mut recv, &limits).await?;
+        self.resume(&welcome)?;
         let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
         let _reader = AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
@@ -502,9 +519,6 @@ impl RelaySession<'_> {
         let mut refused: HashSet<SourcePartition> = HashSet::new();
         let mut round_robin = 0usize;
         let mut seq = 0u64;
-        // Dictionaries go in-band, once per stream, to relays that speak version 2.
-        let dictionaries_supported = version.dictionaries();
-        let topic_configs_supported = version.topic_configs();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         let mut pacer = Pacer::new(ship.max_bandwidth.as_u64());
         let mut send_window = SendWindow::default();
@@ -548,53 +562,14 @@ impl RelaySession<'_> {
                 seq += 1;
                 let lane_index = lanes.lane_of(&chunk.partition);
                 let lane = &mut lanes.lanes[lane_index];
-                let mut batch = batch_frame(seq, partition_count, &chunk)?;
-                let mut dictionary_frame = None;
-                if let Some(id) = chunk.dictionary {
-                    let stored =
-                        self.spool
-                            .dictionary(id)?
-                            .ok_or_else(|| ShipError::MissingDictionary {
-                                partition: chunk.partition.to_string(),
-                                id,
-                            })?;
-                    if !dictionaries_supported {
-                        batch = self.without_dictionary(batch, &chunk, stored.bytes)?;
-                    } else if lane.dictionaries_sent.insert(id) {
-                        dictionary_frame = Some(frame_bytes(&Frame::Dictionary(Dictionary {
-                            id,
-                            dictionary: stored.bytes,
-                        }))?);
-                    }
-                }
-                // The relay creates a missing hub topic at its first batch: the source topic's
-                // configuration goes ahead of it on the same stream, once per stream.
-                let mut topic_config_frame = None;
-                if topic_configs_supported
-                    && !lane.topic_configs_sent.contains(&chunk.partition.topic)
-                {
-                    if let Some(entries) = self.spool.topic_config(&chunk.partition.topic)? {
-                        topic_config_frame = Some(frame_bytes(&Frame::TopicConfig(TopicConfig {
-                            topic: chunk.partition.topic.clone(),
-                            entries,
-                        }))?);
-                    }
-                    lane.topic_configs_sent
-                        .insert(chunk.partition.topic.clone());
-                }
-                let bytes = frame_bytes(&batch)?;
+                let (ahead, bytes) =
+                    self.frames_for(&chunk, seq, partition_count, lane, version)?;
                 let start_at = pacer.reserve(bytes.len());
                 self.heartbeat_until(start_at, &mut send, connection, &mut heartbeat)
                     .await?;
                 self.extend_fence(&welcome.relay).await?;
                 send_window.follow(connection);
-                // A dictionary goes before the first batch that names it, on the same
-                // (ordered) stream.
-                for frame in topic_config_frame
-                    .iter()
-                    .chain(dictionary_frame.iter())
-                    .chain([&bytes])
-                {
+                for frame in ahead.iter().chain([&bytes]) {
                     self.write_heartbeating(
                         lane.send.as_mut(),
                         &mut send,
@@ -728,6 +703,50 @@ impl RelaySession<'_> {
     /// A version 1 relay knows no dictionaries: the chunk is decompressed with its dictionary
     /// and compressed again without (the only case where the agent re-encodes what it spooled;
     /// it ends once the relays are upgraded).
+    /// The frames that carry `chunk` on `lane`: its `Batch`, and ahead of it on the same
+    /// (ordered) stream what the relay must know first: the source topic's configuration
+    /// before the topic's first batch there (the relay creates a missing hub topic at it),
+    /// and a dictionary before the first batch that names it. A relay without dictionaries
+    /// gets the batch compressed without one.
+    fn frames_for(
+        &self,
+        chunk: &Chunk,
+        seq: u64,
+        partition_count: i32,
+        lane: &mut Lane,
+        version: Negotiated,
+    ) -> Result<(Vec<bytes::Bytes>, bytes::Bytes), ShipError> {
+        let mut ahead = Vec::new();
+        let topic = &chunk.partition.topic;
+        if version.topic_configs() && lane.topic_configs_sent.insert(topic.clone()) {
+            if let Some(entries) = self.spool.topic_config(topic)? {
+                ahead.push(frame_bytes(&Frame::TopicConfig(TopicConfig {
+                    topic: topic.clone(),
+                    entries,
+                }))?);
+            }
+        }
+        let mut batch = batch_frame(seq, partition_count, chunk)?;
+        if let Some(id) = chunk.dictionary {
+            let stored =
+                self.spool
+                    .dictionary(id)?
+                    .ok_or_else(|| ShipError::MissingDictionary {
+                        partition: chunk.partition.to_string(),
+                        id,
+                    })?;
+            if !version.dictionaries() {
+                batch = self.without_dictionary(batch, chunk, stored.bytes)?;
+            } else if lane.dictionaries_sent.insert(id) {
+                ahead.push(frame_bytes(&Frame::Dictionary(Dictionary {
+                    id,
+                    dictionary: stored.bytes,
+                }))?);
+            }
+        }
+        Ok((ahead, frame_bytes(&batch)?))
+    }
+
     fn without_dictionary(
         &self,
         batch: Frame,

@@ -522,48 +522,41 @@ struct SiteSession<'a> {
     version: Negotiated,
 }
 
-async fn serve_site(
+/// The hub topics of `wanted` that exist now, with their partition counts. Each hub topic's
+/// layout is resolved once, here or at its first batch, and the session scans and places
+/// records by it (`Partitions::layouts`).
+async fn existing_layouts(
     session: SiteSession<'_>,
-    connection: &quinn::Connection,
-    allow: &[Regex],
-    hello: Hello,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-) -> Result<(), SessionError> {
+    wanted: &[(String, i32)],
+) -> Result<HashMap<String, i32>, SessionError> {
     let SiteSession { site, context, .. } = session;
-    let mut resume = HashMap::new();
-    let mut resume_points = Vec::new();
-    let mut progress = CheckpointWriter::new(session);
-    if context.delivery == Delivery::ExactlyOnce {
-        context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
-    }
-    // A partition listed twice gets one resume scan and one resume point.
-    let mut seen = HashSet::new();
-    let wanted: Vec<(String, i32)> = hello
-        .partitions
-        .iter()
-        .filter(|tp| Acl::allows(allow, &tp.topic) && seen.insert((&tp.topic, tp.partition)))
-        .map(|tp| (tp.topic.clone(), tp.partition))
-        .collect();
-    // Each hub topic's layout is resolved once, here or at its first batch, and the session
-    // scans and places records by it (`Partitions::layouts`).
     let mut layouts = HashMap::new();
-    if context.delivery == Delivery::ExactlyOnce {
-        let targets: BTreeSet<String> = wanted
-            .iter()
-            .map(|(topic, _)| hub_topic(&context.topic_template, site, topic))
-            .filter(|target| crate::hub_limits::check_topic_name(target).is_ok())
-            .collect();
-        for target in targets {
-            let count = context.hub.current_partitions(&target).await?;
-            if count > 0 {
-                layouts.insert(target, count);
-            }
+    if context.delivery != Delivery::ExactlyOnce {
+        return Ok(layouts);
+    }
+    let targets: BTreeSet<String> = wanted
+        .iter()
+        .map(|(topic, _)| hub_topic(&context.topic_template, site, topic))
+        .filter(|target| crate::hub_limits::check_topic_name(target).is_ok())
+        .collect();
+    for target in targets {
+        let count = context.hub.current_partitions(&target).await?;
+        if count > 0 {
+            layouts.insert(target, count);
         }
     }
-    let layouts = &layouts;
-    // The scans run side by side, a few at a time: each asks the hub a round trip or two, and
-    // the agent waits for all of them before its first batch.
+    Ok(layouts)
+}
+
+/// The resume point of each of `wanted` (none without exactly-once). The scans run side by
+/// side, a few at a time: each asks the hub a round trip or two, and the agent waits for all
+/// of them before its first batch.
+async fn resume_scans(
+    session: SiteSession<'_>,
+    wanted: Vec<(String, i32)>,
+    layouts: &HashMap<String, i32>,
+) -> Result<Vec<(String, i32, Option<crate::resume::Resume>)>, SessionError> {
+    let SiteSession { site, context, .. } = session;
     let scans =
         futures_util::stream::iter(wanted.into_iter().map(|(topic, partition)| async move {
             let found = match context.delivery {
@@ -599,6 +592,34 @@ async fn serve_site(
         .buffered(RESUME_SCANS_AT_ONCE)
         .try_collect::<Vec<_>>()
         .await?;
+    Ok(scans)
+}
+
+async fn serve_site(
+    session: SiteSession<'_>,
+    connection: &quinn::Connection,
+    allow: &[Regex],
+    hello: Hello,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), SessionError> {
+    let context = session.context;
+    let mut resume = HashMap::new();
+    let mut resume_points = Vec::new();
+    let mut progress = CheckpointWriter::new(session);
+    if context.delivery == Delivery::ExactlyOnce {
+        context.checkpoints.wait_caught_up(CHECKPOINTS_WAIT).await;
+    }
+    // A partition listed twice gets one resume scan and one resume point.
+    let mut seen = HashSet::new();
+    let wanted: Vec<(String, i32)> = hello
+        .partitions
+        .iter()
+        .filter(|tp| Acl::allows(allow, &tp.topic) && seen.insert((&tp.topic, tp.partition)))
+        .map(|tp| (tp.topic.clone(), tp.partition))
+        .collect();
+    let layouts = existing_layouts(session, &wanted).await?;
+    let scans = resume_scans(session, wanted, &layouts).await?;
     for (topic, partition, found) in scans {
         let next_offset = match found {
             Some(found) => {
@@ -640,7 +661,7 @@ async fn serve_site(
     let acker = acknowledge(send, confirmations, progress, version);
     let shared = Mutex::new(Partitions {
         resume,
-        layouts: layouts.clone(),
+        layouts,
         topic_limits: HashMap::new(),
         carried: HashMap::new(),
         stream: HashMap::new(),

@@ -88,39 +88,15 @@ pub async fn run(
     ));
     let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
     let (deny_tx, deny) = tokio::sync::watch::channel(loaded.deny.clone());
-    let context = Arc::new(SessionContext {
-        fleet: fleet.clone(),
+    let context = Arc::new(session_context(
+        &loaded,
         hub,
+        fleet.clone(),
+        checkpoints,
+        relay_name,
         acl,
         deny,
-        topic_template: config.hub.topic.clone(),
-        topic_config: config
-            .hub
-            .topic_config
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        delivery: config.hub.delivery,
-        frame_limits: limits.frame_limits(),
-        batch_limits: limits.batch_limits(),
-        dictionary_limits: limits.dictionary_limits(),
-        limits: limits.clone(),
-        relay_name: relay_name.clone(),
-        turns: session::SessionTurns::default(),
-        site_connections: session::SiteConnections::default(),
-        checkpoints,
-        teardowns: TaskTracker::new(),
-        handover_window: config.hub.handover_window(),
-        rejects: session::Rejects {
-            policy: config.hub.on_rejected,
-            dead_letter_topic: config.hub.dead_letter_topic.clone(),
-            max_record_bytes: config
-                .hub
-                .max_record_bytes
-                .map(|max| usize::try_from(max.as_u64()).unwrap_or(usize::MAX)),
-            in_flight: config.hub.fence_delay,
-        },
-    });
+    ));
     info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
 
     // Permits, not counters: a task that ends in any way (even a panic) gives its permit back.
@@ -188,6 +164,17 @@ pub async fn run(
             drop(connection_permit);
         });
     }
+    shut_down(&endpoint, sessions, &context, background).await;
+    Ok(())
+}
+
+/// Ends the sessions, then lets the hub deliveries of ended sessions resolve, within bounds.
+async fn shut_down(
+    endpoint: &quinn::Endpoint,
+    sessions: TaskTracker,
+    context: &SessionContext,
+    background: TaskTracker,
+) {
     info!("relay shutting down");
     sessions.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
@@ -210,7 +197,53 @@ pub async fn run(
     background.close();
     background.wait().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok(())
+}
+
+/// What every session of this relay shares.
+fn session_context(
+    loaded: &Loaded,
+    hub: Arc<Hub>,
+    fleet: Arc<Fleet>,
+    checkpoints: Arc<Checkpoints>,
+    relay_name: String,
+    acl: tokio::sync::watch::Receiver<crate::config::Acl>,
+    deny: tokio::sync::watch::Receiver<crate::deny::DenyList>,
+) -> SessionContext {
+    let config = &loaded.config;
+    let limits = &config.limits;
+    SessionContext {
+        fleet,
+        hub,
+        acl,
+        deny,
+        topic_template: config.hub.topic.clone(),
+        topic_config: config
+            .hub
+            .topic_config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        delivery: config.hub.delivery,
+        frame_limits: limits.frame_limits(),
+        batch_limits: limits.batch_limits(),
+        dictionary_limits: limits.dictionary_limits(),
+        limits: limits.clone(),
+        relay_name,
+        turns: session::SessionTurns::default(),
+        site_connections: session::SiteConnections::default(),
+        checkpoints,
+        teardowns: TaskTracker::new(),
+        handover_window: config.hub.handover_window(),
+        rejects: session::Rejects {
+            policy: config.hub.on_rejected,
+            dead_letter_topic: config.hub.dead_letter_topic.clone(),
+            max_record_bytes: config
+                .hub
+                .max_record_bytes
+                .map(|max| usize::try_from(max.as_u64()).unwrap_or(usize::MAX)),
+            in_flight: config.hub.fence_delay,
+        },
+    }
 }
 
 /// Applies a reloaded configuration file, or none of it. `[limits]` stay as the relay started:

@@ -310,12 +310,24 @@ fn diagnose_tls(subject: &str, address: &str, tls: &KafkaTls, timeout: Duration)
             format!("the broker's certificate is refused: {other}"),
             "check the broker's certificate and tls.ca_file",
         ),
-        TlsFailure::Refused(AlertDescription::CertificateRequired) => Verdict::failed(
-            subject,
-            "the broker requires a client certificate (mutual TLS), and none is configured",
-            "set tls.cert_file and tls.key_file to this client's certificate and key, issued \
-             by a CA the broker trusts",
-        ),
+        TlsFailure::Refused(AlertDescription::CertificateRequired) if tls.cert_file.is_none() => {
+            Verdict::failed(
+                subject,
+                "the broker requires a client certificate (mutual TLS), and none is configured",
+                "set tls.cert_file and tls.key_file to this client's certificate and key, \
+                 issued by a CA the broker trusts",
+            )
+        }
+        TlsFailure::Refused(AlertDescription::CertificateRequired) if !presents_cert => {
+            Verdict::failed(
+                subject,
+                "the broker requires a client certificate; check cannot present tls.cert_file \
+                 itself (an encrypted or unreadable key), so whether the broker takes it is not \
+                 known",
+                "check that tls.cert_file is issued by a CA the broker trusts for clients and \
+                 is current, and that tls.key_file and its password are right",
+            )
+        }
         TlsFailure::Refused(AlertDescription::CertificateExpired) if presents_cert => {
             Verdict::failed(
                 subject,

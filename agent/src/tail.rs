@@ -406,7 +406,7 @@ impl Tailer {
         Progress::touch(&self.progress.local_broker_seen_ms);
         let topic_ids = self.topic_ids(topics.iter().map(|(topic, _)| topic.as_str()));
         // Before the first record of a new topic is read, so that its first batch can carry it.
-        let mut named = self.record_topic_configs(&topics)?;
+        let mut unflushed = self.record_topic_configs(&topics)?;
         let mut added = TopicPartitionList::new();
         let mut recreated = Vec::new();
         for (topic, count) in &topics {
@@ -423,7 +423,7 @@ impl Tailer {
                         (None, Some(now)) => {
                             self.spool.name_incarnation(&key, now)?;
                             open.incarnation.topic_id = Some(now);
-                            named = true;
+                            unflushed = true;
                         }
                         _ => {}
                     }
@@ -445,7 +445,7 @@ impl Tailer {
                     (known, Some(now)) if known != Some(now) => {
                         self.spool.name_incarnation(&key, now)?;
                         incarnation.topic_id = Some(now);
-                        named = true;
+                        unflushed = true;
                     }
                     _ => {}
                 }
@@ -467,7 +467,7 @@ impl Tailer {
                 }
             }
         }
-        if named {
+        if unflushed {
             self.spool.flush()?;
         }
         if added.count() > 0 {

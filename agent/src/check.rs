@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use spoke_io::kafka_check::Verdict;
+use spoke_kafka::check::Verdict;
 
 use crate::config::Endpoint;
 

@@ -11,9 +11,9 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use crate::select::TopicSelector;
-use spoke_io::kafka_security::{self, KafkaProperties, KafkaSasl, KafkaTls};
+use spoke_kafka::security::{self as kafka_security, KafkaProperties, KafkaSasl, KafkaTls};
 
-pub use spoke_io::config_file::ConfigError;
+pub use spoke_process::config_file::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -237,8 +237,9 @@ pub struct Endpoint {
 }
 
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let config: AgentConfig = spoke_io::config_file::read(path)?;
-    let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
+    let config: AgentConfig = spoke_process::config_file::read(path)?;
+    let invalid =
+        |key: &str, reason: String| spoke_process::config_file::invalid(path, key, reason);
     validate_site(&config.site).map_err(|reason| invalid("site", reason))?;
     if config.source.bootstrap.trim().is_empty() {
         return Err(invalid("source.bootstrap", "must not be empty".into()));

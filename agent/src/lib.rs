@@ -2,7 +2,7 @@
 //!
 //! Data path, one module each: [`tail`] reads local partitions with `assign()` → [`spool`]
 //! keeps compressed chunks and source positions durable in sled → [`ship`] sends them over
-//! QUIC ([`tls`]; frames over streams in spoke-io) and frees them when the relay acknowledged them in the hub.
+//! QUIC ([`tls`]; frames over streams in spoke-transport) and frees them when the relay acknowledged them in the hub.
 //! [`config`] is the agent.toml contract, [`select`] the include/exclude rules.
 
 pub mod admin;

@@ -8,7 +8,7 @@ use rdkafka::consumer::BaseConsumer;
 use spoke_agent::config::Loaded;
 use spoke_agent::progress::AgentStatus;
 use spoke_agent::{config, tail, tls};
-use spoke_io::logging::LogFormat;
+use spoke_process::logging::LogFormat;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     // Before anything else: no thread may exist yet.
     let malloc = spoke_agent::malloc::tune();
     let cli = Cli::parse();
-    spoke_io::logging::init(cli.log_format);
+    spoke_process::logging::init(cli.log_format);
     match malloc {
         spoke_agent::malloc::Tuning::Refused(setting) => {
             tracing::warn!(
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!(
                 "spoke-agent: error: {}",
-                spoke_io::logging::error_chain(error.as_ref())
+                spoke_process::logging::error_chain(error.as_ref())
             );
             ExitCode::FAILURE
         }
@@ -82,7 +82,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let loaded = config::load(&config)?;
-            let (librdkafka, features) = spoke_io::kafka_security::librdkafka_build();
+            let (librdkafka, features) = spoke_kafka::security::librdkafka_build();
             tracing::info!(version = env!("CARGO_PKG_VERSION"), %librdkafka, %features, "starting");
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
@@ -110,7 +110,7 @@ fn check(path: &Path, offline: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let source = &loaded.config.source;
-    let verdict = spoke_io::kafka_check::check_cluster(
+    let verdict = spoke_kafka::check::check_cluster(
         "local cluster",
         &source.bootstrap,
         &loaded.source_kafka,
@@ -169,7 +169,7 @@ fn check(path: &Path, offline: bool) -> anyhow::Result<()> {
 }
 
 fn status(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = spoke_io::admin_client::http_get(admin, "/status")
+    let body = spoke_process::admin_client::http_get(admin, "/status")
         .with_context(|| format!("asking the agent's admin endpoint at {admin}"))?;
     if json {
         println!("{body}");

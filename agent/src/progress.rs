@@ -67,7 +67,7 @@ pub struct Progress {
     /// Unix ms of the last frame received from a relay.
     pub relay_seen_ms: AtomicU64,
     /// How much of the recent time the congestion window held the shipper back.
-    pub link_limited: Arc<spoke_io::congestion::LinkLimited>,
+    pub link_limited: Arc<spoke_transport::congestion::LinkLimited>,
     /// Source topic → partition count, from the tailer's metadata refreshes. The relay needs
     /// it to create a missing hub topic with the same partitioning.
     partition_counts: Mutex<HashMap<String, i32>>,

@@ -29,7 +29,7 @@ use crate::config::{Endpoint, Loaded};
 use crate::fence::{self, Fence};
 use crate::progress::Progress;
 use crate::spool::{Chunk, SourcePartition, Spool, SpoolError};
-use spoke_io::wire::{read_frame, write_frame, WireError};
+use spoke_transport::wire::{read_frame, write_frame, WireError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The relay scans the hub to compute resume points before it answers.
@@ -234,7 +234,7 @@ pub(crate) async fn connect(
 }
 
 /// The connection's send window, kept near what its congestion window can use
-/// ([`spoke_io::transport::send_window_for`]): the rest of a backlog waits in the spool, not
+/// ([`spoke_transport::transport::send_window_for`]): the rest of a backlog waits in the spool, not
 /// written ahead in memory.
 #[derive(Default)]
 struct SendWindow {
@@ -245,7 +245,8 @@ impl SendWindow {
     /// Before each write. Changes under an eighth are left, to spare the connection's task a
     /// wake-up per batch.
     fn follow(&mut self, connection: &quinn::Connection) {
-        let wanted = spoke_io::transport::send_window_for(connection.congestion_state().window());
+        let wanted =
+            spoke_transport::transport::send_window_for(connection.congestion_state().window());
         let moved = self.set.is_none_or(|set| set.abs_diff(wanted) > set / 8);
         if moved {
             connection.set_send_window(wanted);
@@ -876,7 +877,7 @@ impl RelaySession<'_> {
             Some(Frame::Ack(ack)) => {
                 let oldest = lanes.answered(ack.seq)?;
                 // The window between a batch landing in the hub and leaving the spool.
-                spoke_io::failpoint::hit("ship.ack_received");
+                spoke_process::failpoint::hit("ship.ack_received");
                 self.spool
                     .remove_acked(&oldest.partition, oldest.next_offset)?;
                 self.progress

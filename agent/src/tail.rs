@@ -25,7 +25,7 @@ use crate::dictionary::TopicDictionaries;
 use crate::progress::Progress;
 use crate::select::TopicSelector;
 use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError, TopicId};
-use spoke_io::kafka_topics::ConfigEntry;
+use spoke_kafka::topics::ConfigEntry;
 
 /// Header with a record's source incarnation, on records of an incarnation after the first.
 pub const HEADER_EPOCH: &str = "spoke-epoch";
@@ -491,7 +491,7 @@ impl Tailer {
         if new.is_empty() {
             return Ok(false);
         }
-        let described = match spoke_io::kafka_topics::topic_configs(
+        let described = match spoke_kafka::topics::topic_configs(
             self.consumer.client().native_client(),
             &new,
             METADATA_TIMEOUT,
@@ -525,7 +525,7 @@ impl Tailer {
     /// (the next refresh asks again).
     fn topic_ids<'a>(&self, topics: impl Iterator<Item = &'a str>) -> HashMap<String, TopicId> {
         let topics: Vec<&str> = topics.collect();
-        spoke_io::kafka_topics::topic_ids(
+        spoke_kafka::topics::topic_ids(
             self.consumer.client().native_client(),
             &topics,
             METADATA_TIMEOUT,
@@ -894,7 +894,7 @@ impl Tailer {
         }
         if wrote {
             // The window between a chunk's write and its flush, for the crash tests.
-            spoke_io::failpoint::hit("tail.before_flush");
+            spoke_process::failpoint::hit("tail.before_flush");
             // Durable before reported: only now do the records count as spooled.
             self.spool.flush()?;
             self.progress.records_spooled.inc_by(spooled_records);
@@ -1000,7 +1000,7 @@ fn check_gap<C: ConsumerContext>(
     expected: i64,
     received: i64,
 ) {
-    let watermarks = if spoke_io::failpoint::fails("tail.gap_watermarks") {
+    let watermarks = if spoke_process::failpoint::fails("tail.gap_watermarks") {
         Err(KafkaError::MetadataFetch(
             RDKafkaErrorCode::OperationTimedOut,
         ))

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use spoke_io::congestion::{BdpWindowConfig, LinkLimited};
-use spoke_io::pem::{load_certs, load_key, PemError};
-use spoke_io::transport::transport_config;
+use spoke_process::pem::{load_certs, load_key, PemError};
+use spoke_transport::congestion::{BdpWindowConfig, LinkLimited};
+use spoke_transport::transport::transport_config;
 
 use crate::config::RelayConfig;
 

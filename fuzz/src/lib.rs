@@ -3,7 +3,7 @@
 //!
 //! A target only finds what it asserts. Beyond "no panic, no hang, no runaway allocation"
 //! (libFuzzer's own checks), every decoded value is held to the invariants a relay relies on:
-//! it re-encodes to the bytes it came from, the split header/body path (`spoke-io`'s
+//! it re-encodes to the bytes it came from, the split header/body path (`spoke-transport`'s
 //! `read_frame`) agrees with the one-shot decoder, bytes arriving in pieces decode to the same
 //! frames as bytes arriving at once, and decoded records respect the limits they were decoded
 //! under.
@@ -177,7 +177,7 @@ fn check_frame(frame: &Frame, bytes: &[u8], limits: &Limits) {
         frame.name()
     );
 
-    // spoke-io reads the header, then exactly body_len bytes, then decodes the body.
+    // spoke-transport reads the header, then exactly body_len bytes, then decodes the body.
     let (head, body) = bytes.split_at(HEADER_LEN);
     let head: &[u8; HEADER_LEN] = head.try_into().expect("12 bytes");
     let header = FrameHeader::decode(head, limits).expect("split path accepts the header");

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rdkafka::error::RDKafkaErrorCode;
-use spoke_io::kafka_check::{check_cluster, Verdict};
-use spoke_io::kafka_topics::{Operation, Permissions, TopicDescription};
+use spoke_kafka::check::{check_cluster, Verdict};
+use spoke_kafka::topics::{Operation, Permissions, TopicDescription};
 
 use crate::config::{self, Loaded, Transactions};
 use crate::hub::{Hub, TransactionSupport, TRANSACTION_ACLS};

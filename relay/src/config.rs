@@ -10,8 +10,8 @@ use bytesize::ByteSize;
 use regex::Regex;
 use serde::Deserialize;
 
-pub use spoke_io::config_file::ConfigError;
-use spoke_io::kafka_security::{self, KafkaProperties, KafkaSasl, KafkaTls};
+use spoke_kafka::security::{self as kafka_security, KafkaProperties, KafkaSasl, KafkaTls};
+pub use spoke_process::config_file::ConfigError;
 
 /// The relay's configuration file as written by the operator.
 #[derive(Debug, Clone, Deserialize)]
@@ -414,7 +414,7 @@ pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
 
 /// Reads, parses and validates `path`.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let config: RelayConfig = spoke_io::config_file::read(path)?;
+    let config: RelayConfig = spoke_process::config_file::read(path)?;
     let (acl, deny) = validate(path, &config)?;
     let hub_kafka = kafka_security::resolve(
         &config.hub.kafka,
@@ -422,7 +422,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         config.hub.sasl.as_ref(),
         &|name| std::env::var(name).ok(),
     )
-    .map_err(|e| spoke_io::config_file::invalid(path, &format!("hub.{}", e.key), e.reason))?;
+    .map_err(|e| spoke_process::config_file::invalid(path, &format!("hub.{}", e.key), e.reason))?;
     Ok(Loaded {
         path: path.to_owned(),
         config,
@@ -436,7 +436,8 @@ fn validate(
     path: &Path,
     config: &RelayConfig,
 ) -> Result<(Acl, crate::deny::DenyList), ConfigError> {
-    let invalid = |key: &str, reason: String| spoke_io::config_file::invalid(path, key, reason);
+    let invalid =
+        |key: &str, reason: String| spoke_process::config_file::invalid(path, key, reason);
     if config.sites.is_empty() {
         return Err(invalid(
             "sites",

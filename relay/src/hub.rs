@@ -19,8 +19,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{HubConfig, Transactions};
 use crate::hub_limits::TopicLimits;
-use spoke_io::kafka_security::KafkaProperties;
-use spoke_io::kafka_topics::{self, TopicDescription};
+use spoke_kafka::security::KafkaProperties;
+use spoke_kafka::topics::{self as kafka_topics, TopicDescription};
 
 /// Header naming the site a hub record came from.
 pub const HEADER_ORIGIN: &str = "spoke-origin";

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use spoke_io::logging::LogFormat;
+use spoke_process::logging::LogFormat;
 use spoke_relay::{config, pki, server, tls};
 use tokio_util::sync::CancellationToken;
 
@@ -85,13 +85,13 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    spoke_io::logging::init(cli.log_format);
+    spoke_process::logging::init(cli.log_format);
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!(
                 "spoke-relay: error: {}",
-                spoke_io::logging::error_chain(error.as_ref())
+                spoke_process::logging::error_chain(error.as_ref())
             );
             ExitCode::FAILURE
         }
@@ -102,7 +102,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let loaded = config::load(&config)?;
-            let (librdkafka, features) = spoke_io::kafka_security::librdkafka_build();
+            let (librdkafka, features) = spoke_kafka::security::librdkafka_build();
             tracing::info!(version = env!("CARGO_PKG_VERSION"), %librdkafka, %features, "starting");
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
@@ -174,7 +174,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
 }
 
 fn sites(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = spoke_io::admin_client::http_get(admin, "/status")
+    let body = spoke_process::admin_client::http_get(admin, "/status")
         .with_context(|| format!("asking the relay's admin endpoint at {admin}"))?;
     if json {
         println!("{body}");

@@ -36,7 +36,9 @@ use crate::hub::{
     Hub, HubError, HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION, TRANSACTION_TIMEOUT,
 };
 use crate::hub_limits::TimestampWindow;
-use spoke_io::wire::{read_frame_when_it_comes, read_frame_within, write_frame_within, WireError};
+use spoke_transport::wire::{
+    read_frame_when_it_comes, read_frame_within, write_frame_within, WireError,
+};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
@@ -1463,7 +1465,7 @@ async fn acknowledge(
                         // a checkpoint past them keeps a reconnect from dead-lettering them
                         // again. (The failpoint loses this write, as a crash before its
                         // delivery would.)
-                        if !spoke_io::failpoint::fails("session.rejects_checkpoint") {
+                        if !spoke_process::failpoint::fails("session.rejects_checkpoint") {
                             progress.write((topic.clone(), partition));
                         }
                     } else {
@@ -1477,7 +1479,7 @@ async fn acknowledge(
                     if version.rejected() {
                         write_frame_within(&mut send, Frame::Rejected(*rejected), stall).await?;
                         // The window between telling the agent and acknowledging the batch.
-                        spoke_io::failpoint::reached("session.rejected_sent").await;
+                        spoke_process::failpoint::reached("session.rejected_sent").await;
                     }
                 }
                 Frame::Ack(Ack { seq, next_offset })

@@ -12,8 +12,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use spoke_io::pem::{load_certs, load_key, PemError};
-use spoke_io::transport::{transport_config, CONNECTION_WINDOW, STREAM_WINDOW};
+use spoke_process::pem::{load_certs, load_key, PemError};
+use spoke_transport::transport::{transport_config, CONNECTION_WINDOW, STREAM_WINDOW};
 use x509_parser::extensions::GeneralName;
 
 use crate::config::{LimitsConfig, TlsConfig};

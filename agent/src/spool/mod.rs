@@ -86,7 +86,7 @@
 
 use std::fmt;
 
-pub use spoke_io::kafka_topics::TopicId;
+pub use spoke_kafka::topics::TopicId;
 
 mod durable;
 mod model;

@@ -212,7 +212,7 @@ pub enum Windows {
     /// Twice that: after a loss the receiver also holds up to a round trip of data behind the
     /// hole until the retransmission fills it, and that counts against the window too.
     Bdp2,
-    /// `spoke_io::transport::transport_config`, as spoke-agent and spoke-relay run.
+    /// `spoke_transport::transport::transport_config`, as spoke-agent and spoke-relay run.
     Spoke,
 }
 
@@ -221,7 +221,7 @@ pub enum Congestion {
     Cubic,
     /// quinn's BBR as it comes.
     Bbr,
-    /// `spoke_io::congestion::BdpWindow`: spoke's window from the measured bandwidth-delay product.
+    /// `spoke_transport::congestion::BdpWindow`: spoke's window from the measured bandwidth-delay product.
     BdpWindow,
 }
 
@@ -234,7 +234,7 @@ pub struct QuicCase {
 
 fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
     let mut transport = match case.windows {
-        Windows::Spoke => spoke_io::transport::transport_config(None),
+        Windows::Spoke => spoke_transport::transport::transport_config(None),
         Windows::Quinn => quinn::TransportConfig::default(),
         Windows::Bdp | Windows::Bdp2 => {
             let mut transport = quinn::TransportConfig::default();
@@ -260,7 +260,7 @@ fn transport(case: QuicCase, spec: &LinkSpec) -> quinn::TransportConfig {
         Congestion::Bbr => transport
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
         Congestion::BdpWindow => transport.congestion_controller_factory(Arc::new(
-            spoke_io::congestion::BdpWindowConfig::default(),
+            spoke_transport::congestion::BdpWindowConfig::default(),
         )),
     };
     transport

@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::pem::PemObject;
 
-use crate::kafka_security::{KafkaProperties, KafkaTls};
+use crate::security::{KafkaProperties, KafkaTls};
 
 /// How long the diagnosis waits, after its handshake, for the broker to refuse the client's
 /// certificate.

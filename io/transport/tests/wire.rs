@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use spoke_io::wire::{
+use spoke_proto::{Frame, Goodbye, GoodbyeCode, Limits, HEADER_LEN};
+use spoke_transport::wire::{
     read_frame, read_frame_when_it_comes, read_frame_within, write_frame, write_frame_within,
     WireError,
 };
-use spoke_proto::{Frame, Goodbye, GoodbyeCode, Limits, HEADER_LEN};
 
 /// A connected pair: the client's send half and the server's receive half of one stream.
 struct Pair {

@@ -1,5 +1,6 @@
 //! The spoke wire protocol: versioned, checksummed frames ([`frame`]) and record batches
-//! ([`batch`]), as pure encode/decode functions, and the version negotiation ([`version`]).
+//! ([`batch`]), as pure encode/decode functions; the version negotiation ([`version`]); and the
+//! rules of a connection, both sides' state machines that the binaries drive ([`connection`]).
 //!
 //! Sans-IO: nothing here touches a socket, a clock or a runtime. Callers pass bytes in and get
 //! frames out (or typed [`error`]s; decoding never panics, whatever the peer sends).
@@ -7,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod connection;
 pub mod dictionary;
 pub mod error;
 pub mod frame;

@@ -19,7 +19,7 @@ pub mod tail;
 pub mod tls;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -152,11 +152,8 @@ pub async fn run(
     Ok(())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+// The one wall clock of spoke-process, under the short path the agent's modules stamp with.
+pub(crate) use spoke_process::clock::now_ms;
 
 /// How long `check` waits for the local broker.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);

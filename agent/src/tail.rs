@@ -26,6 +26,7 @@ use crate::progress::Progress;
 use crate::select::TopicSelector;
 use crate::spool::{Chunk, Incarnation, SourcePartition, Spool, SpoolError, TopicId};
 use spoke_kafka::topics::ConfigEntry;
+use spoke_process::logging::LogLimiter;
 
 /// Header with a record's source incarnation, on records of an incarnation after the first.
 pub const HEADER_EPOCH: &str = "spoke-epoch";
@@ -253,38 +254,6 @@ fn carried_config(entries: &[ConfigEntry]) -> Vec<(String, String)> {
         .filter(|name| compacted || **name == "cleanup.policy")
         .filter_map(|name| Some(((*name).to_owned(), value(name)?)))
         .collect()
-}
-
-/// Lets one log line through per interval and counts the ones it held back.
-#[derive(Debug)]
-struct LogLimiter {
-    interval: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(suppressed since the last line)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < self.interval)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 impl std::fmt::Debug for Tailer {
@@ -1134,16 +1103,6 @@ mod tests {
             owned(&[("cleanup.policy", "delete")])
         );
         assert!(carried_config(&[]).is_empty());
-    }
-
-    #[test]
-    fn log_limiter_lets_one_line_per_interval_through_and_counts_the_rest() {
-        let mut limiter = LogLimiter::new(Duration::from_secs(3600));
-        assert_eq!(limiter.allow(), Some(0));
-        assert_eq!(limiter.allow(), None);
-        assert_eq!(limiter.allow(), None);
-        limiter.last = Some(Instant::now() - Duration::from_secs(7200));
-        assert_eq!(limiter.allow(), Some(2));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use spoke_process::logging::LogLimiter;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -177,12 +178,11 @@ impl Checkpoints {
     /// Blocking: run it on a blocking thread. Errors are logged and retried, because the
     /// view is an optimisation: without it, resume scans are only longer.
     pub fn follow(&self, hub: &Hub, shutdown: &CancellationToken) {
-        let mut logged = None::<std::time::Instant>;
+        let error_log = LogLimiter::new(Duration::from_secs(60));
         while !shutdown.is_cancelled() {
             if let Err(error) = self.follow_once(hub, shutdown) {
-                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                if error_log.allow().is_some() {
                     warn!(topic = %self.topic, %error, "cannot read checkpoints; resume scans fall back to the hub tail");
-                    logged = Some(std::time::Instant::now());
                 }
                 for _ in 0..50 {
                     if shutdown.is_cancelled() {

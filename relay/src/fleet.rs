@@ -329,11 +329,8 @@ impl Drop for SessionGuard {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+// The one wall clock of spoke-process, under the path the relay's modules and binary use.
+pub use spoke_process::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use spoke_process::logging::LogLimiter;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,7 +104,7 @@ pub async fn run(
     let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes as usize));
     let sessions = TaskTracker::new();
-    let handshake_log = Arc::new(RateLimitedLog::default());
+    let handshake_log = Arc::new(LogLimiter::new(Duration::from_secs(10)));
     loop {
         let incoming = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -156,7 +157,7 @@ pub async fn run(
                     fleet.rejected(reason);
                     // A flood of bad handshakes must not flood the log: the counter has
                     // them all, the log one line per interval.
-                    if handshake_log.due() {
+                    if handshake_log.allow().is_some() {
                         warn!(%remote, %error, reason, "handshake failed");
                     }
                 }
@@ -279,27 +280,6 @@ fn reload(
     );
     acl.send_replace(loaded.acl);
     deny.send_replace(loaded.deny);
-}
-
-/// At most one log line per interval for events an attacker can cause at will.
-#[derive(Debug, Default)]
-struct RateLimitedLog {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-impl RateLimitedLog {
-    const INTERVAL: Duration = Duration::from_secs(10);
-
-    fn due(&self) -> bool {
-        let Ok(mut last) = self.last.try_lock() else {
-            return false;
-        };
-        let due = last.is_none_or(|t| t.elapsed() >= Self::INTERVAL);
-        if due {
-            *last = Some(std::time::Instant::now());
-        }
-        due
-    }
 }
 
 /// Keeps `/healthz` honest about the hub.

@@ -127,11 +127,14 @@ impl Reader<'_> {
         Ok(Some(open))
     }
 
+    /// One batch into the hub: refused as a whole where the site may not write its topic;
+    /// otherwise its records from the resume point on handed to the producer (or the
+    /// dead-letter topic), and what the acker is to answer once they landed.
     pub(super) async fn handle_batch(&mut self, batch: Batch) -> Result<Outcome, SessionError> {
         if let Some(nack) = self.not_allowed(&batch) {
             return Ok(Outcome::Refused(nack));
         }
-        let SiteSession { site, context, .. } = self.session;
+        let context = self.session.context;
         let (target, topic_refused) = self.hub_target(&batch)?;
         let records = batch
             .records_with(&context.batch_limits, self.stream.dictionaries())
@@ -154,31 +157,50 @@ impl Reader<'_> {
         // so its records landed, before the lock is free.
         self.before_deadline(self.gates.wait(&key)).await?;
         let transaction = self.open_transaction().await?;
+        let destination = Destination {
+            target: &target,
+            hub_partition,
+            topic_refused,
+        };
+        let handed = self
+            .hand_over(&batch, &records, resume_from, &destination, &key)
+            .await?;
+        self.partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resume
+            .insert(key, batch.next_offset);
+        Ok(handed.into_outcome(batch, base, transaction))
+    }
+
+    /// Hands the batch's `records` from `resume_from` on to the producer, in groups that each
+    /// wait for the partition's group before them to land (`key`'s gate); a record the hub
+    /// would refuse goes to the dead-letter topic instead.
+    async fn hand_over(
+        &mut self,
+        batch: &Batch,
+        records: &[Record],
+        resume_from: i64,
+        destination: &Destination<'_>,
+        key: &(String, i32),
+    ) -> Result<HandedOver, SessionError> {
+        let SiteSession { site, context, .. } = self.session;
         let partition_text = batch.partition.to_string();
-        let mut deliveries = Vec::with_capacity(records.len());
+        let mut handed = HandedOver {
+            deliveries: Vec::with_capacity(records.len()),
+            dead_letters: Vec::new(),
+            refused: dead_letter::Runs::default(),
+            refusal_reason: None,
+        };
         let mut grouping = handoff::Grouping::default();
         let mut last: Option<DeliveryFuture> = None;
-        // The provenance headers' bytes but the offset's, which differ per record.
-        let provenance = HEADER_ORIGIN.len()
-            + site.len()
-            + HEADER_PARTITION.len()
-            + partition_text.len()
-            + HEADER_OFFSET.len();
-        let limits = match topic_refused {
-            Some(_) => HubTopicLimits {
-                record_bytes: crate::config::MAX_RECORD_BYTES,
-                timestamps: TimestampWindow::ANY,
-            },
-            None => self.topic_limits(&target).await,
-        };
+        let provenance = provenance_bytes(site, &partition_text);
+        let limits = self.record_limits(destination).await;
         let now_ms = unix_millis();
-        let mut refused = dead_letter::Runs::default();
-        let mut dead_letters = Vec::new();
-        let mut refusal_reason = None;
         for record in records.iter().filter(|r| r.offset >= resume_from) {
             let offset_text = record.offset.to_string();
             let record_bytes = handoff::record_bytes(record, provenance + offset_text.len());
-            let reason = topic_refused.or(hub_refuses(
+            let reason = destination.topic_refused.or(hub_refuses(
                 record,
                 record_bytes,
                 &limits,
@@ -190,26 +212,29 @@ impl Reader<'_> {
                     site,
                     topic: &batch.topic,
                     partition: batch.partition,
-                    hub_topic: &target,
+                    hub_topic: destination.target,
                     reason,
                 };
-                dead_letters.push(
-                    self.dead_letter(record, &refusal, limits.record_bytes)
-                        .await?,
-                );
-                refused.refused(record.offset);
-                refusal_reason = Some(reason);
+                let copy = self
+                    .dead_letter(record, &refusal, limits.record_bytes)
+                    .await?;
+                handed.dead_lettered(record.offset, reason, copy);
                 continue;
             }
-            refused.accepted();
+            handed.refused.accepted();
             if grouping.starts_group(record_bytes) {
                 if let Some(last) = last.take() {
-                    deliveries.push(self.gates.close(key.clone(), last));
+                    handed.deliveries.push(self.gates.close(key.clone(), last));
                 }
-                self.before_deadline(self.gates.wait(&key)).await?;
+                self.before_deadline(self.gates.wait(key)).await?;
             }
             let headers = with_provenance(record, site, &partition_text, &offset_text);
-            let hub_record = hub_record(&target, hub_partition, record, headers);
+            let hub_record = hub_record(
+                destination.target,
+                destination.hub_partition,
+                record,
+                headers,
+            );
             let delivery = enqueue(
                 self.session.producer,
                 hub_record,
@@ -218,37 +243,25 @@ impl Reader<'_> {
             )
             .await?;
             if let Some(previous) = last.replace(delivery) {
-                deliveries.push(Pending::Record(previous));
+                handed.deliveries.push(Pending::Record(previous));
             }
         }
         if let Some(last) = last {
-            deliveries.push(self.gates.close(key.clone(), last));
+            handed.deliveries.push(self.gates.close(key.clone(), last));
         }
-        self.partitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .resume
-            .insert(key, batch.next_offset);
-        let rejected = refusal_reason.map(|reason| {
-            Box::new(Rejected {
-                seq: batch.seq,
-                topic: batch.topic.clone(),
-                partition: batch.partition,
-                reason: reason.to_owned(),
-                ranges: refused.into_ranges(),
-            })
-        });
-        Ok(Outcome::Produced {
-            seq: batch.seq,
-            topic: batch.topic,
-            partition: batch.partition,
-            next_offset: batch.next_offset,
-            deliveries,
-            rejected,
-            dead_letters,
-            base,
-            transaction,
-        })
+        Ok(handed)
+    }
+
+    /// What the batch's records are judged by. A topic the hub refuses as a whole is not
+    /// asked: all its records go to the dead-letter topic, whose own limits bound the copies.
+    async fn record_limits(&self, destination: &Destination<'_>) -> HubTopicLimits {
+        match destination.topic_refused {
+            Some(_) => HubTopicLimits {
+                record_bytes: crate::config::MAX_RECORD_BYTES,
+                timestamps: TimestampWindow::ANY,
+            },
+            None => self.topic_limits(destination.target).await,
+        }
     }
 
     /// Hands `record`'s dead-letter copy to the producer, or ends the session where
@@ -308,6 +321,77 @@ impl Reader<'_> {
         )
         .await
     }
+}
+
+/// Where one batch's records go in the hub.
+struct Destination<'a> {
+    /// The hub topic.
+    target: &'a str,
+    /// The hub partition the source partition maps to; -1 where the topic is refused.
+    hub_partition: i32,
+    /// Why the hub refuses the topic as a whole (every record is dead-lettered), if it does.
+    topic_refused: Option<&'static str>,
+}
+
+/// What one batch's records came to: deliveries to await, and what the hub refuses.
+struct HandedOver {
+    /// The records handed to the producer, in order; each group's last one is a gate.
+    deliveries: Vec<Pending>,
+    /// The dead-letter copies of the refused records.
+    dead_letters: Vec<DeliveryFuture>,
+    /// The offsets of the refused records, as runs.
+    refused: dead_letter::Runs,
+    /// Why the last refused record was refused: the `Rejected` frame names one reason.
+    refusal_reason: Option<&'static str>,
+}
+
+impl HandedOver {
+    /// Notes the record at `offset` as refused for `reason`, with its dead-letter copy.
+    fn dead_lettered(&mut self, offset: i64, reason: &'static str, copy: DeliveryFuture) {
+        self.dead_letters.push(copy);
+        self.refused.refused(offset);
+        self.refusal_reason = Some(reason);
+    }
+
+    /// The acker's part of `batch`: its deliveries, and a `Rejected` where records were
+    /// refused; `base` and `transaction` as [`Outcome::Produced`] describes them.
+    fn into_outcome(
+        self,
+        batch: Batch,
+        base: Option<Checkpoint>,
+        transaction: Option<OwnedMutexGuard<()>>,
+    ) -> Outcome {
+        let refused = self.refused;
+        let rejected = self.refusal_reason.map(|reason| {
+            Box::new(Rejected {
+                seq: batch.seq,
+                topic: batch.topic.clone(),
+                partition: batch.partition,
+                reason: reason.to_owned(),
+                ranges: refused.into_ranges(),
+            })
+        });
+        Outcome::Produced {
+            seq: batch.seq,
+            topic: batch.topic,
+            partition: batch.partition,
+            next_offset: batch.next_offset,
+            deliveries: self.deliveries,
+            rejected,
+            dead_letters: self.dead_letters,
+            base,
+            transaction,
+        }
+    }
+}
+
+/// The provenance headers' bytes but the offset's, which differ per record.
+fn provenance_bytes(site: &str, partition_text: &str) -> usize {
+    HEADER_ORIGIN.len()
+        + site.len()
+        + HEADER_PARTITION.len()
+        + partition_text.len()
+        + HEADER_OFFSET.len()
 }
 
 /// The batch's declared facts do not hold: the peer's error, which ends the session.

@@ -6,7 +6,7 @@
 //! history of its own for zstd to find repeats in, so a dictionary of what such records look
 //! like saves about a third of the bytes (100 B JSON records, 7 per chunk: 47 → 35 wire bytes
 //! per record at level 3); a full 1 MiB chunk finds the same repeats in itself and gains
-//! nothing (docs/DESIGN.md, implementation notes). Everything here is bounded: samples per
+//! nothing (docs/decisions.md; figures in docs/benchmarks.md). Everything here is bounded: samples per
 //! topic, topics sampled at once, one training per topic and process.
 
 use std::collections::HashMap;

@@ -34,15 +34,15 @@
 //!
 //! The header's version is the *layout* version of that frame: the lowest protocol version
 //! that defines it. That is 2 for `Dictionary` and for a `Batch` with codec 2, 4 for
-//! `Rejected`, and 1 for every other frame; encoding picks it and decoding insists on exactly it, so each frame has one
-//! encoding. `Hello` (always version 1, so any relay can read it) offers a range of versions,
+//! `Rejected`, 5 for `TopicConfig`, and 1 for every other frame; encoding picks it and
+//! decoding insists on exactly it, so each frame has one encoding. `Hello` (always version 1, so any relay can read it) offers a range of versions,
 //! `Welcome.version` picks one, and a sender must not send frames of a higher version than
 //! that: a version 1 relay would refuse them as [`DecodeError::UnsupportedVersion`]. A relay
 //! that negotiated 4 tells the agent, in a `Rejected` before a batch's `Ack`, which of its
 //! records the hub refused (they went to the dead-letter topic instead). A relay
 //! that negotiated 2 learns dictionaries in-band: the agent sends `Dictionary{id}` on the
-//! stream before the first `Batch` that names `id`, once per connection; the relay keeps them
-//! in memory for that connection only (see [`crate::dictionary`]). A relay that negotiated 5
+//! stream before the first `Batch` that names `id` there, once per stream; the relay keeps them
+//! per stream, in memory, for that connection only (see [`crate::dictionary`]). A relay that negotiated 5
 //! learns the source topic's configuration that a hub topic must keep (`cleanup.policy`, the
 //! compaction settings): the agent sends `TopicConfig{topic}` on a stream before the first
 //! `Batch` of that topic there, once per stream, and the relay creates a missing hub topic
@@ -343,8 +343,8 @@ pub struct TopicConfig {
 
 /// A zstd dictionary for later batches of this connection, agent → relay (version 2).
 ///
-/// Sent once per connection, before the first [`Batch`] whose codec names `id`. The receiver
-/// keeps it only for the connection, within its limits ([`crate::DictionaryLimits`]).
+/// Sent once per stream, before the first [`Batch`] on that stream whose codec names `id`. The
+/// receiver keeps it for that stream, only for the connection, within its limits ([`crate::DictionaryLimits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dictionary {
     /// Sender-chosen id, unique among the dictionaries of the connection.

@@ -65,7 +65,7 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// After `Hello`, the longest wait for the agent's next bytes, between frames (agents send
-    /// a heartbeat every 5 s) or inside one.
+    /// a heartbeat every 2 s) or inside one.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
     /// Concurrent streams a peer may open: its control stream and up to this minus one data
@@ -344,7 +344,7 @@ fn default_dead_letter_topic() -> String {
 }
 
 fn default_delivery_timeout() -> std::time::Duration {
-    // Leaves a hand-over window (15 - 8 - 1 = 6 s) longer than the agents' 5 s heartbeat.
+    // Leaves a hand-over window (15 - 8 - 1 = 6 s) longer than the agents' 2 s heartbeat.
     std::time::Duration::from_secs(8)
 }
 

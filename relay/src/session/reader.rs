@@ -103,7 +103,7 @@ impl Reader<'_> {
         let limits = &self.session.context.frame_limits;
         let stall = self.session.context.limits.read_timeout;
         loop {
-            // The control stream carries a heartbeat every 5 s, so silence there means a lost
+            // The control stream carries a heartbeat every 2 s, so silence there means a lost
             // agent; a data stream is quiet whenever its partitions have nothing to send.
             let frame = if self.stream.is_control() {
                 read_frame_within(&mut recv, limits, stall).await?

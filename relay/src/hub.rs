@@ -674,6 +674,8 @@ fn client_config(bootstrap: &str, properties: &KafkaProperties) -> ClientConfig 
     config
 }
 
+/// Unless `[hub.kafka]` sets one, `role` becomes the client id, so that the hub's logs and a
+/// crash report say which of the relay's clients they are about.
 pub(crate) fn scan_consumer(
     mut config: ClientConfig,
     role: &str,

@@ -37,92 +37,16 @@ impl Hub {
     ) -> Result<Resume, HubError> {
         if count == 0 {
             // No hub topic (any more): nothing of this site is in the hub.
-            return Ok(Resume {
-                next_offset: 0,
-                progress: Checkpoint {
-                    hub_topic: hub_topic.to_owned(),
-                    next_offset: 0,
-                    scan_from: BTreeMap::new(),
-                },
-                scanned: 0,
-            });
+            return Ok(Resume::from_start(hub_topic));
         }
-        let topic = hub_topic.to_owned();
         let hub_partitions = partitions_to_scan(source_partition, count, checkpoint.as_ref());
-        let marks = self
-            .ask(move |client| {
-                hub_partitions
-                    .into_iter()
-                    .map(|hub_partition| {
-                        let (low, high) = client
-                            .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
-                            .map_err(|source| HubError::Scan {
-                                topic: topic.clone(),
-                                partition: hub_partition,
-                                source,
-                            })?;
-                        Ok((hub_partition, low, high))
-                    })
-                    .collect::<Result<Vec<_>, HubError>>()
-            })
+        let marks = self.watermarks(hub_topic, hub_partitions).await?;
+        let checkpoint =
+            checkpoint.filter(|checkpoint| checkpoint_fits(checkpoint, &marks, count, hub_topic));
+        let ranges = ranges_to_scan(&marks, checkpoint.as_ref());
+        let (newest, scanned) = self
+            .newest_landed(site, hub_topic, source_partition, ranges)
             .await?;
-        let checkpoint = checkpoint.filter(|checkpoint| {
-            // A floor above the partition's end, or a partition the topic no longer has,
-            // means the hub topic was recreated: the checkpoint describes data that is gone.
-            let fits = marks.iter().all(|&(q, _, high)| {
-                checkpoint
-                    .scan_from
-                    .get(&q)
-                    .is_none_or(|&floor| floor <= high)
-            }) && checkpoint.scan_from.keys().all(|&q| q < count);
-            if !fits {
-                tracing::warn!(
-                    topic = hub_topic,
-                    "checkpoint is ahead of the hub topic; ignoring it"
-                );
-            }
-            fits
-        });
-        let ranges: Vec<(i32, i64, i64)> = marks
-            .iter()
-            .map(|&(hub_partition, low, high)| {
-                let floor = checkpoint
-                    .as_ref()
-                    .and_then(|c| c.scan_from.get(&hub_partition).copied())
-                    .unwrap_or(low)
-                    .max(low);
-                (hub_partition, floor, high)
-            })
-            .filter(|&(_, floor, high)| floor < high)
-            .collect();
-        let (newest, scanned) = if ranges.is_empty() {
-            // Nothing landed after the checkpoint (a session that ended cleanly): no records
-            // to read, so no consumer of its own to set up.
-            (None, 0)
-        } else {
-            let config = self.client_config();
-            let site = site.to_owned();
-            let topic = hub_topic.to_owned();
-            tokio::task::spawn_blocking(move || {
-                let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
-                let mut newest: Option<i64> = None;
-                let mut scanned = 0;
-                for (hub_partition, floor, high) in ranges {
-                    let found = scan_partition(
-                        &consumer,
-                        &topic,
-                        hub_partition,
-                        (floor, high),
-                        &site,
-                        source_partition,
-                        &mut scanned,
-                    )?;
-                    newest = newest.max(found);
-                }
-                Ok::<_, HubError>((newest, scanned))
-            })
-            .await??
-        };
         let next_offset = newest
             .map_or(0, |offset| offset + 1)
             .max(checkpoint.as_ref().map_or(0, |c| c.next_offset));
@@ -139,6 +63,110 @@ impl Hub {
             scanned,
         })
     }
+
+    /// The low and high watermarks of each of `hub_topic`'s `hub_partitions`, as
+    /// `(partition, low, high)`.
+    async fn watermarks(
+        &self,
+        hub_topic: &str,
+        hub_partitions: Vec<i32>,
+    ) -> Result<Vec<Marks>, HubError> {
+        let topic = hub_topic.to_owned();
+        self.ask(move |client| {
+            hub_partitions
+                .into_iter()
+                .map(|hub_partition| {
+                    let (low, high) = client
+                        .fetch_watermarks(&topic, hub_partition, METADATA_TIMEOUT)
+                        .map_err(|source| HubError::Scan {
+                            topic: topic.clone(),
+                            partition: hub_partition,
+                            source,
+                        })?;
+                    Ok((hub_partition, low, high))
+                })
+                .collect::<Result<Vec<_>, HubError>>()
+        })
+        .await
+    }
+
+    /// The source offset of the newest record of (`site`, `source_partition`) in `ranges` of
+    /// `hub_topic`, if any, and how many hub records were read to find it.
+    async fn newest_landed(
+        &self,
+        site: &str,
+        hub_topic: &str,
+        source_partition: i32,
+        ranges: Vec<Marks>,
+    ) -> Result<(Option<i64>, u64), HubError> {
+        if ranges.is_empty() {
+            // Nothing landed after the checkpoint (a session that ended cleanly): no records
+            // to read, so no consumer of its own to set up.
+            return Ok((None, 0));
+        }
+        let config = self.client_config();
+        let site = site.to_owned();
+        let topic = hub_topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
+            let mut newest: Option<i64> = None;
+            let mut scanned = 0;
+            for (hub_partition, floor, high) in ranges {
+                let found = scan_partition(
+                    &consumer,
+                    &topic,
+                    hub_partition,
+                    (floor, high),
+                    &site,
+                    source_partition,
+                    &mut scanned,
+                )?;
+                newest = newest.max(found);
+            }
+            Ok::<_, HubError>((newest, scanned))
+        })
+        .await?
+    }
+}
+
+/// One hub partition and two offsets in it: `(partition, low, high)`, as watermarks or as the
+/// range a resume scan reads.
+type Marks = (i32, i64, i64);
+
+/// Whether `checkpoint` still describes the hub topic whose partitions' watermarks are
+/// `marks` (of `count` partitions). A floor above the partition's end, or a partition the
+/// topic no longer has, means the hub topic was recreated: the checkpoint describes data that
+/// is gone, and is ignored (with a warning).
+fn checkpoint_fits(checkpoint: &Checkpoint, marks: &[Marks], count: i32, hub_topic: &str) -> bool {
+    let fits = marks.iter().all(|&(q, _, high)| {
+        checkpoint
+            .scan_from
+            .get(&q)
+            .is_none_or(|&floor| floor <= high)
+    }) && checkpoint.scan_from.keys().all(|&q| q < count);
+    if !fits {
+        tracing::warn!(
+            topic = hub_topic,
+            "checkpoint is ahead of the hub topic; ignoring it"
+        );
+    }
+    fits
+}
+
+/// The part of each partition in `marks` a resume scan reads: from the checkpoint's floor
+/// (or the partition's start) to its end; partitions with nothing there are left out.
+fn ranges_to_scan(marks: &[Marks], checkpoint: Option<&Checkpoint>) -> Vec<Marks> {
+    marks
+        .iter()
+        .map(|&(hub_partition, low, high)| {
+            let floor = checkpoint
+                .and_then(|c| c.scan_from.get(&hub_partition).copied())
+                .unwrap_or(low)
+                .max(low);
+            (hub_partition, floor, high)
+        })
+        .filter(|&(_, floor, high)| floor < high)
+        .collect()
 }
 
 /// A resume point and what the session's checkpoints start from.
@@ -149,6 +177,21 @@ pub struct Resume {
     pub progress: Checkpoint,
     /// Hub records read to find it.
     pub scanned: u64,
+}
+
+impl Resume {
+    /// The resume point of a partition none of whose records are in `hub_topic`.
+    fn from_start(hub_topic: &str) -> Self {
+        Resume {
+            next_offset: 0,
+            progress: Checkpoint {
+                hub_topic: hub_topic.to_owned(),
+                next_offset: 0,
+                scan_from: BTreeMap::new(),
+            },
+            scanned: 0,
+        }
+    }
 }
 
 /// The hub partitions a resume scan of `source_partition` reads: where it lands now, and
@@ -169,8 +212,6 @@ fn partitions_to_scan(
     partitions
 }
 
-/// Unless `[hub.kafka]` sets one, `role` becomes the client id, so that the hub's logs and a
-/// crash report say which of the relay's clients they are about.
 /// Reads hub offsets `floor..end` of one partition backwards in growing windows until it
 /// finds the newest record of (`site`, `source_partition`), and returns its source offset.
 fn scan_partition(

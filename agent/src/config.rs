@@ -22,7 +22,7 @@ pub struct AgentConfig {
     pub site: String,
     pub source: SourceConfig,
     pub spool: SpoolConfig,
-    pub relay: RelayConfig,
+    pub relay: UpstreamConfig,
     #[serde(default)]
     pub ship: ShipConfig,
     #[serde(default)]
@@ -86,9 +86,10 @@ pub enum DictionaryMode {
     Off,
 }
 
+/// The `[relay]` section: the relays this agent ships to, and how it proves itself to them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RelayConfig {
+pub struct UpstreamConfig {
     /// `host:port` of each relay, tried in turn.
     pub endpoints: Vec<String>,
     /// Name the relay certificate must carry; default: the endpoint's host.

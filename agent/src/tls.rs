@@ -9,7 +9,7 @@ use spoke_process::pem::{load_certs, load_key, PemError};
 use spoke_transport::congestion::{BdpWindowConfig, LinkLimited};
 use spoke_transport::transport::transport_config;
 
-use crate::config::RelayConfig;
+use crate::config::UpstreamConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -23,7 +23,7 @@ pub enum TlsError {
 
 /// `link_limited` hears from the congestion controller when the link is the bottleneck.
 pub fn client_config(
-    relay: &RelayConfig,
+    relay: &UpstreamConfig,
     link_limited: Arc<LinkLimited>,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -270,6 +270,9 @@ fn closed_by_agent(connection: &quinn::Connection) -> bool {
     )
 }
 
+/// One agent connection from its certificate to its end: the site admitted, its Hello
+/// accepted, the previous session of the site over and its producer fenced, then
+/// [`serve_site`] until the agent is done or a newer session of the site takes over.
 async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result<(), SessionError> {
     let site = crate::tls::site_identity(connection)?;
     let _slot = context
@@ -284,40 +287,10 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
     tracing::Span::current().record("site", site.as_str());
     let _in_fleet = context.fleet.session(&site);
 
-    // One deadline for the stream and its first frame: a peer that trickles the Hello in
-    // byte by byte gets no more time than one that sends nothing.
-    let hello_timeout = context.limits.hello_timeout;
-    let hello = tokio::time::timeout(hello_timeout, async {
-        let (send, mut recv) = connection.accept_bi().await?;
-        let hello = read_frame_within(&mut recv, &context.frame_limits, hello_timeout).await?;
-        Ok::<_, SessionError>((send, recv, hello))
-    })
-    .await
-    .map_err(|_| SessionError::HelloTimeout(hello_timeout))??;
-    let (mut send, recv, hello) = hello;
+    let (mut send, recv, hello) = receive_hello(connection, context).await?;
     let hello_at = Instant::now();
     let hello = HelloRules::first_frame(hello)?;
-    let rules = HelloRules {
-        certified_site: &site,
-        max_partitions: context.limits.max_partitions_per_hello,
-    };
-    let version = match rules.check(&hello).map_err(SessionError::from) {
-        Ok(version) => version,
-        Err(error) => {
-            let code = match error.close_code() {
-                close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
-                _ => GoodbyeCode::ProtocolError,
-            };
-            let goodbye = Goodbye {
-                code,
-                reason: error.to_string(),
-            };
-            // Best effort: the agent learns why before the connection closes.
-            let _ = write_frame_within(&mut send, Frame::Goodbye(goodbye), hello_timeout).await;
-            let _ = send.finish();
-            return Err(error);
-        }
-    };
+    let version = accept_hello(&hello, &site, context, &mut send).await?;
 
     // One session per site on this relay: the previous one (an agent that crashed and came
     // back before its old connection timed out) is told to stop, and its producer drained,
@@ -338,13 +311,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         teardowns: context.teardowns.clone(),
     };
     if transactional {
-        // Fences every older producer of this site, on any relay, and aborts its open
-        // transaction: the resume scan below then reads only committed data.
-        let initialising = producer.clone();
-        tokio::task::spawn_blocking(move || initialising.init_transactions(TRANSACTION_TIMEOUT))
-            .await
-            .map_err(HubError::from)?
-            .map_err(SessionError::Transaction)?;
+        fence_older_producers(&producer).await?;
     }
     let session = SiteSession {
         site: &site,
@@ -358,6 +325,64 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
         result = serve_site(session, connection, &allow, hello, send, recv) => result,
         () = superseded.cancelled() => Err(SessionError::Superseded),
     }
+}
+
+/// The agent's first stream and its first frame. One deadline for both: a peer that trickles
+/// the Hello in byte by byte gets no more time than one that sends nothing.
+async fn receive_hello(
+    connection: &quinn::Connection,
+    context: &SessionContext,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Option<Frame>), SessionError> {
+    let hello_timeout = context.limits.hello_timeout;
+    tokio::time::timeout(hello_timeout, async {
+        let (send, mut recv) = connection.accept_bi().await?;
+        let hello = read_frame_within(&mut recv, &context.frame_limits, hello_timeout).await?;
+        Ok::<_, SessionError>((send, recv, hello))
+    })
+    .await
+    .map_err(|_| SessionError::HelloTimeout(hello_timeout))?
+}
+
+/// The Hello's checks for the certified `site`: the protocol version the Welcome chooses, or
+/// the reason it is refused, which the agent is told in a Goodbye before the session ends.
+async fn accept_hello(
+    hello: &Hello,
+    site: &str,
+    context: &SessionContext,
+    send: &mut quinn::SendStream,
+) -> Result<Negotiated, SessionError> {
+    let rules = HelloRules {
+        certified_site: site,
+        max_partitions: context.limits.max_partitions_per_hello,
+    };
+    match rules.check(hello).map_err(SessionError::from) {
+        Ok(version) => Ok(version),
+        Err(error) => {
+            let code = match error.close_code() {
+                close_code::NOT_AUTHORIZED => GoodbyeCode::NotAuthorized,
+                _ => GoodbyeCode::ProtocolError,
+            };
+            let goodbye = Goodbye {
+                code,
+                reason: error.to_string(),
+            };
+            // Best effort: the agent learns why before the connection closes.
+            let hello_timeout = context.limits.hello_timeout;
+            let _ = write_frame_within(send, Frame::Goodbye(goodbye), hello_timeout).await;
+            let _ = send.finish();
+            Err(error)
+        }
+    }
+}
+
+/// Fences every older producer of this site, on any relay, and aborts its open transaction:
+/// the resume scan then reads only committed data.
+async fn fence_older_producers(producer: &FutureProducer) -> Result<(), SessionError> {
+    let initialising = producer.clone();
+    tokio::task::spawn_blocking(move || initialising.init_transactions(TRANSACTION_TIMEOUT))
+        .await
+        .map_err(HubError::from)?
+        .map_err(SessionError::Transaction)
 }
 
 /// What a session's parts share once the site is known.
@@ -502,7 +527,8 @@ mod tests {
         assert_eq!(above.close_code(), close_code::PROTOCOL_ERROR);
     }
 
-    /// The relay's Hello check, as `run` applies it, with the error as the session reports it.
+    /// The relay's Hello check, as `accept_hello` applies it, with the error as the session
+    /// reports it.
     fn check_hello(hello: &Hello, site: &str, max: u32) -> Result<Negotiated, SessionError> {
         let rules = HelloRules {
             certified_site: site,

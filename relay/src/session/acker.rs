@@ -3,15 +3,17 @@
 //! (data and checkpoint together) before it is acknowledged.
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use spoke_proto::{Ack, Frame, Goodbye, GoodbyeCode, Negotiated, Rejected};
 use spoke_transport::wire::write_frame_within;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::checkpoints::CheckpointWriter;
-use super::reader::Outcome;
+use super::reader::{Outcome, Produced};
 use super::{SessionError, SiteSession};
+use crate::handoff::Pending;
 use crate::hub::{HubError, TRANSACTION_TIMEOUT};
 
 /// Awaits the hub's confirmations in arrival order and answers the agent. With transactions
@@ -28,65 +30,8 @@ pub(super) async fn acknowledge(
     let stall = progress.session.context.limits.read_timeout;
     while let Some(outcome) = confirmations.recv().await {
         let frame = match outcome {
-            Outcome::Produced {
-                seq,
-                topic,
-                partition,
-                next_offset,
-                deliveries,
-                rejected,
-                dead_letters,
-                base,
-                transaction,
-            } => {
-                if let Some(base) = base {
-                    progress.track(&topic, partition, base);
-                }
-                if progress.session.transactional {
-                    progress.advance(&topic, partition, next_offset, &[]);
-                    progress.write((topic.clone(), partition));
-                    commit(progress.session.producer).await?;
-                    progress.committed();
-                }
-                let records = deliveries.len() as u64;
-                let mut landed = Vec::with_capacity(deliveries.len());
-                for delivery in deliveries {
-                    landed.push(delivery.landed().await.map_err(SessionError::Delivery)?);
-                }
-                for delivery in dead_letters {
-                    match delivery.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
-                        Err(_) => return Err(SessionError::Delivery(KafkaError::Canceled)),
-                    }
-                }
-                let session = progress.session;
-                session.context.fleet.records(session.site, records);
-                progress.advance(&topic, partition, next_offset, &landed);
-                if !session.transactional {
-                    if rejected.is_some() {
-                        // The resume scan reads the hub topic, not the dead-letter one: only
-                        // a checkpoint past them keeps a reconnect from dead-lettering them
-                        // again. (The failpoint loses this write, as a crash before its
-                        // delivery would.)
-                        if !spoke_process::failpoint::fails("session.rejects_checkpoint") {
-                            progress.write((topic.clone(), partition));
-                        }
-                    } else {
-                        progress.write_if_due((topic.clone(), partition));
-                    }
-                }
-                // A reader may begin the next transaction.
-                drop(transaction);
-                if let Some(rejected) = rejected {
-                    report_rejected(session, &rejected);
-                    if version.rejected() {
-                        write_frame_within(&mut send, Frame::Rejected(*rejected), stall).await?;
-                        // The window between telling the agent and acknowledging the batch.
-                        spoke_process::failpoint::reached("session.rejected_sent").await;
-                    }
-                }
-                Frame::Ack(Ack { seq, next_offset })
+            Outcome::Produced(batch) => {
+                confirm(&mut send, &mut progress, version, stall, batch).await?
             }
             Outcome::Refused(nack) => Frame::Nack(nack),
         };
@@ -100,6 +45,97 @@ pub(super) async fn acknowledge(
     write_frame_within(&mut send, Frame::Goodbye(goodbye), stall).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// Answers one batch once the hub has all of it: with transactions committed (data and
+/// checkpoint together), its records and their dead-letter copies landed, the checkpoints
+/// advanced, and refused records reported (a `Rejected` before the `Ack`); the `Ack`.
+async fn confirm(
+    send: &mut quinn::SendStream,
+    progress: &mut CheckpointWriter<'_>,
+    version: Negotiated,
+    stall: Duration,
+    batch: Produced,
+) -> Result<Frame, SessionError> {
+    let Produced {
+        seq,
+        topic,
+        partition,
+        next_offset,
+        deliveries,
+        rejected,
+        dead_letters,
+        base,
+        transaction,
+    } = batch;
+    if let Some(base) = base {
+        progress.track(&topic, partition, base);
+    }
+    if progress.session.transactional {
+        progress.advance(&topic, partition, next_offset, &[]);
+        progress.write((topic.clone(), partition));
+        commit(progress.session.producer).await?;
+        progress.committed();
+    }
+    let records = deliveries.len() as u64;
+    let landed = landed(deliveries, dead_letters).await?;
+    let session = progress.session;
+    session.context.fleet.records(session.site, records);
+    progress.advance(&topic, partition, next_offset, &landed);
+    if !session.transactional {
+        write_progress(progress, topic, partition, rejected.is_some());
+    }
+    // A reader may begin the next transaction.
+    drop(transaction);
+    if let Some(rejected) = rejected {
+        report_rejected(session, &rejected);
+        if version.rejected() {
+            write_frame_within(send, Frame::Rejected(*rejected), stall).await?;
+            // The window between telling the agent and acknowledging the batch.
+            spoke_process::failpoint::reached("session.rejected_sent").await;
+        }
+    }
+    Ok(Frame::Ack(Ack { seq, next_offset }))
+}
+
+/// Where each of a batch's records landed, in order, once all of them and the dead-letter
+/// copies of the refused ones did; the first failure ends the session.
+async fn landed(
+    deliveries: Vec<Pending>,
+    dead_letters: Vec<DeliveryFuture>,
+) -> Result<Vec<(i32, i64)>, SessionError> {
+    let mut landed = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        landed.push(delivery.landed().await.map_err(SessionError::Delivery)?);
+    }
+    for delivery in dead_letters {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
+            Err(_) => return Err(SessionError::Delivery(KafkaError::Canceled)),
+        }
+    }
+    Ok(landed)
+}
+
+/// Without transactions, writes the partition's checkpoint when it is due, and at once after
+/// a batch with refused records.
+fn write_progress(
+    progress: &mut CheckpointWriter<'_>,
+    topic: String,
+    partition: i32,
+    some_rejected: bool,
+) {
+    if some_rejected {
+        // The resume scan reads the hub topic, not the dead-letter one: only a checkpoint
+        // past them keeps a reconnect from dead-lettering them again. (The failpoint loses
+        // this write, as a crash before its delivery would.)
+        if !spoke_process::failpoint::fails("session.rejects_checkpoint") {
+            progress.write((topic, partition));
+        }
+    } else {
+        progress.write_if_due((topic, partition));
+    }
 }
 
 /// Logs and counts records the hub refused; the agent learns of them from the `Rejected`

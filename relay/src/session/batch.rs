@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tracing::warn;
 
-use super::reader::{HubTopicLimits, Outcome, Reader};
+use super::reader::{HubTopicLimits, Outcome, Produced, Reader};
 use super::{SessionError, SiteSession};
 use crate::checkpoint::Checkpoint;
 use crate::config::{hub_topic, Acl, Delivery, OnRejected};
@@ -354,7 +354,7 @@ impl HandedOver {
     }
 
     /// The acker's part of `batch`: its deliveries, and a `Rejected` where records were
-    /// refused; `base` and `transaction` as [`Outcome::Produced`] describes them.
+    /// refused; `base` and `transaction` as [`Produced`] describes them.
     fn into_outcome(
         self,
         batch: Batch,
@@ -371,7 +371,7 @@ impl HandedOver {
                 ranges: refused.into_ranges(),
             })
         });
-        Outcome::Produced {
+        Outcome::Produced(Produced {
             seq: batch.seq,
             topic: batch.topic,
             partition: batch.partition,
@@ -381,7 +381,7 @@ impl HandedOver {
             dead_letters: self.dead_letters,
             base,
             transaction,
-        }
+        })
     }
 }
 

@@ -25,23 +25,26 @@ pub(super) struct HubTopicLimits {
 }
 /// What the acker answers, in the order batches arrived.
 pub(super) enum Outcome {
-    Produced {
-        seq: u64,
-        topic: String,
-        partition: i32,
-        next_offset: i64,
-        deliveries: Vec<Pending>,
-        /// The batch's records the hub refuses, for the agent ([`crate::dead_letter`]).
-        rejected: Option<Box<Rejected>>,
-        /// Their dead-letter copies.
-        dead_letters: Vec<DeliveryFuture>,
-        /// For the first batch of a partition the Hello did not name: the checkpoint that
-        /// held before it.
-        base: Option<Checkpoint>,
-        /// Transactions only: the batch's open transaction, released once it is committed.
-        transaction: Option<OwnedMutexGuard<()>>,
-    },
+    Produced(Produced),
     Refused(Nack),
+}
+
+/// A batch handed to the producer, which the acker answers once the hub confirmed all of it.
+pub(super) struct Produced {
+    pub(super) seq: u64,
+    pub(super) topic: String,
+    pub(super) partition: i32,
+    pub(super) next_offset: i64,
+    pub(super) deliveries: Vec<Pending>,
+    /// The batch's records the hub refuses, for the agent ([`crate::dead_letter`]).
+    pub(super) rejected: Option<Box<Rejected>>,
+    /// Their dead-letter copies.
+    pub(super) dead_letters: Vec<DeliveryFuture>,
+    /// For the first batch of a partition the Hello did not name: the checkpoint that held
+    /// before it.
+    pub(super) base: Option<Checkpoint>,
+    /// Transactions only: the batch's open transaction, released once it is committed.
+    pub(super) transaction: Option<OwnedMutexGuard<()>>,
 }
 
 /// The most source topics whose configuration one session keeps: more than any site has.

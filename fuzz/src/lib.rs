@@ -14,6 +14,7 @@ use spoke_proto::{
     FrameHeader, Limits, Record, HEADER_LEN,
 };
 
+pub mod connection;
 pub mod seeds;
 pub mod structured;
 

@@ -332,5 +332,19 @@ pub fn seeds() -> Vec<Seed> {
         "text",
         b"sensors plant-7 \x02\x00\x01\xff batch zstd \x07\x07\x07\x07".to_vec(),
     );
+
+    // connection: any bytes are a valid input (first byte: the side); shapes to start from.
+    seed("connection", "relay-zeros", [vec![1], vec![0; 63]].concat());
+    seed("connection", "agent-zeros", vec![0; 64]);
+    seed(
+        "connection",
+        "relay-ascending",
+        [vec![1], (0..=255).collect()].concat(),
+    );
+    seed(
+        "connection",
+        "agent-ascending",
+        [vec![0], (0..=255).rev().collect()].concat(),
+    );
     out
 }

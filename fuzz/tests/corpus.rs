@@ -49,6 +49,9 @@ fn every_seed_passes_its_target() {
             "roundtrip" => {
                 let _ = spoke_fuzz::structured::check_roundtrip(&seed.bytes);
             }
+            "connection" => {
+                let _ = spoke_fuzz::connection::check_connection(&seed.bytes);
+            }
             other => panic!("seed for unknown target {other}"),
         }
     }

@@ -27,15 +27,16 @@ fn plan() -> impl Strategy<Value = Plan> {
     (
         1..=MAX_PROTOCOL_VERSION,
         1usize..=4,
-        prop::collection::vec(
-            (0usize..2, 0i32..4, prop::option::of(1u32..=3)),
-            1..24,
-        ),
+        prop::collection::vec((0usize..2, 0i32..4, prop::option::of(1u32..=3)), 1..24),
     )
         .prop_map(|(version, lanes, batches)| Plan {
             version,
             // As the agent opens them: data streams only from their version.
-            lanes: if version >= DATA_STREAMS_VERSION { lanes } else { 1 },
+            lanes: if version >= DATA_STREAMS_VERSION {
+                lanes
+            } else {
+                1
+            },
             batches,
         })
 }
@@ -138,7 +139,11 @@ impl RelayModel {
             }
             Frame::Batch(b) => {
                 if let Some(id) = b.codec.dictionary_id() {
-                    if !self.dictionaries.get(&stream).is_some_and(|d| d.contains(&id)) {
+                    if !self
+                        .dictionaries
+                        .get(&stream)
+                        .is_some_and(|d| d.contains(&id))
+                    {
                         return false;
                     }
                 }

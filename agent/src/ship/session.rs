@@ -42,8 +42,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Frames read ahead of the session loop.
 const INBOUND_QUEUE: usize = 64;
 
-/// What the relay sent, as the reader task hands it over.
-type Inbound = mpsc::Receiver<Result<Option<Frame>, WireError>>;
+/// What the relay sent, as the task reading its stream hands it over.
+type RelayFrames = mpsc::Receiver<Result<Option<Frame>, WireError>>;
 
 /// How a session ended.
 pub(super) enum Ended {
@@ -307,7 +307,7 @@ impl RelaySession<'_> {
 
     /// A graceful stop: waits (bounded) for the answers to batches in flight, ends the
     /// streams, says Goodbye and waits for the relay's.
-    async fn leave(&mut self, state: &mut Shipping, inbound: &mut Inbound) {
+    async fn leave(&mut self, state: &mut Shipping, inbound: &mut RelayFrames) {
         self.drain(inbound, &mut state.lanes.window, &mut state.refused)
             .await;
         state.lanes.finish();
@@ -515,7 +515,7 @@ impl RelaySession<'_> {
     /// restart does not resend them.
     async fn drain(
         &self,
-        inbound: &mut Inbound,
+        inbound: &mut RelayFrames,
         window: &mut Window<Shipped>,
         refused: &mut HashSet<SourcePartition>,
     ) {

@@ -53,7 +53,7 @@ pub enum TransactionSupport {
 
 /// What the hub says this relay may do ([`Hub::permissions`]).
 #[derive(Debug)]
-pub struct Permissions {
+pub struct HubPermissions {
     pub topics: HashMap<String, TopicDescription>,
     pub cluster: Option<kafka_topics::Permissions>,
 }
@@ -283,7 +283,7 @@ impl Hub {
 
     /// This relay's permissions on `topics` and on the cluster, as the hub reports them
     /// (`None` where it does not).
-    pub async fn permissions(&self, topics: Vec<String>) -> Result<Permissions, HubError> {
+    pub async fn permissions(&self, topics: Vec<String>) -> Result<HubPermissions, HubError> {
         self.ask(move |client| {
             let native = client.client().native_client();
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -324,7 +324,7 @@ impl Hub {
             let cluster = kafka_topics::cluster_permissions(native, METADATA_TIMEOUT)
                 .ok()
                 .flatten();
-            Ok(Permissions {
+            Ok(HubPermissions {
                 topics: described,
                 cluster,
             })

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 use tracing::warn;
 
-use super::reader::{HubTopicLimits, Outcome, Produced, Reader};
+use super::reader::{HubTopicLimits, Outcome, Produced, StreamReader};
 use super::{SessionError, SiteSession};
 use crate::checkpoint::Checkpoint;
 use crate::config::{hub_topic, Acl, Delivery, OnRejected};
@@ -19,7 +19,7 @@ use crate::handoff::{self, Pending};
 use crate::hub::{HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
 use crate::hub_limits::TimestampWindow;
 
-impl Reader<'_> {
+impl StreamReader<'_> {
     /// The site's ACL's verdict on `batch`: a `Nack` where it may not write the topic.
     pub(super) fn not_allowed(&self, batch: &Batch) -> Option<Nack> {
         let SiteSession { site, context, .. } = self.session;
@@ -479,7 +479,7 @@ pub(super) fn unix_millis() -> i64 {
 }
 
 /// Hands one record to librdkafka, waiting while its local queue is full, but not past the
-/// hand-over deadline (`Reader::handover_deadline`), asked again before every attempt.
+/// hand-over deadline (`StreamReader::handover_deadline`), asked again before every attempt.
 pub(super) async fn enqueue<'a>(
     producer: &FutureProducer,
     mut record: FutureRecord<'a, [u8], [u8]>,

@@ -49,7 +49,7 @@ use crate::hub::{Hub, HubError, TRANSACTION_TIMEOUT};
 use admit::Teardown;
 pub use admit::{SessionTurns, SiteConnections};
 use checkpoints::CheckpointWriter;
-use reader::{Outcome, Partitions, Reader};
+use reader::{Outcome, Partitions, StreamReader};
 use spoke_transport::wire::{read_frame_within, write_frame_within, WireError};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
@@ -101,7 +101,7 @@ pub struct SessionContext {
 pub struct Rejects {
     pub policy: OnRejected,
     pub dead_letter_topic: String,
-    /// `None`: each hub topic's `max.message.bytes` ([`Reader::topic_limits`]).
+    /// `None`: each hub topic's `max.message.bytes` ([`StreamReader::topic_limits`]).
     pub max_record_bytes: Option<usize>,
     /// How long after the relay judges a record's timestamp it may still reach the hub
     /// (`hub.fence_delay` bounds it), which narrows the timestamps it lets pass.
@@ -420,7 +420,7 @@ async fn serve_site(
     let transaction = session
         .transactional
         .then(|| Arc::new(tokio::sync::Mutex::new(())));
-    let reader = |stream: InboundStream, queue: mpsc::Sender<Outcome>| Reader {
+    let reader = |stream: InboundStream, queue: mpsc::Sender<Outcome>| StreamReader {
         session,
         stream,
         partitions: &shared,

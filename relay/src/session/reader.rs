@@ -83,11 +83,11 @@ pub(super) struct Partitions {
     pub(super) streams: PartitionStreams,
     /// When the control stream last carried a frame (a heartbeat, or a batch from an agent
     /// without data streams): records are handed to the producer only until
-    /// `handover_window` after it (`Reader::handover_deadline`).
+    /// `handover_window` after it (`StreamReader::handover_deadline`).
     pub(super) last_heard_at: tokio::time::Instant,
 }
 
-pub(super) struct Reader<'a> {
+pub(super) struct StreamReader<'a> {
     pub(super) session: SiteSession<'a>,
     /// The stream this reads, as the protocol's rules see it: which one, the dictionaries sent
     /// on it, whether it ended.
@@ -100,7 +100,7 @@ pub(super) struct Reader<'a> {
     pub(super) gates: Gates,
 }
 
-impl Reader<'_> {
+impl StreamReader<'_> {
     /// Reads the stream to its end; returns which stream it was.
     pub(super) async fn run(mut self, mut recv: quinn::RecvStream) -> Result<u64, SessionError> {
         let limits = &self.session.context.frame_limits;

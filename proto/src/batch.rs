@@ -504,76 +504,47 @@ impl Expected {
                 });
             }
             let offset = if records.is_empty() {
-                let offset = unzigzag(r.uvarint()?);
-                if offset != self.first_offset {
-                    return Err(BatchError::OffsetMismatch(
-                        "first record's offset differs from first_offset",
-                    ));
-                }
-                offset
+                self.first_record_offset(&mut r)?
             } else {
-                let delta = r.uvarint()?;
-                if delta == 0 {
-                    return Err(BatchError::OffsetOrder { prev, next: prev });
-                }
-                prev.checked_add_unsigned(delta)
-                    .ok_or(BatchError::Malformed("record offset overflows i64"))?
+                r.offset_after(prev)?
             };
-            let timestamp = match r.u8()? {
-                0 => None,
-                1 => Some(unzigzag(r.uvarint()?)),
-                _ => return Err(BatchError::Malformed("timestamp flag is neither 0 nor 1")),
-            };
-            let key = r.nullable()?;
-            let value = r.nullable()?;
-            let header_count = r.uvarint()?;
-            if header_count > u64::from(limits.max_headers_per_record) {
-                return Err(BatchError::TooManyHeaders {
-                    count: header_count,
-                    max: limits.max_headers_per_record,
-                });
-            }
-            // A header takes at least 2 bytes; bound the allocation by what is really there.
-            let mut headers = Vec::with_capacity((header_count as usize).min(r.buf.len() / 2));
-            let mut header_bytes = 0u64;
-            for _ in 0..header_count {
-                let key_len = r.uvarint()?;
-                let key = String::from_utf8(r.take(key_len)?.to_vec())
-                    .map_err(|_| BatchError::InvalidUtf8)?;
-                let value = r.nullable()?;
-                header_bytes = header_bytes
-                    .saturating_add(key_len)
-                    .saturating_add(value.as_ref().map_or(0, |v| v.len() as u64));
-                if header_bytes > u64::from(limits.max_header_bytes) {
-                    return Err(BatchError::HeadersTooLarge {
-                        len: header_bytes,
-                        max: limits.max_header_bytes,
-                    });
-                }
-                headers.push(Header { key, value });
-            }
-            records.push(Record {
-                offset,
-                timestamp,
-                key,
-                value,
-                headers,
-            });
+            records.push(r.record_at(offset, limits)?);
             prev = offset;
         }
-        let actual = u32::try_from(records.len()).unwrap_or(u32::MAX);
+        self.check_end(records.len(), prev)?;
+        Ok(records)
+    }
+
+    /// The first record's offset, written in full so that the section can be checked against
+    /// the frame's `first_offset`.
+    #[inline]
+    fn first_record_offset(&self, r: &mut SectionReader) -> Result<i64, BatchError> {
+        let offset = unzigzag(r.uvarint()?);
+        if offset != self.first_offset {
+            return Err(BatchError::OffsetMismatch(
+                "first record's offset differs from first_offset",
+            ));
+        }
+        Ok(offset)
+    }
+
+    /// Whether the section held as many records as the frame declares, the last at its
+    /// `last_offset`.
+    #[inline]
+    fn check_end(&self, count: usize, last_offset: i64) -> Result<(), BatchError> {
+        let actual = u32::try_from(count).unwrap_or(u32::MAX);
         if actual != self.record_count {
             return Err(BatchError::CountMismatch {
                 declared: self.record_count,
                 actual,
             });
         }
-        if prev != self.last_offset {
+        if last_offset != self.last_offset {
             return Err(BatchError::OffsetMismatch(
                 "last record's offset differs from last_offset",
             ));
         }
-        Ok(records)
+        Ok(())
     }
 }
 
@@ -691,6 +662,70 @@ impl SectionReader {
             0 => Ok(None),
             n => self.take(n - 1).map(Some),
         }
+    }
+
+    /// A later record's offset: a delta from the one before, which must move forward.
+    #[inline]
+    fn offset_after(&mut self, prev: i64) -> Result<i64, BatchError> {
+        let delta = self.uvarint()?;
+        if delta == 0 {
+            return Err(BatchError::OffsetOrder { prev, next: prev });
+        }
+        prev.checked_add_unsigned(delta)
+            .ok_or(BatchError::Malformed("record offset overflows i64"))
+    }
+
+    /// The rest of the record at `offset`: timestamp, key, value and headers. Key and value
+    /// are slices of the section, not copies.
+    #[inline]
+    fn record_at(&mut self, offset: i64, limits: &BatchLimits) -> Result<Record, BatchError> {
+        let timestamp = match self.u8()? {
+            0 => None,
+            1 => Some(unzigzag(self.uvarint()?)),
+            _ => return Err(BatchError::Malformed("timestamp flag is neither 0 nor 1")),
+        };
+        let key = self.nullable()?;
+        let value = self.nullable()?;
+        let headers = self.headers(limits)?;
+        Ok(Record {
+            offset,
+            timestamp,
+            key,
+            value,
+            headers,
+        })
+    }
+
+    /// A record's headers, within `limits`' count and bytes per record.
+    #[inline]
+    fn headers(&mut self, limits: &BatchLimits) -> Result<Vec<Header>, BatchError> {
+        let header_count = self.uvarint()?;
+        if header_count > u64::from(limits.max_headers_per_record) {
+            return Err(BatchError::TooManyHeaders {
+                count: header_count,
+                max: limits.max_headers_per_record,
+            });
+        }
+        // A header takes at least 2 bytes; bound the allocation by what is really there.
+        let mut headers = Vec::with_capacity((header_count as usize).min(self.buf.len() / 2));
+        let mut header_bytes = 0u64;
+        for _ in 0..header_count {
+            let key_len = self.uvarint()?;
+            let key = String::from_utf8(self.take(key_len)?.to_vec())
+                .map_err(|_| BatchError::InvalidUtf8)?;
+            let value = self.nullable()?;
+            header_bytes = header_bytes
+                .saturating_add(key_len)
+                .saturating_add(value.as_ref().map_or(0, |v| v.len() as u64));
+            if header_bytes > u64::from(limits.max_header_bytes) {
+                return Err(BatchError::HeadersTooLarge {
+                    len: header_bytes,
+                    max: limits.max_header_bytes,
+                });
+            }
+            headers.push(Header { key, value });
+        }
+        Ok(headers)
     }
 }
 

@@ -116,47 +116,26 @@ pub async fn run(
             relay: None,
         };
         let span = tracing::info_span!("relay", address = %relay.address);
-        let result = async {
-            let connection =
-                connect(relay, &client_config, &mut endpoint_v4, &mut endpoint_v6).await?;
-            let result = session.run(&connection).await.map_err(|error| {
-                // A relay that refuses or ends the session says why in its close frame; that
-                // beats the "connection lost" a pending read reports.
-                match connection.close_reason() {
-                    Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                        ShipError::Closed(format!(
-                            "{} (code {})",
-                            String::from_utf8_lossy(&close.reason),
-                            close.error_code
-                        ))
-                    }
-                    _ => error,
-                }
-            });
-            let (code, reason): (u32, &[u8]) = match &result {
-                Ok(_) => (0, b"agent stopping"),
-                Err(_) => (2, b"agent session error"),
-            };
-            connection.close(code.into(), reason);
-            result
-        }
+        let result = session_with(
+            relay,
+            &client_config,
+            &mut endpoint_v4,
+            &mut endpoint_v6,
+            &mut session,
+        )
         .instrument(span)
         .await;
         progress.relay_connected.store(false, Ordering::Relaxed);
         match result {
             Ok(Ended::Stopped) => {
-                for endpoint in [endpoint_v4, endpoint_v6].into_iter().flatten() {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-                }
+                wait_idle([endpoint_v4, endpoint_v6]).await;
                 return Ok(());
             }
             Err(ShipError::Spool(error)) => return Err(ShipError::Spool(error)),
             Err(ShipError::Fenced { previous, wait }) => {
                 info!(%previous, ?wait, "another relay may still be delivering our last batches; waiting out relay.fence_delay");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = stop.cancelled() => return Ok(()),
+                if !slept(wait, &stop).await {
+                    return Ok(());
                 }
             }
             Err(error) => {
@@ -165,13 +144,63 @@ pub async fn run(
                 }
                 warn!(relay = %relay.address, %error, retry_in = ?backoff, "relay session ended");
                 index = (index + 1) % loaded.endpoints.len();
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = stop.cancelled() => return Ok(()),
+                if !slept(backoff, &stop).await {
+                    return Ok(());
                 }
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }
         }
+    }
+}
+
+/// One session with `relay`: connects (on the address family's endpoint, kept for the next
+/// session), runs `session`, and closes the connection saying whether the agent stopped or
+/// failed.
+async fn session_with(
+    relay: &Endpoint,
+    client_config: &quinn::ClientConfig,
+    endpoint_v4: &mut Option<quinn::Endpoint>,
+    endpoint_v6: &mut Option<quinn::Endpoint>,
+    session: &mut RelaySession<'_>,
+) -> Result<Ended, ShipError> {
+    let connection = connect(relay, client_config, endpoint_v4, endpoint_v6).await?;
+    let result = session
+        .run(&connection)
+        .await
+        .map_err(|error| closed_by_relay(&connection, error));
+    let (code, reason): (u32, &[u8]) = match &result {
+        Ok(_) => (0, b"agent stopping"),
+        Err(_) => (2, b"agent session error"),
+    };
+    connection.close(code.into(), reason);
+    result
+}
+
+/// A relay that refuses or ends the session says why in its close frame; that beats the
+/// "connection lost" (`error`) a pending read reports.
+fn closed_by_relay(connection: &quinn::Connection, error: ShipError) -> ShipError {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => ShipError::Closed(format!(
+            "{} (code {})",
+            String::from_utf8_lossy(&close.reason),
+            close.error_code
+        )),
+        _ => error,
+    }
+}
+
+/// Whether `wait` passed before `stop` was cancelled.
+async fn slept(wait: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = stop.cancelled() => false,
+    }
+}
+
+/// On shutdown, gives each endpoint up to 2 s to tell its relay that the connection closed.
+async fn wait_idle(endpoints: [Option<quinn::Endpoint>; 2]) {
+    for endpoint in endpoints.into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
 }
 

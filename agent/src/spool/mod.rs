@@ -26,6 +26,9 @@
 //!
 //! # On-disk format (sled, default tree, chunk format versions 2 and 3)
 //!
+//! `format.rs` encodes and decodes it (keys, values, checksums; no sled access); `sled.rs` is
+//! the store that writes and reads it.
+//!
 //! All integers are big-endian. Signed integers used in keys are stored with the sign bit flipped
 //! (`x ^ i64::MIN`), so that byte order equals numeric order. A Kafka topic name never contains a
 //! `0x00` byte, so `topic 0x00` ends the name unambiguously and byte order of keys equals
@@ -65,7 +68,7 @@
 //!   (u32)`; the chunk, its pieces and the position are written in one batch and removed
 //!   together. Why: sled 0.34 stores a page over about 128 KiB as a blob and counts only the
 //!   blob's pointer against its cache, so a backlog of chunks in single values stayed
-//!   resident in full (see `sled.rs`, `PIECE_BYTES`). An agent older than version 3 refuses
+//!   resident in full (see `format.rs`, `PIECE_BYTES`). An agent older than version 3 refuses
 //!   such a spool on open (unknown format version 3) rather than misreading it.
 //! * Dictionary: key `b'd' ++ id (u32)`; value: format version `1` (u8), CRC32 (u32) over the
 //!   key and the rest of the value, topic length (u16), topic, then the zstd dictionary. A
@@ -89,6 +92,7 @@ use std::fmt;
 pub use spoke_kafka::topics::TopicId;
 
 mod durable;
+mod format;
 mod model;
 mod sled;
 
@@ -400,6 +404,16 @@ mod tests {
             spooled_at_ms: at,
             payload: Bytes::from(payload),
         }
+    }
+
+    /// A chunk of `len` bytes of payload, longer than [`chunk`]'s.
+    pub(crate) fn big_chunk(p: &SourcePartition, first: i64, len: usize) -> Chunk {
+        let mut c = chunk(p, first, first + 9, first + 10, 0x0102);
+        c.payload = (0..len)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        c
     }
 
     /// Runs a test body against both implementations.

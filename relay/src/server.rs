@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spoke_process::logging::LogLimiter;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -46,26 +46,101 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let config = &loaded.config;
     let limits = config.limits.clone();
-    let server_config = crate::tls::server_config(&config.tls, &loaded.deny, &limits)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-        RelayError::Listen {
-            addr: config.listen,
-            source,
-        }
-    })?;
+    let endpoint = listen(&loaded, &limits)?;
     let hub = Hub::new(&config.hub, &loaded.hub_kafka)?;
     let checkpoints = Arc::new(Checkpoints::new(
         config.hub.offsets_topic.clone(),
         config.hub.checkpoint_interval,
     ));
+    let fleet = new_fleet(&hub, &checkpoints);
+    let relay_name = instance_name(config.listen);
+    let background =
+        start_background(&loaded, &hub, &checkpoints, &fleet, &relay_name, &shutdown).await?;
+    let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
+    let (deny_tx, deny) = tokio::sync::watch::channel(loaded.deny.clone());
+    let context = Arc::new(session_context(
+        &loaded,
+        hub,
+        fleet.clone(),
+        checkpoints,
+        relay_name,
+        acl,
+        deny,
+    ));
+    info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
+
+    let admission = Admission {
+        // Permits, not counters: a task that ends in any way (even a panic) gives its permit
+        // back.
+        connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
+        handshakes: Arc::new(Semaphore::new(limits.max_handshakes as usize)),
+        fleet: fleet.clone(),
+    };
+    let sessions = TaskTracker::new();
+    let handshake_log = Arc::new(LogLimiter::new(Duration::from_secs(10)));
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(()) = reloads.recv() => {
+                reload(&loaded.path, &limits, &endpoint, &acl_tx, &deny_tx);
+                continue;
+            }
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let Some(admitted) = admission.admit(incoming) else {
+            continue;
+        };
+        sessions.spawn(handshake_then_serve(
+            admitted,
+            limits.handshake_timeout,
+            context.clone(),
+            fleet.clone(),
+            handshake_log.clone(),
+            shutdown.child_token(),
+        ));
+    }
+    shut_down(&endpoint, sessions, &context, background).await;
+    Ok(())
+}
+
+/// The QUIC endpoint on `listen`, with the TLS setup of `loaded`.
+fn listen(
+    loaded: &Loaded,
+    limits: &crate::config::LimitsConfig,
+) -> Result<quinn::Endpoint, RelayError> {
+    let config = &loaded.config;
+    let server_config = crate::tls::server_config(&config.tls, &loaded.deny, limits)?;
+    quinn::Endpoint::server(server_config, config.listen).map_err(|source| RelayError::Listen {
+        addr: config.listen,
+        source,
+    })
+}
+
+/// The relay's metrics, with the checkpoints' and the hub's.
+fn new_fleet(hub: &Hub, checkpoints: &Checkpoints) -> Arc<Fleet> {
     let mut fleet = Fleet::new();
     checkpoints.register(&mut fleet.registry);
     hub.register(&mut fleet.registry);
-    let fleet = Arc::new(fleet);
-    let relay_name = instance_name(config.listen);
+    Arc::new(fleet)
+}
+
+/// Starts what runs beside the sessions until `shutdown`: the admin endpoint, the hub probe
+/// behind its `/healthz`, and the checkpoint follower.
+async fn start_background(
+    loaded: &Loaded,
+    hub: &Arc<Hub>,
+    checkpoints: &Arc<Checkpoints>,
+    fleet: &Arc<Fleet>,
+    relay_name: &str,
+    shutdown: &CancellationToken,
+) -> Result<TaskTracker, RelayError> {
+    let config = &loaded.config;
     let admin_state = Arc::new(Admin {
         fleet: fleet.clone(),
-        relay_name: relay_name.clone(),
+        relay_name: relay_name.to_owned(),
         hub_seen_ms: AtomicU64::new(0),
     });
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -87,36 +162,28 @@ pub async fn run(
         config.hub.delivery == Delivery::ExactlyOnce,
         shutdown.clone(),
     ));
-    let (acl_tx, acl) = tokio::sync::watch::channel(loaded.acl.clone());
-    let (deny_tx, deny) = tokio::sync::watch::channel(loaded.deny.clone());
-    let context = Arc::new(session_context(
-        &loaded,
-        hub,
-        fleet.clone(),
-        checkpoints,
-        relay_name,
-        acl,
-        deny,
-    ));
-    info!(listen = %config.listen, hub = %config.hub.bootstrap, "relay ready");
+    Ok(background)
+}
 
-    // Permits, not counters: a task that ends in any way (even a panic) gives its permit back.
-    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes as usize));
-    let sessions = TaskTracker::new();
-    let handshake_log = Arc::new(LogLimiter::new(Duration::from_secs(10)));
-    loop {
-        let incoming = tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(()) = reloads.recv() => {
-                reload(&loaded.path, &limits, &endpoint, &acl_tx, &deny_tx);
-                continue;
-            }
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
+/// What lets a connection attempt through to a TLS handshake.
+struct Admission {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    fleet: Arc<Fleet>,
+}
+
+/// A connection attempt let through, with the permits it holds: one for the connection's life,
+/// one for its handshake.
+struct Admitted {
+    incoming: quinn::Incoming,
+    connection_permit: OwnedSemaphorePermit,
+    handshake_permit: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    /// Lets `incoming` through if its address is validated and a connection and a handshake
+    /// permit are free; otherwise answers it (a Retry, or a refusal the fleet counts).
+    fn admit(&self, incoming: quinn::Incoming) -> Option<Admitted> {
         // Address validation: an address that has not echoed a Retry token costs the relay one
         // stateless packet, never a TLS handshake, so spoofed sources cannot make it work.
         if !incoming.remote_address_validated() {
@@ -124,49 +191,63 @@ pub async fn run(
                 // Dropping the Incoming refuses it.
                 drop(error.into_incoming());
             }
-            continue;
+            return None;
         }
-        let Ok(connection_permit) = connections.clone().try_acquire_owned() else {
-            fleet.rejected(reject::TOO_MANY_CONNECTIONS);
+        let Ok(connection_permit) = self.connections.clone().try_acquire_owned() else {
+            self.fleet.rejected(reject::TOO_MANY_CONNECTIONS);
             incoming.refuse();
-            continue;
+            return None;
         };
-        let Ok(handshake_permit) = handshakes.clone().try_acquire_owned() else {
-            fleet.rejected(reject::TOO_MANY_HANDSHAKES);
+        let Ok(handshake_permit) = self.handshakes.clone().try_acquire_owned() else {
+            self.fleet.rejected(reject::TOO_MANY_HANDSHAKES);
             incoming.refuse();
-            continue;
+            return None;
         };
-        let context = context.clone();
-        let fleet = fleet.clone();
-        let handshake_log = handshake_log.clone();
-        let shutdown = shutdown.child_token();
-        let handshake_timeout = limits.handshake_timeout;
-        sessions.spawn(async move {
-            let remote = incoming.remote_address();
-            let handshake = match incoming.accept() {
-                Ok(connecting) => tokio::time::timeout(handshake_timeout, connecting)
-                    .await
-                    .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
-                Err(error) => Err(error),
-            };
-            drop(handshake_permit);
-            match handshake {
-                Ok(connection) => session::serve(connection, context, shutdown).await,
-                Err(error) => {
-                    let reason = crate::tls::handshake_reject_reason(&error);
-                    fleet.rejected(reason);
-                    // A flood of bad handshakes must not flood the log: the counter has
-                    // them all, the log one line per interval.
-                    if handshake_log.allow().is_some() {
-                        warn!(%remote, %error, reason, "handshake failed");
-                    }
-                }
-            }
-            drop(connection_permit);
-        });
+        Some(Admitted {
+            incoming,
+            connection_permit,
+            handshake_permit,
+        })
     }
-    shut_down(&endpoint, sessions, &context, background).await;
-    Ok(())
+}
+
+/// One connection's task: its TLS handshake within `handshake_timeout`, then its session. A
+/// failed handshake is counted by reason, and logged at most once per interval of
+/// `handshake_log`.
+async fn handshake_then_serve(
+    admitted: Admitted,
+    handshake_timeout: Duration,
+    context: Arc<SessionContext>,
+    fleet: Arc<Fleet>,
+    handshake_log: Arc<LogLimiter>,
+    shutdown: CancellationToken,
+) {
+    let Admitted {
+        incoming,
+        connection_permit,
+        handshake_permit,
+    } = admitted;
+    let remote = incoming.remote_address();
+    let handshake = match incoming.accept() {
+        Ok(connecting) => tokio::time::timeout(handshake_timeout, connecting)
+            .await
+            .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
+        Err(error) => Err(error),
+    };
+    drop(handshake_permit);
+    match handshake {
+        Ok(connection) => session::serve(connection, context, shutdown).await,
+        Err(error) => {
+            let reason = crate::tls::handshake_reject_reason(&error);
+            fleet.rejected(reason);
+            // A flood of bad handshakes must not flood the log: the counter has them all, the
+            // log one line per interval.
+            if handshake_log.allow().is_some() {
+                warn!(%remote, %error, reason, "handshake failed");
+            }
+        }
+    }
+    drop(connection_permit);
 }
 
 /// Ends the sessions, then lets the hub deliveries of ended sessions resolve, within bounds.

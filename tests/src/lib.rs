@@ -52,6 +52,21 @@ where
     }
 }
 
+/// Runs one named case of a test whose cases share an expensive environment (brokers, relay,
+/// agent) and therefore run in sequence inside one `#[test]`: prints how the case went and
+/// how long it took, and a failure's error starts with `case <name>`, so it says which case.
+pub fn case<T>(name: &str, run: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    let started = Instant::now();
+    let result = run().with_context(|| format!("case {name}"));
+    println!(
+        "case {name}: {} in {:.1}s",
+        if result.is_ok() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
 /// A port free on loopback for both TCP and UDP (bound and released; good enough for tests).
 pub fn free_port() -> anyhow::Result<u16> {
     // The kernel picks a port free for TCP; UDP may hold the same number, since concurrent

@@ -274,6 +274,32 @@ impl Env {
         &self.pki
     }
 
+    /// Records hub topic `hub_topic` holds in its partitions `0..partitions` (high minus low
+    /// watermark, summed; 0 while the topic does not exist). Reads the hub from here: inside a
+    /// WAN placement, call it within [`Env::on_hub`].
+    pub fn hub_held(&self, hub_topic: &str, partitions: i32) -> anyhow::Result<i64> {
+        crate::kafka::records_held(&self.hub.bootstrap(), hub_topic, partitions)
+    }
+
+    /// [`Env::hub_held`] of [`SITE`]'s edge topic `topic`, that is of hub topic
+    /// `{SITE}.{topic}`.
+    pub fn hub_count(&self, topic: &str, partitions: i32) -> anyhow::Result<i64> {
+        self.hub_held(&format!("{SITE}.{topic}"), partitions)
+    }
+
+    /// [`crate::kafka::assert_all_replicated`] between this environment's edge and hub for
+    /// [`SITE`]'s `topic`, partitions `0..partitions`: every record in the hub, in order, byte
+    /// for byte, with its provenance headers. Returns the number of records compared.
+    pub fn assert_all_replicated(&self, topic: &str, partitions: i32) -> anyhow::Result<usize> {
+        crate::kafka::assert_all_replicated(
+            &self.edge.bootstrap(),
+            &self.hub.bootstrap(),
+            SITE,
+            topic,
+            partitions,
+        )
+    }
+
     pub fn relay_config(&self, allow: &[&str]) -> anyhow::Result<PathBuf> {
         self.relay_config_with(allow, &RelayOptions::default())
     }

@@ -21,10 +21,6 @@ fn rec(i: usize, key: &str) -> Rec {
     }
 }
 
-fn hub_total(env: &Env) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), HUB_TOPIC, 2)
-}
-
 /// The newest checkpoint per key, as the offsets topic holds them.
 fn checkpoints(env: &Env) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
     let mut newest = BTreeMap::new();
@@ -84,14 +80,14 @@ fn checkpoints_are_written_read_back_and_bound_the_resume_scan() -> anyhow::Resu
     eventually(
         "partition 2's first records in the hub",
         Duration::from_secs(60),
-        || Ok(hub_total(&env)? == 10),
+        || Ok(env.hub_held(HUB_TOPIC, 2)? == 10),
     )?;
     for p in 0..2 {
         let records: Vec<Rec> = (0..3_000).map(|i| rec(i, &format!("k{i}"))).collect();
         kafka::produce(&producer, "orders", p, &records)?;
     }
     eventually("6,010 records in the hub", Duration::from_secs(180), || {
-        Ok(hub_total(&env)? == 6_010)
+        Ok(env.hub_held(HUB_TOPIC, 2)? == 6_010)
     })?;
     agent.stop()?;
     drop(agent);
@@ -170,7 +166,7 @@ fn resume_after_restart(
     records: &[Rec],
     offsets_topic: &str,
 ) -> anyhow::Result<Resumed> {
-    let expected = hub_total(env)? + records.len() as i64;
+    let expected = env.hub_held(HUB_TOPIC, 2)? + records.len() as i64;
     let producer = kafka::producer(&env.edge.bootstrap())?;
     kafka::produce(&producer, "orders", 2, records)?;
     let spooled = || {
@@ -200,7 +196,7 @@ fn resume_after_restart(
         &format!("{expected} records in the hub"),
         Duration::from_secs(120),
         || {
-            let total = hub_total(env)?;
+            let total = env.hub_held(HUB_TOPIC, 2)?;
             anyhow::ensure!(total <= expected, "{total} records in the hub: duplicates");
             Ok(total == expected)
         },

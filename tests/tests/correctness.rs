@@ -13,6 +13,10 @@ use spoke_tests::site::{AgentOptions, Env, RelayOptions, SITE};
 use spoke_tests::{admin, eventually};
 
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(180);
+/// The hub topic of the site's `orders`, in every scenario.
+const HUB_TOPIC: &str = "branch-042.orders";
+/// The relay's dead-letter topic, where the records the hub refuses go.
+const DEAD_LETTER: &str = "spoke.dead-letter";
 
 /// Records the agent reported lost, over every reason.
 fn reported_lost(env: &Env) -> u64 {
@@ -30,10 +34,6 @@ fn keyed(partition: i32, i: usize) -> Rec {
     }
 }
 
-fn hub_total(env: &Env, hub_topic: &str, hub_partitions: i32) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), hub_topic, hub_partitions)
-}
-
 /// Scenario 3: the hub topic exists beforehand with fewer partitions than the edge topic
 /// (partitions added at the edge later, or a topic an operator created). Each source
 /// partition must land in exactly one hub partition, in source order, so that per-key order
@@ -41,7 +41,6 @@ fn hub_total(env: &Env, hub_topic: &str, hub_partitions: i32) -> anyhow::Result<
 /// partition without a hub partition of its number were spread over all by key hash.
 #[test]
 fn a_hub_topic_with_fewer_partitions_holds_each_source_partition_in_one() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 3)?;
     kafka::create_topic(&env.hub.bootstrap(), HUB_TOPIC, 2)?;
@@ -61,7 +60,7 @@ fn a_hub_topic_with_fewer_partitions_holds_each_source_partition_in_one() -> any
     eventually(
         "the first 1800 records in the hub",
         REPLICATION_TIMEOUT,
-        || Ok(hub_total(&env, HUB_TOPIC, 2)? >= produced),
+        || Ok(env.hub_held(HUB_TOPIC, 2)? >= produced),
     )?;
     // A restart resumes from the hub: the scan must find each source partition where it is.
     agent.kill9()?;
@@ -72,7 +71,7 @@ fn a_hub_topic_with_fewer_partitions_holds_each_source_partition_in_one() -> any
     }
     let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("all 2700 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 2)? >= produced)
+        Ok(env.hub_held(HUB_TOPIC, 2)? >= produced)
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 2)?;
@@ -105,7 +104,6 @@ fn a_hub_topic_with_fewer_partitions_holds_each_source_partition_in_one() -> any
 /// may be in the hub at that moment. After a restart every record arrives exactly once.
 #[test]
 fn nothing_leaves_the_agent_before_the_spool_made_it_durable() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -126,11 +124,11 @@ fn nothing_leaves_the_agent_before_the_spool_made_it_durable() -> anyhow::Result
         log.contains("failpoint tail.before_flush: Abort"),
         "the agent must have stopped at the failpoint (built without `failpoints`?):\n{log}"
     );
-    let early = hub_total(&env, HUB_TOPIC, 1)?;
+    let early = env.hub_held(HUB_TOPIC, 1)?;
     // The same spool, no failpoint: replication completes.
     let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("300 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 300)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 300)
     })?;
     std::thread::sleep(Duration::from_secs(1));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
@@ -154,7 +152,6 @@ fn nothing_leaves_the_agent_before_the_spool_made_it_durable() -> anyhow::Result
 /// fence rename must be followed by an `fsync` of the directory it is in.
 #[test]
 fn the_spool_and_the_fence_reach_the_disk() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     anyhow::ensure!(
         std::process::Command::new("strace")
             .arg("-V")
@@ -185,7 +182,7 @@ fn the_spool_and_the_fence_reach_the_disk() -> anyhow::Result<()> {
         &[],
     )?;
     eventually("200 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 200)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 200)
     })?;
     agent.stop_wrapped()?;
     let text = std::fs::read_to_string(&trace)?;
@@ -242,7 +239,6 @@ fn the_spool_and_the_fence_reach_the_disk() -> anyhow::Result<()> {
 /// delays every byte; after the fence time nothing more may land.
 #[test]
 fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     const FENCE_DELAY: Duration = Duration::from_secs(15);
     let env = Env::with_slow_hub()?;
     let proxy = env
@@ -322,7 +318,6 @@ fn a_relay_that_lost_its_agent_stops_writing_before_the_fence_opens() -> anyhow:
 /// still wait out the fence delay after its last contact with A.
 #[test]
 fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     const FENCE_DELAY: Duration = Duration::from_secs(15);
     anyhow::ensure!(
         std::process::Command::new("faketime")
@@ -340,7 +335,7 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
     let relay_b = env.start_relay_b(&["orders"])?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("100 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 100)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 100)
     })?;
     agent.stop()?;
     let stopped = std::time::Instant::now();
@@ -364,7 +359,7 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
     eventually(
         "the agent's session with relay B",
         Duration::from_secs(60),
-        || Ok(std::fs::read_to_string(&log)?.contains("spoke_agent::ship: connected")),
+        || Ok(std::fs::read_to_string(&log)?.contains("spoke_agent::ship::session: connected")),
     )?;
     let waited = stopped.elapsed();
     anyhow::ensure!(
@@ -381,7 +376,7 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
         env.path("agent-b.log"),
     )?;
     eventually("all 200 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 200)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 200)
     })
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     std::thread::sleep(Duration::from_secs(1));
@@ -406,7 +401,6 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
 /// must then be in the hub or counted lost, never both.
 #[test]
 fn drop_oldest_after_a_restart_spares_what_may_already_be_in_the_hub() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -423,7 +417,7 @@ fn drop_oldest_after_a_restart_spares_what_may_already_be_in_the_hub() -> anyhow
         Duration::from_secs(60),
         || Ok(!agent.is_running()),
     )?;
-    let delivered = hub_total(&env, HUB_TOPIC, 1)?;
+    let delivered = env.hub_held(HUB_TOPIC, 1)?;
     anyhow::ensure!(delivered > 0, "nothing reached the hub before the Ack");
     relay.stop()?;
     kafka::produce(&producer, "orders", 0, &records[300..])?;
@@ -438,7 +432,7 @@ fn drop_oldest_after_a_restart_spares_what_may_already_be_in_the_hub() -> anyhow
     let settled = eventually(
         "hub and losses to account for every record",
         REPLICATION_TIMEOUT,
-        || Ok(hub_total(&env, HUB_TOPIC, 1)? + reported_lost(&env) as i64 >= 3000),
+        || Ok(env.hub_held(HUB_TOPIC, 1)? + reported_lost(&env) as i64 >= 3000),
     );
     std::thread::sleep(Duration::from_secs(2));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
@@ -478,7 +472,6 @@ struct GapRun {
 /// Offset 100 of 0..200 deleted at the edge while the agent was stopped at it; the agent
 /// restarted with `agent_env`.
 fn gap_of_one(scenario: &str, agent_env: &[(&str, &str)]) -> anyhow::Result<GapRun> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let mut env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
     let _relay = env.start_relay(&["orders"])?;
@@ -490,7 +483,7 @@ fn gap_of_one(scenario: &str, agent_env: &[(&str, &str)]) -> anyhow::Result<GapR
     eventually(
         "the first 100 records in the hub",
         REPLICATION_TIMEOUT,
-        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 100),
+        || Ok(env.hub_held(HUB_TOPIC, 1)? >= 100),
     )?;
     agent.stop()?;
     kafka::produce(&producer, "orders", 0, &records[100..])?;
@@ -502,7 +495,7 @@ fn gap_of_one(scenario: &str, agent_env: &[(&str, &str)]) -> anyhow::Result<GapR
     eventually(
         "the records after the gap in the hub",
         REPLICATION_TIMEOUT,
-        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 199),
+        || Ok(env.hub_held(HUB_TOPIC, 1)? >= 199),
     )?;
     std::thread::sleep(Duration::from_secs(1));
     let reported = reported_lost(&env);
@@ -601,7 +594,6 @@ fn a_gap_the_broker_cannot_measure_is_reported_as_unmeasured() -> anyhow::Result
 /// say so, and place every record by the new layout.
 #[test]
 fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let mut env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -612,7 +604,7 @@ fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Res
     let relay = env.start_relay(&["orders"])?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("400 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 400)
+        Ok(env.hub_held(HUB_TOPIC, 2)? >= 400)
     })?;
     agent.stop()?;
     // What an operator does to a hub topic: delete it, create it anew, smaller. The relay
@@ -626,7 +618,7 @@ fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Res
     let arrived = eventually(
         "the 400 later records in the new hub topic",
         Duration::from_secs(90),
-        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 400),
+        || Ok(env.hub_held(HUB_TOPIC, 1)? >= 400),
     );
     std::thread::sleep(Duration::from_secs(1));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
@@ -668,8 +660,6 @@ fn a_hub_topic_recreated_while_the_relay_runs_is_resolved_again() -> anyhow::Res
 #[test]
 fn records_the_hub_refuses_go_to_the_dead_letter_topic_and_the_site_carries_on(
 ) -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
-    const DEAD_LETTER: &str = "spoke.dead-letter";
     const LARGE: usize = 100;
     // 239 characters: valid at the edge, 250 (one more than Kafka allows) under
     // "branch-042." at the hub.
@@ -703,10 +693,10 @@ fn records_the_hub_refuses_go_to_the_dead_letter_topic_and_the_site_carries_on(
     )?;
     let _agent = env.start_agent(&AgentOptions::include(&["orders", &long_topic]))?;
     let arrived = eventually("599 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 599)
+        Ok(env.hub_held(HUB_TOPIC, 2)? >= 599)
     });
     let dead = eventually("51 dead letters", Duration::from_secs(30), || {
-        Ok(hub_total(&env, DEAD_LETTER, 1)? >= 51)
+        Ok(env.hub_held(DEAD_LETTER, 1)? >= 51)
     });
     std::thread::sleep(Duration::from_secs(1));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 2)?;
@@ -801,7 +791,6 @@ fn records_the_hub_refuses_go_to_the_dead_letter_topic_and_the_site_carries_on(
 /// what to change. Records of earlier batches are in the hub, none after.
 #[test]
 fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -826,7 +815,7 @@ fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Resul
     eventually(
         "the first 50 records in the hub",
         REPLICATION_TIMEOUT,
-        || Ok(hub_total(&env, HUB_TOPIC, 1)? >= 50),
+        || Ok(env.hub_held(HUB_TOPIC, 1)? >= 50),
     )?;
     kafka::produce(&producer, "orders", 0, &records[50..])?;
     eventually(
@@ -867,7 +856,6 @@ fn on_rejected_stop_holds_the_partition_at_the_refused_record() -> anyhow::Resul
 /// says so again. Before, the agent counted it twice (reported_lost=2 for one record).
 #[test]
 fn a_refused_record_is_counted_once_when_its_batch_is_resent() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     const REFUSED: usize = 50;
     let env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
@@ -896,7 +884,7 @@ fn a_refused_record_is_counted_once_when_its_batch_is_resent() -> anyhow::Result
     let mut relay = env.start_relay_with(&["orders"], &crashing)?;
     let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("the first records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= REFUSED as i64)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= REFUSED as i64)
     })?;
     // The refused record alone in its batch, so nothing after it shows in the hub topic.
     kafka::produce(&producer, "orders", 0, &records[REFUSED..=REFUSED])?;
@@ -914,7 +902,7 @@ fn a_refused_record_is_counted_once_when_its_batch_is_resent() -> anyhow::Result
     relay = env.start_relay_with(&["orders"], &small_records)?;
     kafka::produce(&producer, "orders", 0, &records[REFUSED + 1..])?;
     eventually("the rest in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 99)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 99)
     })?;
     std::thread::sleep(Duration::from_secs(1));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
@@ -952,8 +940,6 @@ fn a_refused_record_is_counted_once_when_its_batch_is_resent() -> anyhow::Result
 /// timestamp in a header when the dead-letter topic would refuse it too.
 #[test]
 fn records_outside_the_hub_topics_timestamp_window_are_dead_lettered() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
-    const DEAD_LETTER: &str = "spoke.dead-letter";
     const HOUR_MS: i64 = 3_600_000;
     let env = Env::new()?;
     let window = [
@@ -986,10 +972,10 @@ fn records_outside_the_hub_topics_timestamp_window_are_dead_lettered() -> anyhow
     let _relay = env.start_relay(&["orders"])?;
     let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     let arrived = eventually("98 records in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 1)? >= 98)
+        Ok(env.hub_held(HUB_TOPIC, 1)? >= 98)
     });
     let dead = eventually("2 dead letters", Duration::from_secs(30), || {
-        Ok(hub_total(&env, DEAD_LETTER, 1)? >= 2)
+        Ok(env.hub_held(DEAD_LETTER, 1)? >= 2)
     });
     std::thread::sleep(Duration::from_secs(1));
     let landed = oracle::read_hub(&env.hub.bootstrap(), HUB_TOPIC, 1)?;
@@ -1113,7 +1099,6 @@ fn incarnation_faults(
 #[test]
 fn an_edge_topic_recreated_and_refilled_while_the_agent_was_stopped_is_a_new_incarnation(
 ) -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let mut env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 2)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -1126,7 +1111,7 @@ fn an_edge_topic_recreated_and_refilled_while_the_agent_was_stopped_is_a_new_inc
     let _relay = env.start_relay(&["orders"])?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("the first log in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 400)
+        Ok(env.hub_held(HUB_TOPIC, 2)? >= 400)
     })?;
 
     drop(producer);
@@ -1141,7 +1126,7 @@ fn an_edge_topic_recreated_and_refilled_while_the_agent_was_stopped_is_a_new_inc
     }
     agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     let arrived = eventually("the new log in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 2)? >= 1000)
+        Ok(env.hub_held(HUB_TOPIC, 2)? >= 1000)
     });
     std::thread::sleep(Duration::from_secs(2));
 
@@ -1201,7 +1186,6 @@ fn an_edge_topic_recreated_and_refilled_while_the_agent_was_stopped_is_a_new_inc
 /// real broker answers UNKNOWN_TOPIC_ID). A new consumer asks by name and is not affected.
 #[test]
 fn an_edge_topic_deleted_and_recreated_is_replicated_as_a_new_incarnation() -> anyhow::Result<()> {
-    const HUB_TOPIC: &str = "branch-042.orders";
     let mut env = Env::new()?;
     kafka::create_topic(&env.edge.bootstrap(), "orders", 3)?;
     let producer = kafka::producer(&env.edge.bootstrap())?;
@@ -1214,7 +1198,7 @@ fn an_edge_topic_deleted_and_recreated_is_replicated_as_a_new_incarnation() -> a
     let mut relay = env.start_relay(&["orders"])?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("the first log in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 3)? >= 1500)
+        Ok(env.hub_held(HUB_TOPIC, 3)? >= 1500)
     })?;
     // Records of partition 2 still spooled when it vanishes: they must ship all the same.
     relay.stop()?;
@@ -1244,7 +1228,7 @@ fn an_edge_topic_deleted_and_recreated_is_replicated_as_a_new_incarnation() -> a
     relay = env.start_relay(&["orders"])?;
     agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     let arrived = eventually("the new log in the hub", REPLICATION_TIMEOUT, || {
-        Ok(hub_total(&env, HUB_TOPIC, 3)? >= 2200)
+        Ok(env.hub_held(HUB_TOPIC, 3)? >= 2200)
     });
     // Persisted: a restart resumes the new incarnation where it was.
     let restarted = arrived.and_then(|()| -> anyhow::Result<()> {
@@ -1253,7 +1237,7 @@ fn an_edge_topic_deleted_and_recreated_is_replicated_as_a_new_incarnation() -> a
         let third: Vec<Rec> = (0..100).map(|i| keyed(0, 20_000 + i)).collect();
         kafka::produce(&producer, "orders", 0, &third)?;
         eventually("the records after the restart", REPLICATION_TIMEOUT, || {
-            Ok(hub_total(&env, HUB_TOPIC, 3)? >= 2300)
+            Ok(env.hub_held(HUB_TOPIC, 3)? >= 2300)
         })
     });
     std::thread::sleep(Duration::from_secs(2));

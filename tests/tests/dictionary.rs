@@ -24,13 +24,9 @@ struct Run {
     dictionary_batches: f64,
 }
 
-fn hub_count(env: &Env) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), &format!("{SITE}.{TOPIC}"), 1)
-}
-
 fn wait_for(env: &Env, expected: usize) -> anyhow::Result<()> {
     eventually(&format!("{expected} records in the hub"), TIMEOUT, || {
-        Ok(hub_count(env)? == expected as i64)
+        Ok(env.hub_count(TOPIC, 1)? == expected as i64)
     })
 }
 

@@ -129,10 +129,6 @@ impl Load {
     }
 }
 
-fn hub_count(env: &Env, topic: &str) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), &format!("{SITE}.{topic}"), PARTITIONS)
-}
-
 /// Waits until the hub holds `produced` records, then compares every partition exactly and
 /// prints the scenario's summary line.
 fn settle_and_compare(
@@ -144,9 +140,9 @@ fn settle_and_compare(
     let wait = eventually(
         &format!("{produced} records in the hub"),
         Duration::from_secs(300),
-        || Ok(hub_count(env, topic)? >= produced as i64),
+        || Ok(env.hub_count(topic, PARTITIONS)? >= produced as i64),
     );
-    let hub = hub_count(env, topic)?;
+    let hub = env.hub_count(topic, PARTITIONS)?;
     let mut missing = 0;
     for p in 0..PARTITIONS {
         missing +=
@@ -225,7 +221,7 @@ fn kill_nine_of_agents_and_relays_under_load_loses_and_duplicates_nothing() -> a
     eventually(
         "a fresh record after the faults",
         Duration::from_secs(60),
-        || Ok(hub_count(&env, "orders")? == produced as i64 + 1),
+        || Ok(env.hub_count("orders", PARTITIONS)? == produced as i64 + 1),
     )?;
     Ok(())
 }
@@ -254,7 +250,7 @@ fn assert_loss_is_what_the_hub_misses(
         )?
         .len();
     }
-    let hub = hub_count(env, "orders")?;
+    let hub = env.hub_count("orders", PARTITIONS)?;
     println!(
         "scenario={scenario} produced={total} hub={hub} lost={reported} dup=0 missing={missing}"
     );
@@ -425,12 +421,12 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
     );
 
     eventually("records flowing", Duration::from_secs(60), || {
-        Ok(hub_count(&env, "orders")? > 500)
+        Ok(env.hub_count("orders", PARTITIONS)? > 500)
     })?;
     relay.stop()?;
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(if long_mode() { 601 } else { 61 }));
-    let during = hub_count(&env, "orders")?;
+    let during = env.hub_count("orders", PARTITIONS)?;
     relay = env.start_relay(&["orders"])?;
     let outage_seconds = outage.elapsed().as_secs_f64();
     println!(
@@ -438,23 +434,23 @@ fn relay_outage_and_broker_restarts_under_load_lose_and_duplicate_nothing() -> a
         outage.elapsed().as_secs_f64()
     );
     eventually("flow after the outage", Duration::from_secs(120), || {
-        Ok(hub_count(&env, "orders")? > during + 500)
+        Ok(env.hub_count("orders", PARTITIONS)? > during + 500)
     })?;
 
     env.hub.restart()?;
-    let after_hub = hub_count(&env, "orders")?;
+    let after_hub = env.hub_count("orders", PARTITIONS)?;
     eventually(
         "flow after the hub broker restart",
         Duration::from_secs(120),
-        || Ok(hub_count(&env, "orders")? > after_hub + 500),
+        || Ok(env.hub_count("orders", PARTITIONS)? > after_hub + 500),
     )?;
 
     load.held(|| env.edge.restart())?;
-    let after_edge = hub_count(&env, "orders")?;
+    let after_edge = env.hub_count("orders", PARTITIONS)?;
     eventually(
         "flow after the edge broker restart",
         Duration::from_secs(120),
-        || Ok(hub_count(&env, "orders")? > after_edge + 500),
+        || Ok(env.hub_count("orders", PARTITIONS)? > after_edge + 500),
     )?;
 
     let produced = load.finish()?;
@@ -477,18 +473,18 @@ fn hung_agent_and_hung_relay_lose_and_duplicate_nothing() -> anyhow::Result<()> 
         Duration::from_millis(40),
     );
     eventually("records flowing", Duration::from_secs(60), || {
-        Ok(hub_count(&env, "orders")? > 500)
+        Ok(env.hub_count("orders", PARTITIONS)? > 500)
     })?;
 
     // A hung agent: the relay's session idles out; the agent wakes to a dead connection.
     agent.signal("STOP")?;
     std::thread::sleep(Duration::from_secs(35));
     agent.signal("CONT")?;
-    let before = hub_count(&env, "orders")?;
+    let before = env.hub_count("orders", PARTITIONS)?;
     eventually(
         "flow after the agent woke",
         Duration::from_secs(120),
-        || Ok(hub_count(&env, "orders")? > before + 500),
+        || Ok(env.hub_count("orders", PARTITIONS)? > before + 500),
     )?;
 
     // A hung relay, mid-stream: when it wakes, its old session must drain before the
@@ -496,11 +492,11 @@ fn hung_agent_and_hung_relay_lose_and_duplicate_nothing() -> anyhow::Result<()> 
     relay.signal("STOP")?;
     std::thread::sleep(Duration::from_secs(35));
     relay.signal("CONT")?;
-    let before = hub_count(&env, "orders")?;
+    let before = env.hub_count("orders", PARTITIONS)?;
     eventually(
         "flow after the relay woke",
         Duration::from_secs(120),
-        || Ok(hub_count(&env, "orders")? > before + 500),
+        || Ok(env.hub_count("orders", PARTITIONS)? > before + 500),
     )?;
 
     let produced = load.finish()?;
@@ -582,13 +578,13 @@ fn a_stale_relay_cannot_commit_after_another_relay_took_the_site() -> anyhow::Re
     eventually(
         "records flowing through relay A",
         Duration::from_secs(60),
-        || Ok(hub_count(&env, "orders")? > 1_000),
+        || Ok(env.hub_count("orders", PARTITIONS)? > 1_000),
     )?;
 
     link_a.cut();
-    let cut_at = hub_count(&env, "orders")?;
+    let cut_at = env.hub_count("orders", PARTITIONS)?;
     eventually("relay B to take the site", Duration::from_secs(120), || {
-        Ok(hub_count(&env, "orders")? > cut_at + 1_000)
+        Ok(env.hub_count("orders", PARTITIONS)? > cut_at + 1_000)
     })?;
     // The partition heals; relay A's old session must not write anything more.
     link_a.heal();

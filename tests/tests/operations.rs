@@ -24,11 +24,6 @@ fn record(i: usize) -> Rec {
     }
 }
 
-fn hub_records(env: &Env, topic: &str) -> anyhow::Result<i64> {
-    let (low, high) = kafka::watermarks(&env.hub.bootstrap(), &format!("{SITE}.{topic}"), 0)?;
-    Ok(high - low)
-}
-
 #[test]
 fn metrics_follow_an_outage_and_the_fleet_view_shows_the_lag() -> anyhow::Result<()> {
     let env = Env::new()?;
@@ -87,7 +82,7 @@ fn metrics_follow_an_outage_and_the_fleet_view_shows_the_lag() -> anyhow::Result
                 && admin::sum(&m, "spoke_agent_relay_connected", &[]) == 1.0)
         },
     )?;
-    assert_eq!(hub_records(&env, "orders")?, 20_000);
+    assert_eq!(env.hub_count("orders", 1)?, 20_000);
     let raw: usize = records
         .iter()
         .map(|r| r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len))
@@ -173,7 +168,7 @@ fn chunks_linger_longer_while_the_relay_is_away_and_still_all_arrive() -> anyhow
     eventually(
         "every record to reach the hub",
         Duration::from_secs(60),
-        || Ok(hub_records(&env, "orders")? == RECORDS as i64),
+        || Ok(env.hub_count("orders", 1)? == RECORDS as i64),
     )?;
     Ok(())
 }
@@ -191,7 +186,7 @@ fn every_metric_the_dashboard_queries_exists_in_a_live_scrape() -> anyhow::Resul
         &(0..10).map(record).collect::<Vec<_>>(),
     )?;
     eventually("records in the hub", Duration::from_secs(60), || {
-        Ok(hub_records(&env, "orders")? == 10)
+        Ok(env.hub_count("orders", 1)? == 10)
     })?;
     // Per-site series appear with the first heartbeat (every 5 s), per-partition lag with
     // librdkafka's first statistics (every second).
@@ -256,9 +251,9 @@ fn sighup_adding_a_topic_to_include_replicates_it_without_restart() -> anyhow::R
     kafka::produce(&producer, "orders", 0, &records)?;
     kafka::produce(&producer, "returns", 0, &records)?;
     eventually("orders replicated", Duration::from_secs(60), || {
-        Ok(hub_records(&env, "orders")? == 500)
+        Ok(env.hub_count("orders", 1)? == 500)
     })?;
-    assert_eq!(hub_records(&env, "returns")?, 0, "not included yet");
+    assert_eq!(env.hub_count("returns", 1)?, 0, "not included yet");
 
     let pid = agent.pid().context("agent pid")?;
     env.agent_config(&AgentOptions::include(&["orders", "returns"]))?;
@@ -269,7 +264,7 @@ fn sighup_adding_a_topic_to_include_replicates_it_without_restart() -> anyhow::R
     eventually(
         "returns replicated after SIGHUP",
         Duration::from_secs(60),
-        || Ok(hub_records(&env, "returns")? == 500),
+        || Ok(env.hub_count("returns", 1)? == 500),
     )?;
     assert!(agent.is_running(), "SIGHUP must not stop the agent");
     assert_eq!(

@@ -14,33 +14,18 @@ fn hub_topic(topic: &str) -> String {
     format!("{SITE}.{topic}")
 }
 
-/// Sum of hub high watermarks for `topic` over `partitions`.
-fn hub_count(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), &hub_topic(topic), partitions)
-}
-
 fn wait_replicated(env: &Env, topic: &str, partitions: i32, expected: i64) -> anyhow::Result<()> {
     eventually(
         &format!("{expected} records of {topic} in the hub"),
         REPLICATION_TIMEOUT,
         || {
-            let n = hub_count(env, topic, partitions)?;
+            let n = env.hub_count(topic, partitions)?;
             anyhow::ensure!(
                 n <= expected,
                 "hub holds {n} records of {topic}, more than the {expected} produced"
             );
             Ok(n == expected)
         },
-    )
-}
-
-fn assert_all_replicated(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<usize> {
-    kafka::assert_all_replicated(
-        &env.edge.bootstrap(),
-        &env.hub.bootstrap(),
-        SITE,
-        topic,
-        partitions,
     )
 }
 
@@ -159,7 +144,7 @@ fn three_topics_by_three_partitions_replicate_exactly() -> anyhow::Result<()> {
     let mut checked = 0;
     let compare_started = Instant::now();
     for topic in topics {
-        checked += assert_all_replicated(&env, topic, 3)?;
+        checked += env.assert_all_replicated(topic, 3)?;
     }
     println!(
         "compared {checked} records in {:.1}s",
@@ -205,8 +190,8 @@ fn topics_created_later_follow_include_and_exclude() -> anyhow::Result<()> {
     kafka::produce(&producer, "telemetry.cpu", 0, &records[..60])?;
     kafka::produce(&producer, "telemetry.cpu", 1, &records[60..])?;
     wait_replicated(&env, "telemetry.cpu", 2, 100)?;
-    assert_eq!(assert_all_replicated(&env, "telemetry.cpu", 2)?, 100);
-    assert_eq!(assert_all_replicated(&env, "orders", 1)?, 100);
+    assert_eq!(env.assert_all_replicated("telemetry.cpu", 2)?, 100);
+    assert_eq!(env.assert_all_replicated("orders", 1)?, 100);
 
     // One more record on the included topic, and once it arrived the excluded one must still
     // be absent from the hub.
@@ -286,14 +271,14 @@ fn agent_spools_while_relay_is_down_then_ships_everything() -> anyhow::Result<()
         },
     )?;
     assert_eq!(
-        hub_count(&env, "orders", 2)?,
+        env.hub_count("orders", 2)?,
         0,
         "nothing can reach the hub yet"
     );
 
     let _relay = env.start_relay(&["orders"])?;
     wait_replicated(&env, "orders", 2, 5_000)?;
-    assert_eq!(assert_all_replicated(&env, "orders", 2)?, 5_000);
+    assert_eq!(env.assert_all_replicated("orders", 2)?, 5_000);
     Ok(())
 }
 
@@ -321,7 +306,7 @@ fn agent_restarted_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<(
         eventually(
             "records flowing before the restart",
             Duration::from_secs(120),
-            || Ok(hub_count(&env, "orders", 3)? > (restart * 6_000) as i64),
+            || Ok(env.hub_count("orders", 3)? > (restart * 6_000) as i64),
         )?;
         agent.stop().context("agent must stop cleanly on SIGTERM")?;
         agent = env.start_agent(&options)?;
@@ -330,7 +315,7 @@ fn agent_restarted_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<(
         .join()
         .map_err(|_| anyhow::anyhow!("producer thread panicked"))??;
     wait_replicated(&env, "orders", 3, TOTAL as i64)?;
-    assert_eq!(assert_all_replicated(&env, "orders", 3)?, TOTAL);
+    assert_eq!(env.assert_all_replicated("orders", 3)?, TOTAL);
     Ok(())
 }
 
@@ -381,11 +366,7 @@ fn relay_refuses_a_hello_for_another_site_than_the_certificate() -> anyhow::Resu
                 .contains("Hello claims site branch-042 but the certificate is for intruder"))
         },
     )?;
-    assert_eq!(
-        hub_count(&env, "orders", 1)?,
-        0,
-        "nothing may reach the hub"
-    );
+    assert_eq!(env.hub_count("orders", 1)?, 0, "nothing may reach the hub");
     Ok(())
 }
 

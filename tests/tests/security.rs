@@ -110,7 +110,7 @@ impl Scene {
     }
 
     fn hub_count(&self) -> anyhow::Result<i64> {
-        hub_count(&self.env)
+        self.env.hub_count(TOPIC, PARTITIONS)
     }
 
     fn rejected(&self, reason: &str) -> anyhow::Result<f64> {
@@ -167,7 +167,7 @@ impl Scene {
             &format!("{produced} honest records in the hub"),
             Duration::from_secs(300),
             || {
-                let n = hub_count(&env)?;
+                let n = env.hub_count(TOPIC, PARTITIONS)?;
                 ensure!(n <= produced as i64, "hub holds {n} > {produced} produced");
                 Ok(n == produced as i64)
             },
@@ -202,10 +202,6 @@ fn relay_alive(relay: &mut Spoke, env: &Env, after: &str) -> anyhow::Result<()> 
         "relay panicked after {after}"
     );
     Ok(())
-}
-
-fn hub_count(env: &Env) -> anyhow::Result<i64> {
-    kafka::records_held(&env.hub.bootstrap(), &format!("{SITE}.{TOPIC}"), PARTITIONS)
 }
 
 /// How often the honest site's session was (re)established on this relay.

@@ -12,7 +12,7 @@ use spoke_tests::eventually;
 use spoke_tests::hostile::{self, Session, CLOSE_PROTOCOL_ERROR};
 use spoke_tests::kafka::{self, Rec};
 use spoke_tests::pki::Identity;
-use spoke_tests::site::{AgentOptions, Env, Placement, RelayOptions, SITE};
+use spoke_tests::site::{AgentOptions, Env, Placement, RelayOptions};
 use spoke_tests::wan::{Link, LinkSpec};
 
 const TOPIC: &str = "orders";
@@ -36,29 +36,6 @@ async fn answer(session: &mut Session, buf: &mut Vec<u8>) -> anyhow::Result<Fram
     .await
     .context("no answer within 60 s")??
     .context("the relay finished the control stream")
-}
-
-fn hub_records(env: &Env, site: &str, partitions: i32) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for partition in 0..partitions {
-        let (low, high) =
-            kafka::watermarks(&env.hub.bootstrap(), &format!("{site}.{TOPIC}"), partition)?;
-        total += high - low;
-    }
-    Ok(total)
-}
-
-/// Every partition's records in the hub, in order, byte for byte (loopback environments: both
-/// brokers reachable from here).
-fn assert_all_replicated(env: &Env, partitions: i32) -> anyhow::Result<()> {
-    kafka::assert_all_replicated(
-        &env.edge.bootstrap(),
-        &env.hub.bootstrap(),
-        SITE,
-        TOPIC,
-        partitions,
-    )?;
-    Ok(())
 }
 
 #[test]
@@ -115,7 +92,7 @@ fn a_stalled_data_stream_holds_up_only_its_own_partitions() -> anyhow::Result<()
         );
         anyhow::Ok(())
     })?;
-    let held = hub_records(&env, PEER, 2)?;
+    let held = env.hub_held(&format!("{PEER}.{TOPIC}"), 2)?;
     ensure!(
         held == 40,
         "the hub holds {held} records, expected the 40 acknowledged"
@@ -153,7 +130,7 @@ fn an_agent_ships_on_data_streams_or_on_the_control_stream_as_the_relay_allows(
             &format!("{expected} records in the hub"),
             Duration::from_secs(120),
             || {
-                let n = hub_records(&env, SITE, PARTITIONS)?;
+                let n = env.hub_count(TOPIC, PARTITIONS)?;
                 ensure!(
                     n <= expected,
                     "hub holds {n}, more than {expected} produced"
@@ -186,7 +163,7 @@ fn an_agent_ships_on_data_streams_or_on_the_control_stream_as_the_relay_allows(
     })?;
     produce(1)?;
     replicated(2)?;
-    assert_all_replicated(&env, PARTITIONS)?;
+    env.assert_all_replicated(TOPIC, PARTITIONS)?;
     agent.stop()?;
     relay.stop()?;
     Ok(())
@@ -229,7 +206,7 @@ fn ships_in_one_session(
     options.extra = format!("[ship]\n{agent_ship}");
     let mut agent = env.start_agent(&options)?;
     let expected = per_partition as i64 * i64::from(partitions);
-    let hub_count = || env.on_hub(|| hub_records(env, SITE, partitions));
+    let hub_count = || env.on_hub(|| env.hub_count(TOPIC, partitions));
     eventually(
         &format!("{expected} records in the hub"),
         Duration::from_secs(120),
@@ -270,7 +247,8 @@ fn a_backlog_longer_than_the_read_timeout_ships_in_one_session() -> anyhow::Resu
         800,
         "max_bandwidth = \"100KiB\"\nbatch_max_bytes = \"256KiB\"\n",
     )?;
-    assert_all_replicated(&env, 3)
+    env.assert_all_replicated(TOPIC, 3)?;
+    Ok(())
 }
 
 /// As above, with the wait in the send window: one 7.4 MB frame (`batch_max_bytes` 8 MiB)

@@ -72,10 +72,6 @@ fn relay_config(
     Ok(path.to_str().context("non-UTF-8 temp path")?.to_owned())
 }
 
-fn hub_total(hub: &str) -> anyhow::Result<i64> {
-    kafka::records_held(hub, HUB_TOPIC, 2)
-}
-
 /// A tansu edge with topic `orders` (2 partitions) and a producer for it, and librdkafka's
 /// mock cluster as the hub, with the topics the relay needs (it has no CreateTopics).
 fn edge_and_mock_hub() -> anyhow::Result<(
@@ -123,7 +119,7 @@ fn a_transactional_hub_gets_every_record_once_with_its_checkpoint() -> anyhow::R
         std::thread::sleep(Duration::from_millis(50));
     }
     eventually("4,000 records in the hub", Duration::from_secs(180), || {
-        let total = hub_total(&hub)?;
+        let total = kafka::records_held(&hub, HUB_TOPIC, 2)?;
         anyhow::ensure!(total <= 4_000, "{total} records in the hub: duplicates");
         Ok(total == 4_000)
     })?;
@@ -174,7 +170,7 @@ fn auto_falls_back_to_fencing_on_a_hub_without_transactions() -> anyhow::Result<
     let relay = start_relay(&env, &env.hub.bootstrap(), "auto")?;
     let _agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("500 records in the hub", Duration::from_secs(120), || {
-        Ok(hub_total(&env.hub.bootstrap())? == 500)
+        Ok(env.hub_held(HUB_TOPIC, 2)? == 500)
     })?;
     kafka::assert_replicated(
         &env.edge.bootstrap(),
@@ -272,7 +268,7 @@ fn a_failed_commit_aborts_and_the_site_resumes_without_loss() -> anyhow::Result<
     eventually(
         "the first records in the hub",
         Duration::from_secs(120),
-        || Ok(hub_total(&hub)? >= 300),
+        || Ok(kafka::records_held(&hub, HUB_TOPIC, 2)? >= 300),
     )?;
     mock.request_errors(
         RDKafkaApiKey::EndTxn,
@@ -334,7 +330,7 @@ fn a_hub_partition_that_ends_in_a_transaction_marker_resumes() -> anyhow::Result
     eventually(
         "the first 1,000 records in the hub",
         Duration::from_secs(120),
-        || Ok(hub_total(&hub)? >= 1_000),
+        || Ok(kafka::records_held(&hub, HUB_TOPIC, 2)? >= 1_000),
     )?;
     agent.stop()?;
     relay.stop()?;
@@ -386,7 +382,7 @@ fn an_aborted_batch_is_resent_not_skipped() -> anyhow::Result<()> {
     eventually(
         "the first records in the hub",
         Duration::from_secs(120),
-        || Ok(hub_total(&hub)? >= 300),
+        || Ok(kafka::records_held(&hub, HUB_TOPIC, 2)? >= 300),
     )?;
     // The batch's records and, if they go in a request of their own, its checkpoint.
     mock.request_errors(
@@ -441,7 +437,7 @@ fn a_refused_record_is_dead_lettered_once_inside_its_transaction() -> anyhow::Re
     let _relay = start_relay_with(&env, &hub, "on", "max_record_bytes = \"8KiB\"")?;
     let mut agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
     eventually("999 records in the hub", Duration::from_secs(120), || {
-        Ok(hub_total(&hub)? >= 999)
+        Ok(kafka::records_held(&hub, HUB_TOPIC, 2)? >= 999)
     })?;
     // A new session resumes from the committed checkpoint, past the dead-lettered record.
     agent.stop()?;
@@ -453,7 +449,7 @@ fn a_refused_record_is_dead_lettered_once_inside_its_transaction() -> anyhow::Re
     )?;
     std::thread::sleep(Duration::from_secs(3));
     let dead = kafka::read_partition(&hub, DEAD_LETTER, 0)?;
-    let total = hub_total(&hub)?;
+    let total = kafka::records_held(&hub, HUB_TOPIC, 2)?;
     println!(
         "scenario=dead-letter-transactional produced=1000 hub={total} dead_letters={} dup={}",
         dead.len(),

@@ -74,39 +74,10 @@ pub async fn run(
     let stats = spool.stats();
     info!(site = %loaded.config.site, spooled_bytes = stats.bytes, spooled_records = stats.records, "agent starting");
 
-    let admin_listen = loaded.config.admin.listen;
-    let listener = tokio::net::TcpListener::bind(admin_listen)
-        .await
-        .map_err(|source| AgentError::Admin {
-            addr: admin_listen,
-            source,
-        })?;
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(
-        listener,
-        live.clone(),
-        spool.clone(),
-        progress.clone(),
-        admin_stop.clone(),
-    ));
-
-    let tailer = tail::Tailer::new(live.clone(), spool.clone(), progress.clone())?;
+    let admin = start_admin(&live, &spool, &progress, &admin_stop).await?;
     let tail_stop = CancellationToken::new();
-    let tail_thread = {
-        let stop = tail_stop.clone();
-        let failed = shutdown.clone();
-        std::thread::Builder::new()
-            .name("spoke-tail".into())
-            .spawn(move || {
-                let result = tailer.run(&stop);
-                if let Err(error) = &result {
-                    error!(%error, "tailer failed; stopping the agent");
-                    failed.cancel();
-                }
-                result
-            })
-            .map_err(AgentError::Thread)?
-    };
+    let tail_thread = start_tailer(&live, &spool, &progress, &tail_stop, &shutdown)?;
 
     let ship_stop = CancellationToken::new();
     let mut shipper = tokio::spawn(ship::run(
@@ -150,6 +121,54 @@ pub async fn run(
         "agent stopped"
     );
     Ok(())
+}
+
+/// Binds the admin endpoint (a port in use is a start-up error, not a silent agent without
+/// metrics) and serves it until `stop`.
+async fn start_admin(
+    live: &watch::Receiver<Arc<Loaded>>,
+    spool: &Arc<dyn Spool>,
+    progress: &Arc<Progress>,
+    stop: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, AgentError> {
+    let listen = live.borrow().config.admin.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| AgentError::Admin {
+            addr: listen,
+            source,
+        })?;
+    Ok(tokio::spawn(admin::serve(
+        listener,
+        live.clone(),
+        spool.clone(),
+        progress.clone(),
+        stop.clone(),
+    )))
+}
+
+/// The tailer on a thread of its own (librdkafka's consumer blocks); its failure stops the
+/// whole agent through `shutdown`.
+fn start_tailer(
+    live: &watch::Receiver<Arc<Loaded>>,
+    spool: &Arc<dyn Spool>,
+    progress: &Arc<Progress>,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<std::thread::JoinHandle<Result<(), tail::TailError>>, AgentError> {
+    let tailer = tail::Tailer::new(live.clone(), spool.clone(), progress.clone())?;
+    let (stop, failed) = (stop.clone(), shutdown.clone());
+    std::thread::Builder::new()
+        .name("spoke-tail".into())
+        .spawn(move || {
+            let result = tailer.run(&stop);
+            if let Err(error) = &result {
+                error!(%error, "tailer failed; stopping the agent");
+                failed.cancel();
+            }
+            result
+        })
+        .map_err(AgentError::Thread)
 }
 
 // The one wall clock of spoke-process, under the short path the agent's modules stamp with.

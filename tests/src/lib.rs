@@ -6,13 +6,13 @@
 
 pub mod accept_loop;
 pub mod admin;
-pub mod bench;
 pub mod broker;
 pub mod flood;
 pub mod hostile;
 pub mod kafka;
 pub mod load;
 pub mod markers;
+pub mod mix;
 pub mod oracle;
 pub mod pki;
 pub mod process;
@@ -22,7 +22,6 @@ pub mod tcp_delay;
 pub mod tls_terminator;
 pub mod token_endpoint;
 pub mod udp_proxy;
-pub mod wan;
 
 use std::time::{Duration, Instant};
 

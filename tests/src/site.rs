@@ -32,7 +32,7 @@ impl Placement {
         }
     }
 
-    pub fn across(link: &crate::wan::Link) -> Placement {
+    pub fn across(link: &spoke_wan::Link) -> Placement {
         Placement {
             edge_ns: Some(link.edge().name().to_owned()),
             hub_ns: Some(link.hub().name().to_owned()),
@@ -50,7 +50,7 @@ fn within<T: Send>(
 ) -> anyhow::Result<T> {
     match ns {
         None => f(),
-        Some(name) => Ok(crate::wan::run_in(name, || {
+        Some(name) => Ok(spoke_wan::run_in(name, || {
             f().map_err(|e| std::io::Error::other(format!("{e:#}")))
         })?),
     }

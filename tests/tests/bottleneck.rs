@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use spoke_tests::admin;
-use spoke_tests::bench::{Kind, Mix};
 use spoke_tests::kafka;
+use spoke_tests::mix::{Kind, Mix};
 use spoke_tests::site::{AgentOptions, Env, Placement, SITE};
-use spoke_tests::wan::{Link, LinkSpec};
+use spoke_wan::{Link, LinkSpec};
 
 const TOPIC: &str = "telemetry";
 /// About 0.9 MB once compressed: some 4 s of a 2 Mbit/s link.

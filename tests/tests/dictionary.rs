@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use spoke_tests::bench::{Kind, Mix};
 use spoke_tests::kafka::{self, Rec};
+use spoke_tests::mix::{Kind, Mix};
 use spoke_tests::site::{AgentOptions, Env, SITE};
 use spoke_tests::{admin, eventually};
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use spoke_proto::{Frame, MAX_PROTOCOL_VERSION};
-use spoke_tests::bench::{Kind, Mix};
 use spoke_tests::eventually;
 use spoke_tests::hostile::{self, Session, CLOSE_PROTOCOL_ERROR};
 use spoke_tests::kafka::{self, Rec};
+use spoke_tests::mix::{Kind, Mix};
 use spoke_tests::pki::Identity;
 use spoke_tests::site::{AgentOptions, Env, Placement, RelayOptions};
-use spoke_tests::wan::{Link, LinkSpec};
+use spoke_wan::{Link, LinkSpec};
 
 const TOPIC: &str = "orders";
 const PEER: &str = "peer";

@@ -1,12 +1,12 @@
 //! Measures wire bytes per record of spoke chunks against Kafka's own zstd record batches, at
 //! several zstd levels, with and without a trained dictionary (issue 6).
 //!
-//! `cargo run --release -p spoke-tests --example dict_measure` (a measurement, not a test).
+//! `cargo run --release -p spoke-bench --example dict_measure` (a measurement, not a test).
 
 use std::time::Instant;
 
 use spoke_proto::{Batch, ChunkBuilder, Codec, Frame};
-use spoke_tests::bench::{Kind, Mix};
+use spoke_tests::mix::{Kind, Mix};
 
 /// Records used to train the dictionary (offsets disjoint from the measured ones).
 const TRAIN_RECORDS: usize = 4_000;

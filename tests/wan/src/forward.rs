@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::impair::{Impairment, Verdict};
-use super::{LinkSpec, LinkStats, WanError};
+use crate::impair::{Impairment, Verdict};
+use crate::{LinkSpec, LinkStats, WanError};
 
 /// Packets judged but not yet delivered, per direction: 3.75 MB in flight at 100 Mbit/s and
 /// 300 ms is ~2,600 full-size packets, so this bound is only reached by a flood of tiny ones.
@@ -31,7 +31,7 @@ pub struct DirectionStats {
     pub lost: u64,
     /// Drop-tail at the bottleneck queue, or the in-flight bound.
     pub queue_dropped: u64,
-    /// Dropped while the link was down ([`super::Link::set_down`]).
+    /// Dropped while the link was down ([`crate::Link::set_down`]).
     pub outage_dropped: u64,
     pub delivered: u64,
     pub delivered_bytes: u64,
@@ -71,7 +71,7 @@ impl Counters {
     }
 }
 
-pub(super) struct Forwarder {
+pub(crate) struct Forwarder {
     stop: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -88,7 +88,7 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    pub(super) fn start(
+    pub(crate) fn start(
         spec: LinkSpec,
         edge: tun::Device,
         hub: tun::Device,
@@ -147,11 +147,11 @@ impl Forwarder {
 
     /// Drops every packet in both directions while `down`, as a cut cable or a dead router
     /// would: the endpoints see silence, not refusals. Packets already in flight still arrive.
-    pub(super) fn set_down(&self, down: bool) {
+    pub(crate) fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::Relaxed);
     }
 
-    pub(super) fn stats(&self) -> LinkStats {
+    pub(crate) fn stats(&self) -> LinkStats {
         LinkStats {
             edge_to_hub: self.edge_to_hub.snapshot(),
             hub_to_edge: self.hub_to_edge.snapshot(),

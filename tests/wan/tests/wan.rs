@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use spoke_tests::wan::{bench, Link, LinkSpec};
+use spoke_wan::{bench, Link, LinkSpec};
 
 const MBIT: u64 = 1_000_000;
 

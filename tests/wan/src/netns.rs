@@ -4,11 +4,11 @@ use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use super::WanError;
+use crate::WanError;
 
 /// Every namespace this module creates is named `spk-<pid>-...`, so a later run can tell
 /// which ones a dead process left behind.
-pub(super) const PREFIX: &str = "spk-";
+pub(crate) const PREFIX: &str = "spk-";
 
 /// The interface name inside each namespace.
 pub const DEVICE: &str = "wan0";
@@ -21,7 +21,7 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    pub(super) fn create(name: &str, addr: Ipv4Addr) -> Result<Namespace, WanError> {
+    pub(crate) fn create(name: &str, addr: Ipv4Addr) -> Result<Namespace, WanError> {
         ip(["netns", "add", name])?;
         let ns = Namespace {
             name: name.to_owned(),
@@ -50,7 +50,7 @@ impl Namespace {
 
     /// Moves the TUN device `device` in, renames it [`DEVICE`], and addresses it
     /// point-to-point towards `peer`.
-    pub(super) fn adopt(&self, device: &str, peer: Ipv4Addr) -> Result<(), WanError> {
+    pub(crate) fn adopt(&self, device: &str, peer: Ipv4Addr) -> Result<(), WanError> {
         let ns = self.name.as_str();
         ip(["link", "set", device, "netns", ns])?;
         ip(["-n", ns, "link", "set", device, "name", DEVICE])?;
@@ -137,7 +137,7 @@ impl Drop for Namespace {
 }
 
 /// A TUN device (IFF_TUN | IFF_NO_PI) in this process's namespace, not yet configured.
-pub(super) struct Tun {
+pub(crate) struct Tun {
     name: String,
     device: tun::Device,
 }
@@ -149,16 +149,16 @@ impl std::fmt::Debug for Tun {
 }
 
 impl Tun {
-    pub(super) fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
-    pub(super) fn into_device(self) -> tun::Device {
+    pub(crate) fn into_device(self) -> tun::Device {
         self.device
     }
 }
 
-pub(super) fn tun_device(name: &str) -> Result<Tun, WanError> {
+pub(crate) fn tun_device(name: &str) -> Result<Tun, WanError> {
     let mut config = tun::Configuration::default();
     config.tun_name(name).layer(tun::Layer::L3);
     // Addresses and state are set with `ip` once the device is in its namespace.
@@ -177,7 +177,7 @@ pub(super) fn tun_device(name: &str) -> Result<Tun, WanError> {
 
 /// Deletes namespaces named by [`PREFIX`] whose creating process no longer exists (a test
 /// killed by SIGKILL never runs its guards).
-pub(super) fn sweep_stale() {
+pub(crate) fn sweep_stale() {
     let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };

@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use spoke_tests::wan::bench::{self, Congestion, QuicCase, Windows};
-use spoke_tests::wan::{Link, LinkSpec};
+use spoke_wan::bench::{self, Congestion, QuicCase, Windows};
+use spoke_wan::{Link, LinkSpec};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -2,7 +2,7 @@
 //! consumer `fetch.wait.max.ms` settings: tansu holds every fetch for the whole wait, so the
 //! wait is a floor under any pipeline's latency against it (issue 6).
 //!
-//! `cargo run --release -p spoke-tests --example tansu_latency` (a measurement, not a test).
+//! `cargo run --release -p spoke-bench --example tansu_latency` (a measurement, not a test).
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use spoke_tests::bench::now_ms;
 use spoke_tests::broker::Broker;
+use spoke_tests::mix::now_ms;
 
 const RATE: u64 = 1_000;
 const SECS: u64 = 8;

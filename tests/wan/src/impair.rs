@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::LinkSpec;
+use crate::LinkSpec;
 
 /// What happens to one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

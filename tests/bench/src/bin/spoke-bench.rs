@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use spoke_tests::bench::{self, Ceiling, Figures, Mix, Plan, Profile, Scenario};
-use spoke_tests::wan::Link;
+use spoke_bench::{self as bench, Ceiling, Figures, Plan, Profile, Scenario};
+use spoke_tests::mix::Mix;
+use spoke_wan::Link;
 
 const USAGE: &str = "usage: spoke-bench [--quick] [--records N] [--latency-secs S] \
 [--latency-rate R] [--link-secs S] [--mix NAME]... [--link NAME|loopback]... \

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-use super::{Link, LinkSpec, EDGE_ADDR, HUB_ADDR};
+use crate::{Link, LinkSpec, EDGE_ADDR, HUB_ADDR};
 
 /// What the senders write, over and over.
 static PAYLOAD: [u8; 64 * 1024] = [0x5a; 64 * 1024];

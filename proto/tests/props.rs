@@ -12,8 +12,24 @@ fn topic_partition() -> impl Strategy<Value = TopicPartition> {
     (text(), any::<i32>()).prop_map(|(topic, partition)| TopicPartition { topic, partition })
 }
 
+/// Any frame, each frame type equally likely.
 fn frame() -> impl Strategy<Value = Frame> {
-    let hello = (
+    prop_oneof![
+        hello_frame(),
+        welcome_frame(),
+        batch_frame(),
+        ack_frame(),
+        nack_frame(),
+        heartbeat_frame(),
+        goodbye_frame(),
+        dictionary_frame(),
+        rejected_frame(),
+        topic_config_frame()
+    ]
+}
+
+fn hello_frame() -> impl Strategy<Value = Frame> {
+    (
         text(),
         any::<u8>(),
         any::<u8>(),
@@ -28,8 +44,11 @@ fn frame() -> impl Strategy<Value = Frame> {
                 software,
                 partitions,
             })
-        });
-    let welcome = (
+        })
+}
+
+fn welcome_frame() -> impl Strategy<Value = Frame> {
+    (
         any::<u8>(),
         text(),
         prop::collection::vec((text(), any::<i32>(), any::<i64>()), 0..4),
@@ -47,16 +66,25 @@ fn frame() -> impl Strategy<Value = Frame> {
                     })
                     .collect(),
             })
-        });
-    let batch = (
+        })
+}
+
+/// Every codec a batch frame can name, a dictionary's among them (the payload is not
+/// decoded, so it need not match).
+fn batch_codec() -> impl Strategy<Value = Codec> {
+    prop_oneof![
+        Just(Codec::None),
+        Just(Codec::Zstd),
+        any::<u32>().prop_map(Codec::ZstdDict)
+    ]
+}
+
+fn batch_frame() -> impl Strategy<Value = Frame> {
+    (
         (any::<u64>(), text(), any::<i32>(), any::<i32>()),
         (any::<i64>(), any::<i64>(), any::<i64>(), any::<u32>()),
         (
-            prop_oneof![
-                Just(Codec::None),
-                Just(Codec::Zstd),
-                any::<u32>().prop_map(Codec::ZstdDict)
-            ],
+            batch_codec(),
             any::<u32>(),
             prop::collection::vec(any::<u8>(), 0..64),
         ),
@@ -81,21 +109,32 @@ fn frame() -> impl Strategy<Value = Frame> {
                     payload: Bytes::from(payload),
                 })
             },
-        );
-    let ack = (any::<u64>(), any::<i64>())
-        .prop_map(|(seq, next_offset)| Frame::Ack(Ack { seq, next_offset }));
-    // Unknown codes only outside the named range: Unknown(1) would decode as NotAllowed.
-    let nack_code = prop_oneof![
+        )
+}
+
+fn ack_frame() -> impl Strategy<Value = Frame> {
+    (any::<u64>(), any::<i64>()).prop_map(|(seq, next_offset)| Frame::Ack(Ack { seq, next_offset }))
+}
+
+/// Unknown codes only outside the named range: Unknown(1) would decode as NotAllowed.
+fn nack_code() -> impl Strategy<Value = NackCode> {
+    prop_oneof![
         Just(NackCode::NotAllowed),
         Just(NackCode::Malformed),
         Just(NackCode::HubUnavailable),
         Just(NackCode::Internal),
         Just(NackCode::Unknown(0)),
         (5u16..).prop_map(NackCode::Unknown),
-    ];
-    let nack = (any::<u64>(), nack_code, text())
-        .prop_map(|(seq, code, message)| Frame::Nack(Nack { seq, code, message }));
-    let heartbeat = (
+    ]
+}
+
+fn nack_frame() -> impl Strategy<Value = Frame> {
+    (any::<u64>(), nack_code(), text())
+        .prop_map(|(seq, code, message)| Frame::Nack(Nack { seq, code, message }))
+}
+
+fn heartbeat_frame() -> impl Strategy<Value = Frame> {
+    (
         prop::array::uniform6(any::<u64>()),
         prop::collection::vec((text(), any::<i32>(), any::<u64>()), 0..4),
     )
@@ -116,24 +155,35 @@ fn frame() -> impl Strategy<Value = Frame> {
                     })
                     .collect(),
             })
-        });
-    let goodbye_code = prop_oneof![
+        })
+}
+
+/// Unknown codes only outside the named range, as for [`nack_code`].
+fn goodbye_code() -> impl Strategy<Value = GoodbyeCode> {
+    prop_oneof![
         Just(GoodbyeCode::Shutdown),
         Just(GoodbyeCode::NotAuthorized),
         Just(GoodbyeCode::ProtocolError),
         Just(GoodbyeCode::Unknown(0)),
         (4u16..).prop_map(GoodbyeCode::Unknown),
-    ];
-    let goodbye =
-        (goodbye_code, text()).prop_map(|(code, reason)| Frame::Goodbye(Goodbye { code, reason }));
-    let dictionary =
-        (any::<u32>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(id, dictionary)| {
-            Frame::Dictionary(Dictionary {
-                id,
-                dictionary: Bytes::from(dictionary),
-            })
-        });
-    let rejected = (
+    ]
+}
+
+fn goodbye_frame() -> impl Strategy<Value = Frame> {
+    (goodbye_code(), text()).prop_map(|(code, reason)| Frame::Goodbye(Goodbye { code, reason }))
+}
+
+fn dictionary_frame() -> impl Strategy<Value = Frame> {
+    (any::<u32>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(id, dictionary)| {
+        Frame::Dictionary(Dictionary {
+            id,
+            dictionary: Bytes::from(dictionary),
+        })
+    })
+}
+
+fn rejected_frame() -> impl Strategy<Value = Frame> {
+    (
         any::<u64>(),
         text(),
         any::<i32>(),
@@ -155,21 +205,12 @@ fn frame() -> impl Strategy<Value = Frame> {
                     })
                     .collect(),
             })
-        });
-    let topic_config = (text(), prop::collection::vec((text(), text()), 0..8))
-        .prop_map(|(topic, entries)| Frame::TopicConfig(TopicConfig { topic, entries }));
-    prop_oneof![
-        hello,
-        welcome,
-        batch,
-        ack,
-        nack,
-        heartbeat,
-        goodbye,
-        dictionary,
-        rejected,
-        topic_config
-    ]
+        })
+}
+
+fn topic_config_frame() -> impl Strategy<Value = Frame> {
+    (text(), prop::collection::vec((text(), text()), 0..8))
+        .prop_map(|(topic, entries)| Frame::TopicConfig(TopicConfig { topic, entries }))
 }
 
 fn nullable() -> impl Strategy<Value = Option<Bytes>> {

@@ -359,7 +359,7 @@ fn the_agents_fence_holds_when_its_clock_jumps_ahead() -> anyhow::Result<()> {
     eventually(
         "the agent's session with relay B",
         Duration::from_secs(60),
-        || Ok(std::fs::read_to_string(&log)?.contains("spoke_agent::ship: connected")),
+        || Ok(std::fs::read_to_string(&log)?.contains("spoke_agent::ship::session: connected")),
     )?;
     let waited = stopped.elapsed();
     anyhow::ensure!(

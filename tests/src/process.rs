@@ -58,6 +58,9 @@ pub struct Spoke {
     name: String,
     log: PathBuf,
     child: Option<Child>,
+    /// Started under a wrapper (e.g. `faketime`), which may not pass a kill on to the process
+    /// it started: dropping the guard kills that process too.
+    wrapped: bool,
 }
 
 impl Spoke {
@@ -114,6 +117,7 @@ impl Spoke {
             name: name.to_owned(),
             log,
             child: Some(child),
+            wrapped: !wrapper.is_empty(),
         })
     }
 
@@ -208,6 +212,12 @@ pub fn quiet_logs() {
 
 impl Drop for Spoke {
     fn drop(&mut self) {
+        if let (true, Some(pid)) = (self.wrapped, self.pid()) {
+            // A failed test drops its guards: without this the wrapped process outlives it.
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-P", &pid.to_string()])
+                .status();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

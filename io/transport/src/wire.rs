@@ -11,9 +11,9 @@ const INITIAL_BODY_CAPACITY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("stream read: {0}")]
+    #[error("stream read: {}", with_causes(.0))]
     Read(#[from] quinn::ReadExactError),
-    #[error("stream write: {0}")]
+    #[error("stream write: {}", with_causes(.0))]
     Write(#[from] quinn::WriteError),
     #[error("bad frame: {0}")]
     Decode(#[from] DecodeError),
@@ -21,6 +21,19 @@ pub enum WireError {
     Encode(#[from] EncodeError),
     #[error("peer sent nothing for {0:?}")]
     Stalled(Duration),
+}
+
+/// `error` and what caused it: quinn's "connection lost" alone does not say whether the peer
+/// closed it (and why), reset it, or went silent, which is what an operator needs to know.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 impl From<quinn::ReadError> for WireError {
@@ -127,4 +140,27 @@ pub async fn write_frame_within(
     tokio::time::timeout(stall, write_frame(send, &frame))
         .await
         .map_err(|_| WireError::Stalled(stall))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_says_how_it_was_lost() {
+        let reset = WireError::from(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::Reset,
+        ));
+        assert_eq!(
+            reset.to_string(),
+            "stream read: connection lost: reset by peer"
+        );
+        let silent = WireError::Write(quinn::WriteError::ConnectionLost(
+            quinn::ConnectionError::TimedOut,
+        ));
+        assert_eq!(
+            silent.to_string(),
+            "stream write: connection lost: timed out"
+        );
+    }
 }

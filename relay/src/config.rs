@@ -258,6 +258,10 @@ pub struct HubConfig {
     /// the record as fits.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Hub producers shared by the sessions of every site without transactions: each has
+    /// its own threads and one connection per hub broker, however many sites it carries.
+    #[serde(default = "default_producers")]
+    pub producers: usize,
     /// The largest record the hub takes (key, value and headers, provenance included,
     /// uncompressed): it lowers each hub topic's `max.message.bytes` as the hub describes it,
     /// never raises it; 16 MiB at most (the relay's producer refuses larger ones itself).
@@ -338,6 +342,13 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 fn default_offsets_topic() -> String {
     "spoke.offsets".to_owned()
 }
+
+fn default_producers() -> usize {
+    4
+}
+
+/// More shared producers than this only add threads and hub connections.
+pub const MAX_PRODUCERS: usize = 64;
 
 fn default_dead_letter_topic() -> String {
     "spoke.dead-letter".to_owned()
@@ -470,6 +481,12 @@ fn validate(
         return Err(invalid(
             "hub.checkpoint_interval",
             "must be positive".into(),
+        ));
+    }
+    if !(1..=MAX_PRODUCERS).contains(&config.hub.producers) {
+        return Err(invalid(
+            "hub.producers",
+            format!("must be between 1 and {MAX_PRODUCERS}"),
         ));
     }
     if let Some(factor) = config.hub.replication_factor {
@@ -711,6 +728,18 @@ allow = ["orders", "telemetry\\..*"]
         );
         let loaded = parse(&text).expect("valid");
         assert_eq!(loaded.config.hub.min_insync_replicas, Some(2));
+    }
+
+    #[test]
+    fn sites_share_four_hub_producers_unless_told_otherwise() {
+        assert_eq!(parse(MINIMAL).expect("valid").config.hub.producers, 4);
+        let text = MINIMAL.replace("[hub]", "[hub]\nproducers = 1");
+        assert_eq!(parse(&text).expect("valid").config.hub.producers, 1);
+        for producers in [0, MAX_PRODUCERS + 1] {
+            let text = MINIMAL.replace("[hub]", &format!("[hub]\nproducers = {producers}"));
+            let err = parse(&text).expect_err("out of bounds").to_string();
+            assert!(err.contains("hub.producers"), "{err}");
+        }
     }
 
     #[test]

@@ -19,10 +19,10 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use rdkafka::error::KafkaError;
-use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::DeliveryFuture;
 use spoke_proto::Record;
+
+use crate::producer::InFlight;
+pub use crate::producer::Landing;
 
 /// The producer's `batch.size`, set explicitly so that the groups below fit it.
 pub const BATCH_SIZE: usize = 1_000_000;
@@ -65,16 +65,13 @@ impl Grouping {
     }
 }
 
-/// Where a record landed in the hub (partition, offset), or why it did not.
-pub type Landing = Result<(i32, i64), KafkaError>;
-
 /// The last record of a group: awaited by the reader before the partition's next group, and
 /// by the acker with the rest of its batch.
 type Tail = Shared<BoxFuture<'static, Landing>>;
 
 /// A record handed to the producer, not yet confirmed.
 pub enum Pending {
-    Record(DeliveryFuture),
+    Record(InFlight),
     Last(Tail),
 }
 
@@ -90,18 +87,9 @@ impl std::fmt::Debug for Pending {
 impl Pending {
     pub async fn landed(self) -> Landing {
         match self {
-            Pending::Record(delivery) => landing(delivery.await),
+            Pending::Record(delivery) => delivery.await,
             Pending::Last(tail) => tail.await,
         }
-    }
-}
-
-/// A delivery's outcome; the error side of `result` is its sender dropped unanswered.
-fn landing<Canceled>(result: Result<OwnedDeliveryResult, Canceled>) -> Landing {
-    match result {
-        Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-        Ok(Err((error, _))) => Err(error),
-        Err(_canceled) => Err(KafkaError::Canceled),
     }
 }
 
@@ -120,22 +108,26 @@ impl std::fmt::Debug for Gates {
 }
 
 impl Gates {
-    /// Waits until the last record of `partition`'s previous group landed (or failed: the
-    /// acker reports that).
-    pub async fn wait(&self, partition: &(String, i32)) {
-        if let Some(tail) = self.tails.get(partition) {
-            let _ = tail.clone().await;
+    /// Waits until the last record of `partition`'s previous group landed. If it failed, so
+    /// does this: nothing more of the partition may be handed over, since later records
+    /// landing after a failed one would leave a gap below the newest record, which the next
+    /// resume scan takes for the partition's progress. librdkafka's gapless guarantee does not
+    /// cover a record that timed out, and a shared producer cannot be purged for one session.
+    pub async fn wait(&self, partition: &(String, i32)) -> Result<(), rdkafka::error::KafkaError> {
+        match self.tails.get(partition) {
+            Some(tail) => tail.clone().await.map(|_| ()),
+            None => Ok(()),
         }
     }
 
     /// Closes a group with its last record's delivery: the partition's next group waits for
     /// it.
-    pub fn close<Canceled: 'static>(
+    pub fn close(
         &mut self,
         partition: (String, i32),
-        last: impl Future<Output = Result<OwnedDeliveryResult, Canceled>> + Send + 'static,
+        last: impl Future<Output = Landing> + Send + 'static,
     ) -> Pending {
-        let tail: Tail = last.map(landing).boxed().shared();
+        let tail: Tail = last.boxed().shared();
         self.tails.insert(partition, tail.clone());
         Pending::Last(tail)
     }
@@ -144,8 +136,6 @@ impl Gates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::producer::future_producer::Delivery;
-    use rdkafka::Timestamp;
     use std::time::Duration;
 
     #[test]
@@ -185,9 +175,10 @@ mod tests {
         // No group before: nothing to wait for.
         tokio::time::timeout(Duration::from_millis(100), gates.wait(&partition))
             .await
-            .expect("no wait for a partition's first group");
+            .expect("no wait for a partition's first group")
+            .expect("nothing failed");
 
-        let (land, landed) = tokio::sync::oneshot::channel::<OwnedDeliveryResult>();
+        let (land, landed) = InFlight::pending();
         let pending = gates.close(partition.clone(), landed);
         assert!(
             tokio::time::timeout(Duration::from_millis(100), gates.wait(&partition))
@@ -201,18 +192,34 @@ mod tests {
             gates.wait(&("orders".into(), 3)),
         )
         .await
-        .expect("another partition waited");
+        .expect("another partition waited")
+        .expect("nothing failed there");
 
-        let delivered = Delivery {
-            partition: 2,
-            offset: 41,
-            timestamp: Timestamp::NotAvailable,
-        };
-        land.send(Ok(delivered)).expect("receiver alive");
+        land.send(Ok((2, 41))).expect("receiver alive");
         tokio::time::timeout(Duration::from_secs(5), gates.wait(&partition))
             .await
-            .expect("the gate opens once the record landed");
+            .expect("the gate opens once the record landed")
+            .expect("landed");
         // The acker still learns where it landed.
         assert_eq!(pending.landed().await.expect("landed"), (2, 41));
+    }
+
+    #[tokio::test]
+    async fn nothing_more_of_a_partition_goes_after_a_group_that_failed() {
+        let partition = ("orders".to_owned(), 0);
+        let mut gates = Gates::default();
+        let (land, landed) = InFlight::pending();
+        let _pending = gates.close(partition.clone(), landed);
+        land.send(Err(rdkafka::error::KafkaError::MessageProduction(
+            rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+        )))
+        .expect("receiver alive");
+        let verdict = tokio::time::timeout(Duration::from_secs(5), gates.wait(&partition))
+            .await
+            .expect("resolved");
+        assert!(
+            verdict.is_err(),
+            "the next group would go out behind a record that may never land"
+        );
     }
 }

@@ -14,11 +14,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{HubConfig, Transactions};
 use crate::hub_limits::TopicLimits;
+use crate::producer::{HubContext, ProducerPool, RawProducer, SessionProducer};
 use spoke_kafka::security::KafkaProperties;
 use spoke_kafka::topics::{self as kafka_topics, TopicDescription};
 
@@ -116,6 +117,10 @@ pub struct Hub {
     replication: Replication,
     /// `hub.delivery_timeout`: librdkafka's `message.timeout.ms` for session producers.
     delivery_timeout: Duration,
+    /// The producers sessions without transactions share (`hub.producers`).
+    shared: ProducerPool,
+    /// Consumers for resume scans, reused.
+    pub(crate) scans: Arc<crate::resume::ScanPool>,
 }
 
 /// How the relay creates hub topics: how many copies, and how many `acks=all` waits for.
@@ -154,6 +159,10 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(config: &HubConfig, properties: &KafkaProperties) -> Result<Arc<Self>, HubError> {
+        let shared = ProducerPool::new(
+            producer_config(&config.bootstrap, properties, config.delivery_timeout),
+            config.producers,
+        );
         let hub = Hub {
             bootstrap: config.bootstrap.clone(),
             properties: properties.clone(),
@@ -176,6 +185,8 @@ impl Hub {
                 min_insync: config.min_insync_replicas,
             },
             delivery_timeout: config.delivery_timeout,
+            shared,
+            scans: crate::resume::ScanPool::new(),
         };
         Ok(Arc::new(hub))
     }
@@ -332,64 +343,48 @@ impl Hub {
         .await
     }
 
-    /// A producer for one site session: idempotent and acks=all, so a record the hub confirmed
-    /// is durable and retries never duplicate or reorder within a partition. With a
-    /// `transactional_id` it is transactional, and a newer producer with the same id, on any
-    /// relay, fences it at the broker.
-    pub fn producer(&self, transactional_id: Option<String>) -> Result<FutureProducer, HubError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("linger.ms", "5")
-            // A delivery not confirmed in time fails (and ends the session) rather than
-            // landing late: with the hand-over window (`HubConfig::handover_window`) it
-            // bounds when a session's records can land, below the agents' fence delay.
-            .set(
-                "message.timeout.ms",
-                self.delivery_timeout.as_millis().to_string(),
-            )
-            // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default; larger
-            // records go to the dead-letter topic (`dead_letter`).
-            .set(
-                "message.max.bytes",
-                crate::config::MAX_RECORD_BYTES.to_string(),
-            )
-            // Each session has its own producer: librdkafka's 1 GiB default queue would let
-            // one site pin that much relay memory while the hub is slow. When this fills,
-            // the session waits (see `session::enqueue`) and QUIC flow control stops the agent.
-            .set("queue.buffering.max.kbytes", "65536")
-            // The groups a session hands over at a time are sized to fit one request
-            // (`handoff`); a smaller `batch.size` passed through splits them, which costs
-            // the broker thread's idle waits again but nothing else.
-            .set("batch.size", crate::handoff::BATCH_SIZE.to_string())
-            // A hub topic deleted under a running session must fail its deliveries, not come
-            // back with the broker's default layout: the relay creates hub topics itself,
-            // with the source's partition count (`resolve_topic`).
-            .set("allow.auto.create.topics", "false");
-        for (key, value) in self.properties.iter() {
-            config.set(key, value);
+    /// The producer a session of `site` hands its records to: with transactions the site's
+    /// own, whose transactional id fences its older producers on any relay; otherwise one of
+    /// the shared ones, so that a relay's threads and hub connections do not grow with the
+    /// number of sites it serves.
+    pub fn session_producer(
+        &self,
+        site: &str,
+        transactional: bool,
+    ) -> Result<SessionProducer, HubError> {
+        if transactional {
+            self.producer(Some(Self::transactional_id(site)))
+                .map(SessionProducer::own)
+        } else {
+            self.shared.for_site(site).map_err(HubError::Client)
         }
-        // Not overridable: exactly-once depends on them. With the gapless guarantee a record
-        // that finally fails makes the producer fail everything after it, so the hub never
-        // holds a later record of a partition without the earlier ones and the resume scan's
-        // "newest record" is a true high-water mark.
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("enable.gapless.guarantee", "true")
-            // A request still unanswered then fails too: together with message.timeout.ms
-            // this bounds when a handed-over record can land (`HubConfig::handover_window`).
-            .set(
-                "request.timeout.ms",
-                self.delivery_timeout.as_millis().to_string(),
-            );
+    }
+
+    /// The shared producers alive now (for shutdown).
+    pub fn shared_producers(&self) -> Vec<RawProducer> {
+        self.shared.live()
+    }
+
+    /// A producer of the relay's settings (see `producer_config`); with a `transactional_id`
+    /// it is transactional, and a newer producer with the same id, on any relay, fences it
+    /// at the broker.
+    pub fn producer(&self, transactional_id: Option<String>) -> Result<RawProducer, HubError> {
+        let mut config = producer_config(&self.bootstrap, &self.properties, self.delivery_timeout);
         if let Some(id) = transactional_id {
-            config.set("transactional.id", id).set(
-                "transaction.timeout.ms",
-                TRANSACTION_TIMEOUT.as_millis().to_string(),
-            );
+            config
+                .set("transactional.id", id)
+                .set(
+                    "transaction.timeout.ms",
+                    TRANSACTION_TIMEOUT.as_millis().to_string(),
+                )
+                // A site's own producer holds one site's records: librdkafka's 1 GiB
+                // default queue would let one site pin that much relay memory while the hub
+                // is slow.
+                .set("queue.buffering.max.kbytes", "65536");
         }
-        config.create().map_err(HubError::Client)
+        config
+            .create_with_context(HubContext::default())
+            .map_err(HubError::Client)
     }
 
     /// Makes sure `topic` exists (created with `source_partitions` and topic configuration
@@ -661,6 +656,64 @@ impl Hub {
 /// over several hub partitions, where no single newest record marks how far it got.
 pub fn hub_partition(source_partition: i32, hub_partitions: i32) -> i32 {
     source_partition.rem_euclid(hub_partitions.max(1))
+}
+
+/// Every hub producer's settings: idempotent and acks=all, so a record the hub confirmed is
+/// durable and retries never duplicate or reorder within a partition.
+fn producer_config(
+    bootstrap: &str,
+    properties: &KafkaProperties,
+    delivery_timeout: Duration,
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        // A delivery not confirmed in time fails (and ends the session) rather than landing
+        // late: with the hand-over window (`HubConfig::handover_window`) it bounds when a
+        // session's records can land, below the agents' fence delay.
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        )
+        // A 1 MiB source value plus headers exceeds librdkafka's 1 MB default; larger
+        // records go to the dead-letter topic (`dead_letter`).
+        .set(
+            "message.max.bytes",
+            crate::config::MAX_RECORD_BYTES.to_string(),
+        )
+        // librdkafka's 1 GiB default queue per producer is more than the relay should pin
+        // while the hub is slow: 64 MiB each (256 MiB with the 4 shared producers) is many
+        // produce requests per partition in flight for hundreds of shipping sites. When this
+        // fills, sessions wait (see `session::enqueue`, which also keeps each session to its
+        // share) and QUIC flow control stops agents.
+        .set("queue.buffering.max.kbytes", "65536")
+        // The groups a session hands over at a time are sized to fit one request
+        // (`handoff`); a smaller `batch.size` passed through splits them, which costs the
+        // broker thread's idle waits again but nothing else.
+        .set("batch.size", crate::handoff::BATCH_SIZE.to_string())
+        // A hub topic deleted under a running session must fail its deliveries, not come
+        // back with the broker's default layout: the relay creates hub topics itself, with
+        // the source's partition count (`resolve_topic`).
+        .set("allow.auto.create.topics", "false");
+    for (key, value) in properties.iter() {
+        config.set(key, value);
+    }
+    // Not overridable: exactly-once depends on them. With the gapless guarantee a record that
+    // finally fails makes the producer fail everything after it, so the hub never holds a
+    // later record of a partition without the earlier ones and the resume scan's "newest
+    // record" is a true high-water mark.
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("enable.gapless.guarantee", "true")
+        // A request still unanswered then fails too: together with message.timeout.ms this
+        // bounds when a handed-over record can land (`HubConfig::handover_window`).
+        .set(
+            "request.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        );
+    config
 }
 
 /// The hub's address and the operator's `[hub.kafka]`, `[hub.tls]` and `[hub.sasl]`

@@ -2,8 +2,9 @@
 //! records into the hub Kafka cluster, keeping all progress in the hub itself.
 //!
 //! Data path: [`server`] accepts connections → [`session`] authenticates the site and decodes
-//! batches → [`handoff`] hands them to the producer a request at a time → [`hub`] produces
-//! them, [`resume`] finds resume points; [`hub_limits`] says which records a hub topic refuses and
+//! batches → [`handoff`] hands them to the producer a request at a time → [`producer`] (shared
+//! by sites, or a site's own transactional one) produces them into the [`hub`]; [`resume`]
+//! finds resume points; [`hub_limits`] says which records a hub topic refuses and
 //! [`dead_letter`] takes them instead. [`tls`], [`deny`] and [`pki`] handle identities, [`config`] the
 //! relay.toml contract, [`check`] what `spoke-relay check` asks the hub.
 
@@ -18,6 +19,7 @@ pub mod handoff;
 pub mod hub;
 pub mod hub_limits;
 pub mod pki;
+pub mod producer;
 pub mod resume;
 pub mod server;
 pub mod session;

@@ -98,13 +98,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Threads for blocking calls to the hub (see `dispatch`).
+const BLOCKING_THREADS: usize = 24;
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let loaded = config::load(&config)?;
             let (librdkafka, features) = spoke_kafka::security::librdkafka_build();
             tracing::info!(version = env!("CARGO_PKG_VERSION"), %librdkafka, %features, "starting");
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // Blocking work is librdkafka calls that wait for the hub (metadata, watermarks,
+            // resume scans, transactions). Tokio's default of 512 threads would let a
+            // reconnect storm of thousands of sites start hundreds of them at once; a few
+            // dozen keep the hub as busy as it can usefully be, and the rest queue.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
+                .build()
+                .context("starting the async runtime")?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 // One pending reload is enough: it reads the file as it is when it runs.

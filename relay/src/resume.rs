@@ -104,11 +104,18 @@ impl Hub {
             // to read, so no consumer of its own to set up.
             return Ok((None, 0));
         }
+        // The semaphore is never closed: a permit always comes.
+        let permit = self.scans.permits.clone().acquire_owned().await.ok();
+        let scans = self.scans.clone();
         let config = self.client_config();
         let site = site.to_owned();
         let topic = hub_topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            let consumer = scan_consumer(config, "spoke-relay-resume-scan")?;
+            let _permit = permit;
+            let consumer = match scans.idle() {
+                Some(consumer) => consumer,
+                None => scan_consumer(config, "spoke-relay-resume-scan")?,
+            };
             let mut newest: Option<i64> = None;
             let mut scanned = 0;
             for (hub_partition, floor, high) in ranges {
@@ -123,9 +130,59 @@ impl Hub {
                 )?;
                 newest = newest.max(found);
             }
+            scans.put_back(consumer);
             Ok::<_, HubError>((newest, scanned))
         })
         .await?
+    }
+}
+
+/// Consumers for resume scans, reused, and how many scans run at once. A consumer costs a
+/// client's threads, a connection to every hub broker and a bootstrap round trip; after a
+/// relay restart thousands of sites ask for their resume points at once, and each would
+/// have paid that, all together.
+pub struct ScanPool {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    consumers: std::sync::Mutex<Vec<BaseConsumer>>,
+}
+
+impl std::fmt::Debug for ScanPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScanPool")
+            .field("idle", &self.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resume scans that read the hub at the same time; the rest wait their turn.
+pub const CONCURRENT_SCANS: usize = 4;
+
+impl ScanPool {
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(ScanPool {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCANS)),
+            consumers: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn idle(&self) -> Option<BaseConsumer> {
+        self.lock().pop()
+    }
+
+    /// Returns a consumer whose scan succeeded; one that failed is dropped, not trusted
+    /// with the next scan.
+    fn put_back(&self, consumer: BaseConsumer) {
+        // The next scan assigns its own partition and offset; nothing of this one's stays
+        // fetched in its name.
+        if consumer.unassign().is_ok() {
+            self.lock().push(consumer);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<BaseConsumer>> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -255,6 +312,10 @@ fn scan_partition(
                 continue;
             };
             let message = result.map_err(scan_err)?;
+            if message.topic() != topic || message.partition() != partition {
+                // Fetched for an earlier assignment of this reused consumer.
+                continue;
+            }
             reached = message.offset() + 1;
             if message.offset() >= end {
                 break;

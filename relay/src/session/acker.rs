@@ -2,8 +2,7 @@
 //! the `Ack` of a batch with refused records, and with transactions each batch committed
 //! (data and checkpoint together) before it is acknowledged.
 
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use spoke_proto::{Ack, Frame, Goodbye, GoodbyeCode, Negotiated, Rejected};
 use spoke_transport::wire::write_frame_within;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use super::reader::{Outcome, Produced};
 use super::{SessionError, SiteSession};
 use crate::handoff::Pending;
 use crate::hub::{HubError, TRANSACTION_TIMEOUT};
+use crate::producer::{InFlight, SessionProducer};
 
 /// Awaits the hub's confirmations in arrival order and answers the agent. With transactions
 /// it also commits each batch (data and checkpoint together) before acknowledging it.
@@ -102,18 +102,14 @@ async fn confirm(
 /// copies of the refused ones did; the first failure ends the session.
 async fn landed(
     deliveries: Vec<Pending>,
-    dead_letters: Vec<DeliveryFuture>,
+    dead_letters: Vec<InFlight>,
 ) -> Result<Vec<(i32, i64)>, SessionError> {
     let mut landed = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         landed.push(delivery.landed().await.map_err(SessionError::Delivery)?);
     }
     for delivery in dead_letters {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((error, _))) => return Err(SessionError::Delivery(error)),
-            Err(_) => return Err(SessionError::Delivery(KafkaError::Canceled)),
-        }
+        delivery.await.map_err(SessionError::Delivery)?;
     }
     Ok(landed)
 }
@@ -165,14 +161,14 @@ pub(super) fn report_rejected(session: SiteSession<'_>, rejected: &Rejected) {
 /// Commits the open transaction. Any failure aborts it and ends the session: librdkafka
 /// lacks KIP-890, so an unclear outcome is never retried or guessed at; the next session
 /// starts a new producer (fencing this one) and computes its resume point afresh.
-pub(super) async fn commit(producer: &FutureProducer) -> Result<(), SessionError> {
-    let committing = producer.clone();
+pub(super) async fn commit(producer: &SessionProducer) -> Result<(), SessionError> {
+    let committing = producer.transactions().clone();
     let result =
         tokio::task::spawn_blocking(move || committing.commit_transaction(TRANSACTION_TIMEOUT))
             .await
             .map_err(HubError::from)?;
     if let Err(error) = result {
-        let aborting = producer.clone();
+        let aborting = producer.transactions().clone();
         let aborted =
             tokio::task::spawn_blocking(move || aborting.abort_transaction(TRANSACTION_TIMEOUT))
                 .await;

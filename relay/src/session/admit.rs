@@ -1,17 +1,17 @@
 //! Who may hold a session on this relay: at most `limits.max_connections_per_site`
 //! connections per site, one serving session per site at a time (a newer one supersedes it
-//! once its producer drained), and the teardown that frees both.
+//! once what it handed to the hub producer resolved), and the teardown that frees both.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::SessionError;
+use crate::producer::SessionProducer;
 
 /// How long a new session waits for the previous session of its site to drain.
 pub(super) const TURN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,12 +103,14 @@ impl Drop for SiteSlot {
     }
 }
 
-/// Ends a session's hub producer however the session ends: queued records are purged, and
-/// records already sent are waited for (landed or failed), and only then is the site's turn
-/// released to a newer session. The blocking part runs on `teardowns`, which the server
-/// waits for at shutdown.
+/// Ends a session's hands on its hub producer however the session ends, and only then
+/// releases the site's turn to a newer session: records already handed over are waited for
+/// (landed or failed; a site's own producer is purged of what is still queued first). A
+/// shared producer cannot be purged for one site: the session stopped handing over, and what
+/// it handed resolves within `hub.delivery_timeout`. The wait runs on `teardowns`, which the
+/// server waits for at shutdown.
 pub(super) struct Teardown {
-    pub(super) producer: Option<FutureProducer>,
+    pub(super) producer: Option<SessionProducer>,
     pub(super) turn: Option<tokio::sync::OwnedMutexGuard<()>>,
     pub(super) teardowns: TaskTracker,
 }
@@ -118,14 +120,87 @@ impl Drop for Teardown {
         let (Some(producer), Some(turn)) = (self.producer.take(), self.turn.take()) else {
             return;
         };
-        self.teardowns.spawn_blocking(move || {
-            use rdkafka::producer::{Producer, PurgeConfig};
-            producer.purge(PurgeConfig::default().queue());
-            if let Err(error) = producer.flush(DRAIN_TIMEOUT) {
-                warn!(%error, "in-flight hub deliveries did not resolve in time");
-            }
-            drop(producer);
-            drop(turn);
+        if producer.is_own() {
+            self.teardowns.spawn_blocking(move || {
+                use rdkafka::producer::{Producer, PurgeConfig};
+                let own = producer.transactions();
+                own.purge(PurgeConfig::default().queue());
+                if let Err(error) = own.flush(DRAIN_TIMEOUT) {
+                    warn!(%error, "in-flight hub deliveries did not resolve in time");
+                }
+                drop(producer);
+                drop(turn);
+            });
+        } else {
+            self.teardowns.spawn(async move {
+                let load = producer.load();
+                if tokio::time::timeout(DRAIN_TIMEOUT, load.settled())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        records = load.records(),
+                        "in-flight hub deliveries did not resolve in time"
+                    );
+                }
+                drop(turn);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::{HubRecord, ProducerPool};
+
+    /// A shared producer with no broker behind it: what it is handed stays queued until
+    /// `message.timeout.ms` fails it.
+    fn unreachable_hub(timeout: Duration) -> ProducerPool {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .set("log_level", "0");
+        ProducerPool::new(config, 1)
+    }
+
+    #[tokio::test]
+    async fn a_sites_next_session_waits_until_the_ended_ones_records_left_the_shared_producer() {
+        let pool = unreachable_hub(Duration::from_secs(3));
+        let producer = pool.for_site("store-1").expect("producer");
+        let in_flight = producer
+            .send(HubRecord::to("orders").payload(&b"r1"[..]))
+            .expect("queued");
+        let turns = SessionTurns::default();
+        let (turn, _superseded) = turns.take("store-1").await.expect("first turn");
+        let teardowns = TaskTracker::new();
+        drop(Teardown {
+            producer: Some(producer),
+            turn: Some(turn),
+            teardowns: teardowns.clone(),
         });
+        let started = tokio::time::Instant::now();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), turns.take("store-1"))
+                .await
+                .is_err(),
+            "the next session went ahead while the ended one's record was still in the producer"
+        );
+        let (_next, _) = tokio::time::timeout(Duration::from_secs(20), turns.take("store-1"))
+            .await
+            .expect("the turn comes once the record left the producer")
+            .expect("turn");
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(in_flight.await.is_err(), "no hub: the record failed");
+        // Another site's turn never waited on this one.
+        let (_other, _) = tokio::time::timeout(Duration::from_secs(1), turns.take("store-2"))
+            .await
+            .expect("another site")
+            .expect("turn");
     }
 }

@@ -4,7 +4,7 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use spoke_proto::{Batch, Nack, NackCode, Record, Rejected};
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
@@ -18,6 +18,7 @@ use crate::dead_letter;
 use crate::handoff::{self, Pending};
 use crate::hub::{HEADER_OFFSET, HEADER_ORIGIN, HEADER_PARTITION};
 use crate::hub_limits::TimestampWindow;
+use crate::producer::{HubRecord, InFlight, SessionProducer};
 
 impl StreamReader<'_> {
     /// The site's ACL's verdict on `batch`: a `Nack` where it may not write the topic.
@@ -122,6 +123,7 @@ impl StreamReader<'_> {
         let open = self.before_deadline(lock.clone().lock_owned()).await?;
         self.session
             .producer
+            .transactions()
             .begin_transaction()
             .map_err(SessionError::Transaction)?;
         Ok(Some(open))
@@ -155,7 +157,9 @@ impl StreamReader<'_> {
         let (resume_from, base) = self.resume_from(&batch, &target, topic_refused).await?;
         // Outside the transaction lock: with transactions the previous batch was committed,
         // so its records landed, before the lock is free.
-        self.before_deadline(self.gates.wait(&key)).await?;
+        self.before_deadline(self.gates.wait(&key))
+            .await?
+            .map_err(SessionError::Delivery)?;
         let transaction = self.open_transaction().await?;
         let destination = Destination {
             target: &target,
@@ -193,7 +197,7 @@ impl StreamReader<'_> {
             refusal_reason: None,
         };
         let mut grouping = handoff::Grouping::default();
-        let mut last: Option<DeliveryFuture> = None;
+        let mut last: Option<InFlight> = None;
         let provenance = provenance_bytes(site, &partition_text);
         let limits = self.record_limits(destination).await;
         let now_ms = unix_millis();
@@ -226,7 +230,9 @@ impl StreamReader<'_> {
                 if let Some(last) = last.take() {
                     handed.deliveries.push(self.gates.close(key.clone(), last));
                 }
-                self.before_deadline(self.gates.wait(key)).await?;
+                self.before_deadline(self.gates.wait(key))
+                    .await?
+                    .map_err(SessionError::Delivery)?;
             }
             let headers = with_provenance(record, site, &partition_text, &offset_text);
             let hub_record = hub_record(
@@ -271,7 +277,7 @@ impl StreamReader<'_> {
         record: &Record,
         refusal: &dead_letter::Refusal<'_>,
         record_limit: usize,
-    ) -> Result<DeliveryFuture, SessionError> {
+    ) -> Result<InFlight, SessionError> {
         let context = self.session.context;
         let rejects = &context.rejects;
         if rejects.policy == OnRejected::Stop {
@@ -302,8 +308,7 @@ impl StreamReader<'_> {
                 value: value.as_deref(),
             });
         }
-        let mut dead: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&rejects.dead_letter_topic).headers(headers);
+        let mut dead = HubRecord::to(&rejects.dead_letter_topic).headers(headers);
         if let Some(key) = &copy.key {
             dead = dead.key(key.as_ref());
         }
@@ -338,7 +343,7 @@ struct HandedOver {
     /// The records handed to the producer, in order; each group's last one is a gate.
     deliveries: Vec<Pending>,
     /// The dead-letter copies of the refused records.
-    dead_letters: Vec<DeliveryFuture>,
+    dead_letters: Vec<InFlight>,
     /// The offsets of the refused records, as runs.
     refused: dead_letter::Runs,
     /// Why the last refused record was refused: the `Rejected` frame names one reason.
@@ -347,7 +352,7 @@ struct HandedOver {
 
 impl HandedOver {
     /// Notes the record at `offset` as refused for `reason`, with its dead-letter copy.
-    fn dead_lettered(&mut self, offset: i64, reason: &'static str, copy: DeliveryFuture) {
+    fn dead_lettered(&mut self, offset: i64, reason: &'static str, copy: InFlight) {
         self.dead_letters.push(copy);
         self.refused.refused(offset);
         self.refusal_reason = Some(reason);
@@ -457,8 +462,8 @@ pub(super) fn hub_record<'a>(
     hub_partition: i32,
     record: &'a Record,
     headers: OwnedHeaders,
-) -> FutureRecord<'a, [u8], [u8]> {
-    let mut hub_record = FutureRecord::to(target)
+) -> HubRecord<'a> {
+    let mut hub_record = HubRecord::to(target)
         .headers(headers)
         .partition(hub_partition);
     if let Some(key) = &record.key {
@@ -478,19 +483,31 @@ pub(super) fn unix_millis() -> i64 {
     i64::try_from(crate::fleet::now_ms()).unwrap_or(i64::MAX)
 }
 
-/// Hands one record to librdkafka, waiting while its local queue is full, but not past the
-/// hand-over deadline (`StreamReader::handover_deadline`), asked again before every attempt.
+/// Bytes of one session's records a shared producer holds at most: its share, so that one
+/// heavy site cannot fill the queue the others' records wait in. A site's own producer is
+/// bounded by its own queue instead.
+pub(super) const SESSION_SHARE_BYTES: usize = 16 << 20;
+
+/// Hands one record to librdkafka, waiting while its local queue is full or the session has
+/// its share in it, but not past the hand-over deadline (`StreamReader::handover_deadline`),
+/// asked again before every attempt.
 pub(super) async fn enqueue<'a>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'a, [u8], [u8]>,
+    producer: &SessionProducer,
+    mut record: HubRecord<'a>,
     deadline: impl Fn() -> tokio::time::Instant,
     window: Duration,
-) -> Result<DeliveryFuture, SessionError> {
+) -> Result<InFlight, SessionError> {
     loop {
         if tokio::time::Instant::now() > deadline() {
             return Err(SessionError::HandoverLate { window });
         }
-        match producer.send_result(record) {
+        // A record larger than the share still goes, alone.
+        let load = producer.load();
+        if !producer.is_own() && load.records() > 0 && load.bytes() >= SESSION_SHARE_BYTES {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        match producer.send(record) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;

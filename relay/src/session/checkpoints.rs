@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use tracing::debug;
 
 use super::acker::commit;
 use super::SiteSession;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{hub_topic, Delivery};
+use crate::producer::{HubRecord, InFlight};
 
 /// How long a well-ending session waits for a hub topic's partition ends.
 pub(super) const FLOORS_WAIT: Duration = Duration::from_secs(5);
@@ -119,7 +120,7 @@ impl<'a> CheckpointWriter<'a> {
     /// Hands one checkpoint to the producer. Without transactions this is best effort: a
     /// checkpoint that does not make it only makes the next resume scan longer. With them,
     /// a failed write fails the commit.
-    pub(super) fn write(&mut self, key: (String, i32)) -> Option<DeliveryFuture> {
+    pub(super) fn write(&mut self, key: (String, i32)) -> Option<InFlight> {
         if !self.enabled() {
             return None;
         }
@@ -132,10 +133,10 @@ impl<'a> CheckpointWriter<'a> {
         let tracked = self.partitions.get_mut(&key)?;
         let record_key = checkpoint::key(site, &key.0, key.1);
         let value = checkpoint::encode(&tracked.checkpoint);
-        let record = FutureRecord::to(&context.checkpoints.topic)
+        let record = HubRecord::to(&context.checkpoints.topic)
             .key(record_key.as_bytes())
             .payload(&value);
-        match producer.send_result(record) {
+        match producer.send(record) {
             Ok(delivery) => {
                 tracked.dirty = false;
                 tracked.written_at = Some(tokio::time::Instant::now());
@@ -201,12 +202,12 @@ impl<'a> CheckpointWriter<'a> {
         }
         let transactional = self.session.transactional;
         if transactional {
-            if let Err(error) = self.session.producer.begin_transaction() {
+            if let Err(error) = self.session.producer.transactions().begin_transaction() {
                 debug!(%error, "final checkpoints not written");
                 return;
             }
         }
-        let pending: Vec<DeliveryFuture> = dirty
+        let pending: Vec<InFlight> = dirty
             .into_iter()
             .filter_map(|key| self.write(key))
             .collect();
@@ -217,7 +218,7 @@ impl<'a> CheckpointWriter<'a> {
             }
         }
         for delivery in pending {
-            if !matches!(delivery.await, Ok(Ok(_))) {
+            if delivery.await.is_err() {
                 debug!("final checkpoint not confirmed");
             }
         }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use regex::Regex;
 use spoke_proto::connection::relay::{HelloRules, InboundStream};
 use spoke_proto::connection::{ProtocolError, CONTROL_STREAM};
@@ -46,6 +46,7 @@ use crate::config::{Acl, Delivery, LimitsConfig, OnRejected};
 use crate::deny::DenyList;
 use crate::handoff::Gates;
 use crate::hub::{Hub, HubError, TRANSACTION_TIMEOUT};
+use crate::producer::SessionProducer;
 use admit::Teardown;
 pub use admit::{SessionTurns, SiteConnections};
 use checkpoints::CheckpointWriter;
@@ -54,7 +55,8 @@ use spoke_transport::wire::{read_frame_within, write_frame_within, WireError};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
-/// bounded by the session producer's queue (64 MiB), not by this count.
+/// bounded by the session's share of its producer's queue (`batch::SESSION_SHARE_BYTES`), not
+/// by this count.
 const UNCONFIRMED_BATCHES: usize = 256;
 
 /// QUIC application close codes.
@@ -302,9 +304,7 @@ async fn run(connection: &quinn::Connection, context: &SessionContext) -> Result
             .hub
             .transactional(&context.checkpoints.topic)
             .await?;
-    let producer = context
-        .hub
-        .producer(transactional.then(|| Hub::transactional_id(&site)))?;
+    let producer = context.hub.session_producer(&site, transactional)?;
     let _teardown = Teardown {
         producer: Some(producer.clone()),
         turn: Some(turn),
@@ -377,8 +377,8 @@ async fn accept_hello(
 
 /// Fences every older producer of this site, on any relay, and aborts its open transaction:
 /// the resume scan then reads only committed data.
-async fn fence_older_producers(producer: &FutureProducer) -> Result<(), SessionError> {
-    let initialising = producer.clone();
+async fn fence_older_producers(producer: &SessionProducer) -> Result<(), SessionError> {
+    let initialising = producer.transactions().clone();
     tokio::task::spawn_blocking(move || initialising.init_transactions(TRANSACTION_TIMEOUT))
         .await
         .map_err(HubError::from)?
@@ -390,7 +390,7 @@ async fn fence_older_producers(producer: &FutureProducer) -> Result<(), SessionE
 pub(super) struct SiteSession<'a> {
     pub(super) site: &'a str,
     pub(super) context: &'a SessionContext,
-    pub(super) producer: &'a FutureProducer,
+    pub(super) producer: &'a SessionProducer,
     /// Data and checkpoint of each batch are committed in one Kafka transaction.
     pub(super) transactional: bool,
     /// When the Hello arrived: the agent ships nothing until its Welcome.

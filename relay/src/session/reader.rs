@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::producer::DeliveryFuture;
 use spoke_proto::connection::relay::{Inbound, InboundStream, PartitionStreams};
 use spoke_proto::{Nack, Rejected, TopicConfig, CARRIED_TOPIC_CONFIGS};
 use spoke_transport::wire::{read_frame_when_it_comes, read_frame_within};
@@ -39,7 +38,7 @@ pub(super) struct Produced {
     /// The batch's records the hub refuses, for the agent ([`crate::dead_letter`]).
     pub(super) rejected: Option<Box<Rejected>>,
     /// Their dead-letter copies.
-    pub(super) dead_letters: Vec<DeliveryFuture>,
+    pub(super) dead_letters: Vec<crate::producer::InFlight>,
     /// For the first batch of a partition the Hello did not name: the checkpoint that held
     /// before it.
     pub(super) base: Option<Checkpoint>,

@@ -113,10 +113,86 @@ fn listen(
 ) -> Result<quinn::Endpoint, RelayError> {
     let config = &loaded.config;
     let server_config = crate::tls::server_config(&config.tls, &loaded.deny, limits)?;
-    quinn::Endpoint::server(server_config, config.listen).map_err(|source| RelayError::Listen {
+    let failed = |source| RelayError::Listen {
         addr: config.listen,
         source,
-    })
+    };
+    let socket = udp_socket(config.listen).map_err(failed)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        failed(std::io::Error::other(
+            "no async runtime for the QUIC endpoint",
+        ))
+    })?;
+    let secret = crate::tls::endpoint_secret(&config.tls)?;
+    quinn::Endpoint::new(
+        endpoint_config(&secret),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .map_err(failed)
+}
+
+/// The endpoint's stateless-reset key and connection-id key, both from `secret`
+/// ([`crate::tls::endpoint_secret`]), so they survive a restart; and resets as often as a
+/// fleet needs them.
+fn endpoint_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // quinn sends at most one reset per 20 ms by default, and judges a whole batch of
+    // received datagrams by one clock reading, so after a restart a fleet's packets got one
+    // reset per batch and most sites fell back to the idle timeout (10,000 sites: 32 s).
+    // Every reset is smaller than the packet it answers (no amplification, and a loop of
+    // resets dies out), and only connection ids this relay's key issued get one.
+    config.min_reset_interval(Duration::ZERO);
+    config
+}
+
+/// Kernel buffer the relay asks for on its UDP socket, each way.
+const UDP_BUFFER_BYTES: usize = 8 << 20;
+/// Below this a receive buffer is reported: the fix is the host's `net.core.rmem_max`.
+const UDP_BUFFER_ENOUGH: usize = 2 << 20;
+
+/// The relay's one UDP socket, with kernel buffers sized for a fleet. Every site's packets
+/// arrive on it; at Linux's default of 208 KiB a burst of thousands of handshakes (a relay
+/// restart) overflows it, the kernel drops datagrams, and handshakes time out and retry
+/// (docs/benchmarks.md, "Fleet scale"). The kernel caps the request at `net.core.rmem_max`
+/// and `wmem_max`.
+fn udp_socket(listen: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if listen.is_ipv6() {
+        // As quinn's own bind: an IPv6 wildcard takes IPv4 too where the system allows.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a refused size leaves the system's default, which still works.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&listen.into())?;
+    let received = socket.recv_buffer_size().unwrap_or(0);
+    if received < UDP_BUFFER_ENOUGH {
+        warn!(
+            bytes = received,
+            wanted = UDP_BUFFER_BYTES,
+            fix = "raise net.core.rmem_max (sysctl) to 8388608",
+            "the kernel gave the relay's UDP socket a small receive buffer: a reconnect storm of \
+             many sites will lose packets and slow their handshakes"
+        );
+    } else {
+        info!(receive_buffer = received, "QUIC socket bound");
+    }
+    Ok(socket.into())
 }
 
 /// The relay's metrics, with the checkpoints' and the hub's.

@@ -43,6 +43,23 @@ pub enum IdentityError {
     Ambiguous(usize),
 }
 
+/// A secret for the relay's QUIC endpoint that outlives the process: derived from the relay's
+/// private key, so a relay restarted with the same key recognises the connection ids it
+/// issued before and answers packets of those lost connections with a stateless reset that
+/// the agents accept. They then know at their next packet (a heartbeat, every 2 s) that the
+/// connection is gone, instead of after the 30 s idle timeout, which after a restart would
+/// hold a whole fleet back that long. Anyone without the key can neither forge such a reset
+/// nor tell the secret from the ids.
+pub fn endpoint_secret(tls: &TlsConfig) -> Result<[u8; 32], TlsError> {
+    let key = load_key(&tls.key)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(b"spoke relay QUIC endpoint secret v1\0");
+    context.update(key.secret_der());
+    let mut secret = [0u8; 32];
+    secret.copy_from_slice(context.finish().as_ref());
+    Ok(secret)
+}
+
 /// Builds the quinn server configuration from `[tls]` (with its parsed deny list) and the
 /// transport bounds of `[limits]`.
 pub fn server_config(

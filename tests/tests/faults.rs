@@ -648,3 +648,47 @@ fn spooled_backlog_ships_while_the_edge_broker_is_down() -> anyhow::Result<()> {
     drop(relay);
     Ok(())
 }
+
+/// A relay killed and started again at once (a crash, an OOM kill, a reboot) with the same
+/// key: its agents must learn at their next packet that their connection is gone (the new
+/// process answers it with a stateless reset it can sign, since its reset key comes from the
+/// relay's private key), not after the 30 s QUIC idle timeout. After a restart a whole fleet
+/// would otherwise wait that long before it even began to reconnect (issue 23's storm: every
+/// one of 10,000 sites noticed only after 32 s).
+#[test]
+fn agents_notice_at_once_that_their_relay_was_restarted() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    kafka::create_topic(&env.edge.bootstrap(), "orders", 1)?;
+    let mut relay = env.start_relay(&["orders"])?;
+    let agent = env.start_agent(&AgentOptions::include(&["orders"]))?;
+    eventually("the agent's session", Duration::from_secs(60), || {
+        Ok(relay.log().contains("site connected"))
+    })?;
+    relay.kill9()?;
+    let killed = Instant::now();
+    let restarted = env.start_relay(&["orders"])?;
+    let ended = |log: &str| {
+        log.lines()
+            .any(|line| line.contains("relay session ended") && line.contains("reset by peer"))
+    };
+    eventually(
+        "the agent to learn its connection is gone",
+        Duration::from_secs(40),
+        || Ok(ended(&agent.log())),
+    )?;
+    let noticed = killed.elapsed();
+    println!(
+        "scenario=relay-restart noticed_after_ms={}",
+        noticed.as_millis()
+    );
+    anyhow::ensure!(
+        noticed < Duration::from_secs(10),
+        "the agent noticed the restart only after {noticed:?}, as if by the idle timeout"
+    );
+    eventually(
+        "the agent's session with the new relay",
+        Duration::from_secs(60),
+        || Ok(restarted.log().contains("site connected")),
+    )?;
+    Ok(())
+}

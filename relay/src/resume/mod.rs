@@ -2,12 +2,14 @@
 //! back from the hub itself (the newest checkpoint, then the provenance headers of what landed
 //! after it), so that a relay keeps no state and any relay can serve any site.
 
+mod index;
+
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::checkpoint::Checkpoint;
@@ -107,7 +109,12 @@ impl Hub {
         // The semaphore is never closed: a permit always comes.
         let permit = self.scans.permits.clone().acquire_owned().await.ok();
         let scans = self.scans.clone();
-        let config = self.client_config();
+        let mut config = self.client_config();
+        // A scan reads a range that is there and stops; the hub holding a fetch open for
+        // more data (fetch.wait.max.ms, 500 ms by default) only delays it. Measured on the
+        // test broker under load: a read of 16 records took 250 ms and one of 64 took 750 ms
+        // by default, 20 to 45 ms with this.
+        config.set("fetch.wait.max.ms", SCAN_FETCH_WAIT_MS);
         let site = site.to_owned();
         let topic = hub_topic.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -118,14 +125,17 @@ impl Hub {
             };
             let mut newest: Option<i64> = None;
             let mut scanned = 0;
+            let partition_scan = PartitionScan {
+                consumer: &consumer,
+                topic: &topic,
+                site: &site,
+                source_partition,
+            };
             for (hub_partition, floor, high) in ranges {
-                let found = scan_partition(
-                    &consumer,
-                    &topic,
+                let found = partition_scan.newest(
+                    &scans.index,
                     hub_partition,
                     (floor, high),
-                    &site,
-                    source_partition,
                     &mut scanned,
                 )?;
                 newest = newest.max(found);
@@ -144,15 +154,21 @@ impl Hub {
 pub struct ScanPool {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
     consumers: std::sync::Mutex<Vec<BaseConsumer>>,
+    /// What scans of shared hub partitions learned, for the next ones.
+    index: index::ProvenanceIndex,
 }
 
 impl std::fmt::Debug for ScanPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ScanPool")
             .field("idle", &self.lock().len())
+            .field("indexed_partitions", &self.index.len())
             .finish_non_exhaustive()
     }
 }
+
+/// How long a resume scan's fetch lets the hub wait for more data (ms).
+const SCAN_FETCH_WAIT_MS: &str = "20";
 
 /// Resume scans that read the hub at the same time; the rest wait their turn.
 pub const CONCURRENT_SCANS: usize = 4;
@@ -162,6 +178,7 @@ impl ScanPool {
         std::sync::Arc::new(ScanPool {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCANS)),
             consumers: std::sync::Mutex::new(Vec::new()),
+            index: index::ProvenanceIndex::default(),
         })
     }
 
@@ -269,69 +286,214 @@ fn partitions_to_scan(
     partitions
 }
 
-/// Reads hub offsets `floor..end` of one partition backwards in growing windows until it
-/// finds the newest record of (`site`, `source_partition`), and returns its source offset.
-fn scan_partition(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    (floor, mut end): (i64, i64),
-    site: &str,
+/// Hub records a resume scan reads backwards from a partition's end before it indexes the
+/// older part: enough for the site's own topic (its newest record is the last one), so
+/// only a partition shared by sites gets an index.
+const DIRECT_SCAN_RECORDS: i64 = 256;
+
+/// One resume scan's reads of hub partitions: the newest record of (`site`,
+/// `source_partition`) in `topic`.
+struct PartitionScan<'a> {
+    consumer: &'a BaseConsumer,
+    topic: &'a str,
+    site: &'a str,
     source_partition: i32,
-    scanned: &mut u64,
-) -> Result<Option<i64>, HubError> {
-    let scan_err = |source| HubError::Scan {
-        topic: topic.to_owned(),
-        partition,
-        source,
-    };
-    let mut window: i64 = 16;
-    while end > floor {
-        let start = (end - window).max(floor);
+}
+
+impl PartitionScan<'_> {
+    /// The source offset of the newest record of the site's source partition among hub
+    /// offsets `floor..high` of `partition`. A partition with an index (shared by sites) is
+    /// asked through it; any other has its last [`DIRECT_SCAN_RECORDS`] read backwards, and
+    /// if the record is not there, the older part is indexed: read once for every site that
+    /// needs it, instead of once per site.
+    fn newest(
+        &self,
+        indexes: &index::ProvenanceIndex,
+        partition: i32,
+        (floor, high): (i64, i64),
+        scanned: &mut u64,
+    ) -> Result<Option<i64>, HubError> {
+        if indexes.has(self.topic, partition) {
+            // Each read of a busy hub costs a round trip or more (250 ms to seconds on the
+            // test broker under load): one read of what landed since beats three windows.
+            return match self.indexed(indexes, partition, (floor, high), scanned)? {
+                Some(answer) => Ok(answer),
+                None => self.backwards(partition, (floor, high), scanned),
+            };
+        }
+        let older = floor.max(high - DIRECT_SCAN_RECORDS);
+        if let Some(found) = self.backwards(partition, (older, high), scanned)? {
+            return Ok(Some(found));
+        }
+        if older == floor {
+            return Ok(None);
+        }
+        match self.indexed(indexes, partition, (floor, older), scanned)? {
+            Some(answer) => Ok(answer),
+            None => self.backwards(partition, (floor, older), scanned),
+        }
+    }
+
+    /// Reads hub offsets `floor..end` of `partition` backwards in growing windows until it
+    /// finds the newest record of the site's source partition, and returns its source offset.
+    fn backwards(
+        &self,
+        partition: i32,
+        (floor, mut end): (i64, i64),
+        scanned: &mut u64,
+    ) -> Result<Option<i64>, HubError> {
+        let mut window: i64 = 16;
+        while end > floor {
+            let start = (end - window).max(floor);
+            let mut newest = None;
+            self.read(partition, (start, end), |_, message| {
+                *scanned += 1;
+                if let Some(offset) = provenance_offset(message, self.site, self.source_partition) {
+                    newest = Some(offset);
+                }
+            })?;
+            if newest.is_some() {
+                return Ok(newest);
+            }
+            end = start;
+            window = window.saturating_mul(4);
+        }
+        Ok(None)
+    }
+
+    /// What `partition`'s index says about hub offsets `floor..upto`, after it read on to
+    /// `upto`: `Some(newest)`, checked against the hub, or `None` when the index cannot
+    /// answer (it is full, or named a record the hub does not hold).
+    fn indexed(
+        &self,
+        indexes: &index::ProvenanceIndex,
+        partition: i32,
+        (floor, upto): (i64, i64),
+        scanned: &mut u64,
+    ) -> Result<Option<Option<i64>>, HubError> {
+        let shared = indexes.partition(self.topic, partition, floor);
+        let mut index = index::lock(&shared);
+        if index.is_full() {
+            return Ok(None);
+        }
+        if index.start() > floor || index.end() < floor {
+            // Started above this floor (by a site with a checkpoint), or ended below it (read
+            // a while ago): start over from the floor, reading what this scan has to read
+            // anyway. The index stays one contiguous range of the partition.
+            *index = index::PartitionIndex::starting_at(floor);
+        }
+        if index.end() < upto {
+            let from = index.end();
+            // On a failure what it read so far stays: its end says how far that is.
+            self.read(partition, (from, upto), |offset, message| {
+                *scanned += 1;
+                index.read(offset, provenance(message));
+            })?;
+            index.reached(upto);
+            if index.is_full() {
+                return Ok(None);
+            }
+        }
+        match index.answer(self.site, self.source_partition, floor, upto) {
+            index::Answer::Nothing => Ok(Some(None)),
+            index::Answer::Unknown => Ok(None),
+            index::Answer::Newest(landed) => {
+                let mut holds = false;
+                self.read(
+                    partition,
+                    (landed.hub_offset, landed.hub_offset + 1),
+                    |_, message| {
+                        *scanned += 1;
+                        holds = provenance_offset(message, self.site, self.source_partition)
+                            == Some(landed.source_offset);
+                    },
+                )?;
+                if holds {
+                    Ok(Some(Some(landed.source_offset)))
+                } else {
+                    // The topic was recreated since the index read it: read it anew.
+                    tracing::warn!(
+                        topic = self.topic,
+                        partition,
+                        hub_offset = landed.hub_offset,
+                        "the resume scan index named a record the hub no longer holds; \
+                         dropping the index"
+                    );
+                    *index = index::PartitionIndex::starting_at(floor);
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Reads hub offsets `start..end` of `partition` in order, handing every record and its
+    /// offset to `visit`. Fails when the read makes no progress for [`SCAN_POLL_TIMEOUT`].
+    fn read(
+        &self,
+        partition: i32,
+        (start, end): (i64, i64),
+        mut visit: impl FnMut(i64, &BorrowedMessage<'_>),
+    ) -> Result<(), HubError> {
+        let topic = self.topic;
+        let scan_err = |source| HubError::Scan {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        };
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(start))
             .map_err(scan_err)?;
-        consumer.assign(&assignment).map_err(scan_err)?;
-        let mut newest = None;
-        let deadline = std::time::Instant::now() + SCAN_POLL_TIMEOUT;
+        self.consumer.assign(&assignment).map_err(scan_err)?;
+        let began = Instant::now();
+        let mut deadline = Instant::now() + SCAN_POLL_TIMEOUT;
         let mut reached = start;
         while reached < end {
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(HubError::ScanTimeout {
                     topic: topic.to_owned(),
                     partition,
                     target: end,
                 });
             }
-            let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-                // On a hub with transactions a range ends in a commit or abort marker (and
-                // may hold aborted records), which this read_committed consumer never
-                // returns: only its position says that it passed them.
-                reached = reached.max(position(consumer, topic, partition).map_err(scan_err)?);
-                continue;
-            };
-            let message = result.map_err(scan_err)?;
-            if message.topic() != topic || message.partition() != partition {
-                // Fetched for an earlier assignment of this reused consumer.
-                continue;
+            let before = reached;
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None => {
+                    // On a hub with transactions a range ends in a commit or abort marker
+                    // (and may hold aborted records), which this read_committed consumer
+                    // never returns: only its position says that it passed them.
+                    reached =
+                        reached.max(position(self.consumer, topic, partition).map_err(scan_err)?);
+                }
+                Some(result) => {
+                    let message = result.map_err(scan_err)?;
+                    if message.topic() != topic || message.partition() != partition {
+                        // Fetched for an earlier assignment of this reused consumer.
+                        continue;
+                    }
+                    reached = message.offset() + 1;
+                    if message.offset() >= end {
+                        break;
+                    }
+                    visit(message.offset(), &message);
+                }
             }
-            reached = message.offset() + 1;
-            if message.offset() >= end {
-                break;
-            }
-            *scanned += 1;
-            if let Some(offset) = provenance_offset(&message, site, source_partition) {
-                newest = Some(offset);
+            if reached > before {
+                // A long range (an index read through a whole partition) takes as long as
+                // it takes; only a read that stops moving fails.
+                deadline = Instant::now() + SCAN_POLL_TIMEOUT;
             }
         }
-        if newest.is_some() {
-            return Ok(newest);
-        }
-        end = start;
-        window = window.saturating_mul(4);
+        tracing::debug!(
+            topic,
+            partition,
+            start,
+            end,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "TIMING read"
+        );
+        Ok(())
     }
-    Ok(None)
 }
 
 /// Where `consumer` will read `topic`/`partition` next; -1 before it has a position.
@@ -348,6 +510,12 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64,
 
 /// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).
 fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32) -> Option<i64> {
+    let (origin, partition, offset) = provenance(message)?;
+    (origin == site.as_bytes() && partition == source_partition).then_some(offset)
+}
+
+/// The (origin, source partition, source offset) a hub record carries, if it carries them.
+fn provenance<M: Message>(message: &M) -> Option<(&[u8], i32, i64)> {
     let headers = message.headers()?;
     let mut origin = None;
     let mut partition = None;
@@ -363,9 +531,11 @@ fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32)
         }
     }
     let parse = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<i64>().ok();
-    (origin == Some(site.as_bytes()) && parse(partition) == Some(i64::from(source_partition)))
-        .then(|| parse(offset))
-        .flatten()
+    Some((
+        origin?,
+        i32::try_from(parse(partition)?).ok()?,
+        parse(offset)?,
+    ))
 }
 
 #[cfg(test)]

@@ -483,14 +483,9 @@ pub(super) fn unix_millis() -> i64 {
     i64::try_from(crate::fleet::now_ms()).unwrap_or(i64::MAX)
 }
 
-/// Bytes of one session's records a shared producer holds at most: its share, so that one
-/// heavy site cannot fill the queue the others' records wait in. A site's own producer is
-/// bounded by its own queue instead.
-pub(super) const SESSION_SHARE_BYTES: usize = 16 << 20;
-
-/// Hands one record to librdkafka, waiting while its local queue is full or the session has
-/// its share in it, but not past the hand-over deadline (`StreamReader::handover_deadline`),
-/// asked again before every attempt.
+/// Hands one record to librdkafka, waiting (in turn, see `SessionProducer::reserve`) for
+/// room in the producer's queue and in the session's share of it, but not past the
+/// hand-over deadline (`StreamReader::handover_deadline`), asked again whenever it passes.
 pub(super) async fn enqueue<'a>(
     producer: &SessionProducer,
     mut record: HubRecord<'a>,
@@ -498,18 +493,21 @@ pub(super) async fn enqueue<'a>(
     window: Duration,
 ) -> Result<InFlight, SessionError> {
     loop {
-        if tokio::time::Instant::now() > deadline() {
+        let until = deadline();
+        if tokio::time::Instant::now() > until {
             return Err(SessionError::HandoverLate { window });
         }
-        // A record larger than the share still goes, alone.
-        let load = producer.load();
-        if !producer.is_own() && load.records() > 0 && load.bytes() >= SESSION_SHARE_BYTES {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let Ok(reservation) =
+            tokio::time::timeout_at(until, producer.reserve(crate::producer::cost(&record))).await
+        else {
+            // The deadline may have moved meanwhile; asked again above.
             continue;
-        }
-        match producer.send(record) {
+        };
+        match producer.send(record, reservation) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                // Within the room, only a site's own producer (its queue is its bound) or
+                // what the room does not count fills librdkafka's queue: rare, so a retry.
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

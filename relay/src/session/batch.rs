@@ -494,7 +494,9 @@ pub(super) async fn enqueue<'a>(
 ) -> Result<InFlight, SessionError> {
     loop {
         let until = deadline();
-        if tokio::time::Instant::now() > until {
+        // At the deadline, not only past it: the timeout below ends at it, and with time
+        // standing still (a paused test clock) this loop must still end.
+        if tokio::time::Instant::now() >= until {
             return Err(SessionError::HandoverLate { window });
         }
         let Ok(reservation) =

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::checkpoint::Checkpoint;
@@ -126,7 +126,7 @@ impl Hub {
             let mut newest: Option<i64> = None;
             let mut scanned = 0;
             let partition_scan = PartitionScan {
-                consumer: &consumer,
+                reader: &consumer,
                 topic: &topic,
                 site: &site,
                 source_partition,
@@ -294,7 +294,7 @@ const DIRECT_SCAN_RECORDS: i64 = 256;
 /// One resume scan's reads of hub partitions: the newest record of (`site`,
 /// `source_partition`) in `topic`.
 struct PartitionScan<'a> {
-    consumer: &'a BaseConsumer,
+    reader: &'a dyn HubReader,
     topic: &'a str,
     site: &'a str,
     source_partition: i32,
@@ -328,7 +328,9 @@ impl PartitionScan<'_> {
         if older == floor {
             return Ok(None);
         }
-        match self.indexed(indexes, partition, (floor, older), scanned)? {
+        // The index takes in the tail just read too, so that the next site's scan reads on
+        // from the partition's end instead of reading that tail again.
+        match self.indexed(indexes, partition, (floor, high), scanned)? {
             Some(answer) => Ok(answer),
             None => self.backwards(partition, (floor, older), scanned),
         }
@@ -346,9 +348,9 @@ impl PartitionScan<'_> {
         while end > floor {
             let start = (end - window).max(floor);
             let mut newest = None;
-            self.read(partition, (start, end), |_, message| {
+            self.read(partition, (start, end), |_, landed| {
                 *scanned += 1;
-                if let Some(offset) = provenance_offset(message, self.site, self.source_partition) {
+                if let Some(offset) = self.own_offset(landed) {
                     newest = Some(offset);
                 }
             })?;
@@ -385,9 +387,9 @@ impl PartitionScan<'_> {
         if index.end() < upto {
             let from = index.end();
             // On a failure what it read so far stays: its end says how far that is.
-            self.read(partition, (from, upto), |offset, message| {
+            self.read(partition, (from, upto), |offset, landed| {
                 *scanned += 1;
-                index.read(offset, provenance(message));
+                index.read(offset, landed);
             })?;
             index.reached(upto);
             if index.is_full() {
@@ -402,10 +404,9 @@ impl PartitionScan<'_> {
                 self.read(
                     partition,
                     (landed.hub_offset, landed.hub_offset + 1),
-                    |_, message| {
+                    |_, provenance| {
                         *scanned += 1;
-                        holds = provenance_offset(message, self.site, self.source_partition)
-                            == Some(landed.source_offset);
+                        holds = self.own_offset(provenance) == Some(landed.source_offset);
                     },
                 )?;
                 if holds {
@@ -426,15 +427,50 @@ impl PartitionScan<'_> {
         }
     }
 
-    /// Reads hub offsets `start..end` of `partition` in order, handing every record and its
-    /// offset to `visit`. Fails when the read makes no progress for [`SCAN_POLL_TIMEOUT`].
+    /// Reads hub offsets `start..end` of `partition` in order, handing every record's
+    /// offset and provenance to `visit`.
     fn read(
         &self,
         partition: i32,
-        (start, end): (i64, i64),
-        mut visit: impl FnMut(i64, &BorrowedMessage<'_>),
+        range: (i64, i64),
+        mut visit: impl FnMut(i64, Option<Provenance<'_>>),
     ) -> Result<(), HubError> {
-        let topic = self.topic;
+        self.reader.read(self.topic, partition, range, &mut visit)
+    }
+
+    /// The source offset a record's provenance names, if it is of this scan's site and
+    /// source partition.
+    fn own_offset(&self, provenance: Option<Provenance<'_>>) -> Option<i64> {
+        let (origin, partition, offset) = provenance?;
+        (origin == self.site.as_bytes() && partition == self.source_partition).then_some(offset)
+    }
+}
+
+/// A record's (origin, source partition, source offset).
+type Provenance<'a> = (&'a [u8], i32, i64);
+
+/// What resume scans read the hub through: a consumer, or a partition in memory in tests.
+trait HubReader {
+    /// Reads hub offsets `start..end` of `topic`/`partition` in order, handing every record's
+    /// offset and provenance to `visit`.
+    fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        range: (i64, i64),
+        visit: &mut dyn FnMut(i64, Option<Provenance<'_>>),
+    ) -> Result<(), HubError>;
+}
+
+impl HubReader for BaseConsumer {
+    /// Fails when the read makes no progress for [`SCAN_POLL_TIMEOUT`].
+    fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        (start, end): (i64, i64),
+        visit: &mut dyn FnMut(i64, Option<Provenance<'_>>),
+    ) -> Result<(), HubError> {
         let scan_err = |source| HubError::Scan {
             topic: topic.to_owned(),
             partition,
@@ -444,7 +480,7 @@ impl PartitionScan<'_> {
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(start))
             .map_err(scan_err)?;
-        self.consumer.assign(&assignment).map_err(scan_err)?;
+        self.assign(&assignment).map_err(scan_err)?;
         let began = Instant::now();
         let mut deadline = Instant::now() + SCAN_POLL_TIMEOUT;
         let mut reached = start;
@@ -457,13 +493,18 @@ impl PartitionScan<'_> {
                 });
             }
             let before = reached;
-            match self.consumer.poll(Duration::from_millis(200)) {
+            match self.poll(Duration::from_millis(200)) {
                 None => {
                     // On a hub with transactions a range ends in a commit or abort marker
                     // (and may hold aborted records), which this read_committed consumer
                     // never returns: only its position says that it passed them.
-                    reached =
-                        reached.max(position(self.consumer, topic, partition).map_err(scan_err)?);
+                    reached = reached.max(position(self, topic, partition).map_err(scan_err)?);
+                }
+                Some(Err(KafkaError::MessageConsumption(code))) if reconnecting(code) => {
+                    // librdkafka reconnects by itself; the deadline bounds the wait. A
+                    // pooled consumer reports this after the hub was restarted while it
+                    // was idle, and its first reads after that are no failure.
+                    tracing::debug!(topic, partition, %code, "resume scan waits for the hub");
                 }
                 Some(result) => {
                     let message = result.map_err(scan_err)?;
@@ -475,7 +516,7 @@ impl PartitionScan<'_> {
                     if message.offset() >= end {
                         break;
                     }
-                    visit(message.offset(), &message);
+                    visit(message.offset(), provenance(&message));
                 }
             }
             if reached > before {
@@ -496,6 +537,14 @@ impl PartitionScan<'_> {
     }
 }
 
+/// Whether a consumer error only says that the hub connection is being re-established.
+fn reconnecting(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure
+    )
+}
+
 /// Where `consumer` will read `topic`/`partition` next; -1 before it has a position.
 fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64, KafkaError> {
     let position = consumer.position()?;
@@ -508,14 +557,8 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Result<i64,
         .unwrap_or(-1))
 }
 
-/// The source offset a hub record carries, if its provenance is (`site`, `source_partition`).
-fn provenance_offset<M: Message>(message: &M, site: &str, source_partition: i32) -> Option<i64> {
-    let (origin, partition, offset) = provenance(message)?;
-    (origin == site.as_bytes() && partition == source_partition).then_some(offset)
-}
-
 /// The (origin, source partition, source offset) a hub record carries, if it carries them.
-fn provenance<M: Message>(message: &M) -> Option<(&[u8], i32, i64)> {
+fn provenance<M: Message>(message: &M) -> Option<Provenance<'_>> {
     let headers = message.headers()?;
     let mut origin = None;
     let mut partition = None;
@@ -541,6 +584,99 @@ fn provenance<M: Message>(message: &M) -> Option<(&[u8], i32, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// One hub partition in memory: each offset's provenance (site, source offset; source
+    /// partition 0), and how many reads asked for it.
+    #[derive(Default)]
+    struct Partition {
+        records: RefCell<Vec<(String, i64)>>,
+        reads: Cell<usize>,
+    }
+
+    impl Partition {
+        fn holding(runs: &[(&str, i64)]) -> Self {
+            let partition = Partition::default();
+            partition.refill(runs);
+            partition
+        }
+
+        /// The partition as a topic created anew with `runs`: (site, records from source
+        /// offset 0) one after another.
+        fn refill(&self, runs: &[(&str, i64)]) {
+            *self.records.borrow_mut() = runs
+                .iter()
+                .flat_map(|&(site, count)| (0..count).map(move |offset| (site.to_owned(), offset)))
+                .collect();
+        }
+    }
+
+    impl HubReader for Partition {
+        fn read(
+            &self,
+            _topic: &str,
+            _partition: i32,
+            (start, end): (i64, i64),
+            visit: &mut dyn FnMut(i64, Option<Provenance<'_>>),
+        ) -> Result<(), HubError> {
+            self.reads.set(self.reads.get() + 1);
+            let records = self.records.borrow();
+            for offset in start..end {
+                let record = usize::try_from(offset).ok().and_then(|i| records.get(i));
+                if let Some((site, source_offset)) = record {
+                    visit(offset, Some((site.as_bytes(), 0, *source_offset)));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Where `site`'s source partition 0 is in all of `hub`, and the records read to find it.
+    fn newest(hub: &Partition, indexes: &index::ProvenanceIndex, site: &str) -> (Option<i64>, u64) {
+        let scan = PartitionScan {
+            reader: hub,
+            topic: "orders",
+            site,
+            source_partition: 0,
+        };
+        let high = i64::try_from(hub.records.borrow().len()).expect("small");
+        let mut scanned = 0;
+        let found = scan
+            .newest(indexes, 0, (0, high), &mut scanned)
+            .expect("in memory");
+        (found, scanned)
+    }
+
+    #[test]
+    fn sites_in_a_shared_partition_read_it_once_between_them() {
+        let hub = Partition::holding(&[("b", 6), ("a", 1_000)]);
+        let indexes = index::ProvenanceIndex::default();
+        // c has nothing there: the tail read backwards, then the whole partition indexed.
+        assert_eq!(newest(&hub, &indexes, "c"), (None, 256 + 1_006));
+        // b is answered by the index, and its record read back once.
+        assert_eq!(newest(&hub, &indexes, "b"), (Some(5), 1));
+        assert_eq!(newest(&hub, &indexes, "d"), (None, 0));
+        assert_eq!(newest(&hub, &indexes, "a"), (Some(999), 1));
+    }
+
+    /// The index is a cache of the hub: the hub topic deleted and created anew under it
+    /// (records of a only) must not resume b after a record the hub no longer holds, which
+    /// would skip b's records 0..=5 for good.
+    #[test]
+    fn an_index_answer_is_read_back_from_the_hub_before_it_is_trusted() {
+        let hub = Partition::holding(&[("b", 6), ("a", 1_000)]);
+        let indexes = index::ProvenanceIndex::default();
+        assert_eq!(newest(&hub, &indexes, "c").0, None);
+        assert_eq!(newest(&hub, &indexes, "b").0, Some(5));
+        hub.refill(&[("a", 1_006)]);
+        assert_eq!(
+            newest(&hub, &indexes, "b").0,
+            None,
+            "resumed after a record of the deleted topic"
+        );
+        // The index was dropped and built anew from the new topic.
+        assert_eq!(newest(&hub, &indexes, "a").0, Some(1_005));
+    }
 
     #[test]
     fn a_resume_scan_also_reads_where_the_checkpoint_says_records_landed() {

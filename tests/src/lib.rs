@@ -66,20 +66,68 @@ pub fn case<T>(name: &str, run: impl FnOnce() -> anyhow::Result<T>) -> anyhow::R
     result
 }
 
-/// A port free on loopback for both TCP and UDP (bound and released; good enough for tests).
+/// A port free on loopback for both TCP and UDP (bound and released; good enough for tests),
+/// below the kernel's ephemeral range. A port from that range (what binding port 0 gives) can
+/// be handed to any outgoing connection before the process meant to listen on it starts: a
+/// Kafka client of the same test took an agent's admin port that way ("Address already in
+/// use", 2026-12-08 in CI).
 pub fn free_port() -> anyhow::Result<u16> {
     // The kernel picks a port free for TCP; UDP may hold the same number, since concurrent
     // tests open many ephemeral UDP sockets (QUIC clients, the flood of bogus clients), so a
     // taken one means trying another rather than failing the test.
-    const ATTEMPTS: usize = 64;
-    for _ in 0..ATTEMPTS {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
+    const ATTEMPTS: usize = 256;
+    let (low, high) = below_ephemeral_ports();
+    for attempt in 0..ATTEMPTS {
+        let port = if low < high {
+            low + u16::try_from(spread(attempt) % u64::from(high - low)).unwrap_or(0)
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        };
+        let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         match std::net::UdpSocket::bind(("127.0.0.1", port)) {
-            Ok(_) => return Ok(port),
+            Ok(_) => {
+                drop(listener);
+                return Ok(port);
+            }
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => continue,
             Err(error) => return Err(error.into()),
         }
     }
     anyhow::bail!("no loopback port free for both TCP and UDP in {ATTEMPTS} attempts")
+}
+
+/// Ports tests choose from: from 10000 up to the start of the kernel's ephemeral range, or
+/// none (then the kernel chooses) where that range starts too low.
+fn below_ephemeral_ports() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if start > LOW + 1_000 {
+        (LOW, start)
+    } else {
+        (0, 0)
+    }
+}
+
+/// A different pseudo-random number per call across the processes and threads of a test run.
+fn spread(attempt: usize) -> u64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ call.wrapping_mul(0x9e37_79b9)
+        ^ attempt as u64;
+    // splitmix64's finaliser: nearby inputs land far apart.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }

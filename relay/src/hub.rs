@@ -688,10 +688,6 @@ fn producer_config(
         // fills, sessions wait (see `session::enqueue`, which also keeps each session to its
         // share) and QUIC flow control stops agents.
         .set("queue.buffering.max.kbytes", "65536")
-        // Sessions wait for room by bytes (`producer::ROOM`), which also caps the records
-        // to fewer than this; librdkafka's default of 100,000 would refuse records of a few
-        // hundred bytes long before the bytes ran out, and they would be retried.
-        .set("queue.buffering.max.messages", "1000000")
         // The groups a session hands over at a time are sized to fit one request
         // (`handoff`); a smaller `batch.size` passed through splits them, which costs the
         // broker thread's idle waits again but nothing else.

@@ -32,7 +32,7 @@ pub type RawProducer = ThreadedProducer<HubContext>;
 
 /// Resolves each record's [`InFlight`], lets go of its session's load, and remembers that a
 /// record failed.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct HubContext {
     /// A record of this producer finally failed. The idempotent producer then bumps its
     /// epoch and carries on (KIP-360), which Kafka accepts; but a shared producer is retired
@@ -40,47 +40,6 @@ pub struct HubContext {
     /// to it, its sessions end and their next ones get a fresh producer. (The test broker,
     /// tansu 0.6, even loses its storage to a produce at a bumped epoch.)
     failed: AtomicBool,
-    /// Room in the producer's queue, in [`cost`] units, that sessions of a shared producer
-    /// wait for in turn (first come, first served) instead of retrying a full queue every
-    /// few milliseconds, where the room went to whichever session retried first and every
-    /// waiting session woke 200 times a second.
-    room: Arc<tokio::sync::Semaphore>,
-}
-
-impl Default for HubContext {
-    fn default() -> Self {
-        HubContext {
-            failed: AtomicBool::new(false),
-            room: Arc::new(tokio::sync::Semaphore::new(ROOM)),
-        }
-    }
-}
-
-/// A shared producer's room for records, in [`cost`] units: below its 64 MiB queue
-/// (`queue.buffering.max.kbytes`), which also counts what [`cost`] leaves out.
-pub const ROOM: usize = 48 << 20;
-
-/// Bytes of one session's records a shared producer holds at most: its share, so that one
-/// heavy site cannot fill the queue the others' records wait in. A site's own producer is
-/// bounded by its own queue instead.
-pub const SESSION_SHARE: usize = 16 << 20;
-
-/// What a record takes of a producer's room and a session's share: its key and value, and
-/// an allowance for its headers and librdkafka's own bookkeeping, so that the room also
-/// bounds the record count below `queue.buffering.max.messages` (see `hub.rs`).
-pub fn cost(record: &HubRecord<'_>) -> usize {
-    record.payload.map_or(0, <[u8]>::len) + record.key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD
-}
-
-/// Per-record allowance in [`cost`]: `ROOM / RECORD_OVERHEAD` records at most.
-pub const RECORD_OVERHEAD: usize = 64;
-
-/// A place in a shared producer's queue and in its session's share, held by the record
-/// until librdkafka lets go of it. Empty for a site's own producer.
-#[derive(Debug, Default)]
-pub struct Reservation {
-    _share: Option<tokio::sync::OwnedSemaphorePermit>,
-    _room: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl HubContext {
@@ -117,8 +76,6 @@ pub struct Handed {
     landed: Option<tokio::sync::oneshot::Sender<Landing>>,
     load: Arc<SessionLoad>,
     bytes: usize,
-    /// Released with the record.
-    _reservation: Reservation,
 }
 
 impl Drop for Handed {
@@ -155,24 +112,11 @@ impl Future for InFlight {
 
 /// One session's records in a producer's hands: how many, how many bytes, and a wake-up
 /// when the last one left.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SessionLoad {
     records: AtomicUsize,
     bytes: AtomicUsize,
     settled: tokio::sync::Notify,
-    /// The session's share of a shared producer ([`SESSION_SHARE`], in [`cost`] units).
-    share: Arc<tokio::sync::Semaphore>,
-}
-
-impl Default for SessionLoad {
-    fn default() -> Self {
-        SessionLoad {
-            records: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            settled: tokio::sync::Notify::new(),
-            share: Arc::new(tokio::sync::Semaphore::new(SESSION_SHARE)),
-        }
-    }
 }
 
 impl SessionLoad {
@@ -241,36 +185,9 @@ impl SessionProducer {
         }
     }
 
-    /// Waits until a record of `cost` fits in the session's share and then in the shared
-    /// producer's room, each granted in the order asked; a record larger than either takes
-    /// all of it (it goes alone). Immediate for a site's own producer, bounded by its queue.
-    pub async fn reserve(&self, cost: usize) -> Reservation {
-        if self.own {
-            return Reservation::default();
-        }
-        // Neither semaphore is ever closed, so an acquire only ends with its permits.
-        let share = Arc::clone(&self.load.share)
-            .acquire_many_owned(units(cost.min(SESSION_SHARE)))
-            .await
-            .ok();
-        let room = Arc::clone(&self.producer.client().context().room)
-            .acquire_many_owned(units(cost.min(ROOM)))
-            .await
-            .ok();
-        Reservation {
-            _share: share,
-            _room: room,
-        }
-    }
-
-    /// Hands `record` over, holding `reservation` until librdkafka lets go of it;
-    /// librdkafka's queue being full gives the record back.
+    /// Hands `record` over; librdkafka's queue being full gives the record back.
     #[allow(clippy::result_large_err)] // the record comes back for the retry, as in rdkafka
-    pub fn send<'a>(
-        &self,
-        record: HubRecord<'a>,
-        reservation: Reservation,
-    ) -> Result<InFlight, (KafkaError, HubRecord<'a>)> {
+    pub fn send<'a>(&self, record: HubRecord<'a>) -> Result<InFlight, (KafkaError, HubRecord<'a>)> {
         if !self.own && self.producer.client().context().failed() {
             // Retired (see `HubContext::failed`): the session ends, and its next one gets a
             // fresh producer.
@@ -286,7 +203,6 @@ impl SessionProducer {
             landed: Some(landed),
             load: self.load.clone(),
             bytes,
-            _reservation: reservation,
         });
         let (record, ()) = with_opaque(record, handed);
         match self.producer.send(record) {
@@ -313,11 +229,6 @@ impl SessionProducer {
     pub fn is_own(&self) -> bool {
         self.own
     }
-}
-
-/// Semaphore units for `cost` (both bounds fit in a u32).
-fn units(cost: usize) -> u32 {
-    u32::try_from(cost).unwrap_or(u32::MAX)
 }
 
 /// `record` carrying `opaque` instead of its own, which is returned: rdkafka fixes a
@@ -463,7 +374,6 @@ mod tests {
                 landed: None,
                 load: load.clone(),
                 bytes,
-                _reservation: Reservation::default(),
             }
         };
         let first = handed(100);
@@ -500,15 +410,13 @@ mod tests {
         let pool = ProducerPool::new(config, 1);
         let first = pool.for_site("store-1").expect("producer");
         let record = || HubRecord::to("orders").payload(&b"r"[..]);
-        let failed = first
-            .send(record(), Reservation::default())
-            .expect("queued");
+        let failed = first.send(record()).expect("queued");
         assert!(tokio::time::timeout(Duration::from_secs(20), failed)
             .await
             .expect("resolved")
             .is_err());
         assert!(
-            first.send(record(), Reservation::default()).is_err(),
+            first.send(record()).is_err(),
             "a record handed to a producer whose earlier record failed"
         );
         let next = pool.for_site("store-2").expect("producer");
@@ -517,41 +425,8 @@ mod tests {
             first.transactions().client().native_ptr(),
             "the pool still hands out the producer whose record failed"
         );
-        next.send(record(), Reservation::default())
+        next.send(record())
             .expect("the fresh producer takes records");
-    }
-
-    /// Issue 23 (fairness): sessions waiting for a full shared producer retried every 5 ms,
-    /// and the room went to whichever retried first; now they wait their turn, and a small
-    /// record does not overtake a large one that waited first (no starving).
-    #[tokio::test]
-    async fn sessions_wait_for_room_in_turn_and_a_record_leaving_makes_room() {
-        let pool = ProducerPool::new(ClientConfig::new(), 1);
-        let site = |name: &str| pool.for_site(name).expect("producer");
-        let (a, b, c, d, e) = (site("a"), site("b"), site("c"), site("d"), site("e"));
-        let short = Duration::from_millis(100);
-        let _a = a.reserve(SESSION_SHARE).await;
-        assert!(
-            tokio::time::timeout(short, a.reserve(1)).await.is_err(),
-            "a session past its share"
-        );
-        let _b = b.reserve(SESSION_SHARE).await;
-        let c1 = c.reserve(ROOM - 2 * SESSION_SHARE - 10).await;
-        let first = tokio::spawn(async move { d.reserve(20).await });
-        tokio::time::sleep(short).await;
-        let second = tokio::spawn(async move { e.reserve(5).await });
-        tokio::time::sleep(short).await;
-        assert!(
-            !first.is_finished() && !second.is_finished(),
-            "the room is full, and the small record waits behind the larger one"
-        );
-        drop(c1);
-        for waiting in [first, second] {
-            tokio::time::timeout(Duration::from_secs(5), waiting)
-                .await
-                .expect("room once a record left")
-                .expect("task");
-        }
     }
 
     #[tokio::test]

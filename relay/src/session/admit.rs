@@ -170,10 +170,7 @@ mod tests {
         let pool = unreachable_hub(Duration::from_secs(3));
         let producer = pool.for_site("store-1").expect("producer");
         let in_flight = producer
-            .send(
-                HubRecord::to("orders").payload(&b"r1"[..]),
-                crate::producer::Reservation::default(),
-            )
+            .send(HubRecord::to("orders").payload(&b"r1"[..]))
             .expect("queued");
         let turns = SessionTurns::default();
         let (turn, _superseded) = turns.take("store-1").await.expect("first turn");

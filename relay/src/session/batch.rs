@@ -483,9 +483,14 @@ pub(super) fn unix_millis() -> i64 {
     i64::try_from(crate::fleet::now_ms()).unwrap_or(i64::MAX)
 }
 
-/// Hands one record to librdkafka, waiting (in turn, see `SessionProducer::reserve`) for
-/// room in the producer's queue and in the session's share of it, but not past the
-/// hand-over deadline (`StreamReader::handover_deadline`), asked again whenever it passes.
+/// Bytes of one session's records a shared producer holds at most: its share, so that one
+/// heavy site cannot fill the queue the others' records wait in. A site's own producer is
+/// bounded by its own queue instead.
+pub(super) const SESSION_SHARE_BYTES: usize = 16 << 20;
+
+/// Hands one record to librdkafka, waiting while its local queue is full or the session has
+/// its share in it, but not past the hand-over deadline (`StreamReader::handover_deadline`),
+/// asked again before every attempt.
 pub(super) async fn enqueue<'a>(
     producer: &SessionProducer,
     mut record: HubRecord<'a>,
@@ -493,23 +498,18 @@ pub(super) async fn enqueue<'a>(
     window: Duration,
 ) -> Result<InFlight, SessionError> {
     loop {
-        let until = deadline();
-        // At the deadline, not only past it: the timeout below ends at it, and with time
-        // standing still (a paused test clock) this loop must still end.
-        if tokio::time::Instant::now() >= until {
+        if tokio::time::Instant::now() > deadline() {
             return Err(SessionError::HandoverLate { window });
         }
-        let Ok(reservation) =
-            tokio::time::timeout_at(until, producer.reserve(crate::producer::cost(&record))).await
-        else {
-            // The deadline may have moved meanwhile; asked again above.
+        // A record larger than the share still goes, alone.
+        let load = producer.load();
+        if !producer.is_own() && load.records() > 0 && load.bytes() >= SESSION_SHARE_BYTES {
+            tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
-        };
-        match producer.send(record, reservation) {
+        }
+        match producer.send(record) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                // Within the room, only a site's own producer (its queue is its bound) or
-                // what the room does not count fills librdkafka's queue: rare, so a retry.
                 record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -136,9 +136,7 @@ impl<'a> CheckpointWriter<'a> {
         let record = HubRecord::to(&context.checkpoints.topic)
             .key(record_key.as_bytes())
             .payload(&value);
-        // A checkpoint is small and at most one per partition a second: it takes no room
-        // (`SessionProducer::reserve`), so it never waits behind data.
-        match producer.send(record, crate::producer::Reservation::default()) {
+        match producer.send(record) {
             Ok(delivery) => {
                 tracked.dirty = false;
                 tracked.written_at = Some(tokio::time::Instant::now());

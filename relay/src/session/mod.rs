@@ -55,7 +55,7 @@ use spoke_transport::wire::{read_frame_within, write_frame_within, WireError};
 
 /// Batches decoded and handed to the producer but not yet confirmed by the hub: as many as
 /// an agent keeps in flight by default (`ship.window`), so a long link stays busy. Memory is
-/// bounded by the session's share of its producer's queue (`producer::SESSION_SHARE`), not
+/// bounded by the session's share of its producer's queue (`batch::SESSION_SHARE_BYTES`), not
 /// by this count.
 const UNCONFIRMED_BATCHES: usize = 256;
 

@@ -196,9 +196,6 @@ pub struct Storm {
     pub hub_requests_by_api: Vec<(String, u64)>,
     pub relay_rss_mib: f64,
     pub relay_threads: u64,
-    /// Hub records the restarted relay's resume scans read (its
-    /// `spoke_relay_resume_scanned_records`), if its metrics could be read.
-    pub resume_scanned_records: Option<f64>,
 }
 
 /// One relay's footprint at one moment.
@@ -371,7 +368,7 @@ impl FleetReport {
                 " storm_secs={} storm_detect_secs={} storm_idle_back_secs={} storm_welcome_secs={} \
                  storm_ship_secs={} \
                  storm_sites_back={} \
-                 storm_hub_requests={} storm_hub_requests_per_site={:.1} storm_scanned_records={}",
+                 storm_hub_requests={} storm_hub_requests_per_site={:.1}",
                 opt(storm.secs),
                 opt(storm.detect_all_secs),
                 opt(storm.idle_back_secs),
@@ -380,7 +377,6 @@ impl FleetReport {
                 storm.sites_back,
                 storm.hub_requests,
                 storm.hub_requests as f64 / self.sites.max(1) as f64,
-                opt(storm.resume_scanned_records),
             );
         }
         let v = &self.verdict;
@@ -440,7 +436,6 @@ impl FleetReport {
                 "hub_requests_by_api": pairs(&s.hub_requests_by_api),
                 "relay_rss_mib": round(s.relay_rss_mib),
                 "relay_threads": s.relay_threads,
-                "resume_scanned_records": s.resume_scanned_records,
             })),
             "failover": self.failover.as_ref().map(|f| json!({
                 "sites": f.sites,
@@ -1009,12 +1004,6 @@ fn storm(
         result.relay_rss_mib = sample.rss_kib as f64 / 1024.0;
         result.relay_threads = sample.threads;
     }
-    result.resume_scanned_records =
-        spoke_tests::admin::scrape(&format!("127.0.0.1:{}", hub.relay.admin))
-            .ok()
-            .map(|metrics| {
-                spoke_tests::admin::sum(&metrics, "spoke_relay_resume_scanned_records_total", &[])
-            });
     Ok(result)
 }
 
